@@ -1,0 +1,232 @@
+"""The `clipseg-bench` command: thin subcommands that parse, call one function, and report.
+
+Every subcommand turns an :class:`~clipseg_bench.errors.InputError` into one line on stderr and exit
+code 2. Heavy imports (torch, transformers) happen inside the handlers so `--help` stays quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from clipseg_bench.errors import InputError
+
+
+def _cmd_phantom(a: argparse.Namespace) -> None:
+    from clipseg_bench.data.phantom import write_phantoms
+
+    paths = write_phantoms(Path(a.out), cases=a.cases, seed=a.seed, style=a.style, size=a.size)
+    print(f"wrote {len(paths)} phantom cases to {a.out}")
+
+
+def _cmd_prepare(a: argparse.Namespace) -> None:
+    from clipseg_bench.data.prepare import prepare
+
+    prepare(
+        images=a.images, labels=a.labels, dataset=a.dataset, out=a.out, window=a.window,
+        val_fraction=a.val_fraction, seed=a.seed, split_file=a.split_file, keep_empty=a.keep_empty,
+        workers=a.workers, overwrite=a.overwrite, label_map=a.label_map, png=not a.no_png,
+    )  # fmt: skip
+
+
+def _cmd_strategies(a: argparse.Namespace) -> None:
+    from clipseg_bench.strategies import parameter_table
+
+    rows = parameter_table(a.model)
+    if a.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"{'strategy':<10} {'trainable':>12} {'total':>12} {'share':>8}")
+    for r in rows:
+        share = r["trainable_params"] / max(r["total_params"], 1)
+        print(f"{r['strategy']:<10} {r['trainable_params']:>12,} {r['total_params']:>12,} {share:>8.2%}")
+
+
+_TRAIN_FLAGS = (
+    "data", "out", "model", "strategy", "epochs", "max_steps", "batch_size", "lr", "seed",
+    "image_size", "mixed_precision", "num_workers",
+)  # fmt: skip
+
+
+def _cmd_train(a: argparse.Namespace) -> None:
+    from clipseg_bench.config import load_config
+    from clipseg_bench.train.loop import train
+
+    overrides = {k: getattr(a, k) for k in _TRAIN_FLAGS}
+    for kv in a.set or []:
+        if "=" not in kv:
+            raise InputError("--set", f"expected key=value, got {kv!r}")
+        import yaml
+
+        key, value = kv.split("=", 1)
+        overrides[key] = yaml.safe_load(value)
+    cfg = load_config(a.config, overrides)
+    train(cfg, resume=a.resume)
+
+
+def _cmd_evaluate(a: argparse.Namespace) -> None:
+    from clipseg_bench.evaluation.evaluate import evaluate_run
+
+    metrics = evaluate_run(run=Path(a.run), data=Path(a.data) if a.data else None, split=a.split,
+                           max_cases=a.max_cases)  # fmt: skip
+    s = metrics["summary"]
+    print(f"dice2d {metrics['dice2d']:.4f}  dsc3d {s['dsc']:.4f}  nsd3d {s['nsd']:.4f}  -> {a.run}/metrics.json")
+
+
+def _cmd_score(a: argparse.Namespace) -> None:
+    from clipseg_bench.evaluation.score import score_folder
+
+    score_folder(pred=Path(a.pred), labels=Path(a.labels), out=Path(a.out) if a.out else None,
+                 missing_as_empty=a.missing_as_empty)  # fmt: skip
+
+
+def _cmd_segment(a: argparse.Namespace) -> None:
+    from clipseg_bench.evaluation.segment import segment
+
+    segment(run=a.run, model=a.model, strategy=a.strategy, ct=Path(a.ct), out=Path(a.out),
+            organs=a.organs, probabilities=a.probabilities, threshold=a.threshold)  # fmt: skip
+
+
+def _cmd_benchmark(a: argparse.Namespace) -> None:
+    from clipseg_bench.bench.matrix import run_matrix
+
+    run_matrix(data=a.data, model=a.model, strategies=a.strategies.split(","),
+               seeds=[int(s) for s in a.seeds.split(",")], epochs=a.epochs, out=Path(a.out),
+               shard=a.shard, config=a.config, max_steps=a.max_steps, batch_size=a.batch_size,
+               evaluate=not a.no_evaluate)  # fmt: skip
+
+
+def _cmd_report(a: argparse.Namespace) -> None:
+    from clipseg_bench.bench.report import write_report
+
+    html = write_report([Path(p) for p in a.bench], out=Path(a.out) if a.out else None)
+    print(f"report: {html}")
+
+
+def _cmd_demo(a: argparse.Namespace) -> None:
+    from clipseg_bench.bench.demo import run_demo
+
+    run_demo(out=Path(a.out), quick=a.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clipseg-bench", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("phantom", help="write synthetic abdominal CT volumes + labels (FLARE22 layout)")
+    s.add_argument("--out", required=True, help="folder to write images/ and labels/ into")
+    s.add_argument("--cases", type=int, default=4, help="number of cases (default 4)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--style", default="A", choices=["A", "B"], help="A: pretraining look; B: shifted look")
+    s.add_argument("--size", type=int, default=96, help="in-plane voxels (default 96)")
+    s.set_defaults(func=_cmd_phantom)
+
+    s = sub.add_parser("prepare", help="CT volumes -> axial slices, manifest, array cache, dataset.json")
+    s.add_argument("--images", help="folder of <case>_0000.nii.gz (FLARE22 layout)")
+    s.add_argument("--labels", help="folder of <case>.nii.gz label volumes")
+    s.add_argument("--dataset", help="MSD/nnU-Net folder with dataset.json, imagesTr/, labelsTr/")
+    s.add_argument("--out", required=True, help="PREPARED folder to write")
+    s.add_argument("--window", default="40,400",
+                   help="'minmax' (original study) or 'LEVEL,WIDTH' in HU (default 40,400 = [-160,240])")
+    s.add_argument("--val-fraction", type=float, default=0.2, help="share of cases for validation")
+    s.add_argument("--seed", type=int, default=0, help="seed of the patient-level split")
+    s.add_argument("--split-file", help="JSON {train: [cases], val: [cases]} instead of a random split")
+    s.add_argument("--keep-empty", action="store_true", help="also list slices with no organ for training")
+    s.add_argument("--label-map", default="flare22",
+                   help="flare22 | totalsegmentator | btcv | amos | a YAML file (source id -> FLARE22 id)")
+    s.add_argument("--workers", type=int, default=1, help="cases processed in parallel")
+    s.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty foreign folder")
+    s.add_argument("--no-png", action="store_true", help="skip the human-viewable PNG slices")
+    s.set_defaults(func=_cmd_prepare)
+
+    s = sub.add_parser("strategies", help="list fine-tuning strategies with parameter counts")
+    s.add_argument("--model", default="tiny", help="hub id, local folder, or 'tiny'")
+    s.add_argument("--json", action="store_true", help="print JSON (strategy, trainable_params, total_params)")
+    s.set_defaults(func=_cmd_strategies)
+
+    s = sub.add_parser("train", help="fine-tune one strategy on a PREPARED folder")
+    s.add_argument("--config", help="YAML file of TrainConfig fields; flags override it")
+    s.add_argument("--data", help="PREPARED folder")
+    s.add_argument("--out", help="run folder")
+    s.add_argument("--model", help="hub id, local folder, or 'tiny' (default tiny)")
+    s.add_argument("--strategy", help="zeroshot | full | decoder | adapter | lora | bitfit | ...")
+    s.add_argument("--epochs", type=int, help="default 20")
+    s.add_argument("--max-steps", type=int, help="stop after N optimizer steps")
+    s.add_argument("--batch-size", type=int, help="slices per step (default 8)")
+    s.add_argument("--lr", type=float, help="peak learning rate (default: per strategy)")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--image-size", type=int)
+    s.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"])
+    s.add_argument("--num-workers", type=int)
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other config field (YAML value)")
+    s.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    s.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("evaluate", help="2D Dice and FLARE22 3D DSC/NSD of a run -> RUN/metrics.json")
+    s.add_argument("--run", required=True)
+    s.add_argument("--data", help="PREPARED folder (default: the one the run trained on)")
+    s.add_argument("--split", default="val", choices=["train", "val"])
+    s.add_argument("--max-cases", type=int, help="evaluate only the first N cases")
+    s.set_defaults(func=_cmd_evaluate)
+
+    s = sub.add_parser("score", help="FLARE22 DSC/NSD of a folder of predicted NIfTI masks")
+    s.add_argument("--pred", required=True, help="folder of <case>.nii.gz multi-label predictions")
+    s.add_argument("--labels", required=True, help="folder of <case>.nii.gz ground truth")
+    s.add_argument("--out", help="CSV to write (case, organ, dsc, nsd)")
+    s.add_argument("--missing-as-empty", action="store_true", help="score a missing prediction as empty")
+    s.set_defaults(func=_cmd_score)
+
+    s = sub.add_parser("segment", help="segment a CT with a tuned run (or zero-shot) -> NIfTI mask")
+    s.add_argument("--run", help="run folder from `train`")
+    s.add_argument("--model", help="with --strategy zeroshot: hub id, local folder or 'tiny'")
+    s.add_argument("--strategy", help="only 'zeroshot' is meaningful without --run")
+    s.add_argument("--ct", required=True, help="CT volume (.nii/.nii.gz)")
+    s.add_argument("--out", required=True, help="mask to write (.nii.gz)")
+    s.add_argument("--organs", help="comma-separated organ keys (default all 13)")
+    s.add_argument("--probabilities", action="store_true", help="also write per-organ probabilities")
+    s.add_argument("--threshold", type=float, default=0.5)
+    s.set_defaults(func=_cmd_segment)
+
+    s = sub.add_parser("benchmark", help="run strategies x seeds, one run folder each")
+    s.add_argument("--data", required=True)
+    s.add_argument("--model", default="tiny")
+    s.add_argument("--strategies", default="zeroshot,full,decoder,adapter,lora,bitfit")
+    s.add_argument("--seeds", default="0,1,2")
+    s.add_argument("--epochs", type=int, default=20)
+    s.add_argument("--max-steps", type=int)
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--config", help="YAML of TrainConfig fields shared by every run")
+    s.add_argument("--out", required=True, help="BENCH folder")
+    s.add_argument("--shard", help="i/n: run only shard i of n (e.g. a SLURM array task)")
+    s.add_argument("--no-evaluate", action="store_true", help="skip `evaluate` after each run")
+    s.set_defaults(func=_cmd_benchmark)
+
+    s = sub.add_parser("report", help="tables, plots and report.html from one or more BENCH folders")
+    s.add_argument("bench", nargs="+", help="BENCH folder(s); shards are merged")
+    s.add_argument("--out", help="where to write (default: the first BENCH folder)")
+    s.set_defaults(func=_cmd_report)
+
+    s = sub.add_parser("demo", help="the whole study at smoke scale, nothing downloaded")
+    s.add_argument("--out", default="demo_out")
+    s.add_argument("--quick", action="store_true", help="fewer steps (tests)")
+    s.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except InputError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""One validated config object per training run, loaded from YAML with CLI overrides.
+
+The resolved config is saved as ``config.yaml`` in every run folder, so each number a report shows
+traces back to the exact settings (and, via ``run.json``, the exact commit).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from clipseg_bench.errors import InputError
+
+
+class TrainConfig(BaseModel):
+    """Everything that decides what a training run does. Field descriptions are the docs."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    data: str = Field(description="PREPARED folder written by `clipseg-bench prepare`.")
+    out: str = Field(description="Run folder to write (config, weights, history, metrics).")
+    model: str = Field("tiny", description="Hub id, local save_pretrained folder, or `tiny`.")
+    strategy: str = Field("full", description="Registered strategy name (see `clipseg-bench strategies`).")
+    strategy_options: dict[str, Any] = Field(
+        default_factory=dict, description="Strategy-specific options, e.g. {rank: 8} for lora."
+    )
+    epochs: int = Field(20, ge=1, description="Passes over the training slices.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (short runs).")
+    batch_size: int = Field(8, ge=1, description="Slices per step; each slice brings its organ prompts.")
+    lr: float | None = Field(None, gt=0, description="Peak learning rate; None takes the strategy default.")
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps before cosine decay.")
+    grad_clip: float = Field(1.0, ge=0, description="Max gradient norm; 0 disables clipping.")
+    bce_weight: float = Field(1.0, ge=0)
+    dice_weight: float = Field(1.0, ge=0)
+    absent_fraction: float = Field(
+        0.1, ge=0, le=1, description="Share of absent-organ (slice, prompt) pairs trained on, to learn 'empty'."
+    )
+    image_size: int | None = Field(None, ge=16, description="Square input side; None takes the model's.")
+    prompt_template: str = Field("name", description="`name`, `photo`, `ct` or a template with {organ}.")
+    organs: list[str] | None = Field(None, description="Organ keys to train on; None means all 13.")
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast on GPU via Accelerate.")
+    num_workers: int = Field(0, ge=0, description="DataLoader workers.")
+    augment: bool = Field(False, description="Random flips/intensity jitter on training slices.")
+    feature_cache: bool = Field(True, description="Cache frozen encoder outputs once (exact, fp16 on disk).")
+    gradient_checkpointing: bool = Field(False, description="Recompute encoder activations in backward.")
+    compile: bool = Field(False, description="torch.compile the decoder/forward.")
+    val_every: int = Field(1, ge=0, description="Validate every N epochs (0: never during training).")
+    val_max_slices: int | None = Field(None, ge=1, description="Cap val slices per validation (speed).")
+    threshold: float = Field(0.5, gt=0, lt=1, description="Probability above which a pixel is foreground.")
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, v: str) -> str:
+        from clipseg_bench.strategies import available
+
+        if v not in available():
+            raise ValueError(f"unknown strategy {v!r}; available: {', '.join(available())}")
+        return v
+
+
+def strategy_defaults() -> dict[str, dict[str, Any]]:
+    """Per-strategy defaults (learning rates) from ``configs/strategies.yaml``."""
+    text = resources.files("clipseg_bench.configs").joinpath("strategies.yaml").read_text()
+    return yaml.safe_load(text) or {}
+
+
+def resolve_lr(cfg: TrainConfig) -> float:
+    if cfg.lr is not None:
+        return cfg.lr
+    return float(strategy_defaults().get(cfg.strategy, {}).get("lr", 1e-4))
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Build a TrainConfig from an optional YAML file plus overrides (CLI flags win; None is 'unset')."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except FileNotFoundError:
+            raise InputError(p, "config file not found") from None
+        except yaml.YAMLError as exc:
+            raise InputError(p, f"not valid YAML ({str(exc).splitlines()[0]})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise InputError(p, "config must be a YAML mapping of field: value")
+        values.update(loaded or {})
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return TrainConfig(**values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err["loc"]) or "config"
+        raise InputError(path or "config", f"{where}: {err['msg']}") from None
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,182 @@
+"""The FLARE22 organ table and maps from other datasets' label ids onto it.
+
+FLARE22 scores 13 organs in a fixed label order. Each organ carries the prompt we give CLIPSeg,
+the NSD tolerance (mm) the official FLARE22 evaluation uses, and the gray value the original study
+wrote into exported label PNGs (label k -> 20*k, except 13 -> 255).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from clipseg_bench.errors import InputError
+
+
+@dataclass(frozen=True)
+class Organ:
+    id: int  # FLARE22 label id, 1..13
+    name: str  # human name, also the default prompt
+    key: str  # snake_case name used in files and columns
+    nsd_tolerance_mm: float
+    gray: int  # gray value of this label in exported label PNGs
+
+    def prompt(self, template: str = "{organ}") -> str:
+        """The text prompt for this organ, e.g. template "a computerized tomography of a {organ}"."""
+        return template.format(organ=self.name)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_NAMES = [
+    "liver", "right kidney", "spleen", "pancreas", "aorta", "inferior vena cava",
+    "right adrenal gland", "left adrenal gland", "gallbladder", "esophagus", "stomach",
+    "duodenum", "left kidney",
+]  # fmt: skip
+_TOLERANCES = [5, 3, 3, 5, 2, 2, 2, 2, 2, 3, 5, 7, 3]
+
+ORGANS: tuple[Organ, ...] = tuple(
+    Organ(
+        id=i + 1,
+        name=n,
+        key=n.replace(" ", "_"),
+        nsd_tolerance_mm=float(t),
+        gray=255 if i + 1 == 13 else 20 * (i + 1),
+    )
+    for i, (n, t) in enumerate(zip(_NAMES, _TOLERANCES, strict=True))
+)
+NUM_ORGANS = len(ORGANS)
+BY_ID = {o.id: o for o in ORGANS}
+BY_KEY = {o.key: o for o in ORGANS}
+
+# Aorta, IVC and esophagus are long tubes cut off by the field of view; the official FLARE22
+# evaluation scores them only on the z-range the ground truth labels (see evaluation.metrics).
+Z_CROPPED_IDS = (5, 6, 10)
+
+PROMPT_TEMPLATES = {
+    "name": "{organ}",
+    "photo": "a photo of a {organ}",
+    "ct": "a computerized tomography of a {organ}",
+}
+
+
+def organ(ref: str | int) -> Organ:
+    """Look an organ up by id, key ("right_kidney") or name ("right kidney")."""
+    if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
+        if int(ref) in BY_ID:
+            return BY_ID[int(ref)]
+    else:
+        key = ref.strip().lower().replace(" ", "_").replace("-", "_")
+        if key in BY_KEY:
+            return BY_KEY[key]
+    raise InputError(None, f"unknown organ {ref!r}; known: {', '.join(o.key for o in ORGANS)}")
+
+
+def parse_organs(spec: str | None) -> list[Organ]:
+    """Parse "liver,spleen" (or None for all 13) into organs in label order."""
+    if not spec:
+        return list(ORGANS)
+    chosen = {organ(s).id for s in spec.split(",") if s.strip()}
+    return [o for o in ORGANS if o.id in chosen]
+
+
+def prompts(template: str = "{organ}", organs: list[Organ] | None = None) -> list[str]:
+    template = PROMPT_TEMPLATES.get(template, template)
+    if "{organ}" not in template:
+        raise InputError(None, f"prompt template {template!r} has no {{organ}} placeholder")
+    return [o.prompt(template) for o in (organs or ORGANS)]
+
+
+# --- gray encoding of label images (the original study's PNG export) -----------------------
+
+_GRAY_LUT = np.zeros(256, dtype=np.uint8)
+_LABEL_LUT = np.full(256, 255, dtype=np.uint8)  # 255 marks "not a label gray value"
+_LABEL_LUT[0] = 0
+for _o in ORGANS:
+    _GRAY_LUT[_o.id] = _o.gray
+    _LABEL_LUT[_o.gray] = _o.id
+
+
+def labels_to_gray(labels: np.ndarray) -> np.ndarray:
+    """FLARE22 ids (uint8, any shape) -> gray values 20*k (13 -> 255)."""
+    return _GRAY_LUT[np.asarray(labels, dtype=np.uint8)]
+
+
+def gray_to_labels(gray: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`labels_to_gray`. Raises ValueError on a gray value no label maps to."""
+    out = _LABEL_LUT[np.asarray(gray, dtype=np.uint8)]
+    if (out == 255).any():
+        bad = sorted(set(np.unique(np.asarray(gray)[out == 255]).tolist()))
+        raise ValueError(f"gray values {bad[:5]} encode no label")
+    return out
+
+
+# --- label maps: other datasets' ids -> FLARE22 ids ------------------------------------------
+
+BUILTIN_LABEL_MAPS = ("flare22", "totalsegmentator", "btcv", "amos")
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """Source label id -> FLARE22 id (0 = background).
+
+    ``default`` is what an id missing from ``mapping`` becomes; ``None`` means such an id is unknown
+    and ``prepare`` rejects the volume (the safe choice for a dataset you have not looked at).
+    """
+
+    mapping: dict[int, int]
+    default: int | None = None
+    source: str = ""
+
+    def lut(self, max_id: int) -> np.ndarray:
+        """A lookup table over 0..max_id; unknown ids map to -1."""
+        lut = np.full(max_id + 1, -1 if self.default is None else self.default, dtype=np.int16)
+        for k, v in self.mapping.items():
+            if k <= max_id:
+                lut[k] = v
+        return lut
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "default": self.default, "map": {str(k): v for k, v in self.mapping.items()}}
+
+
+def load_label_map(spec: str | Path = "flare22") -> LabelMap:
+    """Load a label map from a built-in name or a YAML/JSON file.
+
+    ``spec`` is a built-in name (``flare22``, ``totalsegmentator``, ``btcv``, ``amos``) or a file
+    with ``map: {source_id: flare22_id}`` and optionally ``default: 0``. Without ``default``,
+    source ids not in the map are unknown and rejected by ``prepare``; map a structure to 0 to drop
+    it on purpose.
+    """
+    spec = str(spec)
+    if spec in BUILTIN_LABEL_MAPS:
+        text = resources.files("clipseg_bench.label_maps").joinpath(f"{spec}.yaml").read_text()
+        src = f"<built-in {spec}>"
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise InputError(path, f"label map not found (built-in maps: {', '.join(BUILTIN_LABEL_MAPS)})")
+        text, src = path.read_text(), str(path)
+    try:
+        doc = yaml.safe_load(text)
+        raw = doc["map"] if isinstance(doc, dict) and "map" in doc else doc
+        mapping = {int(k): int(v) for k, v in raw.items()}
+        default = doc.get("default") if isinstance(doc, dict) and "map" in doc else None
+        default = None if default is None else int(default)
+    except Exception as exc:  # yaml errors, missing key, non-integers
+        raise InputError(src, f"not a valid label map ({exc.__class__.__name__}: {exc})") from None
+    bad = {v for v in mapping.values() if v != 0 and v not in BY_ID}
+    if bad:
+        raise InputError(src, f"maps onto unknown FLARE22 ids {sorted(bad)}")
+    mapping.setdefault(0, 0)
+    return LabelMap(mapping=mapping, default=default, source=spec)
+
+
+def organ_table() -> list[dict]:
+    """The organ table as plain dicts, for dataset.json and reports."""
+    return [o.to_dict() for o in ORGANS]
