@@ -1,0 +1,138 @@
+"""Reading a PREPARED folder for training and evaluation.
+
+A training item is one axial slice with all its organ masks; the trainer turns a batch of B slices
+into (slice, organ prompt) pairs. Grouping pairs by slice is what lets every slice be encoded once
+per step for all K organs (issue 6) instead of once per pair.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from clipseg_bench.errors import InputError
+
+FORMAT = "clipseg-bench-prepared/1"
+
+
+class PreparedData:
+    """The files `prepare` wrote: dataset.json, manifest.csv and the per-case uint8 arrays.
+
+    Args:
+        root: the PREPARED folder.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        meta_path = self.root / "dataset.json"
+        if not meta_path.is_file():
+            raise InputError(self.root, "not a prepared dataset (no dataset.json); run `clipseg-bench prepare`")
+        try:
+            self.meta = json.loads(meta_path.read_text())
+            self.manifest = pd.read_csv(self.root / "manifest.csv", dtype={"case": str})
+        except (OSError, ValueError) as exc:
+            raise InputError(meta_path, f"unreadable prepared dataset ({exc})") from None
+        self._arrays: dict[tuple[str, str], np.ndarray] = {}
+
+    @property
+    def cases_meta(self) -> dict[str, dict]:
+        return self.meta["cases"]
+
+    @property
+    def window(self) -> dict:
+        return self.meta["window"]
+
+    def cases(self, split: str) -> list[str]:
+        """Case ids of one split, sorted."""
+        return sorted(c for c, m in self.cases_meta.items() if m["split"] == split)
+
+    def slices(self, split: str, *, kept_only: bool = True) -> pd.DataFrame:
+        """Manifest rows of a split (optionally only the slices kept for training), in (case, z) order."""
+        df = self.manifest[self.manifest["split"] == split]
+        if kept_only:
+            df = df[df["kept"].astype(bool)]
+        return df.sort_values(["case", "z"]).reset_index(drop=True)
+
+    def array(self, case: str, kind: str) -> np.ndarray:
+        """Memory-mapped uint8 (Z, H, W) array; kind is "image" or "label"."""
+        key = (case, kind)
+        if key not in self._arrays:
+            path = self.root / "cache" / f"{case}_{kind}.npy"
+            if not path.is_file():
+                raise InputError(path, "missing from the prepared array cache; re-run `prepare`")
+            self._arrays[key] = np.load(path, mmap_mode="r")
+        return self._arrays[key]
+
+    def __getstate__(self):  # DataLoader workers reopen the memmaps themselves
+        state = self.__dict__.copy()
+        state["_arrays"] = {}
+        return state
+
+
+def resize_slices(images: torch.Tensor, size: int, *, labels: bool = False) -> torch.Tensor:
+    """Resize (N, H, W) slices to (N, size, size): bilinear for images, nearest for label maps.
+
+    Returns the input dtype (uint8 stays uint8, rounded), so the cache and the loader stay small.
+    """
+    if images.shape[-2:] == (size, size):
+        return images
+    x = images[:, None].float()
+    if labels:
+        out = F.interpolate(x, size=(size, size), mode="nearest-exact")
+    else:
+        out = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        out = out.round().clamp(0, 255)
+    return out[:, 0].to(images.dtype)
+
+
+class SliceDataset(Dataset):
+    """One item per slice: ``{"image": uint8 (S,S), "labels": uint8 (S,S), "index": int}``.
+
+    Args:
+        data: the prepared dataset.
+        split: "train" or "val".
+        size: square side S the model takes (slices are resized here, once, in the loader).
+        kept_only: only slices `prepare` kept for training (organ present, or all with --keep-empty).
+        features: optional memory-mapped frozen vision activations (N, ...) aligned with the rows;
+            when given, items also carry ``"features"`` (fp16) and the image encoder can be skipped.
+    """
+
+    def __init__(self, data: PreparedData, split: str, *, size: int, kept_only: bool = True, features=None):
+        self.data = data
+        self.rows = data.slices(split, kept_only=kept_only)
+        self.size = size
+        self.features = features
+        if len(self.rows) == 0:
+            raise InputError(data.root, f"split {split!r} has no slices to use")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def raw(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """The slice at its prepared size: (image uint8 (H,W), labels uint8 (H,W))."""
+        case, z = self.rows.at[i, "case"], int(self.rows.at[i, "z"])
+        return self.data.array(case, "image")[z], self.data.array(case, "label")[z]
+
+    def __getitem__(self, i: int) -> dict:
+        image, labels = self.raw(i)
+        item = {
+            "image": resize_slices(torch.from_numpy(np.array(image))[None], self.size)[0],
+            "labels": resize_slices(torch.from_numpy(np.array(labels))[None], self.size, labels=True)[0],
+            "index": i,
+        }
+        if self.features is not None:
+            item["features"] = torch.from_numpy(np.array(self.features[i]))
+        return item
+
+
+def organ_targets(labels: torch.Tensor, organ_ids: list[int]) -> torch.Tensor:
+    """(B, H, W) FLARE ids -> (B, K, H, W) float one-hot targets for the K prompted organs."""
+    ids = torch.as_tensor(organ_ids, device=labels.device, dtype=labels.dtype)
+    return (labels[:, None] == ids[None, :, None, None]).float()

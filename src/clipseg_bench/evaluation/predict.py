@@ -1,0 +1,79 @@
+"""Inference: CT slices in, per-organ probabilities out, one encoder pass per slice for all organs.
+
+Training-time validation, `evaluate` and `segment` all go through :class:`Segmenter`, so the three
+can never disagree about preprocessing, prompts or thresholds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clipseg_bench.data.dataset import resize_slices
+from clipseg_bench.model.forward import decode, encode_images, encode_prompts, preprocess, tokenize
+from clipseg_bench.organs import Organ
+
+
+class Segmenter:
+    """Predicts organ probabilities for batches of uint8 slices.
+
+    Args:
+        model: CLIPSegForImageSegmentation (with any strategy applied).
+        tokenizer: its tokenizer.
+        organs: the K organs to prompt, in output order.
+        prompts: their K prompt texts.
+        size, mean, std: the model's preprocessing (square side, channel mean/std).
+        device: where to run.
+    """
+
+    def __init__(self, model, tokenizer, *, organs: list[Organ], prompts: list[str], size: int, mean, std, device):
+        self.model, self.organs, self.size, self.mean, self.std = model, organs, size, mean, std
+        self.device = torch.device(device)
+        tokens = {k: v.to(self.device) for k, v in tokenize(tokenizer, prompts).items()}
+        with torch.no_grad():
+            self.prompt_emb = encode_prompts(model, tokens["input_ids"], tokens["attention_mask"])
+
+    @torch.no_grad()
+    def probabilities(self, images: torch.Tensor, *, features: torch.Tensor | None = None) -> torch.Tensor:
+        """(b, H, W) uint8 slices -> (b, K, H, W) float32 probabilities at the slices' own size.
+
+        ``features`` are cached vision activations (b, L, T, D) for these slices, if any.
+        """
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            h, w = images.shape[-2:]
+            if features is not None:
+                acts = [a.to(self.device, torch.float32) for a in features.unbind(1)]
+            else:
+                x = resize_slices(images, self.size)
+                acts = encode_images(self.model, preprocess(x, size=self.size, mean=self.mean, std=self.std).to(self.device))
+            logits = decode(self.model, acts, self.prompt_emb)  # (b, K, S, S)
+            if logits.shape[-2:] != (h, w):
+                logits = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
+            return torch.sigmoid(logits.float()).cpu()
+        finally:
+            self.model.train(was_training)
+
+    def iter_probabilities(
+        self, slices: np.ndarray, *, batch_size: int = 16, features: np.ndarray | None = None
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield (start index, (b, K, H, W) probabilities) over an (N, H, W) uint8 stack."""
+        for start in range(0, len(slices), batch_size):
+            imgs = torch.from_numpy(np.ascontiguousarray(slices[start : start + batch_size]))
+            feats = None if features is None else torch.from_numpy(np.array(features[start : start + batch_size]))
+            yield start, self.probabilities(imgs, features=feats)
+
+
+def probabilities_to_labels(probs: torch.Tensor, organ_ids: list[int], *, threshold: float = 0.5) -> torch.Tensor:
+    """(b, K, H, W) probabilities -> (b, H, W) uint8 FLARE ids.
+
+    Where organs overlap the most probable one wins; a pixel whose best probability is not above
+    ``threshold`` is background (0).
+    """
+    best, idx = probs.max(dim=1)
+    ids = torch.as_tensor(organ_ids, dtype=torch.uint8)[idx]
+    return torch.where(best > threshold, ids, torch.zeros_like(ids))

@@ -1,0 +1,115 @@
+"""Frozen-feature cache: the vision activations the decoder reads, computed once per slice.
+
+When the vision encoder is frozen (decoder-only training, zero-shot evaluation) its output for a
+slice never changes, so recomputing it every epoch is pure waste: on the real rd64 architecture a
+decoder-only step drops from ~2 s to ~0.1 s on cached activations (NOTES). The cache is stored
+memory-mapped in fp16 under ``PREPARED/feature_cache/<key>/``. The key hashes everything the
+activations depend on: the vision weights, the preprocessing (window, size, mean/std) and the
+prepared data, so any change builds a new cache instead of silently reusing a stale one.
+No library caches HF encoder activations to disk, so this is our own (small) code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from clipseg_bench.data.dataset import PreparedData, resize_slices
+from clipseg_bench.model.forward import encode_images, preprocess
+
+
+def vision_fingerprint(model) -> str:
+    """A hash of the vision encoder weights and the decoder's extract_layers."""
+    h = hashlib.blake2b(digest_size=12)
+    for name, t in sorted(model.clip.vision_model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    h.update(json.dumps(list(model.config.extract_layers)).encode())
+    return h.hexdigest()
+
+
+def cache_key(model, *, data: PreparedData, size: int, mean, std) -> str:
+    h = hashlib.blake2b(digest_size=8)
+    h.update(vision_fingerprint(model).encode())
+    h.update((data.root / "dataset.json").read_bytes())
+    h.update(json.dumps({"size": size, "mean": list(mean), "std": list(std)}).encode())
+    return h.hexdigest()
+
+
+@dataclass
+class CacheInfo:
+    path: Path
+    rows: int
+    size_mb: float
+    build_s: float  # 0.0 when an existing cache was reused
+    reused: bool
+
+
+def build_feature_cache(
+    model,
+    *,
+    data: PreparedData,
+    rows,
+    name: str,
+    size: int,
+    mean,
+    std,
+    device: torch.device | str = "cpu",
+    batch_size: int = 16,
+    show_progress: bool = True,
+) -> tuple[np.ndarray, CacheInfo]:
+    """Compute (or reuse) fp16 activations for the slices listed in ``rows``.
+
+    Args:
+        model: CLIPSegForImageSegmentation whose vision encoder is frozen.
+        data: the prepared dataset; rows: a manifest DataFrame (case, z) in the order items are read.
+        name: file stem for this row set, e.g. "train_kept" or "val_all".
+        size, mean, std: the model's preprocessing.
+
+    Returns:
+        (memmap of shape (N, L, T, D) fp16, CacheInfo). Row i belongs to ``rows.iloc[i]``.
+    """
+    key = cache_key(model, data=data, size=size, mean=mean, std=std)
+    folder = data.root / "feature_cache" / key
+    path = folder / f"{name}.npy"
+    index_path = folder / f"{name}.rows.json"
+    wanted = [[str(c), int(z)] for c, z in zip(rows["case"], rows["z"])]
+    if path.is_file() and index_path.is_file() and json.loads(index_path.read_text()) == wanted:
+        arr = np.load(path, mmap_mode="r")
+        return arr, CacheInfo(path, len(wanted), path.stat().st_size / 2**20, 0.0, True)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    out = None
+    tmp = folder / f".{name}.{os.getpid()}.tmp.npy"
+    bar = tqdm(total=len(wanted), desc=f"feature cache {name}", unit="slice", disable=not show_progress)
+    with torch.no_grad():
+        for start in range(0, len(wanted), batch_size):
+            chunk = wanted[start : start + batch_size]
+            imgs = torch.stack([torch.from_numpy(np.array(data.array(c, "image")[z])) for c, z in chunk])
+            imgs = resize_slices(imgs, size)
+            pv = preprocess(imgs, size=size, mean=mean, std=std).to(device)
+            acts = torch.stack(encode_images(model, pv), dim=1).to("cpu", torch.float16)  # (b, L, T, D)
+            if out is None:
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(wanted), *acts.shape[1:]))
+            out[start : start + len(chunk)] = acts.numpy()
+            bar.update(len(chunk))
+    bar.close()
+    out.flush()
+    del out
+    os.replace(tmp, path)  # atomic: a half-built cache is never picked up
+    index_path.write_text(json.dumps(wanted))
+    build_s = time.perf_counter() - t0
+    arr = np.load(path, mmap_mode="r")
+    info = CacheInfo(path, len(wanted), path.stat().st_size / 2**20, build_s, False)
+    if show_progress:
+        print(f"feature cache {name}: {info.rows} slices, {info.size_mb:.1f} MiB, built in {build_s:.1f} s")
+    return arr, info
