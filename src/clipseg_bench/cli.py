@@ -22,13 +22,14 @@ def _cmd_phantom(a: argparse.Namespace) -> None:
 
 
 def _cmd_prepare(a: argparse.Namespace) -> None:
-    from clipseg_bench.data.prepare import prepare
+    from clipseg_bench.data.prepare import prepare, summary_line
 
-    prepare(
+    out = prepare(
         images=a.images, labels=a.labels, dataset=a.dataset, out=a.out, window=a.window,
         val_fraction=a.val_fraction, seed=a.seed, split_file=a.split_file, keep_empty=a.keep_empty,
         workers=a.workers, overwrite=a.overwrite, label_map=a.label_map, png=not a.no_png,
     )  # fmt: skip
+    print(summary_line(out))
 
 
 def _cmd_strategies(a: argparse.Namespace) -> None:
@@ -95,7 +96,19 @@ def _cmd_benchmark(a: argparse.Namespace) -> None:
     run_matrix(data=a.data, model=a.model, strategies=a.strategies.split(","),
                seeds=[int(s) for s in a.seeds.split(",")], epochs=a.epochs, out=Path(a.out),
                shard=a.shard, config=a.config, max_steps=a.max_steps, batch_size=a.batch_size,
-               evaluate=not a.no_evaluate)  # fmt: skip
+               evaluate=not a.no_evaluate, launcher=a.launcher, strategy_lr=_parse_lrs(a.lrs))  # fmt: skip
+
+
+def _parse_lrs(spec: str | None) -> dict[str, float]:
+    out = {}
+    for item in (spec or "").split(","):
+        if item.strip():
+            name, _, value = item.partition("=")
+            try:
+                out[name.strip()] = float(value)
+            except ValueError:
+                raise InputError("--lrs", f"expected strategy=lr pairs such as full=1e-5, got {item!r}") from None
+    return out
 
 
 def _cmd_report(a: argparse.Namespace) -> None:
@@ -201,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="BENCH folder")
     s.add_argument("--shard", help="i/n: run only shard i of n (e.g. a SLURM array task)")
     s.add_argument("--no-evaluate", action="store_true", help="skip `evaluate` after each run")
+    s.add_argument("--lrs", help="per-strategy learning rates, e.g. full=1e-5,decoder=1e-3 (default: configs)")
+    s.add_argument("--launcher", help='training launcher, e.g. "accelerate launch --num_processes 4"')
     s.set_defaults(func=_cmd_benchmark)
 
     s = sub.add_parser("report", help="tables, plots and report.html from one or more BENCH folders")

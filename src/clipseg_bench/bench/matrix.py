@@ -71,8 +71,15 @@ def _call(cmd: list[str], log: Path) -> int:
 def run_matrix(*, data, model: str, strategies: list[str], seeds: list[int], epochs: int, out: Path,
                shard: str | None = None, config: str | None = None, max_steps: int | None = None,
                batch_size: int | None = None, evaluate: bool = True, launcher: str | None = None,
-               extra: dict | None = None) -> list[dict]:  # fmt: skip
-    """Train (and evaluate) every cell of this shard; returns one status dict per cell."""
+               extra: dict | None = None, strategy_lr: dict[str, float] | None = None) -> list[dict]:  # fmt: skip
+    """Train (and evaluate) every cell of this shard; returns one status dict per cell.
+
+    Args:
+        config: YAML of TrainConfig fields shared by every run; the matrix's own fields win.
+        strategy_lr: learning rate per strategy (unlisted strategies use configs/strategies.yaml).
+        launcher: command that runs Python for training, e.g. "accelerate launch --num_processes 4".
+        extra: more TrainConfig fields shared by every run.
+    """
     out = Path(out)
     todo = cells(strategies, seeds, shard)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,7 +106,8 @@ def run_matrix(*, data, model: str, strategies: list[str], seeds: list[int], epo
             (out / "logs").mkdir(exist_ok=True)
             cfg_path = out / "configs" / f"{run.name}.yaml"
             overrides = {**(extra or {}), "data": str(data), "model": model, "strategy": strategy, "seed": seed,
-                         "epochs": epochs, "out": str(run), "max_steps": max_steps, "batch_size": batch_size}  # fmt: skip
+                         "epochs": epochs, "out": str(run), "max_steps": max_steps, "batch_size": batch_size,
+                         "lr": (strategy_lr or {}).get(strategy)}  # fmt: skip
             cfg = load_config(config, overrides)
             save_config(cfg, cfg_path)
             print(f"[benchmark] {run.name}: {'resuming' if resume else 'training'}")

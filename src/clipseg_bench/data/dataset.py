@@ -8,7 +8,6 @@ per step for all K organs (issue 6) instead of once per pair.
 from __future__ import annotations
 
 import json
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np

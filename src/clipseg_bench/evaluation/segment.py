@@ -15,7 +15,13 @@ import torch
 from tqdm.auto import tqdm
 
 from clipseg_bench.data.io import read_volume
-from clipseg_bench.data.volumes import DEFAULT_WINDOW, normalize, parse_window, slices_to_volume, volume_to_slices
+from clipseg_bench.data.volumes import (
+    DEFAULT_WINDOW,
+    normalize,
+    parse_window,
+    slices_to_volume,
+    volume_to_slices,
+)
 from clipseg_bench.errors import InputError
 from clipseg_bench.evaluation.loading import load_run, zeroshot_run
 from clipseg_bench.evaluation.predict import probabilities_to_labels

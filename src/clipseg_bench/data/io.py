@@ -1,0 +1,183 @@
+"""Reading and validating CT and label volumes (NIfTI, through nibabel).
+
+Every problem with a user's file becomes an :class:`~clipseg_bench.errors.InputError` that names the
+file: corrupt or truncated files, files that are not images, volumes that are not 3D, NaN/inf
+intensities, non-integer or unknown label values, and image/label pairs whose grids differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from clipseg_bench.errors import InputError
+from clipseg_bench.organs import LabelMap
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+AFFINE_ATOL_MM = 1e-3  # label exports often round the affine in the last float digits
+MAX_LABEL_ID = 65535  # a label volume with larger ids is almost surely an image given as a label
+
+
+def strip_nifti_suffix(name: str) -> str | None:
+    """``"case_0000.nii.gz"`` -> ``"case_0000"``; None if the name is not a NIfTI file name."""
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def _load(path: Path):
+    """nibabel's lazy image (header parsed, voxels not yet read)."""
+    if not path.is_file():
+        raise InputError(path, "file not found")
+    try:
+        return nib.load(str(path))
+    except MemoryError:
+        raise
+    except Exception as exc:  # nibabel, gzip and zlib each raise their own types for bad bytes
+        raise InputError(path, f"not a readable NIfTI image ({_why(exc)})") from None
+
+
+def _why(exc: Exception) -> str:
+    text = " ".join(str(exc).split())
+    return f"{exc.__class__.__name__}: {text[:160]}" if text else exc.__class__.__name__
+
+
+@dataclass(frozen=True)
+class Header:
+    """What a volume's header says, read without decompressing the voxels."""
+
+    path: Path
+    shape: tuple[int, ...]
+    affine: np.ndarray
+    zooms: tuple[float, ...]
+
+
+def _squeezed_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Drop trailing length-1 axes beyond the third: an (X, Y, Z, 1) file is a 3D volume."""
+    shape = tuple(int(s) for s in shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
+def read_header(path: str | Path, img=None) -> Header:
+    """Read and check a volume's header only (fast): readable, 3D, a usable affine.
+
+    Args:
+        path: the file.
+        img: its already-loaded nibabel image, if the caller has one.
+
+    Raises:
+        InputError: naming ``path`` when the file is not a readable 3D NIfTI image.
+    """
+    path = Path(path)
+    img = _load(path) if img is None else img
+    shape = _squeezed_shape(img.shape)
+    if len(shape) != 3:
+        raise InputError(path, f"not a 3D volume (shape {shape})")
+    if min(shape) < 1:
+        raise InputError(path, f"empty volume (shape {shape})")
+    affine = np.asarray(img.affine, dtype=float)
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InputError(path, "the header's affine is singular or not finite")
+    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    return Header(path=path, shape=shape, affine=affine, zooms=zooms)
+
+
+def check_same_grid(image: Header, label: Header) -> None:
+    """Raise an InputError naming the label file when its grid is not the image's."""
+    if image.shape != label.shape:
+        raise InputError(
+            label.path, f"label shape {label.shape} differs from image shape {image.shape} ({image.path})"
+        )
+    if not np.allclose(image.affine, label.affine, atol=AFFINE_ATOL_MM, rtol=0):
+        raise InputError(label.path, f"label affine differs from the image affine ({image.path})")
+
+
+def _read_data(path: Path, img, shape: tuple[int, ...], dtype=None) -> np.ndarray:
+    """The voxels, raw (``dtype=None``) or scaled to ``dtype``, reshaped to the squeezed shape."""
+    try:
+        if dtype is None:
+            return np.asanyarray(img.dataobj).reshape(shape)
+        return img.get_fdata(dtype=dtype).reshape(shape)
+    except MemoryError:
+        raise
+    except Exception as exc:  # truncated gzip streams fail here, not at load time
+        raise InputError(path, f"corrupt or truncated image data ({_why(exc)})") from None
+
+
+def read_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """Read a CT volume and check it.
+
+    Args:
+        path: a .nii or .nii.gz file.
+
+    Returns:
+        array: float32 (I, J, K) intensities (HU for CT), header scaling applied.
+        affine: (4, 4) float voxel -> world (mm).
+        zooms: voxel sizes in mm from the header.
+
+    Raises:
+        InputError: corrupt/truncated/non-image file, not 3D, singular affine, NaN or inf values.
+    """
+    path = Path(path)
+    img = _load(path)
+    header = read_header(path, img)
+    array = _read_data(path, img, header.shape, np.float32)
+    finite = np.isfinite(array)
+    if not finite.all():
+        raise InputError(path, f"{int((~finite).sum())} voxels are NaN or inf")
+    return array, header.affine, header.zooms
+
+
+def read_label_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """Read a label volume: like :func:`read_volume`, but integer ids, checked to be integers.
+
+    Returns:
+        array: integer (I, J, K) source label ids, in the file's int dtype (not yet mapped to FLARE22).
+        affine, zooms: as :func:`read_volume`.
+
+    Raises:
+        InputError: as :func:`read_volume`, plus non-integer or negative label values.
+    """
+    path = Path(path)
+    img = _load(path)
+    header = read_header(path, img)
+    raw = _read_data(path, img, header.shape)
+    scaled = getattr(img.dataobj, "slope", 1) != 1 or getattr(img.dataobj, "inter", 0) != 0
+    if raw.dtype.kind not in "iub" or scaled:
+        raw = _read_data(path, img, header.shape, np.float64)  # applies any header scaling
+        if not np.isfinite(raw).all():
+            raise InputError(path, "label volume holds NaN or inf values")
+        fractional = raw != np.round(raw)
+        if fractional.any():
+            example = float(raw[fractional].flat[0])
+            raise InputError(path, f"label values must be integers (found {example:g})")
+        raw = raw.astype(np.int32 if raw.max(initial=0) < 2**31 else np.int64)
+    labels = raw.astype(np.uint8) if raw.dtype == bool else raw  # keep the file's (small) int dtype
+    if labels.size and labels.min() < 0:
+        raise InputError(path, f"label values must be >= 0 (found {int(labels.min())})")
+    return labels, header.affine, header.zooms
+
+
+def map_labels(labels: np.ndarray, label_map: LabelMap, path: str | Path) -> np.ndarray:
+    """Source ids -> FLARE22 ids (uint8) through the label map.
+
+    Raises:
+        InputError: naming ``path`` when a value is unknown to a map without a default.
+    """
+    max_id = int(labels.max()) if labels.size else 0
+    if max_id > MAX_LABEL_ID:
+        raise InputError(path, f"label value {max_id} is too large for a label volume")
+    lut = label_map.lut(max_id)
+    mapped = lut[labels]
+    unknown = mapped < 0
+    if unknown.any():
+        ids = np.unique(labels[unknown])
+        shown = ", ".join(str(int(i)) for i in ids[:8]) + (", ..." if len(ids) > 8 else "")
+        raise InputError(path, f"label values the label map {label_map.source!r} does not know: {shown}")
+    return mapped.astype(np.uint8)

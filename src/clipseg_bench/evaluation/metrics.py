@@ -1,0 +1,217 @@
+"""Segmentation metrics as pure functions: 2D Dice, and 3D DSC/NSD scored the FLARE22 way.
+
+The 3D scores follow the official FLARE22 evaluation, ``FLARE22/Evaluation/FLARE22_DSC_NSD_Eval.py``
+in https://github.com/JunMa11/FLARE (with DeepMind's ``SurfaceDice.py``), rule for rule:
+
+* per organ ``i``: empty in both ground truth and prediction -> DSC 1, NSD 1; predicted but absent
+  from the ground truth -> DSC 0, NSD 0; otherwise DSC and NSD at the organ's tolerance (mm, from
+  :data:`clipseg_bench.organs.ORGANS`);
+* aorta, inferior vena cava and esophagus (:data:`~clipseg_bench.organs.Z_CROPPED_IDS`) are scored
+  on ``gt[:, :, z_min:z_max]`` and the same crop of the prediction, where z_min/z_max are the lowest
+  and highest slice (third array axis) the ground truth labels. As in the official code the slice
+  ``z_max`` itself is left out;
+* the spacing is the label file's header zooms and the arrays stay in the file's own axis order.
+
+The NSD comes from MONAI's ``compute_surface_dice(..., use_subvoxels=True)``, which computes DeepMind's
+surfel areas and distances and so agrees with the official code (tests check it against DeepMind's
+``surface-distance`` package to 1e-4). Without ``use_subvoxels`` MONAI counts boundary voxels instead
+and differs by up to a few 1e-3.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.metrics import compute_surface_dice
+
+from clipseg_bench.organs import ORGANS, Z_CROPPED_IDS, Organ
+
+
+def _as_bool(x) -> np.ndarray:
+    """A numpy bool array from a numpy array, a torch tensor or anything array-like."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x).astype(bool, copy=False)
+
+
+def dice(pred, gt) -> float:
+    """Dice coefficient ``2|P∩G| / (|P| + |G|)`` of two binary masks.
+
+    Args:
+        pred: predicted mask, any shape; numpy array or torch tensor, nonzero = foreground.
+        gt: ground-truth mask of the same shape.
+
+    Returns:
+        Dice in [0, 1]. Both masks empty -> 1.0 (nothing to find and nothing found, the FLARE22
+        convention); exactly one empty -> 0.0.
+    """
+    p, g = _as_bool(pred), _as_bool(gt)
+    if p.shape != g.shape:
+        raise ValueError(f"pred and gt shapes differ: {p.shape} vs {g.shape}")
+    total = int(p.sum()) + int(g.sum())
+    if total == 0:
+        return 1.0
+    return 2.0 * int(np.logical_and(p, g).sum()) / total
+
+
+def dice_2d_pairs(pred, gt) -> np.ndarray:
+    """Dice of each (slice, organ) pair, vectorised.
+
+    Args:
+        pred: predicted masks, bool-like (N, H, W), one per pair; numpy or torch.
+        gt: ground-truth masks, (N, H, W).
+
+    Returns:
+        float64 array (N,). A pair empty in both masks scores 1.0, one empty in only one scores 0.0
+        (callers that want "Dice where the organ is present" select those pairs themselves).
+    """
+    p, g = _as_bool(pred), _as_bool(gt)
+    if p.shape != g.shape or p.ndim != 3:
+        raise ValueError(f"expected two (N, H, W) arrays of one shape, got {p.shape} and {g.shape}")
+    inter = np.logical_and(p, g).sum(axis=(1, 2), dtype=np.int64)
+    total = p.sum(axis=(1, 2), dtype=np.int64) + g.sum(axis=(1, 2), dtype=np.int64)
+    return np.where(total == 0, 1.0, 2.0 * inter / np.maximum(total, 1))
+
+
+def _z_range(gt: np.ndarray) -> slice:
+    """The official crop ``z_min:z_max`` of an organ's labelled slices (top slice left out).
+
+    When the organ sits on a single slice the official slice is empty and its code fails (a
+    reduction over a zero-size array); we score that one slice instead.
+    """
+    z = np.flatnonzero(gt.any(axis=(0, 1)))
+    z_min, z_max = int(z[0]), int(z[-1])
+    return slice(z_min, max(z_max, z_min + 1))
+
+
+def _bbox(mask: np.ndarray) -> tuple[slice, ...]:
+    """The bounding box of a non-empty mask, one voxel wider on each side where the array allows.
+
+    Surface distances need nothing outside it (MONAI crops the same way, and pads with background
+    where the box meets the array's edge); cropping first spares it full-volume copies.
+    """
+    box = []
+    for axis in range(mask.ndim):
+        idx = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(max(int(idx[0]) - 1, 0), int(idx[-1]) + 2))
+    return tuple(box)
+
+
+def flare_dsc_nsd(
+    pred: np.ndarray,
+    gt: np.ndarray,
+    spacing: Sequence[float],
+    tolerance_mm: float,
+    *,
+    z_crop: bool = False,
+) -> tuple[float, float]:
+    """3D DSC and NSD of one organ, by the rules of the official FLARE22 evaluation.
+
+    Args:
+        pred: predicted mask of the organ, bool-like (X, Y, Z) in the label file's array order.
+        gt: ground-truth mask, (X, Y, Z).
+        spacing: voxel size (mm) along X, Y, Z: the label file's header zooms.
+        tolerance_mm: NSD tolerance (mm); an organ's is ``Organ.nsd_tolerance_mm``.
+        z_crop: score only slices ``z_min:z_max`` of the ground truth's labelled range (third axis;
+            the top labelled slice is left out, as in the official code), for the aorta, IVC and
+            esophagus. A prediction outside that range then costs nothing.
+
+    Returns:
+        ``(dsc, nsd)``, each in [0, 1]. Empty in both -> (1.0, 1.0). Predicted while absent from the
+        ground truth -> (0.0, 0.0), wherever the prediction lies. Present in the ground truth but
+        predicted empty (within the crop, if any) -> (0.0, 0.0).
+    """
+    p, g = _as_bool(pred), _as_bool(gt)
+    if p.shape != g.shape or p.ndim != 3:
+        raise ValueError(f"expected two (X, Y, Z) masks of one shape, got {p.shape} and {g.shape}")
+    if not g.any():
+        return (0.0, 0.0) if p.any() else (1.0, 1.0)
+    if z_crop:
+        zs = _z_range(g)
+        p, g = p[:, :, zs], g[:, :, zs]
+    if not p.any():
+        # Official: DSC 2*0/|G| = 0, and every ground-truth surfel is infinitely far away: NSD 0.
+        return 0.0, 0.0
+    box = _bbox(p | g)
+    p, g = p[box], g[box]
+    with warnings.catch_warnings():
+        # MONAI 1.5-1.6 passes its own deprecated `always_return_as_numpy` internally; not ours to fix.
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
+        nsd = compute_surface_dice(
+            torch.from_numpy(p)[None, None],
+            torch.from_numpy(g)[None, None],
+            class_thresholds=[float(tolerance_mm)],
+            include_background=True,  # our single channel is the organ itself
+            spacing=[float(s) for s in spacing[:3]],
+            use_subvoxels=True,  # DeepMind's surfel areas: what the official FLARE22 NSD uses
+        )
+    return dice(p, g), float(nsd.item())
+
+
+def score_case(
+    pred_labels: np.ndarray,
+    gt_labels: np.ndarray,
+    spacing: Sequence[float],
+    organs: Sequence[Organ] | None = None,
+) -> dict[str, dict[str, float]]:
+    """FLARE22 DSC and NSD of every organ in one case.
+
+    Args:
+        pred_labels: predicted label volume, integer FLARE22 ids (X, Y, Z), 0 = background.
+        gt_labels: ground-truth label volume, (X, Y, Z), on the same grid, in the label file's array
+            order (not reoriented: the official code scores ``get_fdata()`` as stored).
+        spacing: voxel size (mm) along X, Y, Z, from the label file's header zooms.
+        organs: organs to score (default all 13). Each uses its own NSD tolerance, and the aorta, IVC
+            and esophagus get the z-crop of :func:`flare_dsc_nsd`. Ids not in ``organs`` are ignored.
+
+    Returns:
+        ``{organ.key: {"dsc": float, "nsd": float}}`` in organ order, with the empty-mask rules of
+        :func:`flare_dsc_nsd` (an organ absent from both scores 1).
+    """
+    pred_labels, gt_labels = np.asarray(pred_labels), np.asarray(gt_labels)
+    if pred_labels.shape != gt_labels.shape or gt_labels.ndim != 3:
+        raise ValueError(f"expected two (X, Y, Z) label volumes of one shape, got {pred_labels.shape} "
+                         f"and {gt_labels.shape}")  # fmt: skip
+    scores = {}
+    for o in organs if organs is not None else ORGANS:
+        dsc, nsd = flare_dsc_nsd(pred_labels == o.id, gt_labels == o.id, spacing, o.nsd_tolerance_mm,
+                                 z_crop=o.id in Z_CROPPED_IDS)  # fmt: skip
+        scores[o.key] = {"dsc": dsc, "nsd": nsd}
+    return scores
+
+
+def summarize(per_case: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict:
+    """Means of per-case scores, per organ and overall.
+
+    Args:
+        per_case: ``{case_id: {organ_key: {"dsc": float, "nsd": float}}}`` as :func:`score_case`
+            returns it, for one or more cases.
+
+    Returns:
+        ``{"dsc": float, "nsd": float, "per_organ": {organ_key: {"dsc": float, "nsd": float}}}``.
+        ``per_organ`` is the mean over the cases that scored that organ. The overall ``dsc``/``nsd``
+        is the mean over all (case, organ) scores, organs absent from both masks included (they score
+        1, the FLARE22 convention). With every case scoring the same organs, as :func:`score_case`
+        does, that equals both the mean over cases of each case's organ mean and the mean of the
+        per-organ means.
+    """
+    if not per_case:
+        raise ValueError("no cases to summarize")
+    by_organ: dict[str, dict[str, list[float]]] = {}
+    for organs in per_case.values():
+        for key, s in organs.items():
+            acc = by_organ.setdefault(key, {"dsc": [], "nsd": []})
+            acc["dsc"].append(float(s["dsc"]))
+            acc["nsd"].append(float(s["nsd"]))
+    every = {m: [v for acc in by_organ.values() for v in acc[m]] for m in ("dsc", "nsd")}
+    return {
+        "dsc": math.fsum(every["dsc"]) / len(every["dsc"]),
+        "nsd": math.fsum(every["nsd"]) / len(every["nsd"]),
+        "per_organ": {
+            key: {m: math.fsum(acc[m]) / len(acc[m]) for m in ("dsc", "nsd")} for key, acc in by_organ.items()
+        },
+    }

@@ -1,0 +1,287 @@
+"""Our forward pass around Hugging Face's CLIPSeg modules: the only place that knows their internals.
+
+Why not ``CLIPSegForImageSegmentation.forward``: it runs both CLIP encoders under
+``torch.no_grad()``, so through it "full fine-tuning" trains only the decoder and adapters or
+LoRA inside the encoders never get a gradient while the optimizer still "steps". Here:
+
+- an encoder runs with gradients iff any of its parameters requires grad, else under ``no_grad``;
+- each image is encoded once and decoded for K prompts (B images x K prompts -> B*K masks);
+- the vision encoder stops at the deepest layer the decoder reads (``extract_layers``): with text
+  prompts the later layers and the pooled output are wasted work;
+- precomputed prompt embeddings and vision activations can be passed in, so frozen parts can be
+  computed once and cached.
+
+With the same weights the logits equal the stock forward's (tests check atol 1e-5).
+
+Shapes: B images, K prompts, P (image, prompt) pairs, N = 1 + (side/patch)^2 vision tokens,
+C vision width, D projection width, S input side in px.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+if TYPE_CHECKING:  # importing transformers takes seconds; strategies import this module to register
+    from transformers import CLIPSegForImageSegmentation
+
+# --- the parts of the model ------------------------------------------------------------------
+
+
+def vision_encoder(model: CLIPSegForImageSegmentation) -> nn.Module:
+    return model.clip.vision_model
+
+
+def text_encoder_parts(model: CLIPSegForImageSegmentation) -> list[nn.Module]:
+    """The text path: the text transformer and the projection into the prompt embedding."""
+    return [model.clip.text_model, model.clip.text_projection]
+
+
+def decoder_module(model: CLIPSegForImageSegmentation) -> nn.Module:
+    return model.decoder
+
+
+def vision_depth(model: CLIPSegForImageSegmentation) -> int:
+    """Number of vision layers the decoder needs: up to the deepest of ``extract_layers``."""
+    return max(model.config.extract_layers) + 1
+
+
+def encoder_layers(model: CLIPSegForImageSegmentation, encoder: str) -> list[nn.Module]:
+    """The transformer layers a text-prompted forward runs.
+
+    Args:
+        encoder: ``"vision"`` (only the layers up to the deepest one the decoder reads) or ``"text"``.
+    """
+    if encoder == "vision":
+        return list(model.clip.vision_model.encoder.layers[: vision_depth(model)])
+    if encoder == "text":
+        return list(model.clip.text_model.encoder.layers)
+    raise ValueError(f"encoder must be 'vision' or 'text', not {encoder!r}")
+
+
+def unused_parameters(model: CLIPSegForImageSegmentation) -> list[nn.Parameter]:
+    """Parameters a text-prompted segmentation forward never reads.
+
+    The vision layers after the deepest one the decoder reads, the vision pooled-output layer norm,
+    both CLIP projections except the text one, and the contrastive logit scale. They can never
+    receive a gradient, so strategies keep them frozen and do not count them as trained.
+    """
+    clip = model.clip
+    modules = [
+        *clip.vision_model.encoder.layers[vision_depth(model) :],
+        clip.vision_model.post_layernorm,
+        clip.visual_projection,
+    ]
+    return [p for m in modules for p in m.parameters()] + [clip.logit_scale]
+
+
+def encoder_trainable(module: nn.Module | Sequence[nn.Module]) -> bool:
+    """True if any parameter of the module(s) requires grad."""
+    modules = [module] if isinstance(module, nn.Module) else list(module)
+    return any(p.requires_grad for m in modules for p in m.parameters())
+
+
+def vision_trainable(model: CLIPSegForImageSegmentation) -> bool:
+    """Whether the vision encoder trains; if not, its activations can be cached."""
+    return encoder_trainable(encoder_layers(model, "vision") + [model.clip.vision_model.embeddings,
+                                                                model.clip.vision_model.pre_layrnorm])  # fmt: skip
+
+
+def text_trainable(model: CLIPSegForImageSegmentation) -> bool:
+    """Whether the text encoder (or its projection) trains; if not, prompt embeddings can be cached."""
+    return encoder_trainable(text_encoder_parts(model))
+
+
+def set_gradient_checkpointing(model: CLIPSegForImageSegmentation, enabled: bool) -> None:
+    """Recompute encoder layer activations in backward instead of storing them (saves memory).
+
+    Acts only on layers that run with gradients in training mode; a frozen encoder runs under
+    ``no_grad`` and stores nothing anyway. Non-reentrant checkpointing, which also works when the
+    layer input does not require grad (frozen embeddings, adapters or LoRA inside the layer).
+    """
+    fn = functools.partial(checkpoint, use_reentrant=False)
+    for layer in encoder_layers(model, "vision") + encoder_layers(model, "text"):
+        layer.gradient_checkpointing = enabled
+        layer._gradient_checkpointing_func = fn
+
+
+# --- inputs ----------------------------------------------------------------------------------
+
+
+def preprocess(images: Tensor, *, size: int, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """Grayscale CT slices -> normalised 3-channel model input.
+
+    Args:
+        images: (B, H, W) uint8 (already intensity-windowed slices), any device.
+        size: square output side in px.
+        mean, std: per-channel normalisation of values in [0, 1] (the model's image processor's).
+
+    Returns:
+        (B, 3, size, size) float32: bilinear resize (antialiased, like PIL's), /255, normalised.
+    """
+    if images.ndim != 3:
+        raise ValueError(f"expected (B, H, W) slices, got shape {tuple(images.shape)}")
+    x = images.to(torch.float32).unsqueeze(1) / 255.0
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s  # broadcasting the single gray channel to 3 channels
+
+
+def tokenize(loaded_or_tokenizer: Any, prompts: Sequence[str]) -> dict[str, Tensor]:
+    """Tokenize K prompts, padded to the longest.
+
+    Args:
+        loaded_or_tokenizer: a ``LoadedModel`` or a tokenizer.
+        prompts: K strings.
+
+    Returns:
+        ``{"input_ids": (K, L) long, "attention_mask": (K, L) long}``.
+    """
+    tok = getattr(loaded_or_tokenizer, "tokenizer", loaded_or_tokenizer)
+    enc = tok(list(prompts), padding=True, truncation=True, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+# --- the three stages --------------------------------------------------------------------------
+
+
+def encode_prompts(model: CLIPSegForImageSegmentation, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Prompt embeddings: the text model's EOS-pooled output through ``text_projection``.
+
+    Args:
+        input_ids, attention_mask: (K, L) from :func:`tokenize`.
+
+    Returns:
+        (K, D); carries gradients iff the text path has a trainable parameter.
+    """
+    grad = torch.is_grad_enabled() and text_trainable(model)
+    with torch.set_grad_enabled(grad):
+        pooled = model.clip.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        return model.clip.text_projection(pooled)
+
+
+def encode_images(model: CLIPSegForImageSegmentation, pixel_values: Tensor) -> list[Tensor]:
+    """The vision activations the decoder reads, running only the layers it needs.
+
+    Mirrors ``CLIPSegVisionModel.forward`` (embeddings with interpolated position encoding,
+    pre-layernorm, encoder layers) but stops after the deepest of ``extract_layers``.
+
+    Args:
+        pixel_values: (B, 3, S, S) from :func:`preprocess`.
+
+    Returns:
+        One (B, N, C) tensor per entry of ``config.extract_layers``, in that order; they carry
+        gradients iff the vision encoder has a trainable parameter.
+    """
+    vm = model.clip.vision_model
+    extract = list(model.config.extract_layers)
+    grad = torch.is_grad_enabled() and vision_trainable(model)
+    with torch.set_grad_enabled(grad):
+        h = vm.pre_layrnorm(vm.embeddings(pixel_values, interpolate_pos_encoding=True))
+        outputs = {}
+        for i, layer in enumerate(encoder_layers(model, "vision")):
+            h = layer(h, None)  # positional: HF's checkpointing passes only *args to the recompute
+            outputs[i] = h
+    return [outputs[i] for i in extract]
+
+
+def _pair_indices(batch: int, prompts: int, pairs: Tensor | None, device) -> tuple[Tensor, Tensor]:
+    if pairs is None:  # every image with every prompt, image-major: row b*K + k
+        return (
+            torch.arange(batch, device=device).repeat_interleave(prompts),
+            torch.arange(prompts, device=device).repeat(batch),
+        )
+    pairs = pairs.to(device=device, dtype=torch.long)
+    if pairs.ndim != 2 or pairs.shape[1] != 2:
+        raise ValueError(f"pairs must be (P, 2) (image index, prompt index), got {tuple(pairs.shape)}")
+    return pairs[:, 0], pairs[:, 1]
+
+
+def decode(
+    model: CLIPSegForImageSegmentation,
+    activations: Sequence[Tensor],
+    prompt_emb: Tensor,
+    *,
+    pairs: Tensor | None = None,
+) -> Tensor:
+    """Decode masks for (image, prompt) pairs; each image's activations are reduced once.
+
+    Same computation as ``CLIPSegDecoder.forward``, except that the per-layer ``reduces``
+    projections (C -> reduce_dim) run once per image before images are repeated across prompts,
+    which keeps the repeated tensors reduce_dim wide instead of C wide.
+
+    Args:
+        activations: from :func:`encode_images` (or a cache), each (B, N, C).
+        prompt_emb: (K, D) from :func:`encode_prompts` (or a cache).
+        pairs: None for all B x K combinations, or (P, 2) long rows (image index, prompt index).
+
+    Returns:
+        Logits (B, K, S, S) when ``pairs`` is None, else (P, S, S).
+    """
+    dec = model.decoder
+    batch = activations[0].shape[0]
+    img, prm = _pair_indices(batch, prompt_emb.shape[0], pairs, prompt_emb.device)
+    cond = prompt_emb[prm]  # (P, D)
+    output = None
+    for i, (act, layer, reduce) in enumerate(zip(activations[::-1], dec.layers, dec.reduces)):
+        reduced = reduce(act)[img]  # (P, N, reduce_dim)
+        output = reduced if output is None else reduced + output
+        if i == dec.conditional_layer:  # FiLM conditioning on the prompt
+            output = dec.film_mul(cond) * output.permute(1, 0, 2) + dec.film_add(cond)
+            output = output.permute(1, 0, 2)
+        output = layer(output, attention_mask=None)
+    output = output[:, 1:, :].transpose(1, 2)  # drop CLS: (P, reduce_dim, N-1)
+    side = int(math.sqrt(output.shape[2]))
+    logits = dec.transposed_convolution(output.reshape(len(img), output.shape[1], side, side)).squeeze(1)
+    if pairs is None:
+        logits = logits.view(batch, prompt_emb.shape[0], *logits.shape[-2:])
+    return logits
+
+
+def forward(
+    model: CLIPSegForImageSegmentation,
+    pixel_values: Tensor | None = None,
+    prompt_emb: Tensor | None = None,
+    *,
+    input_ids: Tensor | None = None,
+    attention_mask: Tensor | None = None,
+    activations: Sequence[Tensor] | None = None,
+    pairs: Tensor | None = None,
+) -> Tensor:
+    """Images and prompts in, logits out: :func:`encode_images`, :func:`encode_prompts`, :func:`decode`.
+
+    Args:
+        pixel_values: (B, 3, S, S), or pass cached ``activations`` instead.
+        prompt_emb: (K, D), or pass ``input_ids`` and ``attention_mask`` (K, L) instead.
+        pairs: see :func:`decode`.
+
+    Returns:
+        (B, K, S, S) logits, or (P, S, S) with ``pairs``.
+
+    Raises:
+        ValueError: cached inputs given for an encoder that trains. They would silently bypass the
+            trainable parameters: the very trap this module exists to avoid.
+    """
+    grad = torch.is_grad_enabled()
+    if activations is None:
+        if pixel_values is None:
+            raise ValueError("pass pixel_values or precomputed activations")
+        activations = encode_images(model, pixel_values)
+    elif grad and vision_trainable(model) and not any(a.requires_grad for a in activations):
+        raise ValueError("cached vision activations given, but the vision encoder trains; pass pixel_values")
+    if prompt_emb is None:
+        if input_ids is None:
+            raise ValueError("pass prompt_emb or input_ids")
+        prompt_emb = encode_prompts(model, input_ids, attention_mask)
+    elif grad and text_trainable(model) and not prompt_emb.requires_grad:
+        raise ValueError("cached prompt embeddings given, but the text encoder trains; pass input_ids")
+    return decode(model, activations, prompt_emb, pairs=pairs)

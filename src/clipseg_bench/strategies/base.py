@@ -1,0 +1,92 @@
+"""The strategy registry: a strategy is a small class that unfreezes or injects, registered by name.
+
+:func:`clipseg_bench.strategies.apply_strategy` does the common part: freeze everything, let the
+strategy unfreeze or inject, then freeze again what the forward never reads. The trainer and the
+evaluation only see the resulting ``requires_grad`` flags, never a strategy's name.
+
+A strategy's options are a dataclass whose fields carry their help text (PEFT style): unknown
+options and bad values become an :class:`~clipseg_bench.errors.InputError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import nn
+
+from clipseg_bench.errors import InputError
+
+_REGISTRY: dict[str, type[Strategy]] = {}
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Trainable and total parameters of a model after a strategy (injected modules included)."""
+
+    trainable: int
+    total: int
+
+
+@dataclass
+class NoOptions:
+    """This strategy has no options."""
+
+
+class Strategy:
+    """Base class of a fine-tuning strategy.
+
+    Subclasses set ``name``, ``description`` (one sentence, used in the README and report) and
+    optionally ``Options`` (a dataclass; each field's ``metadata["help"]`` documents it, and
+    ``__post_init__`` may raise ``ValueError`` for bad values), and implement :meth:`apply`.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
+
+    def parse_options(self, options: dict[str, Any] | None) -> Any:
+        """Validate ``options`` (from ``TrainConfig.strategy_options``) into an ``Options`` instance."""
+        options = dict(options or {})
+        known = [f.name for f in dataclasses.fields(self.Options)]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            hint = f"known: {', '.join(known)}" if known else "it takes no options"
+            raise InputError("strategy_options", f"unknown option {unknown[0]!r} for strategy {self.name}; {hint}")
+        try:
+            return self.Options(**options)
+        except (TypeError, ValueError) as exc:
+            raise InputError("strategy_options", f"strategy {self.name}: {exc}") from None
+
+    def apply(self, model: nn.Module, options: Any) -> None:
+        """Unfreeze parameters and/or inject modules into ``model``, whose parameters are all frozen."""
+        raise NotImplementedError
+
+    @classmethod
+    def option_docs(cls) -> list[dict[str, Any]]:
+        """``[{name, default, help}]`` for each option, for docs and ``--help`` texts."""
+        out = []
+        for f in dataclasses.fields(cls.Options):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            out.append({"name": f.name, "default": default, "help": f.metadata.get("help", "")})
+        return out
+
+
+def register(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator: make a strategy available under ``cls.name``."""
+    for attr in ("name", "description"):
+        if not isinstance(getattr(cls, attr, None), str):
+            raise TypeError(f"strategy {cls.__qualname__} needs a class attribute {attr!r} (str)")
+    other = _REGISTRY.get(cls.name)
+    if other is not None and other.__qualname__ != cls.__qualname__:
+        raise ValueError(f"strategy name {cls.name!r} is taken by {other.__module__}.{other.__qualname__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def option_field(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field with help text; lists and dicts as defaults are copied per instance."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)

@@ -1,0 +1,30 @@
+"""BitFit (Ben Zaken et al. 2022): only the bias terms of the encoders train, plus the decoder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from clipseg_bench.model.forward import decoder_module, text_encoder_parts, vision_encoder
+from clipseg_bench.strategies.base import Strategy, option_field, register
+
+
+@dataclass
+class BitFitOptions:
+    train_decoder: bool = option_field(True, "Also train the whole decoder (CLIPSeg's decoder starts untuned).")
+
+
+@register
+class BitFit(Strategy):
+    name = "bitfit"
+    description = "BitFit: every bias term of the CLIP encoders (attention, MLP, layer norms) plus the decoder train."
+    Options = BitFitOptions
+
+    def apply(self, model: nn.Module, options: BitFitOptions) -> None:
+        for part in [vision_encoder(model), *text_encoder_parts(model)]:
+            for name, p in part.named_parameters():
+                if name.endswith("bias"):
+                    p.requires_grad_(True)
+        if options.train_decoder:
+            decoder_module(model).requires_grad_(True)

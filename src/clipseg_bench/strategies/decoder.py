@@ -1,0 +1,17 @@
+"""Decoder only: CLIP stays frozen; only CLIPSeg's 1.1M-parameter decoder trains."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from clipseg_bench.model.forward import decoder_module
+from clipseg_bench.strategies.base import Strategy, register
+
+
+@register
+class DecoderOnly(Strategy):
+    name = "decoder"
+    description = "Decoder only: CLIP's encoders stay frozen (their outputs can be cached); the decoder trains."
+
+    def apply(self, model: nn.Module, options) -> None:
+        decoder_module(model).requires_grad_(True)

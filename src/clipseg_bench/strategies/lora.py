@@ -1,0 +1,65 @@
+"""LoRA (Hu et al. 2022) on the CLIP encoders' attention projections, through the ``peft`` library.
+
+Injected in place with ``peft.inject_adapter_in_model`` rather than wrapping the model in a
+``PeftModel``: the model keeps its own class and module paths, so our forward still reaches
+``model.clip.vision_model`` and the decoder, and checkpoints name parameters the same way.
+
+Targets are listed as full module names inside the encoder layers a text-prompted forward runs,
+so LoRA can never land on the decoder's own ``q_proj``/``v_proj`` (a bare
+``target_modules=["q_proj", "v_proj"]`` would) or on vision layers the decoder never reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from clipseg_bench.model.forward import decoder_module, encoder_layers
+from clipseg_bench.strategies.base import Strategy, option_field, register
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # the Linear layers of a CLIP encoder layer
+ENCODERS = ("vision", "text")
+
+
+@dataclass
+class LoraOptions:
+    rank: int = option_field(8, "LoRA rank r.")
+    alpha: float = option_field(16.0, "LoRA alpha; the update is scaled by alpha / rank.")
+    dropout: float = option_field(0.05, "Dropout on the LoRA branch input.")
+    targets: list[str] = option_field(["q_proj", "v_proj"], f"Linear layers to adapt, of {', '.join(LINEARS)}.")
+    encoders: list[str] = option_field(["vision", "text"], "Encoders to adapt: vision and/or text.")
+    train_decoder: bool = option_field(True, "Also train the decoder.")
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
+        if not 0 <= float(self.dropout) < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        for value, allowed, what in ((self.targets, LINEARS, "targets"), (self.encoders, ENCODERS, "encoders")):
+            if not value or set(value) - set(allowed):
+                raise ValueError(f"{what} must be a non-empty subset of {list(allowed)}, got {value!r}")
+
+
+def target_names(model: nn.Module, options: LoraOptions) -> list[str]:
+    """Full module names of the Linear layers LoRA adapts."""
+    chosen = {id(m) for enc in options.encoders for layer in encoder_layers(model, enc) for m in layer.modules()}
+    return [n for n, m in model.named_modules() if id(m) in chosen and n.rsplit(".", 1)[-1] in options.targets]
+
+
+@register
+class Lora(Strategy):
+    name = "lora"
+    description = "LoRA (via peft) on q and v of the CLIP vision and text attention, plus the decoder."
+    Options = LoraOptions
+
+    def apply(self, model: nn.Module, options: LoraOptions) -> None:
+        from peft import LoraConfig, inject_adapter_in_model  # heavy; only when LoRA is used
+
+        config = LoraConfig(
+            r=options.rank, lora_alpha=options.alpha, lora_dropout=float(options.dropout),
+            target_modules=target_names(model, options), bias="none",
+        )  # fmt: skip
+        inject_adapter_in_model(config, model)  # in place; marks only the LoRA weights trainable
+        if options.train_decoder:
+            decoder_module(model).requires_grad_(True)

@@ -1,0 +1,16 @@
+"""Zero-shot: the model as loaded, nothing trained. The evaluation baseline."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from clipseg_bench.strategies.base import Strategy, register
+
+
+@register
+class ZeroShot(Strategy):
+    name = "zeroshot"
+    description = "No training: the pretrained model as it is, the baseline every strategy must beat."
+
+    def apply(self, model: nn.Module, options) -> None:
+        pass  # everything stays frozen

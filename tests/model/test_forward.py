@@ -1,0 +1,185 @@
+"""Our forward against Hugging Face's: same logits, one encoding per image, truncation, caching, grads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clipseg_bench.model import forward as fw
+from clipseg_bench.model.load import build_tiny, tiny_config
+from clipseg_bench.strategies import apply_strategy
+
+
+def stock_logits(model, inputs) -> torch.Tensor:
+    """The stock HF forward on every (image, prompt) pair, as (B, K, S, S)."""
+    px, ids, mask = inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"]
+    b, k = px.shape[0], ids.shape[0]
+    out = model(
+        pixel_values=px.repeat_interleave(k, 0), input_ids=ids.repeat(b, 1), attention_mask=mask.repeat(b, 1)
+    ).logits
+    return out.reshape(b, k, *out.shape[-2:])
+
+
+def ours(model, inputs, **kw) -> torch.Tensor:
+    return fw.forward(
+        model, inputs["pixel_values"], input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **kw
+    )
+
+
+@pytest.mark.parametrize("complex_head", [False, True])
+def test_matches_stock_forward(model, inputs, complex_head):
+    if complex_head:  # rd64-refined's upsampling head
+        model = build_tiny(tiny_config(image_size=64, vision_layers=5, use_complex_transposed_convolution=True))
+    with torch.no_grad():
+        expected, got = stock_logits(model, inputs), ours(model, inputs)
+    assert got.shape == (3, 3, 64, 64)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_single_pair_matches_stock_forward(model, inputs):
+    # The stock output is (1, S, S) for one pair; ours keeps (B, K, S, S) = (1, 1, S, S).
+    one = {k: v[:1] for k, v in inputs.items()}
+    with torch.no_grad():
+        expected, got = model(**one).logits, ours(model, one)
+    assert got.shape == (1, 1, 64, 64) and expected.shape == (1, 64, 64)
+    torch.testing.assert_close(got[0], expected, atol=1e-5, rtol=0)
+
+
+def test_k_prompt_batching_equals_each_pair_alone(model, inputs):
+    with torch.no_grad():
+        grid = ours(model, inputs)
+        for b in range(3):
+            for k in range(3):
+                alone = fw.forward(
+                    model, inputs["pixel_values"][b : b + 1],
+                    input_ids=inputs["input_ids"][k : k + 1], attention_mask=inputs["attention_mask"][k : k + 1],
+                )  # fmt: skip
+                torch.testing.assert_close(grid[b, k], alone[0, 0], atol=1e-5, rtol=0)
+
+
+def test_pairs_select_from_the_grid(model, inputs):
+    pairs = torch.tensor([[2, 0], [0, 1], [2, 2], [1, 0]])
+    with torch.no_grad():
+        grid, picked = ours(model, inputs), ours(model, inputs, pairs=pairs)
+    assert picked.shape == (4, 64, 64)
+    torch.testing.assert_close(picked, grid[pairs[:, 0], pairs[:, 1]], atol=1e-5, rtol=0)
+
+
+def test_each_image_is_encoded_once_and_truncated(model, inputs):
+    layers = model.clip.vision_model.encoder.layers
+    seen = {i: [] for i in range(len(layers))}
+    for i, layer in enumerate(layers):
+        layer.register_forward_hook(lambda m, a, o, i=i: seen[i].append(a[0].shape[0]))
+    with torch.no_grad():
+        ours(model, inputs)
+    assert fw.vision_depth(model) == 4 and len(layers) == 5
+    assert all(seen[i] == [3] for i in range(4)), seen  # B=3 images once, not B*K=9
+    assert seen[4] == []  # the layer after the decoder's deepest tap never runs
+
+
+def test_truncation_leaves_logits_unchanged(inputs):
+    # Same weights for the first 4 vision layers; the 6-layer model has 2 wasted layers on top.
+    deep = build_tiny(tiny_config(image_size=64, vision_layers=6))
+    with torch.no_grad():
+        acts = fw.encode_images(deep, inputs["pixel_values"])
+        full = deep.clip.vision_model(inputs["pixel_values"], output_hidden_states=True).hidden_states
+    assert len(full) == 7
+    for act, i in zip(acts, deep.config.extract_layers, strict=True):
+        assert torch.equal(act, full[i + 1])
+
+
+def test_prompt_embedding_is_eos_pooled_and_projected(model, inputs):
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    eos = model.config.text_config.eos_token_id
+    assert eos != 2  # HF's legacy argmax pooling would kick in
+    with torch.no_grad():
+        emb = fw.encode_prompts(model, ids, mask)
+        hidden = model.clip.text_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    first_eos = (ids == eos).int().argmax(1)
+    expected = model.clip.text_projection(hidden[torch.arange(3), first_eos])
+    assert emb.shape == (3, model.config.projection_dim)
+    torch.testing.assert_close(emb, expected)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "vision_grad", "text_grad"),
+    [("decoder", False, False), ("full", True, True), ("zeroshot", False, False)],
+)
+def test_encoders_get_gradients_iff_trainable(model, inputs, strategy, vision_grad, text_grad):
+    apply_strategy(model, strategy)
+    acts = fw.encode_images(model, inputs["pixel_values"])
+    emb = fw.encode_prompts(model, inputs["input_ids"], inputs["attention_mask"])
+    assert fw.vision_trainable(model) is vision_grad and fw.text_trainable(model) is text_grad
+    assert all(a.requires_grad is vision_grad for a in acts)
+    assert emb.requires_grad is text_grad
+
+
+def test_only_vision_or_only_text_trainable(model, inputs):
+    model.requires_grad_(False)
+    model.clip.text_model.encoder.layers[0].mlp.fc1.weight.requires_grad_(True)
+    assert fw.text_trainable(model) and not fw.vision_trainable(model)
+    assert not fw.encode_images(model, inputs["pixel_values"])[0].requires_grad
+    assert fw.encode_prompts(model, inputs["input_ids"], inputs["attention_mask"]).requires_grad
+
+
+def test_cached_inputs_give_the_same_logits(model, inputs):
+    apply_strategy(model, "decoder")
+    with torch.no_grad():
+        acts = fw.encode_images(model, inputs["pixel_values"])
+        emb = fw.encode_prompts(model, inputs["input_ids"], inputs["attention_mask"])
+    cached = fw.forward(model, activations=acts, prompt_emb=emb)
+    assert cached.requires_grad  # the decoder still trains on cached features
+    torch.testing.assert_close(cached.detach(), ours(model, inputs).detach(), atol=0, rtol=0)
+
+
+def test_cached_inputs_refused_when_that_encoder_trains(model, inputs):
+    apply_strategy(model, "full")
+    with torch.no_grad():
+        acts = fw.encode_images(model, inputs["pixel_values"])
+        emb = fw.encode_prompts(model, inputs["input_ids"], inputs["attention_mask"])
+    with pytest.raises(ValueError, match="vision encoder trains"):
+        fw.forward(model, activations=acts, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    with pytest.raises(ValueError, match="text encoder trains"):
+        fw.forward(model, inputs["pixel_values"], emb)
+    with torch.no_grad():  # evaluation may use caches whatever trains
+        fw.forward(model, activations=acts, prompt_emb=emb)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(model, inputs):
+    apply_strategy(model, "full")
+    model.train()
+
+    def grads():
+        model.zero_grad()
+        ours(model, inputs).square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain = grads()
+    fw.set_gradient_checkpointing(model, True)
+    recomputed = []
+    mlp = model.clip.vision_model.encoder.layers[0].mlp
+    mlp_forward = mlp.forward
+    mlp.forward = lambda x: (recomputed.append(1), mlp_forward(x))[1]  # (module hooks skip the recompute)
+    checkpointed = grads()
+    assert len(recomputed) == 2  # forward, then the recompute in backward
+    for n, g in plain.items():
+        torch.testing.assert_close(checkpointed[n], g, atol=1e-6, rtol=1e-5)
+
+
+def test_preprocess_normalises_gray_to_three_channels():
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    slices = torch.full((2, 30, 30), 128, dtype=torch.uint8)
+    x = fw.preprocess(slices, size=32, mean=mean, std=std)
+    assert x.shape == (2, 3, 32, 32) and x.dtype == torch.float32
+    for c in range(3):
+        torch.testing.assert_close(x[:, c], torch.full((2, 32, 32), (128 / 255 - mean[c]) / std[c]))
+    with pytest.raises(ValueError, match="B, H, W"):
+        fw.preprocess(slices[0], size=32, mean=mean, std=std)
+
+
+def test_preprocess_keeps_geometry():
+    # A bright left half stays a bright left half after resizing.
+    img = torch.zeros(1, 40, 40, dtype=torch.uint8)
+    img[:, :, :20] = 255
+    x = fw.preprocess(img, size=64, mean=(0, 0, 0), std=(1, 1, 1))
+    assert x[0, 0, :, :30].min() > 0.99 and x[0, 0, :, 34:].max() < 0.01
