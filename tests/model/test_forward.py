@@ -22,14 +22,20 @@ def stock_logits(model, inputs) -> torch.Tensor:
 
 def ours(model, inputs, **kw) -> torch.Tensor:
     return fw.forward(
-        model, inputs["pixel_values"], input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **kw
+        model,
+        inputs["pixel_values"],
+        input_ids=inputs["input_ids"],
+        attention_mask=inputs["attention_mask"],
+        **kw,
     )
 
 
 @pytest.mark.parametrize("complex_head", [False, True])
 def test_matches_stock_forward(model, inputs, complex_head):
     if complex_head:  # rd64-refined's upsampling head
-        model = build_tiny(tiny_config(image_size=64, vision_layers=5, use_complex_transposed_convolution=True))
+        model = build_tiny(
+            tiny_config(image_size=64, vision_layers=5, use_complex_transposed_convolution=True)
+        )
     with torch.no_grad():
         expected, got = stock_logits(model, inputs), ours(model, inputs)
     assert got.shape == (3, 3, 64, 64)
@@ -138,7 +144,9 @@ def test_cached_inputs_refused_when_that_encoder_trains(model, inputs):
         acts = fw.encode_images(model, inputs["pixel_values"])
         emb = fw.encode_prompts(model, inputs["input_ids"], inputs["attention_mask"])
     with pytest.raises(ValueError, match="vision encoder trains"):
-        fw.forward(model, activations=acts, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        fw.forward(
+            model, activations=acts, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+        )
     with pytest.raises(ValueError, match="text encoder trains"):
         fw.forward(model, inputs["pixel_values"], emb)
     with torch.no_grad():  # evaluation may use caches whatever trains

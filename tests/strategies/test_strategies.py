@@ -130,7 +130,7 @@ def test_adapter_default_covers_read_layers_and_trains_the_decoder(model):
     counts = apply_strategy(model, "adapter")
     adapters = [m for m in model.modules() if type(m).__name__ == "BottleneckAdapter"]
     assert len(adapters) == 2 * (4 + 2)  # attention + MLP in 4 read vision layers and 2 text layers
-    per = lambda w: 2 * w * 64 + 64 + w  # noqa: E731
+    per = lambda w: 2 * w * (w // 12) + w // 12 + w  # noqa: E731  (default bottleneck: width // 12)
     decoder = sum(p.numel() for p in model.decoder.parameters())
     assert counts.trainable == 2 * (4 * per(64) + 2 * per(32)) + decoder
 

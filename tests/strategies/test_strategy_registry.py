@@ -6,8 +6,6 @@ import json
 import sys
 import textwrap
 
-import torch
-
 import clipseg_bench.strategies as strategies
 from clipseg_bench.cli import main
 from clipseg_bench.model import forward as fw
@@ -18,7 +16,8 @@ from clipseg_bench.strategies import apply_strategy, available
 def test_a_new_strategy_file_is_picked_up(tmp_path, monkeypatch, model):
     # A module placed on the package's search path (as a new file in the package folder would be)
     # registers itself with no other edit. The temp folder keeps the source tree untouched.
-    (tmp_path / "film_only.py").write_text(textwrap.dedent('''
+    (tmp_path / "film_only.py").write_text(
+        textwrap.dedent("""
         from clipseg_bench.strategies.base import Strategy, register
 
         @register
@@ -29,7 +28,8 @@ def test_a_new_strategy_file_is_picked_up(tmp_path, monkeypatch, model):
             def apply(self, model, options):
                 model.decoder.film_mul.requires_grad_(True)
                 model.decoder.film_add.requires_grad_(True)
-    '''))
+    """)
+    )
     monkeypatch.setattr(strategies, "__path__", [*strategies.__path__, str(tmp_path)])
     try:
         assert "film-only-probe" in available()
@@ -57,7 +57,10 @@ def test_strategies_command_json(capsys):
     assert by["full"]["trainable_params"] == total - unused and by["full"]["total_params"] == total
     assert by["decoder"]["trainable_params"] == sum(p.numel() for p in base.decoder.parameters())
     for name in ("adapter", "lora"):  # injected parameters count in the total
-        assert by[name]["total_params"] - total == by[name]["trainable_params"] - by["decoder"]["trainable_params"]
+        assert (
+            by[name]["total_params"] - total
+            == by[name]["trainable_params"] - by["decoder"]["trainable_params"]
+        )
     assert 0 < by["bitfit"]["trainable_params"] - by["decoder"]["trainable_params"] < total / 10
 
 
@@ -66,4 +69,3 @@ def test_strategies_command_table(capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:3] == ["strategy", "trainable", "total"]
     assert sorted(line.split()[0] for line in out[1:]) == available()
-    assert torch.is_grad_enabled()

@@ -57,7 +57,9 @@ def _open(path: Path, *, load_tensors: bool) -> tuple[dict[str, torch.Tensor], d
     except (SafetensorError, OSError) as exc:
         raise InputError(path, f"not a safetensors file ({exc})") from None
     if meta.get("format") != FORMAT:
-        raise InputError(path, f"not a clipseg-bench weights file (format {meta.get('format')!r}, expected {FORMAT})")
+        raise InputError(
+            path, f"not a clipseg-bench weights file (format {meta.get('format')!r}, expected {FORMAT})"
+        )
     return tensors, json.loads(meta.get("config", "{}"))
 
 
@@ -82,11 +84,15 @@ def load_trained(model: nn.Module, path: str | Path) -> dict[str, Any]:
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unexpected:
         what = f"missing {len(missing)} (e.g. {missing[0]})" if missing else ""
-        what += (", " if what else "") + (f"unexpected {len(unexpected)} (e.g. {unexpected[0]})" if unexpected else "")
+        what += (", " if what else "") + (
+            f"unexpected {len(unexpected)} (e.g. {unexpected[0]})" if unexpected else ""
+        )
         raise InputError(path, f"does not fit the model with this strategy: {what}")
     for name, p in params.items():
         if tensors[name].shape != p.shape:
-            raise InputError(path, f"{name} has shape {tuple(tensors[name].shape)}, the model {tuple(p.shape)}")
+            raise InputError(
+                path, f"{name} has shape {tuple(tensors[name].shape)}, the model {tuple(p.shape)}"
+            )
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[name].to(device=p.device, dtype=p.dtype))

@@ -124,7 +124,8 @@ def build_tiny(config: CLIPSegConfig | None = None, *, seed: int = TINY_SEED) ->
 def _check_size(image_size: int, patch: int, spec: str) -> int:
     if image_size < patch or image_size % patch:
         raise InputError(
-            "--image-size", f"{image_size} px does not fit model {spec}: the side must be a multiple of {patch}"
+            "--image-size",
+            f"{image_size} px does not fit model {spec}: the side must be a multiple of {patch}",
         )
     return int(image_size)
 
@@ -187,7 +188,9 @@ def load_model(spec: str, *, image_size: int | None = None) -> LoadedModel:
     """
     if spec == TINY:
         model = build_tiny()
-        loaded = LoadedModel(model, build_tiny_tokenizer(), 128, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, spec)
+        loaded = LoadedModel(
+            model, build_tiny_tokenizer(), 128, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, spec
+        )
     else:
         model, processor = _from_pretrained(spec)
         ip = processor.image_processor

@@ -41,7 +41,9 @@ def get(name: str) -> Strategy:
     """The strategy registered as ``name``. Raises InputError for an unknown name."""
     _discover()
     if name not in _REGISTRY:
-        raise InputError("--strategy", f"unknown strategy {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+        raise InputError(
+            "--strategy", f"unknown strategy {name!r}; available: {', '.join(sorted(_REGISTRY))}"
+        )
     return _REGISTRY[name]()
 
 

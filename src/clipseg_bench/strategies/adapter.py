@@ -10,7 +10,8 @@ model does until training moves it. Adapters sit after the attention block and a
 block of each chosen layer, before the residual addition.
 
 Options (``strategy_options``):
-    bottleneck: adapter hidden width (default 64; 768 -> 64 -> 768 on the real vision encoder).
+    bottleneck: adapter hidden width; default width // 12: 768 -> 64 -> 768 in the real vision encoder,
+        512 -> 42 -> 512 in its text encoder, so the adapter stays small on the tiny model too.
     vision_layers: 0-based vision layers to adapt; default all the decoder reads (0..9 for rd64).
     text_layers: 0-based text layers to adapt; default all.
     positions: where in a layer: ``attention``, ``mlp`` or both (default both).
@@ -29,6 +30,7 @@ from clipseg_bench.model.forward import decoder_module, encoder_layers
 from clipseg_bench.strategies.base import Strategy, option_field, register
 
 POSITIONS = {"attention": "self_attn", "mlp": "mlp"}  # option value -> sublayer attribute of a CLIP layer
+REDUCTION = 12  # default width / bottleneck: 768 -> 64 in CLIP-B (Houlsby et al. tried sizes 8, 64 and 256)
 
 
 class BottleneckAdapter(nn.Module):
@@ -68,20 +70,27 @@ class Adapted(nn.Module):
 
 @dataclass
 class AdapterOptions:
-    bottleneck: int = option_field(64, "Adapter hidden width (768 -> bottleneck -> 768 on the real model).")
+    bottleneck: int | None = option_field(
+        None,
+        f"Adapter hidden width; None: layer width // {REDUCTION} (768 -> 64 -> 768 in the real vision encoder).",
+    )
     vision_layers: list[int] | None = option_field(
         None, "0-based vision layers to adapt; None: every layer the decoder reads; []: none."
     )
     text_layers: list[int] | None = option_field(None, "0-based text layers to adapt; None: all; []: none.")
-    positions: list[str] = option_field(["attention", "mlp"], "Adapters after `attention` and/or `mlp` blocks.")
+    positions: list[str] = option_field(
+        ["attention", "mlp"], "Adapters after `attention` and/or `mlp` blocks."
+    )
     train_decoder: bool = option_field(True, "Also train the decoder.")
 
     def __post_init__(self):
-        if not isinstance(self.bottleneck, int) or self.bottleneck < 1:
+        if self.bottleneck is not None and (not isinstance(self.bottleneck, int) or self.bottleneck < 1):
             raise ValueError(f"bottleneck must be a positive integer, got {self.bottleneck!r}")
         bad = sorted(set(self.positions) - set(POSITIONS))
         if bad or not self.positions:
-            raise ValueError(f"positions must be a non-empty subset of {sorted(POSITIONS)}, got {self.positions!r}")
+            raise ValueError(
+                f"positions must be a non-empty subset of {sorted(POSITIONS)}, got {self.positions!r}"
+            )
 
 
 def _chosen(layers: list[nn.Module], wanted: list[int] | None, encoder: str, usable: str) -> list[nn.Module]:
@@ -105,12 +114,17 @@ class Adapter(Strategy):
     def apply(self, model: nn.Module, options: AdapterOptions) -> None:
         vision = encoder_layers(model, "vision")
         text = encoder_layers(model, "text")
-        layers = _chosen(vision, options.vision_layers, "vision", f"the decoder reads layers 0..{len(vision) - 1}")
-        layers += _chosen(text, options.text_layers, "text", f"the text encoder has layers 0..{len(text) - 1}")
+        layers = _chosen(
+            vision, options.vision_layers, "vision", f"the decoder reads layers 0..{len(vision) - 1}"
+        )
+        layers += _chosen(
+            text, options.text_layers, "text", f"the text encoder has layers 0..{len(text) - 1}"
+        )
         for layer in layers:
             for position in options.positions:
                 attr = POSITIONS[position]
-                adapter = BottleneckAdapter(layer.embed_dim, options.bottleneck)
+                width = layer.embed_dim
+                adapter = BottleneckAdapter(width, options.bottleneck or max(1, width // REDUCTION))
                 setattr(layer, attr, Adapted(getattr(layer, attr), adapter))  # new modules are trainable
         if options.train_decoder:
             decoder_module(model).requires_grad_(True)

@@ -53,7 +53,9 @@ class Strategy:
         unknown = sorted(set(options) - set(known))
         if unknown:
             hint = f"known: {', '.join(known)}" if known else "it takes no options"
-            raise InputError("strategy_options", f"unknown option {unknown[0]!r} for strategy {self.name}; {hint}")
+            raise InputError(
+                "strategy_options", f"unknown option {unknown[0]!r} for strategy {self.name}; {hint}"
+            )
         try:
             return self.Options(**options)
         except (TypeError, ValueError) as exc:
@@ -88,5 +90,7 @@ def register(cls: type[Strategy]) -> type[Strategy]:
 def option_field(default: Any, help: str, **kwargs: Any) -> Any:
     """A dataclass field with help text; lists and dicts as defaults are copied per instance."""
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+        return dataclasses.field(
+            default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs
+        )
     return dataclasses.field(default=default, metadata={"help": help}, **kwargs)

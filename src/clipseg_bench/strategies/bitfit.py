@@ -12,13 +12,17 @@ from clipseg_bench.strategies.base import Strategy, option_field, register
 
 @dataclass
 class BitFitOptions:
-    train_decoder: bool = option_field(True, "Also train the whole decoder (CLIPSeg's decoder starts untuned).")
+    train_decoder: bool = option_field(
+        True, "Also train the whole decoder (CLIPSeg's decoder starts untuned)."
+    )
 
 
 @register
 class BitFit(Strategy):
     name = "bitfit"
-    description = "BitFit: every bias term of the CLIP encoders (attention, MLP, layer norms) plus the decoder train."
+    description = (
+        "BitFit: every bias term of the CLIP encoders (attention, MLP, layer norms) plus the decoder train."
+    )
     Options = BitFitOptions
 
     def apply(self, model: nn.Module, options: BitFitOptions) -> None:

@@ -11,7 +11,9 @@ from clipseg_bench.strategies.base import Strategy, register
 @register
 class DecoderOnly(Strategy):
     name = "decoder"
-    description = "Decoder only: CLIP's encoders stay frozen (their outputs can be cached); the decoder trains."
+    description = (
+        "Decoder only: CLIP's encoders stay frozen (their outputs can be cached); the decoder trains."
+    )
 
     def apply(self, model: nn.Module, options) -> None:
         decoder_module(model).requires_grad_(True)

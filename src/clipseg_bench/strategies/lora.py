@@ -18,7 +18,14 @@ from torch import nn
 from clipseg_bench.model.forward import decoder_module, encoder_layers
 from clipseg_bench.strategies.base import Strategy, option_field, register
 
-LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # the Linear layers of a CLIP encoder layer
+LINEARS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "out_proj",
+    "fc1",
+    "fc2",
+)  # the Linear layers of a CLIP encoder layer
 ENCODERS = ("vision", "text")
 
 
@@ -27,7 +34,9 @@ class LoraOptions:
     rank: int = option_field(8, "LoRA rank r.")
     alpha: float = option_field(16.0, "LoRA alpha; the update is scaled by alpha / rank.")
     dropout: float = option_field(0.05, "Dropout on the LoRA branch input.")
-    targets: list[str] = option_field(["q_proj", "v_proj"], f"Linear layers to adapt, of {', '.join(LINEARS)}.")
+    targets: list[str] = option_field(
+        ["q_proj", "v_proj"], f"Linear layers to adapt, of {', '.join(LINEARS)}."
+    )
     encoders: list[str] = option_field(["vision", "text"], "Encoders to adapt: vision and/or text.")
     train_decoder: bool = option_field(True, "Also train the decoder.")
 
@@ -36,15 +45,22 @@ class LoraOptions:
             raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
         if not 0 <= float(self.dropout) < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        for value, allowed, what in ((self.targets, LINEARS, "targets"), (self.encoders, ENCODERS, "encoders")):
+        for value, allowed, what in (
+            (self.targets, LINEARS, "targets"),
+            (self.encoders, ENCODERS, "encoders"),
+        ):
             if not value or set(value) - set(allowed):
                 raise ValueError(f"{what} must be a non-empty subset of {list(allowed)}, got {value!r}")
 
 
 def target_names(model: nn.Module, options: LoraOptions) -> list[str]:
     """Full module names of the Linear layers LoRA adapts."""
-    chosen = {id(m) for enc in options.encoders for layer in encoder_layers(model, enc) for m in layer.modules()}
-    return [n for n, m in model.named_modules() if id(m) in chosen and n.rsplit(".", 1)[-1] in options.targets]
+    chosen = {
+        id(m) for enc in options.encoders for layer in encoder_layers(model, enc) for m in layer.modules()
+    }
+    return [
+        n for n, m in model.named_modules() if id(m) in chosen and n.rsplit(".", 1)[-1] in options.targets
+    ]
 
 
 @register

@@ -336,6 +336,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
 
+    checksums = _rank_checksums(acc, model)
     if main:
         with timer.phase("eval"):
             final = {
@@ -359,12 +360,21 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
             "peak_mem_mb": peak,
             "peak_mem_kind": kind,
         }
-        write_json_atomic(out / "run.json", {**run_json, "status": "finished", "timing": timing, "final": final})
+        write_json_atomic(out / "run.json", {**run_json, "status": "finished", "timing": timing, "final": final,
+                                             "rank_checksums": checksums})  # fmt: skip
         writer.close()
         print(f"trained {cfg.strategy}: train dice {final['train_dice']:.4f}, val dice {final['val_dice']:.4f}, "
               f"{timing['train_time_s']:.1f} s -> {out}")  # fmt: skip
     acc.wait_for_everyone()
     return out
+
+
+def _rank_checksums(acc, model) -> list[float]:
+    """A checksum of the trained parameters from every process: data-parallel ranks must agree."""
+    with torch.no_grad():
+        total = sum((p.double() * (i + 1)).sum() for i, p in enumerate(p for p in model.parameters() if p.requires_grad))
+        local = torch.as_tensor([float(total)], dtype=torch.float64, device=acc.device)
+    return [float(x) for x in acc.gather(local).cpu()]
 
 
 def _val(segmenter, data, organ_ids, cfg, features) -> float:
