@@ -69,9 +69,9 @@ def encoder_layers(model: CLIPSegForImageSegmentation, encoder: str) -> list[nn.
 def unused_parameters(model: CLIPSegForImageSegmentation) -> list[nn.Parameter]:
     """Parameters a text-prompted segmentation forward never reads.
 
-    The vision layers after the deepest one the decoder reads, the vision pooled-output layer norm,
-    both CLIP projections except the text one, and the contrastive logit scale. They can never
-    receive a gradient, so strategies keep them frozen and do not count them as trained.
+    The vision layers after the deepest one the decoder reads, the layer norm of the vision pooled
+    output, CLIP's image projection and its contrastive logit scale. They can never receive a
+    gradient, so strategies keep them frozen and do not count them as trained.
     """
     clip = model.clip
     modules = [
@@ -90,8 +90,8 @@ def encoder_trainable(module: nn.Module | Sequence[nn.Module]) -> bool:
 
 def vision_trainable(model: CLIPSegForImageSegmentation) -> bool:
     """Whether the vision encoder trains; if not, its activations can be cached."""
-    return encoder_trainable(encoder_layers(model, "vision") + [model.clip.vision_model.embeddings,
-                                                                model.clip.vision_model.pre_layrnorm])  # fmt: skip
+    vm = model.clip.vision_model
+    return encoder_trainable([vm.embeddings, vm.pre_layrnorm, *encoder_layers(model, "vision")])
 
 
 def text_trainable(model: CLIPSegForImageSegmentation) -> bool:

@@ -60,7 +60,7 @@ def tiny_config(
     extract_layers: tuple[int, ...] = (1, 2, 3),
     use_complex_transposed_convolution: bool = False,
 ) -> CLIPSegConfig:
-    """The small CLIPSeg configuration that still learns (about 0.26M parameters; see NOTES.md).
+    """The small CLIPSeg configuration that still learns (about 0.25M parameters; see NOTES.md).
 
     Vision: 64 wide, ``vision_layers`` layers, 4 heads, MLP 128, patch 16. Text: 32 wide, 2 layers,
     our tiny vocabulary, EOS pooling (``eos_token_id`` is not 2, so HF does not fall back to its
@@ -137,26 +137,24 @@ def _looks_like_path(spec: str) -> bool:
 
 def _from_pretrained(spec: str) -> tuple[CLIPSegForImageSegmentation, CLIPSegProcessor]:
     path = Path(spec).expanduser()
-    if path.exists() or _looks_like_path(spec):
-        if not (path / "config.json").is_file():
-            raise InputError(path, "not a model folder (expected config.json written by save_pretrained)")
-        source = str(path)
-    else:
-        source = spec
+    local = path.exists() or _looks_like_path(spec)
+    if local and not (path / "config.json").is_file():
+        raise InputError(path, "not a model folder (expected config.json written by save_pretrained)")
+    source = str(path) if local else spec
     try:
         model_type = PretrainedConfig.get_config_dict(source)[0].get("model_type")
         if model_type != "clipseg":
             raise InputError(spec, f"is a {model_type!r} model, not CLIPSeg")
         model = CLIPSegForImageSegmentation.from_pretrained(source)
         processor = CLIPSegProcessor.from_pretrained(source)
-    except OSError as exc:
-        if source != spec:  # a local folder that is broken
-            raise InputError(path, f"cannot load the model ({str(exc).splitlines()[0]})") from None
+    except (OSError, ValueError) as exc:  # missing or broken files; no network (OSError)
+        if local or not isinstance(exc, OSError):
+            raise InputError(source, f"cannot load the model ({str(exc).splitlines()[0]})") from None
         raise InputError(
             spec,
-            "cannot load this hub model: it is not in the local Hugging Face cache and the hub cannot be "
-            f"reached. Download it where there is network (`hf download {spec} --local-dir DIR`) and pass "
-            "the folder instead: --model DIR",
+            f"cannot load this model: no such folder, and the Hugging Face hub gave nothing "
+            f"({str(exc).splitlines()[0]}). Without network, download it elsewhere "
+            f"(`hf download {spec} --local-dir DIR`), copy DIR here and pass --model DIR",
         ) from None
     return model.eval(), processor
 
@@ -187,9 +185,13 @@ def load_model(spec: str, *, image_size: int | None = None) -> LoadedModel:
         InputError: unknown folder, a hub id that cannot be reached, or a bad image size.
     """
     if spec == TINY:
-        model = build_tiny()
         loaded = LoadedModel(
-            model, build_tiny_tokenizer(), 128, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, spec
+            model=build_tiny(),
+            tokenizer=build_tiny_tokenizer(),
+            image_size=128,
+            mean=tuple(IMAGENET_DEFAULT_MEAN),  # what the rd64 checkpoints' image processor uses
+            std=tuple(IMAGENET_DEFAULT_STD),
+            spec=spec,
         )
     else:
         model, processor = _from_pretrained(spec)
@@ -202,7 +204,6 @@ def load_model(spec: str, *, image_size: int | None = None) -> LoadedModel:
             std=tuple(float(x) for x in ip.image_std),
             spec=spec,
         )
-    loaded.mean, loaded.std = tuple(loaded.mean), tuple(loaded.std)
     patch = loaded.model.config.vision_config.patch_size
     loaded.image_size = _check_size(image_size or loaded.image_size, patch, spec)
     return loaded

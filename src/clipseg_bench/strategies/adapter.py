@@ -1,8 +1,8 @@
 """Bottleneck adapters (Houlsby et al. 2019) inside the CLIP vision and text encoder layers.
 
-Written here because no maintained library provides them for CLIPSeg: PEFT's adapter-style
-methods target other architectures or are not bottleneck adapters, and the ``adapters`` package
-does not support CLIPSeg.
+Written here because no maintained library provides them for CLIPSeg: PEFT has no Houlsby-style
+bottleneck adapter, and AdapterHub's ``adapters`` package lists CLIP among its supported models
+but not CLIPSeg.
 
 Each adapter is ``x + up(GELU(down(x)))`` with ``down``: width -> bottleneck and ``up``:
 bottleneck -> width. ``up`` starts at zero, so an adapted model computes exactly what the base

@@ -18,14 +18,8 @@ from torch import nn
 from clipseg_bench.model.forward import decoder_module, encoder_layers
 from clipseg_bench.strategies.base import Strategy, option_field, register
 
-LINEARS = (
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "out_proj",
-    "fc1",
-    "fc2",
-)  # the Linear layers of a CLIP encoder layer
+# The Linear layers of a CLIP encoder layer (attention q/k/v/out, MLP fc1/fc2).
+LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 ENCODERS = ("vision", "text")
 
 
@@ -55,11 +49,10 @@ class LoraOptions:
 
 def target_names(model: nn.Module, options: LoraOptions) -> list[str]:
     """Full module names of the Linear layers LoRA adapts."""
-    chosen = {
-        id(m) for enc in options.encoders for layer in encoder_layers(model, enc) for m in layer.modules()
-    }
+    layers = [layer for enc in options.encoders for layer in encoder_layers(model, enc)]
+    inside = {id(m) for layer in layers for m in layer.modules()}
     return [
-        n for n, m in model.named_modules() if id(m) in chosen and n.rsplit(".", 1)[-1] in options.targets
+        n for n, m in model.named_modules() if id(m) in inside and n.rsplit(".", 1)[-1] in options.targets
     ]
 
 

@@ -200,7 +200,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     from clipseg_bench.model.feature_cache import build_feature_cache
 
     out = Path(cfg.out)
-    acc = Accelerator(mixed_precision=cfg.mixed_precision)
+    # cpu=True is what lets Accelerate see a torchrun/gloo launch on a machine without a GPU.
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     main = acc.is_main_process
     if main:
         _prepare_out(out, resume)
@@ -304,6 +305,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
                     disable=not main or not params, dynamic_ncols=True)  # fmt: skip
         for epoch in range(state["epoch"], n_epochs if params else 0):
             sampler.set_epoch(epoch)
+            if hasattr(loader, "set_epoch"):  # Accelerate's loader would reset our sampler to its own counter
+                loader.set_epoch(epoch)
             t0 = time.perf_counter()
             global_step, stats = _train_epoch(loop, epoch, state["global_step"], pbar)
             epoch_time = time.perf_counter() - t0
