@@ -63,7 +63,7 @@ class Segmenter:
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield (start index, (b, K, H, W) probabilities) over an (N, H, W) uint8 stack."""
         for start in range(0, len(slices), batch_size):
-            imgs = torch.from_numpy(np.ascontiguousarray(slices[start : start + batch_size]))
+            imgs = torch.from_numpy(np.array(slices[start : start + batch_size]))
             feats = None if features is None else torch.from_numpy(np.array(features[start : start + batch_size]))
             yield start, self.probabilities(imgs, features=feats)
 

@@ -1,0 +1,133 @@
+"""evaluate, segment and score agree with each other, on phantoms and on the real CT."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from clipseg_bench.config import load_config
+from clipseg_bench.evaluation.evaluate import evaluate_run
+from clipseg_bench.evaluation.metrics import summarize
+from clipseg_bench.evaluation.score import score_folder
+from clipseg_bench.evaluation.segment import segment
+from clipseg_bench.organs import ORGANS
+from clipseg_bench.strategies import available
+from clipseg_bench.train.loop import train
+
+
+def _train(prepared, out, strategy, steps=4):
+    cfg = load_config(None, {"data": str(prepared), "out": str(out), "model": "tiny", "strategy": strategy,
+                             "image_size": 64, "batch_size": 8, "lr": 1e-3, "max_steps": steps,
+                             "val_max_slices": 8})  # fmt: skip
+    return train(cfg)
+
+
+@pytest.fixture(scope="module")
+def trained_run(prepared_dir, tmp_path_factory):
+    return _train(prepared_dir, tmp_path_factory.mktemp("runs") / "adapter", "adapter", steps=6)
+
+
+def test_metrics_json_has_the_promised_keys(trained_run, prepared_dir):
+    m = evaluate_run(run=trained_run, show_progress=False)
+    on_disk = json.loads((trained_run / "metrics.json").read_text())
+    assert on_disk["dice2d"] == m["dice2d"]
+    assert {"dice2d", "empty_specificity", "per_case", "summary"} <= set(on_disk)
+    val_cases = [c for c, meta in json.loads((prepared_dir / "dataset.json").read_text())["cases"].items()
+                 if meta["split"] == "val"]  # fmt: skip
+    assert sorted(on_disk["per_case"]) == sorted(val_cases)
+    for scores in on_disk["per_case"].values():
+        assert set(scores) == {o.key for o in ORGANS}
+        for s in scores.values():
+            assert 0.0 <= s["dsc"] <= 1.0 and 0.0 <= s["nsd"] <= 1.0
+    expect = summarize(on_disk["per_case"])
+    assert on_disk["summary"]["dsc"] == pytest.approx(expect["dsc"])
+    assert on_disk["summary"]["nsd"] == pytest.approx(expect["nsd"])
+    for key, s in expect["per_organ"].items():
+        assert on_disk["summary"]["per_organ"][key] == pytest.approx(s)
+    assert 0.0 <= on_disk["dice2d"] <= 1.0 and 0.0 <= on_disk["empty_specificity"] <= 1.0
+    samples = np.load(trained_run / "samples.npz")
+    assert samples["image"].shape == samples["gt"].shape == samples["pred"].shape
+    assert samples["image"].dtype == np.uint8 and len(samples["z"]) > 0
+
+
+def test_score_of_segment_output_equals_evaluate(trained_run, phantom_dir, tmp_path):
+    """The same model through segment (raw CT) + score equals evaluate (prepared slices): one code path."""
+    metrics = evaluate_run(run=trained_run, show_progress=False)
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    for case in metrics["per_case"]:
+        segment(run=trained_run, ct=phantom_dir / "images" / f"{case}_0000.nii.gz", out=pred / f"{case}.nii.gz")
+    table = score_folder(pred=pred, labels=phantom_dir / "labels", out=tmp_path / "scores.csv",
+                         missing_as_empty=True)  # fmt: skip
+    scored = table[table["case"].isin(list(metrics["per_case"]))]
+    assert len(scored) == 13 * len(metrics["per_case"])
+    for row in scored.itertuples():
+        ev = metrics["per_case"][row.case][row.organ]
+        assert row.dsc == pytest.approx(ev["dsc"], abs=1e-6), (row.case, row.organ)
+        assert row.nsd == pytest.approx(ev["nsd"], abs=1e-6), (row.case, row.organ)
+
+
+def test_segment_real_ct_keeps_grid_affine_and_shape(shared_ct, tmp_path):
+    ct = shared_ct / "images" / "TS_0001_0000.nii.gz"
+    out = tmp_path / "mask.nii.gz"
+    r = subprocess.run([sys.executable, "-m", "clipseg_bench.cli", "segment", "--model", "tiny", "--strategy",
+                        "zeroshot", "--ct", str(ct), "--out", str(out), "--organs", "liver,spleen",
+                        "--probabilities"], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    src, mask = nib.load(ct), nib.load(out)
+    assert mask.shape == src.shape
+    np.testing.assert_allclose(mask.affine, src.affine)
+    assert mask.header.get_zooms() == src.header.get_zooms()
+    values = set(np.unique(np.asarray(mask.dataobj)).tolist())
+    assert values <= {0, 1, 3}
+    probs = nib.load(tmp_path / "mask_probabilities.nii.gz")
+    assert probs.shape == (*src.shape, 2)
+    p = np.asarray(probs.dataobj)
+    assert p.min() >= 0 and p.max() <= 1
+
+
+def test_segment_of_a_flipped_ct_is_the_flipped_mask(trained_run, phantom_dir, tmp_path):
+    """Reorientation round trip: an LPS copy of a CT gets the mirrored mask on its own grid."""
+    src = phantom_dir / "images" / sorted(p.name for p in (phantom_dir / "images").iterdir())[0]
+    img = nib.load(src)
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    shape = np.array(img.shape[:3])
+    shift = np.eye(4)
+    shift[:2, 3] = shape[:2] - 1
+    lps = nib.Nifti1Image(np.asarray(img.dataobj)[::-1, ::-1], img.affine @ shift @ flip)
+    nib.save(lps, tmp_path / "lps.nii.gz")
+    segment(run=trained_run, ct=src, out=tmp_path / "a.nii.gz")
+    segment(run=trained_run, ct=tmp_path / "lps.nii.gz", out=tmp_path / "b.nii.gz")
+    a = np.asarray(nib.load(tmp_path / "a.nii.gz").dataobj)
+    b = np.asarray(nib.load(tmp_path / "b.nii.gz").dataobj)
+    np.testing.assert_array_equal(a, b[::-1, ::-1])
+
+
+@pytest.mark.parametrize("bad", ["not_an_image", "two_d"])
+def test_segment_bad_ct_is_one_line_and_writes_nothing(tmp_path, bad):
+    ct = tmp_path / "ct.nii.gz"
+    if bad == "not_an_image":
+        ct.write_bytes(b"this is not a nifti file")
+    else:
+        nib.save(nib.Nifti1Image(np.zeros((8, 8), np.int16), np.eye(4)), ct)
+    out = tmp_path / "mask.nii.gz"
+    r = subprocess.run([sys.executable, "-m", "clipseg_bench.cli", "segment", "--model", "tiny", "--strategy",
+                        "zeroshot", "--ct", str(ct), "--out", str(out)], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and str(ct) in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists() and not any(p.name.startswith(".mask") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("strategy", available())
+def test_train_evaluate_segment_for_every_strategy(strategy, prepared_dir, phantom_dir, tmp_path):
+    run = _train(prepared_dir, tmp_path / strategy, strategy, steps=2)
+    m = evaluate_run(run=run, show_progress=False)
+    assert set(m["summary"]) >= {"dsc", "nsd", "per_organ"}
+    case = next(iter(m["per_case"]))
+    out = segment(run=run, ct=phantom_dir / "images" / f"{case}_0000.nii.gz", out=tmp_path / "m.nii.gz")
+    assert nib.load(out).shape == nib.load(phantom_dir / "images" / f"{case}_0000.nii.gz").shape
