@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from safetensors.numpy import load_file
 
 from clipseg_bench.config import load_config
@@ -139,3 +140,13 @@ def test_two_process_gloo_run_keeps_ranks_identical(prepared_dir, tmp_path):
     assert info["hardware"]["num_processes"] == 2
     sums = info["rank_checksums"]
     assert len(sums) == 2 and sums[0] == sums[1] and sums[0] != 0
+
+
+def test_validation_during_training_sees_the_current_text_encoder(prepared_dir, tmp_path):
+    """The val Dice a run reports must be the trained model's: equal to a fresh `evaluate` of it."""
+    from clipseg_bench.evaluation.evaluate import evaluate_run
+
+    run = train(_cfg(prepared_dir, tmp_path / "r", strategy="full", max_steps=25, lr=3e-3, val_max_slices=None))
+    reported = json.loads((run / "run.json").read_text())["final"]["val_dice"]
+    fresh = evaluate_run(run=run, show_progress=False)["dice2d"]  # phantom slices are all kept
+    assert reported == pytest.approx(fresh, abs=1e-6)

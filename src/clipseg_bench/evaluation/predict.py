@@ -32,26 +32,38 @@ class Segmenter:
     def __init__(self, model, tokenizer, *, organs: list[Organ], prompts: list[str], size: int, mean, std, device):
         self.model, self.organs, self.size, self.mean, self.std = model, organs, size, mean, std
         self.device = torch.device(device)
-        tokens = {k: v.to(self.device) for k, v in tokenize(tokenizer, prompts).items()}
-        with torch.no_grad():
-            self.prompt_emb = encode_prompts(model, tokens["input_ids"], tokens["attention_mask"])
+        self.tokens = {k: v.to(self.device) for k, v in tokenize(tokenizer, prompts).items()}
 
     @torch.no_grad()
-    def probabilities(self, images: torch.Tensor, *, features: torch.Tensor | None = None) -> torch.Tensor:
+    def prompt_embeddings(self) -> torch.Tensor:
+        """(K, D) prompt embeddings from the text encoder as it is *now*.
+
+        Never computed once at construction: during training the text encoder may be learning,
+        and stale embeddings would validate a model that no longer exists.
+        """
+        return encode_prompts(self.model, self.tokens["input_ids"], self.tokens["attention_mask"])
+
+    @torch.no_grad()
+    def probabilities(
+        self, images: torch.Tensor, *, features: torch.Tensor | None = None, prompt_emb: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(b, H, W) uint8 slices -> (b, K, H, W) float32 probabilities at the slices' own size.
 
-        ``features`` are cached vision activations (b, L, T, D) for these slices, if any.
+        ``features`` are cached vision activations (b, L, T, D) for these slices, if any;
+        ``prompt_emb`` the current :meth:`prompt_embeddings`, to skip recomputing them per batch.
         """
         was_training = self.model.training
         self.model.eval()
         try:
+            if prompt_emb is None:
+                prompt_emb = self.prompt_embeddings()
             h, w = images.shape[-2:]
             if features is not None:
                 acts = [a.to(self.device, torch.float32) for a in features.unbind(1)]
             else:
                 x = resize_slices(images, self.size)
                 acts = encode_images(self.model, preprocess(x, size=self.size, mean=self.mean, std=self.std).to(self.device))
-            logits = decode(self.model, acts, self.prompt_emb)  # (b, K, S, S)
+            logits = decode(self.model, acts, prompt_emb)  # (b, K, S, S)
             if logits.shape[-2:] != (h, w):
                 logits = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
             return torch.sigmoid(logits.float()).cpu()
@@ -62,10 +74,14 @@ class Segmenter:
         self, slices: np.ndarray, *, batch_size: int = 16, features: np.ndarray | None = None
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield (start index, (b, K, H, W) probabilities) over an (N, H, W) uint8 stack."""
+        was_training = self.model.training
+        self.model.eval()
+        prompt_emb = self.prompt_embeddings()  # once per pass: the model does not change within it
+        self.model.train(was_training)
         for start in range(0, len(slices), batch_size):
             imgs = torch.from_numpy(np.array(slices[start : start + batch_size]))
             feats = None if features is None else torch.from_numpy(np.array(features[start : start + batch_size]))
-            yield start, self.probabilities(imgs, features=feats)
+            yield start, self.probabilities(imgs, features=feats, prompt_emb=prompt_emb)
 
 
 def probabilities_to_labels(probs: torch.Tensor, organ_ids: list[int], *, threshold: float = 0.5) -> torch.Tensor:
