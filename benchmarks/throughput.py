@@ -84,18 +84,21 @@ class Plan:
 
     Attributes:
         arch: ``real`` (CLIPSeg-rd64 sizes, 352 px) or ``tiny`` (128 px).
-        batch: B slices per step of our engine (x K=13 prompts = masks per step), decoder-only.
+        batch: B slices per decoder-only step of our engine (x K=13 prompts = masks per step).
         enc_batch: B for the strategies whose encoders train.
         pairs: P (image, prompt) pairs per step of the per-pair baselines.
         reps: timed repetitions of the cheap measurements (after one warm-up each).
-        heavy_reps: timed repetitions of the measurements that encode images with gradients.
+        heavy_reps: timed repetitions of the measurements that encode images with gradients, and of
+            segmentation (after a warm-up of the baseline, which also allocates the shared AdamW state).
         strategies: strategies whose training step is measured.
         segment_slices: slices of the volume our ``Segmenter`` segments.
         stock_segment_slices: slices the stock per-pair forward segments (slow, so fewer).
         trunc_batch, trunc_reps: images and repetitions of the vision truncation measurement.
         gc_batch: B of the gradient-checkpointing measurement (``full``).
+        probe: what the separate peak-memory process measures: ``""`` nothing, ``"decoder"``
+            decoder-only on cache at B=``batch``, ``"decoder+gc"`` also ``full`` with and without
+            gradient checkpointing at B=``gc_batch``.
         compile: also time a ``torch.compile``d engine step (``full``).
-        probe: run the peak-RSS probe in a separate process.
     """
 
     arch: str
@@ -110,26 +113,26 @@ class Plan:
     trunc_batch: int
     trunc_reps: int
     gc_batch: int
-    compile: bool
-    probe: bool = True
+    probe: str
+    compile: bool = False
 
 
 PLANS = {
-    ("real", "quick"): Plan("real", batch=4, enc_batch=1, pairs=2, reps=2, heavy_reps=1, strategies=("decoder", "full"),
-                            segment_slices=8, stock_segment_slices=1, trunc_batch=2, trunc_reps=3, gc_batch=1,
-                            compile=False),
+    ("real", "quick"): Plan("real", batch=4, enc_batch=1, pairs=1, reps=2, heavy_reps=1, strategies=("decoder", "full"),
+                            segment_slices=8, stock_segment_slices=1, trunc_batch=1, trunc_reps=5, gc_batch=1,
+                            probe="decoder"),
     ("real", "full"): Plan("real", batch=4, enc_batch=4, pairs=4, reps=3, heavy_reps=2, strategies=TRAIN_STRATEGIES,
                            segment_slices=8, stock_segment_slices=2, trunc_batch=4, trunc_reps=5, gc_batch=2,
-                           compile=False),
+                           probe="decoder+gc"),
     ("tiny", "quick"): Plan("tiny", batch=4, enc_batch=4, pairs=4, reps=5, heavy_reps=5, strategies=TRAIN_STRATEGIES,
                             segment_slices=8, stock_segment_slices=8, trunc_batch=8, trunc_reps=10, gc_batch=4,
-                            compile=False, probe=False),
+                            probe=""),
     ("tiny", "full"): Plan("tiny", batch=4, enc_batch=4, pairs=4, reps=10, heavy_reps=10, strategies=TRAIN_STRATEGIES,
                            segment_slices=8, stock_segment_slices=8, trunc_batch=8, trunc_reps=20, gc_batch=4,
-                           compile=True),
+                           probe="decoder+gc", compile=True),
     ("tiny", "smoke"): Plan("tiny", batch=2, enc_batch=2, pairs=2, reps=1, heavy_reps=1, strategies=("decoder", "full"),
                             segment_slices=2, stock_segment_slices=1, trunc_batch=2, trunc_reps=1, gc_batch=2,
-                            compile=False, probe=True),
+                            probe="decoder+gc"),
 }  # fmt: skip
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from clipseg_bench.errors import InputError
 
@@ -63,6 +63,14 @@ class TrainConfig(BaseModel):
             raise ValueError(f"unknown strategy {v!r}; available: {', '.join(available())}")
         return v
 
+    @model_validator(mode="after")
+    def _strategy_options_fit(self) -> TrainConfig:
+        # Fail at config time, not minutes later after the model has loaded.
+        from clipseg_bench.strategies import get
+
+        get(self.strategy).parse_options(self.strategy_options)
+        return self
+
 
 def strategy_defaults() -> dict[str, dict[str, Any]]:
     """Per-strategy defaults (learning rates) from ``configs/strategies.yaml``."""
@@ -93,6 +101,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         return TrainConfig(**values)
+    except InputError as exc:
+        raise InputError(path or exc.path, exc.problem) from None
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(x) for x in err["loc"]) or "config"

@@ -20,10 +20,10 @@ from clipseg_bench.strategies import available
 
 # Learning rates for a tiny model trained from scratch on phantoms: far higher than the real-model
 # defaults in configs/strategies.yaml (1e-5 for full fine-tuning of pretrained CLIP).
-DEMO_LRS = {"full": 5e-4, "decoder": 1e-3, "adapter": 1e-3, "lora": 1e-3, "bitfit": 1e-3}
+DEMO_LRS = {"full": 3e-4, "decoder": 1e-3, "adapter": 1e-3, "lora": 1e-3, "bitfit": 1e-3}
 SIZES = {  # (cases A, cases B, pretrain steps, fine-tune steps, seeds)
-    "full": (8, 8, 3000, 600, [0]),
-    "quick": (4, 4, 300, 40, [0]),
+    "full": (8, 8, 2000, 300, [0]),
+    "quick": (4, 4, 60, 10, [0]),
 }
 
 
@@ -41,7 +41,7 @@ def run_demo(*, out: Path, quick: bool = False, strategies: list[str] | None = N
     out.mkdir(parents=True, exist_ok=True)
     n_a, n_b, pre_steps, ft_steps, seeds = SIZES["quick" if quick else "full"]
     t_start = time.perf_counter()
-    common = {"image_size": 128, "batch_size": 16, "warmup_steps": 20, "weight_decay": 1e-4}
+    common = {"image_size": 128, "batch_size": 8, "warmup_steps": 20, "weight_decay": 1e-4}
 
     _stage("phantoms and prepare")
     for style, n, seed in (("A", n_a, 100), ("B", n_b, 200)):

@@ -52,11 +52,26 @@ def hardware_info(num_processes: int = 1) -> dict:
     }
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB.
+
+    Reads VmHWM from /proc: ``ru_maxrss`` survives fork + exec on Linux, so a training subprocess
+    started by a big parent (the benchmark) would report the parent's peak instead of its own.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     """Peak memory: the GPU's max allocated on CUDA, else this process's peak RSS."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss"
+    return peak_rss_mb(), "rss"
 
 
 class StepTimer:
