@@ -33,10 +33,26 @@ def _cli(*args, env=None, **kw) -> subprocess.CompletedProcess:
                           env=env, **kw)  # fmt: skip
 
 
-def test_full_strategy_learns_the_liver(prepared_dir, tmp_path):
-    """NOTES: the tiny model needs ~800 steps at 128 px; assert on learning, never on time."""
-    cfg = _cfg(prepared_dir, tmp_path / "run", strategy="full", image_size=128, batch_size=16, max_steps=900,
-               epochs=1000, organs=["liver"], val_every=0, warmup_steps=20)  # fmt: skip
+@pytest.fixture(scope="module")
+def learning_data(tmp_path_factory):
+    """Eight phantom cases (6 train / 2 val): three training patients overfit, six generalise."""
+    from clipseg_bench.data.phantom import write_phantoms
+    from clipseg_bench.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("learn")
+    write_phantoms(root / "ph", cases=8, seed=3, style="A", size=96)
+    return prepare(images=root / "ph" / "images", labels=root / "ph" / "labels", out=root / "p",
+                   val_fraction=0.25, seed=0, png=False)  # fmt: skip
+
+
+def test_full_strategy_learns_the_liver(learning_data, tmp_path):
+    """The tiny model learns: liver val 2D Dice >= 0.8 within 900 steps. Assert on learning, never on time.
+
+    Measured here: 0.82 from step ~480 at 160 px (the 8x8 token grid of 128 px tops out near 0.74);
+    NOTES: some seeds predict nothing until step ~400, so the bound stays well above that.
+    """
+    cfg = _cfg(learning_data, tmp_path / "run", strategy="full", image_size=160, batch_size=16, max_steps=900,
+               epochs=1000, organs=["liver"], val_every=0, warmup_steps=20, val_max_slices=None)  # fmt: skip
     train(cfg)
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["status"] == "finished"

@@ -22,7 +22,7 @@ from clipseg_bench.strategies import available
 # defaults in configs/strategies.yaml (1e-5 for full fine-tuning of pretrained CLIP).
 DEMO_LRS = {"full": 3e-4, "decoder": 1e-3, "adapter": 1e-3, "lora": 1e-3, "bitfit": 1e-3}
 SIZES = {  # (cases A, cases B, pretrain steps, fine-tune steps, seeds)
-    "full": (8, 8, 2000, 300, [0]),
+    "full": (8, 8, 1500, 300, [0]),
     "quick": (4, 4, 60, 10, [0]),
 }
 

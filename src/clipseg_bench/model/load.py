@@ -58,7 +58,7 @@ def tiny_config(
     image_size: int = 128,
     vision_layers: int = 4,
     extract_layers: tuple[int, ...] = (1, 2, 3),
-    use_complex_transposed_convolution: bool = False,
+    use_complex_transposed_convolution: bool = True,
 ) -> CLIPSegConfig:
     """The small CLIPSeg configuration that still learns (about 0.25M parameters; see NOTES.md).
 
