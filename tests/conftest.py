@@ -9,10 +9,16 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+# Imported after the offline switches: huggingface_hub reads them at import time.
+from clipseg_bench.model.forward import preprocess, tokenize  # noqa: E402
+from clipseg_bench.model.load import build_tiny, tiny_config  # noqa: E402
+from clipseg_bench.model.tokenizer import build_tiny_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CT = REPO.parent / "shared" / "data" / "ct"
@@ -43,3 +49,30 @@ def prepared_dir(phantom_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("prepared") / "p"
     prepare(images=phantom_dir / "images", labels=phantom_dir / "labels", out=out, val_fraction=0.25, seed=0)
     return out
+
+
+# --- a tiny CLIPSeg and a small seeded batch (64 px, 3 slices, 3 prompts), for model and strategy tests ---
+
+TINY_SIZE = 64
+PROMPTS = ["liver", "right kidney", "a computerized tomography of a inferior vena cava"]
+
+
+@pytest.fixture
+def model():
+    """Tiny CLIPSeg with 5 vision layers: layer 4 is after the deepest one the decoder reads (3)."""
+    torch.manual_seed(0)
+    return build_tiny(tiny_config(image_size=TINY_SIZE, vision_layers=5))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture
+def inputs(tokenizer) -> dict[str, torch.Tensor]:
+    """pixel_values (3, 3, 64, 64) from random 48 px uint8 slices; input_ids/attention_mask (3, L)."""
+    g = torch.Generator().manual_seed(0)
+    slices = torch.randint(0, 256, (3, 48, 48), dtype=torch.uint8, generator=g)
+    pixels = preprocess(slices, size=TINY_SIZE, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    return {"pixel_values": pixels, **tokenize(tokenizer, PROMPTS)}
