@@ -85,7 +85,8 @@ class Plan:
         arch: ``real`` (CLIPSeg-rd64 sizes, 352 px) or ``tiny`` (128 px).
         batch: B slices per decoder-only step of our engine (x K=13 prompts = masks per step).
         enc_batch: B for the strategies whose encoders train.
-        pairs: P (image, prompt) pairs per step of the per-pair baselines.
+        pairs: P (image, prompt) pairs per step of the stock per-pair baseline (decoder-only).
+        enc_pairs: P for the per-pair baselines that encode with gradients.
         reps: timed repetitions of the cheap measurements (after one warm-up each).
         heavy_reps: timed repetitions of the measurements that encode images with gradients, and of
             segmentation (after a warm-up of the baseline, which also allocates the shared AdamW state).
@@ -104,6 +105,7 @@ class Plan:
     batch: int
     enc_batch: int
     pairs: int
+    enc_pairs: int
     reps: int
     heavy_reps: int
     strategies: tuple[str, ...]
@@ -117,21 +119,21 @@ class Plan:
 
 
 PLANS = {
-    ("real", "quick"): Plan("real", batch=4, enc_batch=2, pairs=1, reps=2, heavy_reps=1, strategies=("decoder", "full"),
-                            segment_slices=8, stock_segment_slices=1, trunc_batch=1, trunc_reps=5, gc_batch=1,
-                            probe="decoder"),
-    ("real", "full"): Plan("real", batch=4, enc_batch=4, pairs=4, reps=3, heavy_reps=2, strategies=TRAIN_STRATEGIES,
-                           segment_slices=8, stock_segment_slices=2, trunc_batch=4, trunc_reps=5, gc_batch=2,
-                           probe="decoder+gc"),
-    ("tiny", "quick"): Plan("tiny", batch=4, enc_batch=4, pairs=4, reps=5, heavy_reps=5, strategies=TRAIN_STRATEGIES,
-                            segment_slices=8, stock_segment_slices=8, trunc_batch=8, trunc_reps=10, gc_batch=4,
-                            probe=""),
-    ("tiny", "full"): Plan("tiny", batch=4, enc_batch=4, pairs=4, reps=10, heavy_reps=10, strategies=TRAIN_STRATEGIES,
-                           segment_slices=8, stock_segment_slices=8, trunc_batch=8, trunc_reps=20, gc_batch=4,
-                           probe="decoder+gc", compile=True),
-    ("tiny", "smoke"): Plan("tiny", batch=2, enc_batch=2, pairs=2, reps=1, heavy_reps=1, strategies=("decoder", "full"),
-                            segment_slices=2, stock_segment_slices=1, trunc_batch=2, trunc_reps=1, gc_batch=2,
-                            probe="decoder"),
+    ("real", "quick"): Plan("real", batch=4, enc_batch=2, pairs=4, enc_pairs=2, reps=3, heavy_reps=1,
+                            strategies=("decoder", "full"), segment_slices=8, stock_segment_slices=1, trunc_batch=2,
+                            trunc_reps=6, gc_batch=1, probe="decoder"),
+    ("real", "full"): Plan("real", batch=4, enc_batch=4, pairs=4, enc_pairs=4, reps=3, heavy_reps=2,
+                           strategies=TRAIN_STRATEGIES, segment_slices=8, stock_segment_slices=2, trunc_batch=4,
+                           trunc_reps=5, gc_batch=2, probe="decoder+gc"),
+    ("tiny", "quick"): Plan("tiny", batch=4, enc_batch=4, pairs=4, enc_pairs=4, reps=5, heavy_reps=5,
+                            strategies=TRAIN_STRATEGIES, segment_slices=8, stock_segment_slices=8, trunc_batch=8,
+                            trunc_reps=10, gc_batch=4, probe=""),
+    ("tiny", "full"): Plan("tiny", batch=4, enc_batch=4, pairs=4, enc_pairs=4, reps=10, heavy_reps=10,
+                           strategies=TRAIN_STRATEGIES, segment_slices=8, stock_segment_slices=8, trunc_batch=8,
+                           trunc_reps=20, gc_batch=4, probe="decoder+gc", compile=True),
+    ("tiny", "smoke"): Plan("tiny", batch=2, enc_batch=2, pairs=2, enc_pairs=2, reps=1, heavy_reps=1,
+                            strategies=("decoder", "full"), segment_slices=2, stock_segment_slices=1, trunc_batch=2,
+                            trunc_reps=1, gc_batch=2, probe="decoder"),
 }  # fmt: skip
 
 
@@ -437,11 +439,12 @@ def measure_strategy(arch: Arch, data, plan: Plan, strategy: str, log) -> tuple[
     cached = not vision_trainable(s_arch.model)
     batch = plan.batch if cached else plan.enc_batch
     reps = plan.reps if cached else plan.heavy_reps
+    pairs = plan.pairs if cached else plan.enc_pairs
     stock = strategy == "decoder"
     optimizer = make_optimizer(s_arch.model)
-    baseline = make_pair_step(s_arch, pair_batch(s_arch, data, plan.pairs), stock=stock, optimizer=optimizer)
+    baseline = make_pair_step(s_arch, pair_batch(s_arch, data, pairs), stock=stock, optimizer=optimizer)
     engine = EngineRun(s_arch, data, batch=batch, use_cache=cached, optimizer=optimizer)
-    log(f"  {arch.name} {strategy}: per-pair P={plan.pairs} vs engine B={batch} x {K}, {reps} rep(s)")
+    log(f"  {arch.name} {strategy}: per-pair P={pairs} vs engine B={batch} x {K}, {reps} rep(s)")
     fns = {"baseline": baseline, "engine": engine.step}
     # Steps that train encoders are slow: one baseline step warms up (it also allocates the shared
     # AdamW state, the only large one-off cost), so the engine's first timed step is not its first ever.
@@ -451,7 +454,7 @@ def measure_strategy(arch: Arch, data, plan: Plan, strategy: str, log) -> tuple[
     t = time_side_by_side(fns, reps=reps, warmup={})
     t_base, t_eng = min(t["baseline"]), min(t["engine"])
     base_row = row(arch.name, strategy, "stock HF forward per pair" if stock else "our forward per pair",
-                   plan.pairs, t_base, ratio=1.0, note="" if stock else "no shared encoding; the stock forward "
+                   pairs, t_base, ratio=1.0, note="" if stock else "no shared encoding; the stock forward "
                    "cannot train encoders")  # fmt: skip
     eng_row = row(arch.name, strategy, "engine: cached fp16 features" if cached else "engine: shared encoding",
                   engine.last_masks, t_eng, note=f"B={batch} slices x {K} prompts")  # fmt: skip

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -64,7 +65,11 @@ def _cmd_train(a: argparse.Namespace) -> None:
         key, value = kv.split("=", 1)
         overrides[key] = yaml.safe_load(value)
     cfg = load_config(a.config, overrides)
-    train(cfg, resume=a.resume)
+    run = train(cfg, resume=a.resume)
+    if a.evaluate and int(os.environ.get("RANK", "0")) == 0:  # once, not on every data-parallel rank
+        from clipseg_bench.evaluation.evaluate import evaluate_run
+
+        _print_metrics(evaluate_run(run=run), run)
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> None:
@@ -72,8 +77,12 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
 
     metrics = evaluate_run(run=Path(a.run), data=Path(a.data) if a.data else None, split=a.split,
                            max_cases=a.max_cases)  # fmt: skip
+    _print_metrics(metrics, a.run)
+
+
+def _print_metrics(metrics: dict, run) -> None:
     s = metrics["summary"]
-    print(f"dice2d {metrics['dice2d']:.4f}  dsc3d {s['dsc']:.4f}  nsd3d {s['nsd']:.4f}  -> {a.run}/metrics.json")
+    print(f"dice2d {metrics['dice2d']:.4f}  dsc3d {s['dsc']:.4f}  nsd3d {s['nsd']:.4f}  -> {run}/metrics.json")
 
 
 def _cmd_score(a: argparse.Namespace) -> None:
@@ -175,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-workers", type=int)
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other config field (YAML value)")
     s.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    s.add_argument("--evaluate", action="store_true", help="run `evaluate` on the val split afterwards")
     s.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("evaluate", help="2D Dice and FLARE22 3D DSC/NSD of a run -> RUN/metrics.json")

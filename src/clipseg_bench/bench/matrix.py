@@ -111,13 +111,14 @@ def run_matrix(*, data, model: str, strategies: list[str], seeds: list[int], epo
             cfg = load_config(config, overrides)
             save_config(cfg, cfg_path)
             print(f"[benchmark] {run.name}: {'resuming' if resume else 'training'}")
-            rc = _call(train_cmd + ["train", "--config", str(cfg_path)] + (["--resume"] if resume else []),
-                       out / "logs" / f"{run.name}.log")  # fmt: skip
+            # Train and evaluate in one process: a second Python + torch start-up costs ~5 s a run.
+            flags = (["--resume"] if resume else []) + (["--evaluate"] if evaluate else [])
+            rc = _call(train_cmd + ["train", "--config", str(cfg_path), *flags], out / "logs" / f"{run.name}.log")
             if rc != 0:
                 _mark_failed(run, f"train exited with {rc}")
                 results.append({"run": str(run), "status": "failed"})
                 continue
-        if evaluate:
+        if evaluate and run_status(run) != "evaluated":
             rc = _call(base + ["evaluate", "--run", str(run)], out / "logs" / f"{run.name}.log")
             if rc != 0:
                 results.append({"run": str(run), "status": "failed"})
