@@ -46,6 +46,9 @@ class TrainConfig(BaseModel):
     seed: int = 0
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast on GPU via Accelerate.")
     num_workers: int = Field(0, ge=0, description="DataLoader workers.")
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads for torch ops; None keeps torch's default (all cores)."
+    )
     augment: bool = Field(False, description="Random flips/intensity jitter on training slices.")
     feature_cache: bool = Field(True, description="Cache frozen encoder outputs once (exact, fp16 on disk).")
     gradient_checkpointing: bool = Field(False, description="Recompute encoder activations in backward.")

@@ -41,7 +41,9 @@ def run_demo(*, out: Path, quick: bool = False, strategies: list[str] | None = N
     out.mkdir(parents=True, exist_ok=True)
     n_a, n_b, pre_steps, ft_steps, seeds = SIZES["quick" if quick else "full"]
     t_start = time.perf_counter()
-    common = {"image_size": 128, "batch_size": 8, "warmup_steps": 20, "weight_decay": 1e-4}
+    # One thread: a 250k-parameter model gains little from a second core, and OpenMP threads that
+    # spin-wait slow training by 10x or more whenever anything else on the machine wants a core.
+    common = {"image_size": 128, "batch_size": 8, "warmup_steps": 20, "weight_decay": 1e-4, "threads": 1}
 
     _stage("phantoms and prepare")
     for style, n, seed in (("A", n_a, 100), ("B", n_b, 200)):

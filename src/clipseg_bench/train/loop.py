@@ -200,6 +200,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     from clipseg_bench.model.feature_cache import build_feature_cache
 
     out = Path(cfg.out)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     # cpu=True is what lets Accelerate see a torchrun/gloo launch on a machine without a GPU.
     acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     main = acc.is_main_process
