@@ -30,8 +30,12 @@ Ours: B slices x K=13 prompts per step, each slice encoded once, the vision enco
 deepest layer the decoder reads; for decoder-only the vision activations come from the fp16 feature
 cache on disk (memory-mapped) and the prompt embeddings are computed once. Rates are compared in
 masks/s, so the slow baselines are timed on fewer pairs than ours (the counts are in the table).
-Times are the minimum over repetitions (interference from other processes only ever adds time), with
-the two sides of each comparison interleaved.
+Each time is the minimum over repetitions (interference from other processes only ever adds time),
+with the two sides of a comparison interleaved. Data comes from two phantom CTs prepared by
+``clipseg-bench prepare`` into a temporary folder.
+
+Peak memory is measured in a child process (this script with ``--probe``), as the peak RSS of that
+process (VmHWM): it holds what ``train()`` holds, the whole model included.
 
 Token ids for the real architecture come from the project's tiny tokenizer: the CLIP BPE vocabulary
 would need a download, and with random weights only the sequence length matters. The random decoder
@@ -39,7 +43,11 @@ gets PyTorch's default init (``build_tiny`` does that): HF's N(0, 1) init satura
 softmax, and the resulting denormal floats make its attention backward 5-10x slower on CPU, which a
 pretrained checkpoint never shows.
 
-CPU only (the targets of issue 6 are CPU numbers). Usage::
+CPU only (the targets of issue 6 are CPU numbers). ``--quick`` measures the real architecture for
+``decoder`` and ``full`` only (gradient checkpointing on the tiny one) and the tiny one for every
+strategy; without it, every strategy on both, gradient checkpointing's memory on both, and
+``torch.compile`` on the tiny one. On a busy machine two OpenMP threads wait for each other at every
+small operation, so timings get noisy; ``--threads 1`` is steadier there. Usage::
 
     python benchmarks/throughput.py --quick --json throughput.json
 """
@@ -119,13 +127,13 @@ class Plan:
 
 
 PLANS = {
-    ("real", "quick"): Plan("real", batch=4, enc_batch=2, pairs=4, enc_pairs=2, reps=3, heavy_reps=1,
-                            strategies=("decoder", "full"), segment_slices=8, stock_segment_slices=1, trunc_batch=2,
-                            trunc_reps=6, gc_batch=1, probe="decoder"),
+    ("real", "quick"): Plan("real", batch=4, enc_batch=2, pairs=2, enc_pairs=1, reps=2, heavy_reps=1,
+                            strategies=("decoder", "full"), segment_slices=8, stock_segment_slices=1, trunc_batch=1,
+                            trunc_reps=5, gc_batch=1, probe="decoder"),
     ("real", "full"): Plan("real", batch=4, enc_batch=4, pairs=4, enc_pairs=4, reps=3, heavy_reps=2,
                            strategies=TRAIN_STRATEGIES, segment_slices=8, stock_segment_slices=2, trunc_batch=4,
                            trunc_reps=5, gc_batch=2, probe="decoder+gc"),
-    ("tiny", "quick"): Plan("tiny", batch=4, enc_batch=4, pairs=4, enc_pairs=4, reps=5, heavy_reps=5,
+    ("tiny", "quick"): Plan("tiny", batch=4, enc_batch=4, pairs=4, enc_pairs=4, reps=3, heavy_reps=3,
                             strategies=TRAIN_STRATEGIES, segment_slices=8, stock_segment_slices=8, trunc_batch=8,
                             trunc_reps=10, gc_batch=4, probe=""),
     ("tiny", "full"): Plan("tiny", batch=4, enc_batch=4, pairs=4, enc_pairs=4, reps=10, heavy_reps=10,
@@ -255,11 +263,12 @@ def make_prepared(root: Path, *, size: int = 256) -> Path:
 
 
 def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
-    """AdamW on the trainable parameters, as ``train()`` builds it (keep the two in step)."""
+    """AdamW on the trainable parameters, built by ``train()``'s own function (both sides use it)."""
     from clipseg_bench.config import TrainConfig
+    from clipseg_bench.train.loop import make_optimizer as loop_optimizer
 
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=1e-5, weight_decay=TrainConfig.model_fields["weight_decay"].default)
+    return loop_optimizer(params, lr=1e-5, weight_decay=TrainConfig.model_fields["weight_decay"].default)
 
 
 # --- (b) our engine: the training loop's own step ----------------------------------------------
@@ -324,7 +333,7 @@ class EngineRun:
         module = PromptedSegmenter(model, arch.tokens["input_ids"], arch.tokens["attention_mask"])
         self.loop = _Loop(self.cfg, _accelerator(), module, optimizer, get_constant_schedule(optimizer), loader,
                           [o.id for o in ORGANS], prompt_emb, arch.size, arch.mean, arch.std,
-                          StepTimer(torch.device("cpu")), total_steps=1)  # fmt: skip
+                          StepTimer(torch.device("cpu")), total_steps=1, pair_chunk=self.cfg.pair_chunk)  # fmt: skip
         self.steps = 0
         self.last_masks = 0
 
@@ -611,8 +620,11 @@ def probe_memory(
     arch = build_arch(arch_name)
     out["model_rss_mb"] = rss_mb()
     data = PreparedData(data_root)
+    from clipseg_bench.train.loop import release_frozen_vision
+
     apply_strategy(arch.model, "decoder")
     run = EngineRun(arch, data, batch=batch, use_cache=True)
+    release_frozen_vision(arch.model)  # as train() does once the features are cached
     run.step()  # warm-up
     out["decoder_step_s"] = min(_time_once(run.step) for _ in range(steps))
     out["decoder_masks"] = run.last_masks
@@ -622,6 +634,7 @@ def probe_memory(
         return out
 
     # Checkpointed first, so memory that the (bigger) plain step leaves allocated cannot count for it.
+    arch = build_arch(arch_name)  # the decoder probe released the vision weights
     apply_strategy(arch.model, "full")
     run = EngineRun(arch, data, batch=gc_batch, use_cache=False)
     set_gradient_checkpointing(arch.model, True)
@@ -697,6 +710,12 @@ def _ratio(rows: list[dict], arch: str, strategy: str, mode: str) -> float | Non
     )
 
 
+def _default_workers() -> int:
+    from clipseg_bench.config import TrainConfig
+
+    return TrainConfig.model_fields["num_workers"].default
+
+
 def headline(results: dict[str, dict]) -> dict:
     """The targets of issue 6, on the real architecture when it was measured (else the tiny one)."""
     arch = "real" if "real" in results else "tiny"
@@ -720,7 +739,7 @@ def headline(results: dict[str, dict]) -> dict:
     loading = results[arch]["extras"].get("decoder", {})
     share = loading.get("data_share")
     data = {"arch": arch, "share": share, "target": DATA_SHARE_TARGET, "pass": share is not None and share <= DATA_SHARE_TARGET,
-            "breakdown_s": loading.get("breakdown_s"), "num_workers": 0}  # fmt: skip
+            "breakdown_s": loading.get("breakdown_s"), "num_workers": _default_workers()}  # fmt: skip
     return {"arch": arch, "ratios": ratios, "pass": passed, "memory": memory, "data_loading": data}
 
 

@@ -51,6 +51,10 @@ class TrainConfig(BaseModel):
     )
     augment: bool = Field(False, description="Random flips/intensity jitter on training slices.")
     feature_cache: bool = Field(True, description="Cache frozen encoder outputs once (exact, fp16 on disk).")
+    pair_chunk: int = Field(
+        16, ge=0, description="When no encoder trains, decode at most this many (slice, organ) pairs at a time "
+        "and accumulate their gradients (exact; bounds decoder memory). 0: all at once."
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute encoder activations in backward.")
     compile: bool = Field(False, description="torch.compile the decoder/forward.")
     val_every: int = Field(1, ge=0, description="Validate every N epochs (0: never during training).")

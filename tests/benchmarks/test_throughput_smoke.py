@@ -40,6 +40,10 @@ def smoke_result(throughput, tmp_path_factory) -> tuple[dict, str]:
         assert throughput.main(["--smoke", "--threads", "1", "--json", str(out)]) == 0
     finally:
         torch.set_num_threads(threads)
+        # The benchmark made a CPU Accelerator; its state is process-wide, so later tests start clean.
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
     return json.loads(out.read_text()), out.read_text()
 
 

@@ -94,6 +94,8 @@ def resize_slices(images: torch.Tensor, size: int, *, labels: bool = False) -> t
 class SliceDataset(Dataset):
     """One item per slice: ``{"image": uint8 (S,S), "labels": uint8 (S,S), "index": int}``.
 
+    With ``features``, items carry ``"features"`` instead of ``"image"``.
+
     Args:
         data: the prepared dataset.
         split: "train" or "val".
@@ -120,14 +122,14 @@ class SliceDataset(Dataset):
         return self.data.array(case, "image")[z], self.data.array(case, "label")[z]
 
     def __getitem__(self, i: int) -> dict:
-        image, labels = self.raw(i)
-        item = {
-            "image": resize_slices(torch.from_numpy(np.array(image))[None], self.size)[0],
-            "labels": resize_slices(torch.from_numpy(np.array(labels))[None], self.size, labels=True)[0],
-            "index": i,
-        }
-        if self.features is not None:
+        case, z = self.rows.at[i, "case"], int(self.rows.at[i, "z"])
+        labels = np.array(self.data.array(case, "label")[z])
+        item = {"labels": resize_slices(torch.from_numpy(labels)[None], self.size, labels=True)[0], "index": i}
+        if self.features is not None:  # the encoder's output stands in for the image: skip loading it
             item["features"] = torch.from_numpy(np.array(self.features[i]))
+        else:
+            image = np.array(self.data.array(case, "image")[z])
+            item["image"] = resize_slices(torch.from_numpy(image)[None], self.size)[0]
         return item
 
 

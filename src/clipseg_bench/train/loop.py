@@ -8,6 +8,7 @@ vision encoder being frozen.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
@@ -100,6 +101,22 @@ class _Loop:
     std: tuple
     timer: StepTimer
     total_steps: int
+    pair_chunk: int = 0  # >0: decode pairs in chunks (only used when no encoder needs gradients)
+
+
+def make_optimizer(params, *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; fused (one kernel for all tensors, not a Python loop:
+    0.1 s instead of 0.6 s per step for the 136M trainable parameters of full fine-tuning on CPU)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+
+
+def release_frozen_vision(model) -> None:
+    """Drop the frozen vision encoder's weights once its outputs are cached (344 MB for rd64).
+
+    Nothing reads them again in this process: training and validation decode cached activations.
+    Moving them to the meta device makes any accidental use fail loudly instead of silently.
+    """
+    model.clip.vision_model.to("meta")
 
 
 def _prepare_out(out: Path, resume: bool) -> None:
@@ -141,15 +158,30 @@ def _train_epoch(loop: _Loop, epoch: int, global_step: int, pbar) -> tuple[int, 
         pairs = select.nonzero()
         with loop.timer.phase("forward"):
             if "features" in batch:
-                acts = [a.to(acc.device, torch.float32) for a in batch["features"].unbind(1)]
-                logits = loop.module(activations=acts, prompt_emb=loop.prompt_emb, pairs=pairs)
+                inputs = {"activations": [a.to(acc.device, torch.float32) for a in batch["features"].unbind(1)]}
             else:
-                pv = preprocess(batch["image"].to(acc.device), size=loop.size, mean=loop.mean, std=loop.std)
-                logits = loop.module(pv, prompt_emb=loop.prompt_emb, pairs=pairs)
-            tgt = targets[pairs[:, 0], pairs[:, 1]]
-            loss = segmentation_loss(logits, tgt, bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight)
-        with loop.timer.phase("backward"):
-            acc.backward(loss)
+                inputs = {"pixel_values": preprocess(batch["image"].to(acc.device), size=loop.size, mean=loop.mean,
+                                                     std=loop.std)}  # fmt: skip
+        # With cached activations and frozen prompts nothing upstream needs a gradient, so the
+        # decoder can run over the pairs in chunks whose gradients add up exactly (both loss terms
+        # are means over pairs): decoder memory stops growing with the batch.
+        chunkable = loop.pair_chunk and "activations" in inputs and loop.prompt_emb is not None
+        size = loop.pair_chunk if chunkable else len(pairs)
+        step_loss = 0.0
+        for start in range(0, len(pairs), size):
+            part = pairs[start : start + size]
+            sync = contextlib.nullcontext() if start + size >= len(pairs) else acc.no_sync(loop.module)
+            with sync:
+                with loop.timer.phase("forward"):
+                    logits = loop.module(**inputs, prompt_emb=loop.prompt_emb, pairs=part)
+                    tgt = targets[part[:, 0], part[:, 1]]
+                    loss = segmentation_loss(logits, tgt, bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight)
+                    loss = loss * (len(part) / len(pairs))
+                with loop.timer.phase("backward"):
+                    acc.backward(loss)
+            step_loss += loss.item()
+            d = batch_dice(logits.detach(), tgt, threshold=cfg.threshold)
+            dices.extend(d[~torch.isnan(d)].tolist())
         with loop.timer.phase("optimizer"):
             if cfg.grad_clip > 0:
                 acc.clip_grad_norm_(loop.module.parameters(), cfg.grad_clip)
@@ -158,12 +190,10 @@ def _train_epoch(loop: _Loop, epoch: int, global_step: int, pbar) -> tuple[int, 
             loop.optimizer.zero_grad(set_to_none=True)
         global_step += 1
         n_steps += 1
-        loss_sum += loss.item()
-        d = batch_dice(logits.detach(), tgt, threshold=cfg.threshold)
-        dices.extend(d[~torch.isnan(d)].tolist())
+        loss_sum += step_loss
         masks += len(pairs)
         pbar.update(1)
-        pbar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}", refresh=False)
+        pbar.set_postfix(epoch=epoch, loss=f"{step_loss:.4f}", refresh=False)
     return global_step, {
         "loss": loss_sum / max(n_steps, 1),
         "train_dice": float(np.mean(dices)) if dices else float("nan"),
@@ -181,6 +211,8 @@ def validation_dice(segmenter, data: PreparedData, split: str, *, organ_ids, max
     imgs = np.stack([data.array(c, "image")[z] for c, z in zip(ds_rows["case"], ds_rows["z"])])
     labs = np.stack([data.array(c, "label")[z] for c, z in zip(ds_rows["case"], ds_rows["z"])])
     dices = []
+    if features is not None:  # cached rows follow the same manifest order; use the ones we score
+        features = features[: len(ds_rows)]
     for start, probs in segmenter.iter_probabilities(imgs, batch_size=batch_size, features=features):
         t = organ_targets(torch.from_numpy(labs[start : start + len(probs)]), organ_ids)
         pred = (probs > threshold).float()
@@ -267,7 +299,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     if params:
         from transformers import get_cosine_schedule_with_warmup
 
-        optimizer = torch.optim.AdamW(params, lr=resolve_lr(cfg), weight_decay=cfg.weight_decay)
+        optimizer = make_optimizer(params, lr=resolve_lr(cfg), weight_decay=cfg.weight_decay)
         scheduler = get_cosine_schedule_with_warmup(optimizer, min(cfg.warmup_steps, total_steps), total_steps)
         module, optimizer, loader, scheduler = acc.prepare(module, optimizer, loader, scheduler)
     state = {"epoch": 0, "global_step": 0, "history": [], "train_time_s": 0.0, "masks": 0,
@@ -289,6 +321,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
                                                       mean=mean, std=std, device=acc.device, show_progress=main)  # fmt: skip
         cache["cache_build_s"] += vinfo.build_s
         cache["cache_size_mb"] += vinfo.size_mb
+    if features is not None and (val_features is not None or not data.cases("val")) and acc.num_processes == 1:
+        release_frozen_vision(model)  # (not under DDP: it broadcasts every buffer, frozen ones included)
 
     writer = None
     if main:
@@ -296,7 +330,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
 
         writer = SummaryWriter(str(out / "tb"))
     loop = _Loop(cfg, acc, module, optimizer, scheduler, loader, organ_ids, prompt_emb, size, mean, std, timer,
-                 total_steps)  # fmt: skip
+                 total_steps, pair_chunk=cfg.pair_chunk)  # fmt: skip
 
     def _interrupted(signum, frame):  # SIGTERM (e.g. SLURM preemption) -> marked interrupted, resumable
         raise KeyboardInterrupt
@@ -346,7 +380,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         with timer.phase("eval"):
             final = {
                 "train_dice": validation_dice(segmenter, data, "train", organ_ids=organ_ids, threshold=cfg.threshold,
-                                              max_slices=cfg.val_max_slices),  # fmt: skip
+                                              max_slices=cfg.val_max_slices, features=features),  # fmt: skip
                 "val_dice": _val(segmenter, data, organ_ids, cfg, val_features) if data.cases("val") else float("nan"),
             }
         if not state["history"]:
