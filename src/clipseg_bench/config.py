@@ -56,7 +56,7 @@ class TrainConfig(BaseModel):
         "and accumulate their gradients (exact; bounds decoder memory). 0: all at once."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute encoder activations in backward.")
-    compile: bool = Field(False, description="torch.compile the decoder/forward.")
+    compile: bool = Field(False, description="torch.compile the training forward (needs a C++ compiler on CPU).")
     val_every: int = Field(1, ge=0, description="Validate every N epochs (0: never during training).")
     val_max_slices: int | None = Field(None, ge=1, description="Cap val slices per validation (speed).")
     threshold: float = Field(0.5, gt=0, lt=1, description="Probability above which a pixel is foreground.")

@@ -295,6 +295,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
 
     params = [p for p in model.parameters() if p.requires_grad]
     module = PromptedSegmenter(model, tokens["input_ids"], tokens["attention_mask"])
+    if cfg.compile:  # in place, so Accelerate/DDP still wrap an ordinary module (measured in benchmarks/)
+        module.compile()
     optimizer = scheduler = None
     if params:
         from transformers import get_cosine_schedule_with_warmup
