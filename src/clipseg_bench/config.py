@@ -49,7 +49,10 @@ class TrainConfig(BaseModel):
     threads: int | None = Field(
         None, ge=1, description="CPU threads for torch ops; None keeps torch's default (all cores)."
     )
-    augment: bool = Field(False, description="Random flips/intensity jitter on training slices.")
+    augment: bool = Field(
+        False, description="Random contrast/brightness/noise on training slices (no flips: left/right matter); "
+        "turns the training feature cache off."
+    )
     feature_cache: bool = Field(True, description="Cache frozen encoder outputs once (exact, fp16 on disk).")
     pair_chunk: int = Field(
         16, ge=0, description="When no encoder trains, decode at most this many (slice, organ) pairs at a time "
