@@ -116,11 +116,6 @@ class SliceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def raw(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """The slice at its prepared size: (image uint8 (H,W), labels uint8 (H,W))."""
-        case, z = self.rows.at[i, "case"], int(self.rows.at[i, "z"])
-        return self.data.array(case, "image")[z], self.data.array(case, "label")[z]
-
     def __getitem__(self, i: int) -> dict:
         case, z = self.rows.at[i, "case"], int(self.rows.at[i, "z"])
         labels = np.array(self.data.array(case, "label")[z])

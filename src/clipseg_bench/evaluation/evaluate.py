@@ -10,7 +10,6 @@ Per case, every slice of the split is predicted once for all organs. Two reading
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -53,7 +52,6 @@ def evaluate_run(*, run: Path, data: Path | None = None, split: str = "val", max
     organ_ids = [o.id for o in trained.organs]
     features = _frozen_features(trained, prepared, cases, split, dev, show_progress)
 
-    tp = np.zeros(len(organ_ids))
     per_case, dice_pairs, absent_total, absent_empty = {}, [], 0, 0
     samples: dict[str, list] = {"image": [], "gt": [], "pred": [], "case": [], "z": []}
     offset = 0
@@ -73,7 +71,6 @@ def evaluate_run(*, run: Path, data: Path | None = None, split: str = "val", max
             dice_pairs.extend((2 * inter[present] / np.maximum(denom[present], 1)).tolist())
             absent_total += int((~present).sum())
             absent_empty += int((~present & ~binary.any((2, 3))).sum())
-            tp += present.sum(0)
         meta = prepared.cases_meta[case]
         per_case[case] = score_case(slices_to_volume(pred, meta), slices_to_volume(gt, meta), meta["spacing"],
                                     trained.organs)  # fmt: skip
@@ -114,6 +111,3 @@ def _frozen_features(trained, prepared: PreparedData, cases, split, dev, show_pr
                                    show_progress=show_progress)  # fmt: skip
     return feats
 
-
-def load_metrics(run: Path) -> dict:
-    return json.loads((Path(run) / "metrics.json").read_text())

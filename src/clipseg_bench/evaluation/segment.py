@@ -6,6 +6,7 @@ The mask is written on the CT's own voxel grid with its own affine, so it opens 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -30,8 +31,6 @@ from clipseg_bench.organs import parse_organs
 
 def _run_window(run: Path | None) -> dict:
     """The intensity window the run was trained with (from its prepared data), else the default."""
-    import json
-
     if run is not None:
         info = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
         if "window" in info:

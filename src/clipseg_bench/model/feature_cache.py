@@ -65,6 +65,7 @@ def build_feature_cache(
     device: torch.device | str = "cpu",
     batch_size: int = 16,
     show_progress: bool = True,
+    key: str | None = None,
 ) -> tuple[np.ndarray, CacheInfo]:
     """Compute (or reuse) fp16 activations for the slices listed in ``rows``.
 
@@ -73,11 +74,13 @@ def build_feature_cache(
         data: the prepared dataset; rows: a manifest DataFrame (case, z) in the order items are read.
         name: file stem for this row set, e.g. "train_kept" or "val_all".
         size, mean, std: the model's preprocessing.
+        key: :func:`cache_key` of these arguments, when the caller already has it (it hashes the
+            whole vision encoder, so callers building several row sets compute it once).
 
     Returns:
         (memmap of shape (N, L, T, D) fp16, CacheInfo). Row i belongs to ``rows.iloc[i]``.
     """
-    key = cache_key(model, data=data, size=size, mean=mean, std=std)
+    key = key or cache_key(model, data=data, size=size, mean=mean, std=std)
     folder = data.root / "feature_cache" / key
     path = folder / f"{name}.npy"
     index_path = folder / f"{name}.rows.json"

@@ -9,6 +9,7 @@ vision encoder being frozen.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import signal
 import time
@@ -246,7 +247,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     from accelerate.utils import set_seed
 
     from clipseg_bench.evaluation.predict import Segmenter
-    from clipseg_bench.model.feature_cache import build_feature_cache
+    from clipseg_bench.model.feature_cache import build_feature_cache, cache_key
 
     out = Path(cfg.out)
     if cfg.threads:
@@ -294,14 +295,24 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     if not text_trainable(model):
         with torch.no_grad():
             prompt_emb = encode_prompts(model, tokens["input_ids"], tokens["attention_mask"])
-    features, cache = None, {"cache_build_s": 0.0, "cache_size_mb": 0.0}
     train_rows = data.slices("train", kept_only=True)
-    # Augmented images change every epoch, so their encoder outputs cannot be cached.
-    if not vision_trainable(model) and cfg.feature_cache and not cfg.augment:
+    features, val_features, cache = None, None, {"cache_build_s": 0.0, "cache_size_mb": 0.0}
+    if not vision_trainable(model) and cfg.feature_cache:
+        # One key for both row sets: it hashes the whole vision encoder (344 MB for rd64).
+        key = cache_key(model, data=data, size=size, mean=mean, std=std)
+        build = functools.partial(build_feature_cache, model, data=data, size=size, mean=mean, std=std,
+                                  device=acc.device, show_progress=main, key=key)  # fmt: skip
+        built = []
         with acc.main_process_first():
-            features, info = build_feature_cache(model, data=data, rows=train_rows, name="train_kept", size=size,
-                                                 mean=mean, std=std, device=acc.device, show_progress=main)  # fmt: skip
-        cache = {"cache_build_s": info.build_s, "cache_size_mb": info.size_mb, "cache_reused": info.reused}
+            if not cfg.augment:  # augmented images change every epoch: their encodings cannot be cached
+                features, info = build(rows=train_rows, name="train_kept")
+                built.append(info)
+            if data.cases("val"):
+                val_rows = data.slices("val", kept_only=True).iloc[: cfg.val_max_slices]
+                val_features, vinfo = build(rows=val_rows, name="val_kept")
+                built.append(vinfo)
+        cache = {"cache_build_s": sum(i.build_s for i in built), "cache_size_mb": sum(i.size_mb for i in built),
+                 "cache_reused": all(i.reused for i in built)}  # fmt: skip
 
     dataset = SliceDataset(data, "train", size=size, features=features)
     sampler = EpochSampler(len(dataset), cfg.seed)
@@ -331,19 +342,12 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         if main:
             print(f"resuming {out} after epoch {state['epoch']} (step {state['global_step']})")
 
+    # After acc.prepare (which moves the model) and only single-process: DDP broadcasts every
+    # buffer, frozen ones included.
+    if features is not None and acc.num_processes == 1:
+        release_frozen_vision(model)
     segmenter = Segmenter(model, loaded.tokenizer, organs=organ_list, prompts=prompt_texts, size=size, mean=mean,
                           std=std, device=acc.device)  # fmt: skip
-    val_features = None
-    if not vision_trainable(model) and cfg.feature_cache and data.cases("val"):
-        val_rows = data.slices("val", kept_only=True).iloc[: cfg.val_max_slices]
-        with acc.main_process_first():
-            val_features, vinfo = build_feature_cache(model, data=data, rows=val_rows, name="val_kept", size=size,
-                                                      mean=mean, std=std, device=acc.device, show_progress=main)  # fmt: skip
-        cache["cache_build_s"] += vinfo.build_s
-        cache["cache_size_mb"] += vinfo.size_mb
-    if features is not None and (val_features is not None or not data.cases("val")) and acc.num_processes == 1:
-        release_frozen_vision(model)  # (not under DDP: it broadcasts every buffer, frozen ones included)
-
     writer = None
     if main:
         from torch.utils.tensorboard import SummaryWriter
