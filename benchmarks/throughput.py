@@ -127,9 +127,9 @@ class Plan:
 
 
 PLANS = {
-    ("real", "quick"): Plan("real", batch=4, enc_batch=2, pairs=2, enc_pairs=1, reps=2, heavy_reps=1,
-                            strategies=("decoder", "full"), segment_slices=8, stock_segment_slices=1, trunc_batch=1,
-                            trunc_reps=5, gc_batch=1, probe="decoder"),
+    ("real", "quick"): Plan("real", batch=4, enc_batch=2, pairs=2, enc_pairs=1, reps=6, heavy_reps=1,
+                            strategies=("decoder", "full"), segment_slices=8, stock_segment_slices=1, trunc_batch=2,
+                            trunc_reps=8, gc_batch=1, probe="decoder"),
     ("real", "full"): Plan("real", batch=4, enc_batch=4, pairs=4, enc_pairs=4, reps=3, heavy_reps=2,
                            strategies=TRAIN_STRATEGIES, segment_slices=8, stock_segment_slices=2, trunc_batch=4,
                            trunc_reps=5, gc_batch=2, probe="decoder+gc"),

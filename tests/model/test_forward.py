@@ -191,3 +191,99 @@ def test_preprocess_keeps_geometry():
     img[:, :, :20] = 255
     x = fw.preprocess(img, size=64, mean=(0, 0, 0), std=(1, 1, 1))
     assert x[0, 0, :, :30].min() > 0.99 and x[0, 0, :, 34:].max() < 0.01
+
+
+# --- the blocked decoder MLP (CPU fast path) ----------------------------------------------------
+
+
+def _mlp_grads(mlp, x, run):
+    for p in [x, *mlp.parameters()]:
+        p.grad = None
+    y = run(mlp, x)
+    y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+    return y.detach(), [None if p.grad is None else p.grad.clone() for p in [x, *mlp.parameters()]]
+
+
+@pytest.mark.parametrize("frozen", ["none", "weights"])
+def test_blocked_mlp_equals_the_eager_mlp(model, frozen):
+    mlp = model.decoder.layers[0].mlp  # fc1 -> ReLU -> fc2, as in every CLIPSeg decoder layer
+    if frozen == "weights":  # BitFit-like: only biases train, so weight grads must stay None
+        mlp.fc1.weight.requires_grad_(False)
+        mlp.fc2.weight.requires_grad_(False)
+    # 2 x 300 rows: more than two MLP_BLOCKs and not a multiple of it; a (B, N, C) input like decode's.
+    x = torch.randn(2, 300, mlp.fc1.in_features, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    assert fw._blocked_mlp_applies(mlp, x)
+    y_ref, g_ref = _mlp_grads(mlp, x, lambda m, v: m(v))
+    y, g = _mlp_grads(mlp, x, fw.decoder_mlp)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    for got, want in zip(g, g_ref):
+        assert (got is None) == (want is None)
+        if want is not None:  # same sums in another order (per block): fp32 rounding only
+            torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=1e-4)
+    assert (g[1] is None) == (frozen == "weights")
+
+
+def test_decode_takes_the_blocked_mlp_and_matches_hf_layers(model, inputs, monkeypatch):
+    apply_strategy(model, "decoder")
+    model.train()
+    with torch.no_grad():
+        stock_logits(model, inputs)  # installs transformers' output-capturing hooks: must not matter
+    acts = [a.detach() for a in fw.encode_images(model, inputs["pixel_values"])]
+    with torch.no_grad():
+        emb = fw.encode_prompts(model, inputs["input_ids"], inputs["attention_mask"])
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        logits = fw.decode(model, acts, emb)
+        logits.square().mean().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.decoder.named_parameters()}
+
+    calls = []
+    apply = fw._BlockedReluMLP.apply
+    monkeypatch.setattr(fw._BlockedReluMLP, "apply", lambda *a: calls.append(1) or apply(*a))
+    fast, fast_grads = run()
+    assert len(calls) == len(model.decoder.layers)
+    monkeypatch.setattr(fw, "_blocked_mlp_applies", lambda mlp, x: False)  # HF's own MLP
+    monkeypatch.setattr(fw, "_has_own_hooks", lambda m: True)  # HF's own layer forward
+    slow, slow_grads = run()
+    assert len(calls) == len(model.decoder.layers)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    for name, g in slow_grads.items():
+        torch.testing.assert_close(fast_grads[name], g, atol=1e-4 * g.abs().max().item(), rtol=1e-4, msg=name)
+
+
+def test_blocked_mlp_is_not_used_for_wrapped_or_hooked_mlps(model):
+    mlp = model.decoder.layers[0].mlp
+    x = torch.randn(4, mlp.fc1.in_features)
+    assert fw._blocked_mlp_applies(mlp, x)
+    assert not fw._blocked_mlp_applies(mlp, x.double())
+    handle = mlp.register_forward_hook(lambda m, i, o: o)  # a user's hook must still run
+    assert not fw._blocked_mlp_applies(mlp, x)
+    handle.remove()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fw._blocked_mlp_applies(mlp, x)
+
+
+@pytest.mark.parametrize("relu_between", [True, False])
+def test_patch_deconv_chain_equals_the_layers(relu_between):
+    torch.manual_seed(0)
+    layers = [torch.nn.ConvTranspose2d(8, 6, 2, stride=2), torch.nn.ReLU(), torch.nn.ConvTranspose2d(6, 3, 4, stride=4)]
+    if not relu_between:
+        del layers[1]
+    head = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(), *layers, torch.nn.ReLU())
+    x = torch.randn(2, 8, 5, 7, requires_grad=True)
+    g = torch.randn(2, 3, 40, 56)
+
+    def run(fn):
+        for t in [x, *head.parameters()]:
+            t.grad = None
+        y = fn(x)
+        y.backward(g)
+        return y.detach(), [t.grad.clone() for t in [x, *head.parameters()]]
+
+    y_ref, g_ref = run(head)
+    y, grads = run(lambda v: fw.upsample_head(head, v))
+    assert y.shape == (2, 3, 40, 56)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads, g_ref):
+        torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=1e-4)

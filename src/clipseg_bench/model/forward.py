@@ -217,26 +217,174 @@ def _is_patch_deconv(m: nn.Module) -> bool:
     )
 
 
-def patch_deconv(conv: nn.ConvTranspose2d, x: Tensor) -> Tensor:
-    """``conv(x)`` for a ConvTranspose2d whose kernel equals its stride, as one matmul.
+MLP_BLOCK = 256  # rows per block: a (256, 2048) fp32 hidden block is 2 MiB and stays in cache
 
-    With kernel == stride each input pixel paints its own k x k output block, so the op is a
-    (C -> O*k*k) matmul plus a rearrangement. PyTorch's CPU ConvTranspose2d takes ~100 ms for the
-    decoder's 100-mask batches where this takes ~2 ms; results agree to float rounding and
-    gradients reach the same ``conv.weight``/``conv.bias``.
+
+class _BlockedReluMLP(torch.autograd.Function):
+    """``fc2(relu(fc1(x)))`` computed in row blocks that stay in cache.
+
+    Written here because no library op fuses this: the decoder's MLP widens 64 -> 2048, so for
+    16 masks at 352 px its hidden tensor is 7760 x 2048 fp32 = 64 MiB per layer. Eagerly, PyTorch
+    streams several such tensors through memory per layer (fc1's output after a copy of its
+    broadcast bias, the ReLU output, the ReLU gradient), and tensors above glibc's 32 MiB mmap
+    limit are page-faulted in afresh every step. Here each 256-row block of the hidden tensor
+    (2 MiB) is produced, activated and consumed while in cache; the blocks are kept for backward,
+    as autograd keeps the ReLU output (same memory), but as separate 2 MiB tensors that the heap
+    reuses. fc1's bias rides in the matmul as a row of ``W1^T`` against a column of ones in ``x``,
+    so it costs no pass over the hidden block and its gradient falls out of the weight-gradient
+    matmul. On 2 CPU cores fwd+bwd drops from ~9-10 to ~5 ms per mask and layer (rd64 sizes).
+    Gradients equal the eager MLP's up to float summation order (tests/model/test_forward.py).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
+        x1 = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)  # (T, C+1)
+        w1b = torch.cat([w1.t(), b1[None]], dim=0)  # (C+1, H)
+        y = x.new_empty(x.shape[0], w2.shape[0])
+        hidden = []
+        for s in range(0, x.shape[0], MLP_BLOCK):
+            h = torch.mm(x1[s : s + MLP_BLOCK], w1b).clamp_min_(0)
+            torch.addmm(b2, h, w2.t(), out=y[s : s + MLP_BLOCK])
+            hidden.append(h)
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(x1, w1, w2, *hidden)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        x1, w1, w2, *hidden = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
+        grad_y = grad_y.contiguous()
+        gx = x1.new_empty(x1.shape[0], x1.shape[1] - 1) if need_x else None
+        gw1b = x1.new_zeros(x1.shape[1], w1.shape[0]) if (need_w1 or need_b1) else None  # [W1^T; b1] grads
+        gw2 = torch.zeros_like(w2) if need_w2 else None
+        for s, h in zip(range(0, x1.shape[0], MLP_BLOCK), hidden):
+            xb, gyb = x1[s : s + MLP_BLOCK], grad_y[s : s + MLP_BLOCK]
+            if need_w2:
+                gw2.addmm_(gyb.t(), h)
+            if gx is None and gw1b is None:
+                continue
+            g_hidden = torch.ops.aten.threshold_backward(gyb @ w2, h, 0)
+            if gw1b is not None:
+                gw1b.addmm_(xb.t(), g_hidden)
+            if gx is not None:
+                torch.mm(g_hidden, w1, out=gx[s : s + MLP_BLOCK])
+        gw1 = gw1b[:-1].t() if need_w1 else None
+        gb1 = gw1b[-1] if need_b1 else None
+        gb2 = grad_y.sum(0) if need_b2 else None
+        return gx, gw1, gb1, gw2, gb2
+
+
+def _has_own_hooks(module: nn.Module) -> bool:
+    """Forward hooks other than the output-capturing ones transformers installs on its first
+    forward (they record outputs only inside HF's own forward, which this module replaces)."""
+    hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+    return any(getattr(h, "__module__", "") != "transformers.utils.output_capturing" for h in hooks)
+
+
+def _blocked_mlp_applies(mlp: nn.Module, x: Tensor) -> bool:
+    """The blocked MLP is a CPU path for HF's plain ``fc1 -> ReLU -> fc2`` MLP.
+
+    On GPUs the caching allocator already makes the large temporaries cheap, and autocast would
+    need the custom backward to replay it; wrapped layers (hooks, PEFT) keep HF's own forward.
+    """
+    fc1, fc2 = getattr(mlp, "fc1", None), getattr(mlp, "fc2", None)
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and isinstance(getattr(mlp, "activation_fn", None), nn.ReLU)
+        and type(fc1) is nn.Linear
+        and type(fc2) is nn.Linear
+        and fc1.bias is not None
+        and fc2.bias is not None
+        and not _has_own_hooks(mlp)
+    )
+
+
+def decoder_mlp(mlp: nn.Module, x: Tensor) -> Tensor:
+    """``mlp(x)`` for a decoder layer's MLP; (..., C) in and out."""
+    if not _blocked_mlp_applies(mlp, x):
+        return mlp(x)
+    shape = x.shape
+    y = _BlockedReluMLP.apply(x.reshape(-1, shape[-1]), mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+    return y.view(*shape[:-1], -1)
+
+
+def decoder_layer(layer: nn.Module, x: Tensor) -> Tensor:
+    """``CLIPSegDecoderLayer.forward`` (post-norm: attention, add, norm, MLP, add, norm) with the
+    MLP through :func:`decoder_mlp`; a layer with hooks runs HF's own forward."""
+    if _has_own_hooks(layer):
+        return layer(x, attention_mask=None)
+    h, _ = layer.self_attn(hidden_states=x, attention_mask=None)
+    h = layer.layer_norm1(x + h)
+    return layer.layer_norm2(h + decoder_mlp(layer.mlp, h))
+
+
+def patch_deconv_chain(convs: Sequence[nn.ConvTranspose2d], relu_after: Sequence[bool], x: Tensor) -> Tensor:
+    """Consecutive kernel == stride ConvTranspose2d layers (optionally ReLU after each) as matmuls.
+
+    With kernel == stride each input pixel paints its own k x k output block, so a layer is a
+    (C -> k*k*O) matmul. PyTorch's CPU ConvTranspose2d took ~100 ms for the decoder's 100-mask
+    batches where the matmul takes ~2 ms. Along a chain the activations stay one row per output
+    pixel, in the order (image, y, x, ky1, kx1, ky2, kx2, ...), channels last: the small weight
+    matrices are permuted instead of the activations, and only the final output is rearranged
+    into an image (for rd64-refined's head that skips three copies of a (P, 32, 88, 88) tensor).
+    Results agree with the layers to float rounding; gradients reach the same weights and biases.
+
+    Args:
+        convs: the layers, each consuming the previous one's channels.
+        relu_after: ReLU after layer i or not.
+        x: (P, C, H, W).
+
+    Returns:
+        (P, O, H * prod(kh), W * prod(kw)), as the layers applied one by one.
     """
     p, c, h, w = x.shape
-    o, (kh, kw) = conv.out_channels, conv.kernel_size
-    y = x.permute(0, 2, 3, 1).reshape(-1, c) @ conv.weight.reshape(c, o * kh * kw)  # (p*h*w, o*kh*kw)
-    y = y.view(p, h, w, o, kh, kw).permute(0, 3, 1, 4, 2, 5).reshape(p, o, h * kh, w * kw)
-    return y if conv.bias is None else y + conv.bias.view(1, o, 1, 1)
+    y = x.permute(0, 2, 3, 1).reshape(-1, c)  # one row per input pixel
+    for conv, relu in zip(convs, relu_after):
+        o, (kh, kw) = conv.out_channels, conv.kernel_size
+        weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.in_channels, kh * kw * o)  # columns (ky, kx, o)
+        y = y @ weight if conv.bias is None else torch.addmm(conv.bias.repeat(kh * kw), y, weight)
+        y = y.view(-1, o)  # one row per output pixel, its k x k offsets appended to the row order
+        if relu:
+            y = F.relu(y)
+    kernels = [conv.kernel_size for conv in convs]
+    n = len(kernels)
+    y = y.view(p, h, w, *[k for kh_kw in kernels for k in kh_kw], convs[-1].out_channels)
+    # dims: 0 image, 1 y, 2 x, then (ky_i, kx_i) at 3 + 2i, 4 + 2i, channels last
+    order = [0, 3 + 2 * n, 1, *[3 + 2 * i for i in range(n)], 2, *[4 + 2 * i for i in range(n)]]
+    out_h = h * math.prod(k[0] for k in kernels)
+    out_w = w * math.prod(k[1] for k in kernels)
+    return y.permute(*order).reshape(p, convs[-1].out_channels, out_h, out_w)
 
 
 def upsample_head(head: nn.Module, x: Tensor) -> Tensor:
-    """Run the decoder's upsampling head (a ConvTranspose2d, or CLIPSeg's 'complex' Sequential)."""
+    """Run the decoder's upsampling head (a ConvTranspose2d, or CLIPSeg's 'complex' Sequential).
+
+    Runs of kernel == stride transposed convolutions, with or without a ReLU between them, go
+    through :func:`patch_deconv_chain`; everything else runs as the module itself.
+    """
     modules = list(head) if isinstance(head, nn.Sequential) else [head]
-    for m in modules:
-        x = patch_deconv(m, x) if _is_patch_deconv(m) else m(x)
+    i = 0
+    while i < len(modules):
+        if not _is_patch_deconv(modules[i]):
+            x = modules[i](x)
+            i += 1
+            continue
+        convs, relus = [modules[i]], []
+        i += 1
+        while True:
+            relu = i < len(modules) and type(modules[i]) is nn.ReLU
+            if relu and i + 1 < len(modules) and _is_patch_deconv(modules[i + 1]):
+                relus.append(True)
+                convs.append(modules[i + 1])
+                i += 2
+            else:
+                relus.append(relu)
+                i += int(relu)
+                break
+        x = patch_deconv_chain(convs, relus, x)
     return x
 
 
@@ -251,7 +399,8 @@ def decode(
 
     Same computation as ``CLIPSegDecoder.forward``, except that the per-layer ``reduces``
     projections (C -> reduce_dim) run once per image before images are repeated across prompts,
-    which keeps the repeated tensors reduce_dim wide instead of C wide.
+    which keeps the repeated tensors reduce_dim wide instead of C wide, and that on CPU each
+    layer's MLP runs block by block (:func:`decoder_mlp`).
 
     Args:
         activations: from :func:`encode_images` (or a cache), each (B, N, C).
@@ -272,7 +421,7 @@ def decode(
         if i == dec.conditional_layer:  # FiLM conditioning on the prompt
             output = dec.film_mul(cond) * output.permute(1, 0, 2) + dec.film_add(cond)
             output = output.permute(1, 0, 2)
-        output = layer(output, attention_mask=None)
+        output = decoder_layer(layer, output)
     output = output[:, 1:, :].transpose(1, 2)  # drop CLS: (P, reduce_dim, N-1)
     side = int(math.sqrt(output.shape[2]))
     logits = upsample_head(dec.transposed_convolution, output.reshape(len(img), output.shape[1], side, side))

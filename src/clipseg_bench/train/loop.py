@@ -40,6 +40,7 @@ from clipseg_bench.model.forward import (
 from clipseg_bench.model.load import load_model
 from clipseg_bench.organs import parse_organs, prompts
 from clipseg_bench.strategies import apply_strategy, count_parameters
+from clipseg_bench.train.allocator import return_free_memory
 from clipseg_bench.train.checkpoint import load_resume_state, save_resume_state
 from clipseg_bench.train.losses import batch_dice, segmentation_loss
 from clipseg_bench.train.runinfo import StepTimer, git_info, hardware_info, peak_memory_mb, write_json_atomic
@@ -132,6 +133,7 @@ def release_frozen_vision(model) -> None:
     Moving them to the meta device makes any accidental use fail loudly instead of silently.
     """
     model.clip.vision_model.to("meta")
+    return_free_memory()  # weights freed inside glibc's heap would otherwise stay resident
 
 
 def _prepare_out(out: Path, resume: bool) -> None:
