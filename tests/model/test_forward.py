@@ -287,3 +287,22 @@ def test_patch_deconv_chain_equals_the_layers(relu_between):
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     for got, want in zip(grads, g_ref):
         torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=1e-4)
+
+
+def test_blocked_mlp_saves_hidden_blocks_only_when_a_backward_follows(model):
+    mlp = model.decoder.layers[0].mlp  # its parameters require grad
+    x = torch.randn(600, mlp.fc1.in_features)
+    saved = []
+
+    def run():
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+            return fw.decoder_mlp(mlp, x)
+
+    with torch.no_grad():  # inference (evaluate, segment): nothing kept, one hidden block alive at a time
+        run()
+    assert saved == []
+    run()  # training: x with its ones column, both weights, and every hidden block
+    blocks = -(-600 // fw.MLP_BLOCK)
+    assert len(saved) == 3 + blocks
+    assert saved[3] == (fw.MLP_BLOCK, mlp.fc1.out_features)

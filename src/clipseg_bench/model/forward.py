@@ -237,7 +237,8 @@ class _BlockedReluMLP(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, keep: bool) -> Tensor:
+        # keep: a backward will follow (grad mode was on at the call; inside forward it is off)
         x1 = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)  # (T, C+1)
         w1b = torch.cat([w1.t(), b1[None]], dim=0)  # (C+1, H)
         y = x.new_empty(x.shape[0], w2.shape[0])
@@ -245,15 +246,16 @@ class _BlockedReluMLP(torch.autograd.Function):
         for s in range(0, x.shape[0], MLP_BLOCK):
             h = torch.mm(x1[s : s + MLP_BLOCK], w1b).clamp_min_(0)
             torch.addmm(b2, h, w2.t(), out=y[s : s + MLP_BLOCK])
-            hidden.append(h)
-        if any(ctx.needs_input_grad):
+            if keep:  # at inference only one block is alive at a time
+                hidden.append(h)
+        if keep:
             ctx.save_for_backward(x1, w1, w2, *hidden)
         return y
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         x1, w1, w2, *hidden = ctx.saved_tensors
-        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
+        need_x, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
         grad_y = grad_y.contiguous()
         gx = x1.new_empty(x1.shape[0], x1.shape[1] - 1) if need_x else None
         gw1b = x1.new_zeros(x1.shape[1], w1.shape[0]) if (need_w1 or need_b1) else None  # [W1^T; b1] grads
@@ -272,7 +274,7 @@ class _BlockedReluMLP(torch.autograd.Function):
         gw1 = gw1b[:-1].t() if need_w1 else None
         gb1 = gw1b[-1] if need_b1 else None
         gb2 = grad_y.sum(0) if need_b2 else None
-        return gx, gw1, gb1, gw2, gb2
+        return gx, gw1, gb1, gw2, gb2, None
 
 
 def _has_own_hooks(module: nn.Module) -> bool:
@@ -307,7 +309,9 @@ def decoder_mlp(mlp: nn.Module, x: Tensor) -> Tensor:
     if not _blocked_mlp_applies(mlp, x):
         return mlp(x)
     shape = x.shape
-    y = _BlockedReluMLP.apply(x.reshape(-1, shape[-1]), mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+    params = (mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+    keep = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+    y = _BlockedReluMLP.apply(x.reshape(-1, shape[-1]), *params, keep)
     return y.view(*shape[:-1], -1)
 
 
