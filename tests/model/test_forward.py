@@ -289,20 +289,31 @@ def test_patch_deconv_chain_equals_the_layers(relu_between):
         torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=1e-4)
 
 
-def test_blocked_mlp_saves_hidden_blocks_only_when_a_backward_follows(model):
+def test_blocked_mlp_saves_hidden_blocks_only_when_a_backward_follows(model, monkeypatch):
     mlp = model.decoder.layers[0].mlp  # its parameters require grad
     x = torch.randn(600, mlp.fc1.in_features)
-    saved = []
+    params = (mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
 
-    def run():
-        saved.clear()
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
-            return fw.decoder_mlp(mlp, x)
+    class Ctx:  # records what forward keeps for backward
+        saved = None
 
-    with torch.no_grad():  # inference (evaluate, segment): nothing kept, one hidden block alive at a time
-        run()
-    assert saved == []
-    run()  # training: x with its ones column, both weights, and every hidden block
-    blocks = -(-600 // fw.MLP_BLOCK)
-    assert len(saved) == 3 + blocks
-    assert saved[3] == (fw.MLP_BLOCK, mlp.fc1.out_features)
+        def save_for_backward(self, *tensors):
+            self.saved = [t.shape for t in tensors]
+
+    for keep in (False, True):
+        ctx = Ctx()
+        with torch.no_grad():
+            fw._BlockedReluMLP.forward(ctx, x, *params, keep)
+        if keep:  # x with its ones column, both weights, and every hidden block
+            assert len(ctx.saved) == 3 + -(-600 // fw.MLP_BLOCK)
+            assert ctx.saved[3] == (fw.MLP_BLOCK, mlp.fc1.out_features)
+        else:  # inference: nothing kept, one hidden block alive at a time
+            assert ctx.saved is None
+
+    keeps = []
+    apply = fw._BlockedReluMLP.apply
+    monkeypatch.setattr(fw._BlockedReluMLP, "apply", lambda *a: keeps.append(a[-1]) or apply(*a))
+    with torch.no_grad():  # evaluate, segment
+        fw.decoder_mlp(mlp, x)
+    fw.decoder_mlp(mlp, x)  # training
+    assert keeps == [False, True]
