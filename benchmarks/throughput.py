@@ -61,7 +61,6 @@ import functools
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -72,6 +71,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from clipseg_bench.train.runinfo import peak_rss_mb, reset_peak_rss, rss_mb
 
 TARGETS = {  # issue 6: minimum ratios, measured on the real architecture
     "decoder_cached_vs_stock": 15.0,
@@ -174,33 +175,6 @@ def time_side_by_side(
         for name, fn in fns.items():
             times[name].append(_time_once(fn))
     return times
-
-
-def _proc_status_mb(field: str) -> float:
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
-
-
-def rss_mb() -> float:
-    """This process's resident memory now, MiB."""
-    return _proc_status_mb("VmRSS")
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM), MiB, since exec or :func:`reset_peak_rss`.
-
-    Not ``getrusage(...).ru_maxrss``: Linux carries ru_maxrss over ``exec`` from the forked parent,
-    so in a child started by a big benchmark process it reports the parent's size.
-    """
-    return _proc_status_mb("VmHWM")
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0), so a later peak belongs to what ran since."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 # --- the model and the data ------------------------------------------------------------------

@@ -325,8 +325,8 @@ def decoder_layer(layer: nn.Module, x: Tensor) -> Tensor:
     return layer.layer_norm2(h + decoder_mlp(layer.mlp, h))
 
 
-def patch_deconv_chain(convs: Sequence[nn.ConvTranspose2d], relu_after: Sequence[bool], x: Tensor) -> Tensor:
-    """Consecutive kernel == stride ConvTranspose2d layers (optionally ReLU after each) as matmuls.
+def patch_deconv_chain(convs: Sequence[nn.ConvTranspose2d], relu_between: Sequence[bool], x: Tensor) -> Tensor:
+    """Consecutive kernel == stride ConvTranspose2d layers (optionally a ReLU between two) as matmuls.
 
     With kernel == stride each input pixel paints its own k x k output block, so a layer is a
     (C -> k*k*O) matmul. PyTorch's CPU ConvTranspose2d took ~100 ms for the decoder's 100-mask
@@ -338,7 +338,7 @@ def patch_deconv_chain(convs: Sequence[nn.ConvTranspose2d], relu_after: Sequence
 
     Args:
         convs: the layers, each consuming the previous one's channels.
-        relu_after: ReLU after layer i or not.
+        relu_between: for each pair of neighbours, whether a ReLU sits between them.
         x: (P, C, H, W).
 
     Returns:
@@ -346,13 +346,13 @@ def patch_deconv_chain(convs: Sequence[nn.ConvTranspose2d], relu_after: Sequence
     """
     p, c, h, w = x.shape
     y = x.permute(0, 2, 3, 1).reshape(-1, c)  # one row per input pixel
-    for conv, relu in zip(convs, relu_after):
+    for conv, relu in zip(convs, [False, *relu_between]):
+        if relu:
+            y = F.relu(y)
         o, (kh, kw) = conv.out_channels, conv.kernel_size
         weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.in_channels, kh * kw * o)  # columns (ky, kx, o)
         y = y @ weight if conv.bias is None else torch.addmm(conv.bias.repeat(kh * kw), y, weight)
         y = y.view(-1, o)  # one row per output pixel, its k x k offsets appended to the row order
-        if relu:
-            y = F.relu(y)
     kernels = [conv.kernel_size for conv in convs]
     n = len(kernels)
     y = y.view(p, h, w, *[k for kh_kw in kernels for k in kh_kw], convs[-1].out_channels)
@@ -376,19 +376,18 @@ def upsample_head(head: nn.Module, x: Tensor) -> Tensor:
             x = modules[i](x)
             i += 1
             continue
-        convs, relus = [modules[i]], []
+        convs, between = [modules[i]], []
         i += 1
-        while True:
+        while True:  # extend the chain by a next deconvolution, directly or after one ReLU
             relu = i < len(modules) and type(modules[i]) is nn.ReLU
-            if relu and i + 1 < len(modules) and _is_patch_deconv(modules[i + 1]):
-                relus.append(True)
-                convs.append(modules[i + 1])
-                i += 2
+            j = i + 1 if relu else i  # the candidate next deconvolution
+            if j < len(modules) and _is_patch_deconv(modules[j]):
+                convs.append(modules[j])
+                between.append(relu)
+                i = j + 1
             else:
-                relus.append(relu)
-                i += int(relu)
                 break
-        x = patch_deconv_chain(convs, relus, x)
+        x = patch_deconv_chain(convs, between, x)
     return x
 
 

@@ -52,19 +52,39 @@ def hardware_info(num_processes: int = 1) -> dict:
     }
 
 
+def _proc_status_mb(field: str) -> float | None:
+    """A ``VmXXX`` line of /proc/self/status in MiB; None where there is no /proc (not Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def rss_mb() -> float:
+    """This process's resident memory now, MiB (0.0 where there is no /proc)."""
+    return _proc_status_mb("VmRSS") or 0.0
+
+
 def peak_rss_mb() -> float:
-    """This process's peak resident memory in MiB.
+    """This process's peak resident memory in MiB (since exec, or since :func:`reset_peak_rss`).
 
     Reads VmHWM from /proc: ``ru_maxrss`` survives fork + exec on Linux, so a training subprocess
     started by a big parent (the benchmark) would report the parent's peak instead of its own.
     """
+    peak = _proc_status_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0), so a later peak belongs to what ran since."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
     except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return False
 
 
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
