@@ -128,22 +128,88 @@ class Plan:
 
 
 PLANS = {
-    ("real", "quick"): Plan("real", batch=4, enc_batch=2, pairs=2, enc_pairs=1, reps=6, heavy_reps=1,
-                            strategies=("decoder", "full"), segment_slices=8, stock_segment_slices=1, trunc_batch=2,
-                            trunc_reps=8, gc_batch=1, probe="decoder"),
-    ("real", "full"): Plan("real", batch=4, enc_batch=4, pairs=4, enc_pairs=4, reps=3, heavy_reps=2,
-                           strategies=TRAIN_STRATEGIES, segment_slices=8, stock_segment_slices=2, trunc_batch=4,
-                           trunc_reps=5, gc_batch=2, probe="decoder+gc"),
-    ("tiny", "quick"): Plan("tiny", batch=4, enc_batch=4, pairs=4, enc_pairs=4, reps=3, heavy_reps=3,
-                            strategies=TRAIN_STRATEGIES, segment_slices=8, stock_segment_slices=8, trunc_batch=8,
-                            trunc_reps=10, gc_batch=4, probe=""),
-    ("tiny", "full"): Plan("tiny", batch=4, enc_batch=4, pairs=4, enc_pairs=4, reps=10, heavy_reps=10,
-                           strategies=TRAIN_STRATEGIES, segment_slices=8, stock_segment_slices=8, trunc_batch=8,
-                           trunc_reps=20, gc_batch=4, probe="decoder+gc", compile=True),
-    ("tiny", "smoke"): Plan("tiny", batch=2, enc_batch=2, pairs=2, enc_pairs=2, reps=1, heavy_reps=1,
-                            strategies=("decoder", "full"), segment_slices=2, stock_segment_slices=1, trunc_batch=2,
-                            trunc_reps=1, gc_batch=2, probe="decoder"),
-}  # fmt: skip
+    ("real", "quick"): Plan(
+        "real",
+        batch=4,
+        enc_batch=2,
+        pairs=2,
+        enc_pairs=1,
+        reps=6,
+        heavy_reps=1,
+        strategies=("decoder", "full"),
+        segment_slices=8,
+        stock_segment_slices=1,
+        trunc_batch=2,
+        trunc_reps=8,
+        gc_batch=1,
+        probe="decoder",
+    ),
+    ("real", "full"): Plan(
+        "real",
+        batch=4,
+        enc_batch=4,
+        pairs=4,
+        enc_pairs=4,
+        reps=3,
+        heavy_reps=2,
+        strategies=TRAIN_STRATEGIES,
+        segment_slices=8,
+        stock_segment_slices=2,
+        trunc_batch=4,
+        trunc_reps=5,
+        gc_batch=2,
+        probe="decoder+gc",
+    ),
+    ("tiny", "quick"): Plan(
+        "tiny",
+        batch=4,
+        enc_batch=4,
+        pairs=4,
+        enc_pairs=4,
+        reps=3,
+        heavy_reps=3,
+        strategies=TRAIN_STRATEGIES,
+        segment_slices=8,
+        stock_segment_slices=8,
+        trunc_batch=8,
+        trunc_reps=10,
+        gc_batch=4,
+        probe="",
+    ),
+    ("tiny", "full"): Plan(
+        "tiny",
+        batch=4,
+        enc_batch=4,
+        pairs=4,
+        enc_pairs=4,
+        reps=10,
+        heavy_reps=10,
+        strategies=TRAIN_STRATEGIES,
+        segment_slices=8,
+        stock_segment_slices=8,
+        trunc_batch=8,
+        trunc_reps=20,
+        gc_batch=4,
+        probe="decoder+gc",
+        compile=True,
+    ),
+    ("tiny", "smoke"): Plan(
+        "tiny",
+        batch=2,
+        enc_batch=2,
+        pairs=2,
+        enc_pairs=2,
+        reps=1,
+        heavy_reps=1,
+        strategies=("decoder", "full"),
+        segment_slices=2,
+        stock_segment_slices=1,
+        trunc_batch=2,
+        trunc_reps=1,
+        gc_batch=2,
+        probe="decoder",
+    ),
+}
 
 
 # --- timing ----------------------------------------------------------------------------------
@@ -232,8 +298,14 @@ def make_prepared(root: Path, *, size: int = 256) -> Path:
     from clipseg_bench.data.prepare import prepare
 
     write_phantoms(root / "phantoms", cases=2, seed=0, style="A", size=size)
-    return prepare(images=root / "phantoms" / "images", labels=root / "phantoms" / "labels", out=root / "prepared",
-                   val_fraction=0.5, seed=0, png=False)  # fmt: skip
+    return prepare(
+        images=root / "phantoms" / "images",
+        labels=root / "phantoms" / "labels",
+        out=root / "prepared",
+        val_fraction=0.5,
+        seed=0,
+        png=False,
+    )
 
 
 def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -284,16 +356,25 @@ class EngineRun:
 
         model = arch.model
         # Defaults everywhere (num_workers, grad_clip, loss weights) except: all pairs, this batch.
-        self.cfg = TrainConfig(data=str(data.root), out=str(data.root / "unused"), batch_size=batch,
-                               absent_fraction=1.0)  # fmt: skip
+        self.cfg = TrainConfig(
+            data=str(data.root), out=str(data.root / "unused"), batch_size=batch, absent_fraction=1.0
+        )
         self.cache_build_s = 0.0
         features = None
         if use_cache:
             if vision_trainable(model):
                 raise ValueError("the feature cache needs a frozen vision encoder")
             rows = data.slices("train", kept_only=True).iloc[:batch]
-            features, info = build_feature_cache(model, data=data, rows=rows, name=f"bench_b{batch}", size=arch.size,
-                                                 mean=arch.mean, std=arch.std, show_progress=False)  # fmt: skip
+            features, info = build_feature_cache(
+                model,
+                data=data,
+                rows=rows,
+                name=f"bench_b{batch}",
+                size=arch.size,
+                mean=arch.mean,
+                std=arch.std,
+                show_progress=False,
+            )
             self.cache_build_s = info.build_s
         prompt_emb = None
         if not text_trainable(model):  # as train(): frozen prompt embeddings are computed once
@@ -301,13 +382,27 @@ class EngineRun:
                 prompt_emb = encode_prompts(model, arch.tokens["input_ids"], arch.tokens["attention_mask"])
         dataset = SliceDataset(data, "train", size=arch.size, features=features)
         # The sampler draws only the first `batch` slices (the cached ones): one epoch is one step.
-        loader = DataLoader(dataset, batch_size=batch, sampler=EpochSampler(batch, seed=0),
-                            num_workers=self.cfg.num_workers)  # fmt: skip
+        loader = DataLoader(
+            dataset, batch_size=batch, sampler=EpochSampler(batch, seed=0), num_workers=self.cfg.num_workers
+        )
         optimizer = optimizer or make_optimizer(model)
         module = PromptedSegmenter(model, arch.tokens["input_ids"], arch.tokens["attention_mask"])
-        self.loop = _Loop(self.cfg, _accelerator(), module, optimizer, get_constant_schedule(optimizer), loader,
-                          [o.id for o in ORGANS], prompt_emb, arch.size, arch.mean, arch.std,
-                          StepTimer(torch.device("cpu")), total_steps=1, pair_chunk=self.cfg.pair_chunk)  # fmt: skip
+        self.loop = _Loop(
+            self.cfg,
+            _accelerator(),
+            module,
+            optimizer,
+            get_constant_schedule(optimizer),
+            loader,
+            [o.id for o in ORGANS],
+            prompt_emb,
+            arch.size,
+            arch.mean,
+            arch.std,
+            StepTimer(torch.device("cpu")),
+            total_steps=1,
+            pair_chunk=self.cfg.pair_chunk,
+        )
         self.steps = 0
         self.last_masks = 0
 
@@ -387,8 +482,9 @@ def make_pair_step(arch: Arch, batch: PairBatch, *, stock: bool, optimizer) -> C
             out = model(input_ids=batch.input_ids, pixel_values=pv, attention_mask=batch.attention_mask)
             logits = out.logits.reshape(n, *pv.shape[-2:])  # HF squeezes a single pair to (S, S)
         else:
-            logits = forward(model, pv, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                             pairs=diagonal)  # fmt: skip
+            logits = forward(
+                model, pv, input_ids=batch.input_ids, attention_mask=batch.attention_mask, pairs=diagonal
+            )
         loss = segmentation_loss(logits, batch.targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -401,12 +497,28 @@ def make_pair_step(arch: Arch, batch: PairBatch, *, stock: bool, optimizer) -> C
 # --- measurements ------------------------------------------------------------------------------
 
 
-def row(arch: str, strategy: str, mode: str, masks: int | None, seconds: float, *, ratio: float | None = None,
-        note: str = "") -> dict:  # fmt: skip
+def row(
+    arch: str,
+    strategy: str,
+    mode: str,
+    masks: int | None,
+    seconds: float,
+    *,
+    ratio: float | None = None,
+    note: str = "",
+) -> dict:
     """One table row: ``masks`` (slice, organ) masks took ``seconds`` (one step, or one volume)."""
     rate = masks / seconds if masks and seconds > 0 else None
-    return {"arch": arch, "strategy": strategy, "mode": mode, "masks": masks, "time_s": seconds,
-            "masks_per_s": rate, "ratio": ratio, "note": note}  # fmt: skip
+    return {
+        "arch": arch,
+        "strategy": strategy,
+        "mode": mode,
+        "masks": masks,
+        "time_s": seconds,
+        "masks_per_s": rate,
+        "ratio": ratio,
+        "note": note,
+    }
 
 
 def measure_strategy(arch: Arch, data, plan: Plan, strategy: str, log) -> tuple[list[dict], dict]:
@@ -436,18 +548,38 @@ def measure_strategy(arch: Arch, data, plan: Plan, strategy: str, log) -> tuple[
     engine.reset_breakdown()
     t = time_side_by_side(fns, reps=reps, warmup={})
     t_base, t_eng = min(t["baseline"]), min(t["engine"])
-    base_row = row(arch.name, strategy, "stock HF forward per pair" if stock else "our forward per pair",
-                   pairs, t_base, ratio=1.0, note="" if stock else "no shared encoding; the stock forward "
-                   "cannot train encoders")  # fmt: skip
-    eng_row = row(arch.name, strategy, "engine: cached fp16 features" if cached else "engine: shared encoding",
-                  engine.last_masks, t_eng, note=f"B={batch} slices x {K} prompts")  # fmt: skip
+    base_row = row(
+        arch.name,
+        strategy,
+        "stock HF forward per pair" if stock else "our forward per pair",
+        pairs,
+        t_base,
+        ratio=1.0,
+        note="" if stock else "no shared encoding; the stock forward cannot train encoders",
+    )
+    eng_row = row(
+        arch.name,
+        strategy,
+        "engine: cached fp16 features" if cached else "engine: shared encoding",
+        engine.last_masks,
+        t_eng,
+        note=f"B={batch} slices x {K} prompts",
+    )
     eng_row["ratio"] = eng_row["masks_per_s"] / base_row["masks_per_s"]
     rows, extras = [base_row, eng_row], {"times_s": t}
     if cached:
         breakdown = engine.breakdown
         extras.update(breakdown_s=breakdown, data_share=breakdown["data"] / sum(t["engine"]))
-        rows.append(row(arch.name, strategy, "feature cache build, per slice", None, engine.cache_build_s / batch,
-                        note="once per slice, not per epoch"))  # fmt: skip
+        rows.append(
+            row(
+                arch.name,
+                strategy,
+                "feature cache build, per slice",
+                None,
+                engine.cache_build_s / batch,
+                note="once per slice, not per epoch",
+            )
+        )
     if strategy == "full" and arch.name == "tiny":  # the real architecture's: in the probe process
         rows += measure_gradient_checkpointing(s_arch, data, plan, engine, t_eng, log)
         if plan.compile:
@@ -467,8 +599,17 @@ def measure_gradient_checkpointing(
         t = time_side_by_side({"gc": engine.step}, reps=plan.heavy_reps)["gc"]
     finally:
         set_gradient_checkpointing(arch.model, False)
-    return [row(arch.name, "full", "engine + gradient checkpointing", engine.last_masks, min(t), ratio=t_plain / min(t),
-                note="ratio: speed vs the engine without it")]  # fmt: skip
+    return [
+        row(
+            arch.name,
+            "full",
+            "engine + gradient checkpointing",
+            engine.last_masks,
+            min(t),
+            ratio=t_plain / min(t),
+            note="ratio: speed vs the engine without it",
+        )
+    ]
 
 
 def measure_compile(arch: Arch, data, plan: Plan, t_plain: float, log) -> list[dict]:
@@ -486,8 +627,17 @@ def measure_compile(arch: Arch, data, plan: Plan, t_plain: float, log) -> list[d
         return [
             row(arch.name, "full", "engine + torch.compile", None, float("nan"), note=f"failed: {exc!r}"[:90])
         ]
-    return [row(arch.name, "full", "engine + torch.compile", run.last_masks, min(t), ratio=t_plain / min(t),
-                note=f"ratio: speed vs eager; compiling took {compile_s:.0f} s")]  # fmt: skip
+    return [
+        row(
+            arch.name,
+            "full",
+            "engine + torch.compile",
+            run.last_masks,
+            min(t),
+            ratio=t_plain / min(t),
+            note=f"ratio: speed vs eager; compiling took {compile_s:.0f} s",
+        )
+    ]
 
 
 def measure_segment(arch: Arch, data, plan: Plan, log) -> list[dict]:
@@ -519,8 +669,16 @@ def measure_segment(arch: Arch, data, plan: Plan, log) -> list[dict]:
             torch.sigmoid(F.interpolate(logits, size=img.shape, mode="bilinear", align_corners=False))
 
     def ours(n_slices: int = plan.segment_slices) -> None:
-        seg = Segmenter(model, arch.tokenizer, organs=list(ORGANS), prompts=prompts("name"), size=arch.size,
-                        mean=arch.mean, std=arch.std, device="cpu")  # fmt: skip
+        seg = Segmenter(
+            model,
+            arch.tokenizer,
+            organs=list(ORGANS),
+            prompts=prompts("name"),
+            size=arch.size,
+            mean=arch.mean,
+            std=arch.std,
+            device="cpu",
+        )
         for _ in seg.iter_probabilities(volume[:n_slices], batch_size=16):
             pass
 
@@ -531,10 +689,23 @@ def measure_segment(arch: Arch, data, plan: Plan, log) -> list[dict]:
         "ours": lambda: ours(1),
     }  # the same code paths, a fraction of the work
     t = time_side_by_side({"stock": stock, "ours": ours}, reps=plan.heavy_reps, warmup=warm)
-    base = row(arch.name, "zeroshot", "segment: stock forward per pair", n_stock * K, min(t["stock"]), ratio=1.0,
-               note=f"{n_stock} slice(s) x {K} organs")  # fmt: skip
-    mine = row(arch.name, "zeroshot", "segment: Segmenter", n_ours * K, min(t["ours"]),
-               note=f"{n_ours} slices x {K} organs, {volume.shape[1]} px")  # fmt: skip
+    base = row(
+        arch.name,
+        "zeroshot",
+        "segment: stock forward per pair",
+        n_stock * K,
+        min(t["stock"]),
+        ratio=1.0,
+        note=f"{n_stock} slice(s) x {K} organs",
+    )
+    mine = row(
+        arch.name,
+        "zeroshot",
+        "segment: Segmenter",
+        n_ours * K,
+        min(t["ours"]),
+        note=f"{n_ours} slices x {K} organs, {volume.shape[1]} px",
+    )
     mine["ratio"] = mine["masks_per_s"] / base["masks_per_s"]
     return [base, mine]
 
@@ -557,15 +728,24 @@ def measure_truncation(arch: Arch, plan: Plan, log) -> list[dict]:
         encode_images(model, pv)
 
     depth, total = vision_depth(model), len(vm.encoder.layers)
-    log(f"  {arch.name} vision truncation: {depth} of {total} layers, {plan.trunc_batch} image(s), "
-        f"{plan.trunc_reps} reps")  # fmt: skip
+    log(
+        f"  {arch.name} vision truncation: {depth} of {total} layers, {plan.trunc_batch} image(s), "
+        f"{plan.trunc_reps} reps"
+    )
     t = time_side_by_side({"all": all_layers, "truncated": truncated}, reps=plan.trunc_reps)
     note = f"{plan.trunc_batch} image(s), no masks"
     return [
         row(arch.name, "-", f"vision encoder, all {total} layers", None, min(t["all"]), ratio=1.0, note=note),
-        row(arch.name, "-", f"vision encoder, first {depth} layers", None, min(t["truncated"]),
-            ratio=min(t["all"]) / min(t["truncated"]), note=f"{note}; at most {total / depth:.2f}x"),
-    ]  # fmt: skip
+        row(
+            arch.name,
+            "-",
+            f"vision encoder, first {depth} layers",
+            None,
+            min(t["truncated"]),
+            ratio=min(t["all"]) / min(t["truncated"]),
+            note=f"{note}; at most {total / depth:.2f}x",
+        ),
+    ]
 
 
 # --- the peak-memory probe (its own process) -----------------------------------------------------
@@ -620,8 +800,11 @@ def probe_memory(
         if not reset_peak_rss():
             raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs): needs Linux >= 4.0")
         t = _time_once(run.step)
-        gc["on" if enabled else "off"] = {"step_s": t, "peak_rss_mb": peak_rss_mb(),
-                                          "step_peak_over_start_mb": peak_rss_mb() - start}  # fmt: skip
+        gc["on" if enabled else "off"] = {
+            "step_s": t,
+            "peak_rss_mb": peak_rss_mb(),
+            "step_peak_over_start_mb": peak_rss_mb() - start,
+        }
     out["gc"] = gc
     return out
 
@@ -629,11 +812,24 @@ def probe_memory(
 def run_probe(arch_name: str, data_root: Path, plan: Plan, log) -> dict:
     """:func:`probe_memory` in a child process (this script with ``--probe``)."""
     gc_batch = plan.gc_batch if plan.probe == "decoder+gc" else 0
-    log(f"  {arch_name} memory probe (separate process): decoder on cache B={plan.batch}"
-        + (f", full with/without gradient checkpointing B={gc_batch}" if gc_batch else ""))  # fmt: skip
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--probe", arch_name, "--probe-data", str(data_root),
-           "--probe-batch", str(plan.batch), "--probe-gc-batch", str(gc_batch),
-           "--threads", str(torch.get_num_threads())]  # fmt: skip
+    log(
+        f"  {arch_name} memory probe (separate process): decoder on cache B={plan.batch}"
+        + (f", full with/without gradient checkpointing B={gc_batch}" if gc_batch else "")
+    )
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--probe",
+        arch_name,
+        "--probe-data",
+        str(data_root),
+        "--probe-batch",
+        str(plan.batch),
+        "--probe-gc-batch",
+        str(gc_batch),
+        "--threads",
+        str(torch.get_num_threads()),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
@@ -642,15 +838,32 @@ def run_probe(arch_name: str, data_root: Path, plan: Plan, log) -> dict:
 
 
 def probe_rows(arch_name: str, probe: dict) -> list[dict]:
-    rows = [row(arch_name, "decoder", "engine: cached fp16 features (probe)", probe["decoder_masks"],
-                probe["decoder_step_s"], note=f"peak RSS {probe['decoder_cached_peak_rss_mb']:.0f} MiB")]  # fmt: skip
+    rows = [
+        row(
+            arch_name,
+            "decoder",
+            "engine: cached fp16 features (probe)",
+            probe["decoder_masks"],
+            probe["decoder_step_s"],
+            note=f"peak RSS {probe['decoder_cached_peak_rss_mb']:.0f} MiB",
+        )
+    ]
     gc = probe.get("gc")
     if gc:
         for key, mode in (("off", "engine (probe)"), ("on", "engine + gradient checkpointing (probe)")):
             r = gc[key]
             note = f"peak RSS {r['peak_rss_mb']:.0f} MiB, step adds {r['step_peak_over_start_mb']:.0f} MiB"
-            rows.append(row(arch_name, "full", mode, gc["masks"], r["step_s"], ratio=gc["off"]["step_s"] / r["step_s"],
-                            note=note))  # fmt: skip
+            rows.append(
+                row(
+                    arch_name,
+                    "full",
+                    mode,
+                    gc["masks"],
+                    r["step_s"],
+                    ratio=gc["off"]["step_s"] / r["step_s"],
+                    note=note,
+                )
+            )
     return rows
 
 
@@ -712,8 +925,14 @@ def headline(results: dict[str, dict]) -> dict:
         }
     loading = results[arch]["extras"].get("decoder", {})
     share = loading.get("data_share")
-    data = {"arch": arch, "share": share, "target": DATA_SHARE_TARGET, "pass": share is not None and share <= DATA_SHARE_TARGET,
-            "breakdown_s": loading.get("breakdown_s"), "num_workers": _default_workers()}  # fmt: skip
+    data = {
+        "arch": arch,
+        "share": share,
+        "target": DATA_SHARE_TARGET,
+        "pass": share is not None and share <= DATA_SHARE_TARGET,
+        "breakdown_s": loading.get("breakdown_s"),
+        "num_workers": _default_workers(),
+    }
     return {"arch": arch, "ratios": ratios, "pass": passed, "memory": memory, "data_loading": data}
 
 
@@ -736,14 +955,20 @@ def format_summary(result: dict) -> str:
         lines.append(f"  {key:<28}{shown:>9}   target >= {TARGETS[key]:g}x   {mark[result['pass'][key]]}")
     mem = result["memory"]
     if mem:
-        lines.append(f"  {'decoder-on-cache peak RSS':<28}{mem['decoder_cached_peak_rss_mb']:>5.0f} MiB   target <= "
-                     f"{RSS_TARGET_MB:.0f} MiB at B={mem['batch']} x {K} masks   {mark[mem['pass']]}")  # fmt: skip
-        lines.append(f"      of which: after importing torch {mem['torch_import_rss_mb']:.0f} MiB, "
-                     f"after building the model {mem['model_rss_mb']:.0f} MiB")  # fmt: skip
+        lines.append(
+            f"  {'decoder-on-cache peak RSS':<28}{mem['decoder_cached_peak_rss_mb']:>5.0f} MiB   target <= "
+            f"{RSS_TARGET_MB:.0f} MiB at B={mem['batch']} x {K} masks   {mark[mem['pass']]}"
+        )
+        lines.append(
+            f"      of which: after importing torch {mem['torch_import_rss_mb']:.0f} MiB, "
+            f"after building the model {mem['model_rss_mb']:.0f} MiB"
+        )
     data = result["data_loading"]
     if data["share"] is not None:
-        lines.append(f"  {'data loading share':<28}{data['share']:>8.1%}   target <= {DATA_SHARE_TARGET:.0%} "
-                     f"(decoder on cache, default workers)   {mark[data['pass']]}")  # fmt: skip
+        lines.append(
+            f"  {'data loading share':<28}{data['share']:>8.1%}   target <= {DATA_SHARE_TARGET:.0%} "
+            f"(decoder on cache, default workers)   {mark[data['pass']]}"
+        )
     return "\n".join(lines)
 
 
@@ -834,8 +1059,10 @@ def main(argv: list[str] | None = None) -> int:
     log(f"throughput benchmark ({profile}): {threads} torch threads, architectures {', '.join(archs)}")
     busy = os.getloadavg()[0]
     if busy > 0.5:
-        log(f"note: load average {busy:.1f} at the start: other processes use the CPUs. Small operations suffer most "
-            "(each waits for a descheduled OpenMP thread), so timings are noisy; --threads 1 is steadier then.")  # fmt: skip
+        log(
+            f"note: load average {busy:.1f} at the start: other processes use the CPUs. Small operations suffer most "
+            "(each waits for a descheduled OpenMP thread), so timings are noisy; --threads 1 is steadier then."
+        )
     result = run_benchmark(archs=archs, profile=profile, log=log)
     print(format_table(result["rows"]))
     print()

@@ -26,10 +26,20 @@ def _cmd_prepare(a: argparse.Namespace) -> None:
     from clipseg_bench.data.prepare import prepare, summary_line
 
     out = prepare(
-        images=a.images, labels=a.labels, dataset=a.dataset, out=a.out, window=a.window,
-        val_fraction=a.val_fraction, seed=a.seed, split_file=a.split_file, keep_empty=a.keep_empty,
-        workers=a.workers, overwrite=a.overwrite, label_map=a.label_map, png=not a.no_png,
-    )  # fmt: skip
+        images=a.images,
+        labels=a.labels,
+        dataset=a.dataset,
+        out=a.out,
+        window=a.window,
+        val_fraction=a.val_fraction,
+        seed=a.seed,
+        split_file=a.split_file,
+        keep_empty=a.keep_empty,
+        workers=a.workers,
+        overwrite=a.overwrite,
+        label_map=a.label_map,
+        png=not a.no_png,
+    )
     print(summary_line(out))
 
 
@@ -47,9 +57,19 @@ def _cmd_strategies(a: argparse.Namespace) -> None:
 
 
 _TRAIN_FLAGS = (
-    "data", "out", "model", "strategy", "epochs", "max_steps", "batch_size", "lr", "seed",
-    "image_size", "mixed_precision", "num_workers",
-)  # fmt: skip
+    "data",
+    "out",
+    "model",
+    "strategy",
+    "epochs",
+    "max_steps",
+    "batch_size",
+    "lr",
+    "seed",
+    "image_size",
+    "mixed_precision",
+    "num_workers",
+)
 
 
 def _cmd_train(a: argparse.Namespace) -> None:
@@ -75,37 +95,63 @@ def _cmd_train(a: argparse.Namespace) -> None:
 def _cmd_evaluate(a: argparse.Namespace) -> None:
     from clipseg_bench.evaluation.evaluate import evaluate_run
 
-    metrics = evaluate_run(run=Path(a.run), data=Path(a.data) if a.data else None, split=a.split,
-                           max_cases=a.max_cases)  # fmt: skip
+    metrics = evaluate_run(
+        run=Path(a.run), data=Path(a.data) if a.data else None, split=a.split, max_cases=a.max_cases
+    )
     _print_metrics(metrics, a.run)
 
 
 def _print_metrics(metrics: dict, run) -> None:
     s = metrics["summary"]
-    print(f"dice2d {metrics['dice2d']:.4f}  dsc3d {s['dsc']:.4f}  nsd3d {s['nsd']:.4f}  -> {run}/metrics.json")
+    print(
+        f"dice2d {metrics['dice2d']:.4f}  dsc3d {s['dsc']:.4f}  nsd3d {s['nsd']:.4f}  -> {run}/metrics.json"
+    )
 
 
 def _cmd_score(a: argparse.Namespace) -> None:
     from clipseg_bench.evaluation.score import score_folder
 
-    score_folder(pred=Path(a.pred), labels=Path(a.labels), out=Path(a.out) if a.out else None,
-                 missing_as_empty=a.missing_as_empty)  # fmt: skip
+    score_folder(
+        pred=Path(a.pred),
+        labels=Path(a.labels),
+        out=Path(a.out) if a.out else None,
+        missing_as_empty=a.missing_as_empty,
+    )
 
 
 def _cmd_segment(a: argparse.Namespace) -> None:
     from clipseg_bench.evaluation.segment import segment
 
-    segment(run=a.run, model=a.model, strategy=a.strategy, ct=Path(a.ct), out=Path(a.out),
-            organs=a.organs, probabilities=a.probabilities, threshold=a.threshold)  # fmt: skip
+    segment(
+        run=a.run,
+        model=a.model,
+        strategy=a.strategy,
+        ct=Path(a.ct),
+        out=Path(a.out),
+        organs=a.organs,
+        probabilities=a.probabilities,
+        threshold=a.threshold,
+    )
 
 
 def _cmd_benchmark(a: argparse.Namespace) -> None:
     from clipseg_bench.bench.matrix import run_matrix
 
-    run_matrix(data=a.data, model=a.model, strategies=a.strategies.split(","),
-               seeds=[int(s) for s in a.seeds.split(",")], epochs=a.epochs, out=Path(a.out),
-               shard=a.shard, config=a.config, max_steps=a.max_steps, batch_size=a.batch_size,
-               evaluate=not a.no_evaluate, launcher=a.launcher, strategy_lr=_parse_lrs(a.lrs))  # fmt: skip
+    run_matrix(
+        data=a.data,
+        model=a.model,
+        strategies=a.strategies.split(","),
+        seeds=[int(s) for s in a.seeds.split(",")],
+        epochs=a.epochs,
+        out=Path(a.out),
+        shard=a.shard,
+        config=a.config,
+        max_steps=a.max_steps,
+        batch_size=a.batch_size,
+        evaluate=not a.no_evaluate,
+        launcher=a.launcher,
+        strategy_lr=_parse_lrs(a.lrs),
+    )
 
 
 def _parse_lrs(spec: str | None) -> dict[str, float]:
@@ -116,7 +162,9 @@ def _parse_lrs(spec: str | None) -> dict[str, float]:
             try:
                 out[name.strip()] = float(value)
             except ValueError:
-                raise InputError("--lrs", f"expected strategy=lr pairs such as full=1e-5, got {item!r}") from None
+                raise InputError(
+                    "--lrs", f"expected strategy=lr pairs such as full=1e-5, got {item!r}"
+                ) from None
     return out
 
 
@@ -150,14 +198,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--labels", help="folder of <case>.nii.gz label volumes")
     s.add_argument("--dataset", help="MSD/nnU-Net folder with dataset.json, imagesTr/, labelsTr/")
     s.add_argument("--out", required=True, help="PREPARED folder to write")
-    s.add_argument("--window", default="40,400",
-                   help="'minmax' (original study) or 'LEVEL,WIDTH' in HU (default 40,400 = [-160,240])")
+    s.add_argument(
+        "--window",
+        default="40,400",
+        help="'minmax' (original study) or 'LEVEL,WIDTH' in HU (default 40,400 = [-160,240])",
+    )
     s.add_argument("--val-fraction", type=float, default=0.2, help="share of cases for validation")
     s.add_argument("--seed", type=int, default=0, help="seed of the patient-level split")
     s.add_argument("--split-file", help="JSON {train: [cases], val: [cases]} instead of a random split")
     s.add_argument("--keep-empty", action="store_true", help="also list slices with no organ for training")
-    s.add_argument("--label-map", default="flare22",
-                   help="flare22 | totalsegmentator | btcv | amos | a YAML file (source id -> FLARE22 id)")
+    s.add_argument(
+        "--label-map",
+        default="flare22",
+        help="flare22 | totalsegmentator | btcv | amos | a YAML file (source id -> FLARE22 id)",
+    )
     s.add_argument("--workers", type=int, default=1, help="cases processed in parallel")
     s.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty foreign folder")
     s.add_argument("--no-png", action="store_true", help="skip the human-viewable PNG slices")
@@ -165,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("strategies", help="list fine-tuning strategies with parameter counts")
     s.add_argument("--model", default="tiny", help="hub id, local folder, or 'tiny'")
-    s.add_argument("--json", action="store_true", help="print JSON (strategy, trainable_params, total_params)")
+    s.add_argument(
+        "--json", action="store_true", help="print JSON (strategy, trainable_params, total_params)"
+    )
     s.set_defaults(func=_cmd_strategies)
 
     s = sub.add_parser("train", help="fine-tune one strategy on a PREPARED folder")
@@ -224,7 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="BENCH folder")
     s.add_argument("--shard", help="i/n: run only shard i of n (e.g. a SLURM array task)")
     s.add_argument("--no-evaluate", action="store_true", help="skip `evaluate` after each run")
-    s.add_argument("--lrs", help="per-strategy learning rates, e.g. full=1e-5,decoder=1e-3 (default: configs)")
+    s.add_argument(
+        "--lrs", help="per-strategy learning rates, e.g. full=1e-5,decoder=1e-3 (default: configs)"
+    )
     s.add_argument("--launcher", help='training launcher, e.g. "accelerate launch --num_processes 4"')
     s.set_defaults(func=_cmd_benchmark)
 

@@ -29,7 +29,9 @@ class TrainConfig(BaseModel):
         default_factory=dict, description="Strategy-specific options, e.g. {rank: 8} for lora."
     )
     epochs: int = Field(20, ge=1, description="Passes over the training slices.")
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (short runs).")
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop after this many optimizer steps (short runs)."
+    )
     batch_size: int = Field(8, ge=1, description="Slices per step; each slice brings its organ prompts.")
     lr: float | None = Field(None, gt=0, description="Peak learning rate; None takes the strategy default.")
     weight_decay: float = Field(1e-4, ge=0)
@@ -38,28 +40,38 @@ class TrainConfig(BaseModel):
     bce_weight: float = Field(1.0, ge=0)
     dice_weight: float = Field(1.0, ge=0)
     absent_fraction: float = Field(
-        0.1, ge=0, le=1, description="Share of absent-organ (slice, prompt) pairs trained on, to learn 'empty'."
+        0.1,
+        ge=0,
+        le=1,
+        description="Share of absent-organ (slice, prompt) pairs trained on, to learn 'empty'.",
     )
     image_size: int | None = Field(None, ge=16, description="Square input side; None takes the model's.")
     prompt_template: str = Field("name", description="`name`, `photo`, `ct` or a template with {organ}.")
     organs: list[str] | None = Field(None, description="Organ keys to train on; None means all 13.")
     seed: int = 0
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast on GPU via Accelerate.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="Autocast on GPU via Accelerate."
+    )
     num_workers: int = Field(0, ge=0, description="DataLoader workers.")
     threads: int | None = Field(
         None, ge=1, description="CPU threads for torch ops; None keeps torch's default (all cores)."
     )
     augment: bool = Field(
-        False, description="Random contrast/brightness/noise on training slices (no flips: left/right matter); "
-        "turns the training feature cache off."
+        False,
+        description="Random contrast/brightness/noise on training slices (no flips: left/right matter); "
+        "turns the training feature cache off.",
     )
     feature_cache: bool = Field(True, description="Cache frozen encoder outputs once (exact, fp16 on disk).")
     pair_chunk: int = Field(
-        16, ge=0, description="When no encoder trains, decode at most this many (slice, organ) pairs at a time "
-        "and accumulate their gradients (exact; bounds decoder memory). 0: all at once."
+        16,
+        ge=0,
+        description="When no encoder trains, decode at most this many (slice, organ) pairs at a time "
+        "and accumulate their gradients (exact; bounds decoder memory). 0: all at once.",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute encoder activations in backward.")
-    compile: bool = Field(False, description="torch.compile the training forward (needs a C++ compiler on CPU).")
+    compile: bool = Field(
+        False, description="torch.compile the training forward (needs a C++ compiler on CPU)."
+    )
     val_every: int = Field(1, ge=0, description="Validate every N epochs (0: never during training).")
     val_max_slices: int | None = Field(None, ge=1, description="Cap val slices per validation (speed).")
     threshold: float = Field(0.5, gt=0, lt=1, description="Probability above which a pixel is foreground.")

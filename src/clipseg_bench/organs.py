@@ -34,10 +34,20 @@ class Organ:
 
 
 _NAMES = [
-    "liver", "right kidney", "spleen", "pancreas", "aorta", "inferior vena cava",
-    "right adrenal gland", "left adrenal gland", "gallbladder", "esophagus", "stomach",
-    "duodenum", "left kidney",
-]  # fmt: skip
+    "liver",
+    "right kidney",
+    "spleen",
+    "pancreas",
+    "aorta",
+    "inferior vena cava",
+    "right adrenal gland",
+    "left adrenal gland",
+    "gallbladder",
+    "esophagus",
+    "stomach",
+    "duodenum",
+    "left kidney",
+]
 _TOLERANCES = [5, 3, 3, 5, 2, 2, 2, 2, 2, 3, 5, 7, 3]
 
 ORGANS: tuple[Organ, ...] = tuple(
@@ -142,7 +152,11 @@ class LabelMap:
         return lut
 
     def to_dict(self) -> dict:
-        return {"source": self.source, "default": self.default, "map": {str(k): v for k, v in self.mapping.items()}}
+        return {
+            "source": self.source,
+            "default": self.default,
+            "map": {str(k): v for k, v in self.mapping.items()},
+        }
 
 
 def load_label_map(spec: str | Path = "flare22") -> LabelMap:

@@ -21,8 +21,18 @@ COMMON = {"image_size": 64, "val_max_slices": 8, "val_every": 0}
 
 
 def _bench(prepared, out, strategies, seeds=(0,), shard=None, steps=3):
-    return run_matrix(data=prepared, model="tiny", strategies=list(strategies), seeds=list(seeds), epochs=50,
-                      max_steps=steps, batch_size=8, out=out, shard=shard, extra=COMMON)  # fmt: skip
+    return run_matrix(
+        data=prepared,
+        model="tiny",
+        strategies=list(strategies),
+        seeds=list(seeds),
+        epochs=50,
+        max_steps=steps,
+        batch_size=8,
+        out=out,
+        shard=shard,
+        extra=COMMON,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +45,14 @@ def small_bench(prepared_dir, tmp_path_factory):
 def test_benchmark_produces_every_artefact(small_bench):
     for name in ("zeroshot-s0", "decoder-s0"):
         run = small_bench / "runs" / name
-        for f in ("config.yaml", "run.json", "history.csv", "weights.safetensors", "metrics.json", "samples.npz"):
+        for f in (
+            "config.yaml",
+            "run.json",
+            "history.csv",
+            "weights.safetensors",
+            "metrics.json",
+            "samples.npz",
+        ):
             assert (run / f).is_file(), (name, f)
         assert run_status(run) == "evaluated"
     html = write_report([small_bench])
@@ -64,13 +81,35 @@ def test_rerun_skips_finished_runs(small_bench, prepared_dir, capsys):
 
 def test_killed_run_is_resumed(prepared_dir, tmp_path):
     out = tmp_path / "B"
-    cmd = [sys.executable, "-m", "clipseg_bench.cli", "benchmark", "--data", str(prepared_dir), "--model", "tiny",
-           "--strategies", "adapter", "--seeds", "0", "--epochs", "4", "--batch-size", "8", "--out", str(out),
-           "--no-evaluate"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "clipseg_bench.cli",
+        "benchmark",
+        "--data",
+        str(prepared_dir),
+        "--model",
+        "tiny",
+        "--strategies",
+        "adapter",
+        "--seeds",
+        "0",
+        "--epochs",
+        "4",
+        "--batch-size",
+        "8",
+        "--out",
+        str(out),
+        "--no-evaluate",
+    ]
     cfg = tmp_path / "common.yaml"
     cfg.write_text("image_size: 64\nval_max_slices: 4\nval_every: 0\n")
-    proc = subprocess.Popen([*cmd, "--config", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [*cmd, "--config", str(cfg)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     state = out / "runs" / "adapter-s0" / "checkpoints" / "last" / "state.json"
     deadline = time.time() + 300
     while time.time() < deadline and not state.is_file():
@@ -105,8 +144,9 @@ def test_shards_partition_the_matrix_and_merge_like_one_run(prepared_dir, tmp_pa
     write_report([whole])
     merged, single = pd.read_csv(tmp_path / "merged" / "results.csv"), pd.read_csv(whole / "results.csv")
     drop = ["bench_dir", "run_dir"]
-    pd.testing.assert_frame_equal(merged.drop(columns=drop, errors="ignore"),
-                                  single.drop(columns=drop, errors="ignore"))  # fmt: skip
+    pd.testing.assert_frame_equal(
+        merged.drop(columns=drop, errors="ignore"), single.drop(columns=drop, errors="ignore")
+    )
 
 
 def test_bad_shard_and_strategy_are_input_errors():

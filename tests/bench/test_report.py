@@ -27,9 +27,17 @@ from clipseg_bench.errors import InputError
 from clipseg_bench.organs import ORGANS
 
 REQUIRED = [
-    "strategy", "seed", "trainable_params", "train_dice", "val_dice", "val_dsc3d", "val_nsd3d",
-    "train_time_s", "s_per_epoch", "peak_mem_mb",
-]  # fmt: skip
+    "strategy",
+    "seed",
+    "trainable_params",
+    "train_dice",
+    "val_dice",
+    "val_dsc3d",
+    "val_nsd3d",
+    "train_time_s",
+    "s_per_epoch",
+    "peak_mem_mb",
+]
 PLOTS = ("pareto", "time_breakdown", "per_organ", "curves", "overlays")
 TOTAL = 255_000
 TRAINABLE = {"zeroshot": 0, "full": 255_000, "decoder": 61_000, "lora": 9_000}
@@ -59,44 +67,84 @@ def make_run(bench: Path, strategy: str, seed: int, status: str = "finished", *,
     run = bench / "runs" / f"{strategy}-s{seed}"
     run.mkdir(parents=True)
     trained = strategy != "zeroshot"
-    parts = {k: round(float(rng.uniform(0.5, 5.0)), 4) if trained else 0.0 for k in ("data", "forward", "backward", "optimizer")}  # fmt: skip
+    parts = {
+        k: round(float(rng.uniform(0.5, 5.0)), 4) if trained else 0.0
+        for k in ("data", "forward", "backward", "optimizer")
+    }
     parts["eval"] = round(float(rng.uniform(0.5, 2.0)), 4)
     train_time = round(sum(parts.values()) + 0.3, 4) if trained else 0.0
     info = {
-        "status": status, "strategy": strategy, "seed": seed, "model": "tiny",
+        "status": status,
+        "strategy": strategy,
+        "seed": seed,
+        "model": "tiny",
         "git": {"commit": "abc123def456", "dirty": False},
         "hardware": {"cpu": "test cpu", "gpu": None, "torch": "2.13.0", "cuda": None, "num_processes": 1},
         "params": {"trainable": TRAINABLE[strategy], "total": TOTAL},
         "timing": {
-            "train_time_s": train_time, "s_per_epoch": round(train_time / epochs, 4) if trained else None,
-            "epochs": epochs if trained else 0, "steps": 10 * epochs if trained else 0,
-            "masks_per_s": round(float(rng.uniform(20, 80)), 3), "cache_build_s": 1.25 if strategy == "decoder" else 0.0,
-            "cache_size_mb": 3.4, "breakdown_s": parts, "peak_mem_mb": round(float(rng.uniform(300, 900)), 2),
+            "train_time_s": train_time,
+            "s_per_epoch": round(train_time / epochs, 4) if trained else None,
+            "epochs": epochs if trained else 0,
+            "steps": 10 * epochs if trained else 0,
+            "masks_per_s": round(float(rng.uniform(20, 80)), 3),
+            "cache_build_s": 1.25 if strategy == "decoder" else 0.0,
+            "cache_size_mb": 3.4,
+            "breakdown_s": parts,
+            "peak_mem_mb": round(float(rng.uniform(300, 900)), 2),
             "peak_mem_kind": "rss",
         },
-        "final": {"train_dice": round(float(rng.uniform(0.6, 0.9)), 5) if trained else None,
-                  "val_dice": round(float(rng.uniform(0.5, 0.8)), 5)},
-    }  # fmt: skip
+        "final": {
+            "train_dice": round(float(rng.uniform(0.6, 0.9)), 5) if trained else None,
+            "val_dice": round(float(rng.uniform(0.5, 0.8)), 5),
+        },
+    }
     (run / "run.json").write_text(json.dumps(info))
     (run / "config.yaml").write_text(
-        yaml.safe_dump({"data": "/p", "out": str(run), "model": "tiny", "strategy": strategy, "seed": seed,
-                        "epochs": epochs, "lr": 1e-3 if strategy != "full" else 1e-5, "batch_size": 8})
-    )  # fmt: skip
+        yaml.safe_dump(
+            {
+                "data": "/p",
+                "out": str(run),
+                "model": "tiny",
+                "strategy": strategy,
+                "seed": seed,
+                "epochs": epochs,
+                "lr": 1e-3 if strategy != "full" else 1e-5,
+                "batch_size": 8,
+            }
+        )
+    )
     if trained:
         ep = np.arange(1, epochs + 1)
         pd.DataFrame(
-            {"epoch": ep, "step": ep * 10, "loss": 1.0 / ep, "train_dice": 0.5 + 0.1 * ep,
-             "val_dice": 0.4 + 0.1 * ep, "epoch_time_s": train_time / epochs, "lr": 1e-3}
-        ).to_csv(run / "history.csv", index=False)  # fmt: skip
+            {
+                "epoch": ep,
+                "step": ep * 10,
+                "loss": 1.0 / ep,
+                "train_dice": 0.5 + 0.1 * ep,
+                "val_dice": 0.4 + 0.1 * ep,
+                "epoch_time_s": train_time / epochs,
+                "lr": 1e-3,
+            }
+        ).to_csv(run / "history.csv", index=False)
     if status == "finished":
-        per_organ = {o.key: {"dsc": round(float(rng.uniform(0.3, 0.95)), 5), "nsd": round(float(rng.uniform(0.3, 0.95)), 5)}
-                     for o in ORGANS}  # fmt: skip
+        per_organ = {
+            o.key: {
+                "dsc": round(float(rng.uniform(0.3, 0.95)), 5),
+                "nsd": round(float(rng.uniform(0.3, 0.95)), 5),
+            }
+            for o in ORGANS
+        }
         metrics = {
-            "split": "val", "dice2d": round(float(rng.uniform(0.5, 0.85)), 5), "empty_specificity": 0.95,
+            "split": "val",
+            "dice2d": round(float(rng.uniform(0.5, 0.85)), 5),
+            "empty_specificity": 0.95,
             "per_case": {"case_a": per_organ},
-            "summary": {"dsc": round(float(rng.uniform(0.4, 0.9)), 5), "nsd": round(float(rng.uniform(0.4, 0.9)), 5),
-                        "per_organ": per_organ},
-        }  # fmt: skip
+            "summary": {
+                "dsc": round(float(rng.uniform(0.4, 0.9)), 5),
+                "nsd": round(float(rng.uniform(0.4, 0.9)), 5),
+                "per_organ": per_organ,
+            },
+        }
         (run / "metrics.json").write_text(json.dumps(metrics))
         noise = list(TRAINABLE).index(strategy)
         np.savez(run / "samples.npz", **_samples(noise=noise))
@@ -226,8 +274,11 @@ def test_results_md_means_and_stds_equal_the_run_json(bench):
     organs = md_table(md, "Per-organ val NSD").set_index("Organ")
     for strategy in ("full", "decoder"):
         for o in ORGANS:
-            assert_pm(organs.loc[o.name, strategy],
-                      source_values(bench, strategy, lambda i, m, k=o.key: m["summary"]["per_organ"][k]["nsd"]), 3)  # fmt: skip
+            assert_pm(
+                organs.loc[o.name, strategy],
+                source_values(bench, strategy, lambda i, m, k=o.key: m["summary"]["per_organ"][k]["nsd"]),
+                3,
+            )
 
 
 def test_html_shows_the_same_numbers_and_the_unfinished_run(bench):
@@ -345,8 +396,17 @@ def test_report_opens_in_headless_chromium_with_every_image(bench, tmp_path):
     copy = tmp_path / "report.html"
     copy.write_text(page.replace("</body>", probe + "</body>"), encoding="utf-8")
     dom = subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000", "--dump-dom",
-         copy.as_uri()],
-        capture_output=True, text=True, timeout=120,
-    ).stdout  # fmt: skip
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            copy.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     assert f'data-imgs="{len(PLOTS)}:{len(PLOTS)}"' in dom, dom[-500:]

@@ -92,18 +92,34 @@ def test_split_file_decides(phantom_dir, tmp_path):
     split.write_text(
         json.dumps({"train": ["phantomA_0000", "phantomA_0003"], "val": ["phantomA_0001", "phantomA_0002"]})
     )
-    out = prepare(images=phantom_dir / "images", labels=phantom_dir / "labels", out=tmp_path / "o",
-                  split_file=split, png=False)  # fmt: skip
+    out = prepare(
+        images=phantom_dir / "images",
+        labels=phantom_dir / "labels",
+        out=tmp_path / "o",
+        split_file=split,
+        png=False,
+    )
     doc = json.loads((out / "dataset.json").read_text())
     assert {c: m["split"] for c, m in doc["cases"].items()} == {
-        "phantomA_0000": "train", "phantomA_0001": "val", "phantomA_0002": "val", "phantomA_0003": "train"
-    }  # fmt: skip
+        "phantomA_0000": "train",
+        "phantomA_0001": "val",
+        "phantomA_0002": "val",
+        "phantomA_0003": "train",
+    }
     assert not (out / "png").exists()
 
 
 def test_rerun_skips_finished_cases_and_redoes_changed_options(phantom_dir, tmp_path, capsys):
-    args = ["prepare", "--images", str(phantom_dir / "images"), "--labels", str(phantom_dir / "labels"),
-            "--out", str(tmp_path / "o"), "--no-png"]  # fmt: skip
+    args = [
+        "prepare",
+        "--images",
+        str(phantom_dir / "images"),
+        "--labels",
+        str(phantom_dir / "labels"),
+        "--out",
+        str(tmp_path / "o"),
+        "--no-png",
+    ]
     assert main(args) == 0
     assert "4 processed, 0 already done" in capsys.readouterr().out
     stamp = (tmp_path / "o" / "cache" / "phantomA_0000_image.npy").stat().st_mtime_ns
@@ -145,15 +161,21 @@ def test_interrupted_run_leaves_no_half_written_case(layout, tmp_path, monkeypat
     for case in "abc":
         np.testing.assert_array_equal(cache(out, case, "image"), cache(fresh, case, "image"))
         assert sorted(p.name for p in (out / "png" / "labels" / case).iterdir()) == sorted(
-            p.name for p in (fresh / "png" / "labels" / case).iterdir())  # fmt: skip
+            p.name for p in (fresh / "png" / "labels" / case).iterdir()
+        )
 
 
 def test_parallel_workers_give_the_same_result(phantom_dir, tmp_path):
     one = prepare(
         images=phantom_dir / "images", labels=phantom_dir / "labels", out=tmp_path / "one", png=False
     )
-    two = prepare(images=phantom_dir / "images", labels=phantom_dir / "labels", out=tmp_path / "two", png=False,
-                  workers=2)  # fmt: skip
+    two = prepare(
+        images=phantom_dir / "images",
+        labels=phantom_dir / "labels",
+        out=tmp_path / "two",
+        png=False,
+        workers=2,
+    )
     assert (one / "manifest.csv").read_text() == (two / "manifest.csv").read_text()
     for case in json.loads((one / "dataset.json").read_text())["cases"]:
         for kind in ("image", "label"):
@@ -203,7 +225,12 @@ def test_keep_empty_and_custom_label_map(layout, tmp_path):
     rows = read_manifest(out)
     kept = sum(int(r["kept"]) for r in rows)
     assert kept == int(labels.any(axis=(0, 1)).sum()) < len(rows)
-    out2 = prepare(images=layout.images, labels=layout.labels, out=tmp_path / "o2", label_map=str(yaml_map),
-                   keep_empty=True)  # fmt: skip
+    out2 = prepare(
+        images=layout.images,
+        labels=layout.labels,
+        out=tmp_path / "o2",
+        label_map=str(yaml_map),
+        keep_empty=True,
+    )
     assert all(r["kept"] == "1" for r in read_manifest(out2))
     assert len(list((out2 / "png" / "images" / "x").iterdir())) == len(rows)

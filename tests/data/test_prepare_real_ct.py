@@ -55,8 +55,11 @@ def variants(shared_ct, tmp_path_factory):
 def test_orientation_of_the_variants(variants):
     _, _, made = variants
     assert {c: "".join(nib.aff2axcodes(i.affine)) for c, (i, _) in made.items()} == {
-        "ras": "RAS", "las": "LAS", "pir": "PIR", "fine": "RAS"
-    }  # fmt: skip
+        "ras": "RAS",
+        "las": "LAS",
+        "pir": "PIR",
+        "fine": "RAS",
+    }
 
 
 def test_real_ct_organs_and_slices(variants):
@@ -123,8 +126,13 @@ def test_totalsegmentator_label_map(shared_ct, tmp_path):
     (tmp_path / "labels").mkdir()
     (tmp_path / "images" / "ts_0000.nii.gz").symlink_to(shared_ct / "images" / "TS_0001_0000.nii.gz")
     nib.save(nib.Nifti1Image(ts, label.affine), tmp_path / "labels" / "ts.nii.gz")
-    out = prepare(images=tmp_path / "images", labels=tmp_path / "labels", out=tmp_path / "o",
-                  label_map="totalsegmentator", png=False)  # fmt: skip
+    out = prepare(
+        images=tmp_path / "images",
+        labels=tmp_path / "labels",
+        out=tmp_path / "o",
+        label_map="totalsegmentator",
+        png=False,
+    )
     meta = json.loads((out / "dataset.json").read_text())["cases"]["ts"]
     np.testing.assert_array_equal(slices_to_volume(np.load(out / "cache" / "ts_label.npy"), meta), flare)
     with pytest.raises(InputError, match="does not know: 19, 52, 63") as info:  # FLARE22 ids stop at 13

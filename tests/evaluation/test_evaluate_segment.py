@@ -21,9 +21,20 @@ from clipseg_bench.train.loop import train
 
 
 def _train(prepared, out, strategy, steps=4):
-    cfg = load_config(None, {"data": str(prepared), "out": str(out), "model": "tiny", "strategy": strategy,
-                             "image_size": 64, "batch_size": 8, "lr": 1e-3, "max_steps": steps,
-                             "val_max_slices": 8})  # fmt: skip
+    cfg = load_config(
+        None,
+        {
+            "data": str(prepared),
+            "out": str(out),
+            "model": "tiny",
+            "strategy": strategy,
+            "image_size": 64,
+            "batch_size": 8,
+            "lr": 1e-3,
+            "max_steps": steps,
+            "val_max_slices": 8,
+        },
+    )
     return train(cfg)
 
 
@@ -37,8 +48,11 @@ def test_metrics_json_has_the_promised_keys(trained_run, prepared_dir):
     on_disk = json.loads((trained_run / "metrics.json").read_text())
     assert on_disk["dice2d"] == m["dice2d"]
     assert {"dice2d", "empty_specificity", "per_case", "summary"} <= set(on_disk)
-    val_cases = [c for c, meta in json.loads((prepared_dir / "dataset.json").read_text())["cases"].items()
-                 if meta["split"] == "val"]  # fmt: skip
+    val_cases = [
+        c
+        for c, meta in json.loads((prepared_dir / "dataset.json").read_text())["cases"].items()
+        if meta["split"] == "val"
+    ]
     assert sorted(on_disk["per_case"]) == sorted(val_cases)
     for scores in on_disk["per_case"].values():
         assert set(scores) == {o.key for o in ORGANS}
@@ -61,9 +75,12 @@ def test_score_of_segment_output_equals_evaluate(trained_run, phantom_dir, tmp_p
     pred = tmp_path / "pred"
     pred.mkdir()
     for case in metrics["per_case"]:
-        segment(run=trained_run, ct=phantom_dir / "images" / f"{case}_0000.nii.gz", out=pred / f"{case}.nii.gz")
-    table = score_folder(pred=pred, labels=phantom_dir / "labels", out=tmp_path / "scores.csv",
-                         missing_as_empty=True)  # fmt: skip
+        segment(
+            run=trained_run, ct=phantom_dir / "images" / f"{case}_0000.nii.gz", out=pred / f"{case}.nii.gz"
+        )
+    table = score_folder(
+        pred=pred, labels=phantom_dir / "labels", out=tmp_path / "scores.csv", missing_as_empty=True
+    )
     scored = table[table["case"].isin(list(metrics["per_case"]))]
     assert len(scored) == 13 * len(metrics["per_case"])
     for row in scored.itertuples():
@@ -75,9 +92,27 @@ def test_score_of_segment_output_equals_evaluate(trained_run, phantom_dir, tmp_p
 def test_segment_real_ct_keeps_grid_affine_and_shape(shared_ct, tmp_path):
     ct = shared_ct / "images" / "TS_0001_0000.nii.gz"
     out = tmp_path / "mask.nii.gz"
-    r = subprocess.run([sys.executable, "-m", "clipseg_bench.cli", "segment", "--model", "tiny", "--strategy",
-                        "zeroshot", "--ct", str(ct), "--out", str(out), "--organs", "liver,spleen",
-                        "--probabilities"], capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clipseg_bench.cli",
+            "segment",
+            "--model",
+            "tiny",
+            "--strategy",
+            "zeroshot",
+            "--ct",
+            str(ct),
+            "--out",
+            str(out),
+            "--organs",
+            "liver,spleen",
+            "--probabilities",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     src, mask = nib.load(ct), nib.load(out)
     assert mask.shape == src.shape
@@ -116,8 +151,24 @@ def test_segment_bad_ct_is_one_line_and_writes_nothing(tmp_path, bad):
     else:
         nib.save(nib.Nifti1Image(np.zeros((8, 8), np.int16), np.eye(4)), ct)
     out = tmp_path / "mask.nii.gz"
-    r = subprocess.run([sys.executable, "-m", "clipseg_bench.cli", "segment", "--model", "tiny", "--strategy",
-                        "zeroshot", "--ct", str(ct), "--out", str(out)], capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clipseg_bench.cli",
+            "segment",
+            "--model",
+            "tiny",
+            "--strategy",
+            "zeroshot",
+            "--ct",
+            str(ct),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and str(ct) in r.stderr and "Traceback" not in r.stderr
     assert not out.exists() and not any(p.name.startswith(".mask") for p in tmp_path.iterdir())

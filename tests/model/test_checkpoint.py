@@ -17,8 +17,12 @@ from clipseg_bench.strategies import apply_strategy, available
 
 def logits(model, inputs):
     with torch.no_grad():
-        return fw.forward(model, inputs["pixel_values"], input_ids=inputs["input_ids"],
-                          attention_mask=inputs["attention_mask"])  # fmt: skip
+        return fw.forward(
+            model,
+            inputs["pixel_values"],
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+        )
 
 
 def fresh():

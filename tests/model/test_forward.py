@@ -57,9 +57,11 @@ def test_k_prompt_batching_equals_each_pair_alone(model, inputs):
         for b in range(3):
             for k in range(3):
                 alone = fw.forward(
-                    model, inputs["pixel_values"][b : b + 1],
-                    input_ids=inputs["input_ids"][k : k + 1], attention_mask=inputs["attention_mask"][k : k + 1],
-                )  # fmt: skip
+                    model,
+                    inputs["pixel_values"][b : b + 1],
+                    input_ids=inputs["input_ids"][k : k + 1],
+                    attention_mask=inputs["attention_mask"][k : k + 1],
+                )
                 torch.testing.assert_close(grid[b, k], alone[0, 0], atol=1e-5, rtol=0)
 
 
@@ -211,7 +213,9 @@ def test_blocked_mlp_equals_the_eager_mlp(model, frozen):
         mlp.fc1.weight.requires_grad_(False)
         mlp.fc2.weight.requires_grad_(False)
     # 2 x 300 rows: more than two MLP_BLOCKs and not a multiple of it; a (B, N, C) input like decode's.
-    x = torch.randn(2, 300, mlp.fc1.in_features, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    x = torch.randn(
+        2, 300, mlp.fc1.in_features, generator=torch.Generator().manual_seed(1), requires_grad=True
+    )
     assert fw._blocked_mlp_applies(mlp, x)
     y_ref, g_ref = _mlp_grads(mlp, x, lambda m, v: m(v))
     y, g = _mlp_grads(mlp, x, fw.decoder_mlp)
@@ -267,7 +271,11 @@ def test_blocked_mlp_is_not_used_for_wrapped_or_hooked_mlps(model):
 @pytest.mark.parametrize("relu_between", [True, False])
 def test_patch_deconv_chain_equals_the_layers(relu_between):
     torch.manual_seed(0)
-    layers = [torch.nn.ConvTranspose2d(8, 6, 2, stride=2), torch.nn.ReLU(), torch.nn.ConvTranspose2d(6, 3, 4, stride=4)]
+    layers = [
+        torch.nn.ConvTranspose2d(8, 6, 2, stride=2),
+        torch.nn.ReLU(),
+        torch.nn.ConvTranspose2d(6, 3, 4, stride=4),
+    ]
     if not relu_between:
         del layers[1]
     head = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(), *layers, torch.nn.ReLU())

@@ -27,8 +27,12 @@ def test_tiny_decoder_init_is_sane(inputs):
     # HF's N(0, 1) decoder init gives logits with a std around 47; PyTorch's default stays small.
     model = build_tiny(tiny_config(image_size=64))
     with torch.no_grad():
-        logits = fw.forward(model, inputs["pixel_values"], input_ids=inputs["input_ids"],
-                            attention_mask=inputs["attention_mask"])  # fmt: skip
+        logits = fw.forward(
+            model,
+            inputs["pixel_values"],
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+        )
     assert logits.std() < 5
 
 
@@ -64,8 +68,15 @@ def test_saved_model_loads_back_as_a_folder(tmp_path, inputs):
     names = [o.name for o in ORGANS]
     assert torch.equal(fw.tokenize(again, names)["input_ids"], fw.tokenize(loaded, names)["input_ids"])
     with torch.no_grad():
-        a, b = (fw.forward(m.model, inputs["pixel_values"], input_ids=inputs["input_ids"],
-                           attention_mask=inputs["attention_mask"]) for m in (loaded, again))  # fmt: skip
+        a, b = (
+            fw.forward(
+                m.model,
+                inputs["pixel_values"],
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+            )
+            for m in (loaded, again)
+        )
     assert torch.equal(a, b)
 
 

@@ -13,8 +13,9 @@ from clipseg_bench.strategies import apply_strategy, available, count_parameters
 
 
 def run(model, inputs) -> torch.Tensor:
-    return fw.forward(model, inputs["pixel_values"], input_ids=inputs["input_ids"],
-                      attention_mask=inputs["attention_mask"])  # fmt: skip
+    return fw.forward(
+        model, inputs["pixel_values"], input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+    )
 
 
 def loss_of(logits: torch.Tensor) -> torch.Tensor:
@@ -67,8 +68,9 @@ def test_stock_forward_trap(model, inputs):
     b, k = 3, 3
     stock = model(
         pixel_values=inputs["pixel_values"].repeat_interleave(k, 0),
-        input_ids=inputs["input_ids"].repeat(b, 1), attention_mask=inputs["attention_mask"].repeat(b, 1),
-    ).logits  # fmt: skip
+        input_ids=inputs["input_ids"].repeat(b, 1),
+        attention_mask=inputs["attention_mask"].repeat(b, 1),
+    ).logits
     loss_of(stock).backward()
     encoders = [*fw.encoder_layers(model, "vision"), *fw.text_encoder_parts(model)]
     assert all(p.grad is None for m in encoders for p in m.parameters())  # the trap
@@ -91,9 +93,17 @@ def test_counts_are_honest(model):
         counts = apply_strategy(m, name)
         assert (counts.trainable, counts.total) == (trainable, base_total), name
     bitfit = apply_strategy(model, "bitfit")
-    biases = [p for part in (*fw.encoder_layers(model, "vision"), *fw.text_encoder_parts(model),
-                             model.clip.vision_model.pre_layrnorm, model.clip.text_model.final_layer_norm)
-              for n, p in part.named_parameters() if n.endswith("bias")]  # fmt: skip
+    biases = [
+        p
+        for part in (
+            *fw.encoder_layers(model, "vision"),
+            *fw.text_encoder_parts(model),
+            model.clip.vision_model.pre_layrnorm,
+            model.clip.text_model.final_layer_norm,
+        )
+        for n, p in part.named_parameters()
+        if n.endswith("bias")
+    ]
     assert bitfit.trainable == decoder + numel(set(biases)) and bitfit.total == base_total
 
 
@@ -118,11 +128,22 @@ def test_lora_options(model):
 
 
 def test_adapter_options_and_size(model):
-    counts = apply_strategy(model, "adapter", {"bottleneck": 8, "vision_layers": [0, 2], "text_layers": [],
-                                                "positions": ["mlp"], "train_decoder": False})  # fmt: skip
+    counts = apply_strategy(
+        model,
+        "adapter",
+        {
+            "bottleneck": 8,
+            "vision_layers": [0, 2],
+            "text_layers": [],
+            "positions": ["mlp"],
+            "train_decoder": False,
+        },
+    )
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert {n.split(".mlp.")[0] for n in names} == {"clip.vision_model.encoder.layers.0",
-                                                     "clip.vision_model.encoder.layers.2"}  # fmt: skip
+    assert {n.split(".mlp.")[0] for n in names} == {
+        "clip.vision_model.encoder.layers.0",
+        "clip.vision_model.encoder.layers.2",
+    }
     assert counts.trainable == 2 * (64 * 8 + 8 + 8 * 64 + 64)  # down + up, weights and biases
 
 

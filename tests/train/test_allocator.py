@@ -25,7 +25,9 @@ print(released, before, rss_mb())
 
 
 def test_return_free_memory_lowers_rss():
-    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True
+    ).stdout.split()
     released, before, after = out[0] == "True", float(out[1]), float(out[2])
     assert released
     assert before - after > 150, (before, after)  # ~280 MiB were freed inside the heap

@@ -15,7 +15,9 @@ def test_peak_rss_of_a_subprocess_is_its_own():
     ballast = np.ones(400 * 2**20 // 8)  # ~400 MiB resident in the parent
     parent = peak_rss_mb()
     code = "from clipseg_bench.train.runinfo import peak_rss_mb; print(peak_rss_mb())"
-    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    child = float(
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    )
     assert ballast.sum() > 0
     assert parent > 400 and child < parent - 250
 

@@ -22,15 +22,23 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _cfg(prepared, out, **kw):
-    base = {"data": str(prepared), "out": str(out), "model": "tiny", "image_size": 64, "batch_size": 8,
-            "lr": 1e-3, "val_max_slices": 24}  # fmt: skip
+    base = {
+        "data": str(prepared),
+        "out": str(out),
+        "model": "tiny",
+        "image_size": 64,
+        "batch_size": 8,
+        "lr": 1e-3,
+        "val_max_slices": 24,
+    }
     return load_config(None, {**base, **kw})
 
 
 def _cli(*args, env=None, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "clipseg_bench.cli", *args], capture_output=True, text=True,
-                          env=env, **kw)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "clipseg_bench.cli", *args], capture_output=True, text=True, env=env, **kw
+    )
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +49,14 @@ def learning_data(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("learn")
     write_phantoms(root / "ph", cases=8, seed=3, style="A", size=96)
-    return prepare(images=root / "ph" / "images", labels=root / "ph" / "labels", out=root / "p",
-                   val_fraction=0.25, seed=0, png=False)  # fmt: skip
+    return prepare(
+        images=root / "ph" / "images",
+        labels=root / "ph" / "labels",
+        out=root / "p",
+        val_fraction=0.25,
+        seed=0,
+        png=False,
+    )
 
 
 def test_full_strategy_learns_the_liver(learning_data, tmp_path):
@@ -51,8 +65,19 @@ def test_full_strategy_learns_the_liver(learning_data, tmp_path):
     Measured here: 0.82 from step ~480 at 160 px (the 8x8 token grid of 128 px tops out near 0.74);
     NOTES: some seeds predict nothing until step ~400, so the bound stays well above that.
     """
-    cfg = _cfg(learning_data, tmp_path / "run", strategy="full", image_size=160, batch_size=16, max_steps=900,
-               epochs=1000, organs=["liver"], val_every=0, warmup_steps=20, val_max_slices=None)  # fmt: skip
+    cfg = _cfg(
+        learning_data,
+        tmp_path / "run",
+        strategy="full",
+        image_size=160,
+        batch_size=16,
+        max_steps=900,
+        epochs=1000,
+        organs=["liver"],
+        val_every=0,
+        warmup_steps=20,
+        val_max_slices=None,
+    )
     train(cfg)
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["status"] == "finished"
@@ -80,7 +105,9 @@ def test_refuses_to_overwrite_a_run(prepared_dir, tmp_path):
     (tmp_path / "r" / "something").write_text("x")
     r = _cli("train", "--data", str(prepared_dir), "--out", str(tmp_path / "r"), "--max-steps", "1")
     assert r.returncode == 2
-    assert r.stderr.strip().count("\n") == 0 and str(tmp_path / "r") in r.stderr and "Traceback" not in r.stderr
+    assert (
+        r.stderr.strip().count("\n") == 0 and str(tmp_path / "r") in r.stderr and "Traceback" not in r.stderr
+    )
 
 
 def test_bad_config_is_one_line(prepared_dir, tmp_path):
@@ -91,8 +118,25 @@ def test_bad_config_is_one_line(prepared_dir, tmp_path):
 
 
 def _train_args(prepared, out):
-    return ["train", "--data", str(prepared), "--out", str(out), "--strategy", "adapter", "--epochs", "3",
-            "--batch-size", "8", "--image-size", "64", "--lr", "1e-3", "--set", "val_max_slices=16"]  # fmt: skip
+    return [
+        "train",
+        "--data",
+        str(prepared),
+        "--out",
+        str(out),
+        "--strategy",
+        "adapter",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "8",
+        "--image-size",
+        "64",
+        "--lr",
+        "1e-3",
+        "--set",
+        "val_max_slices=16",
+    ]
 
 
 def test_resume_after_sigkill_is_exact(prepared_dir, tmp_path):
@@ -102,8 +146,11 @@ def test_resume_after_sigkill_is_exact(prepared_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "clipseg_bench.cli", *_train_args(prepared_dir, run)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clipseg_bench.cli", *_train_args(prepared_dir, run)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     state = run / "checkpoints" / "last" / "state.json"
     deadline = time.time() + 300
     while time.time() < deadline and not (state.is_file() and json.loads(state.read_text())["epoch"] >= 1):
@@ -132,7 +179,9 @@ def test_resume_after_sigkill_is_exact(prepared_dir, tmp_path):
 def test_feature_cache_follows_the_live_loss_curve(prepared_dir, tmp_path):
     """Decoder-only on cached fp16 activations trains like computing them live (fp16 tolerance)."""
     live = train(_cfg(prepared_dir, tmp_path / "live", strategy="decoder", max_steps=12, feature_cache=False))
-    cached = train(_cfg(prepared_dir, tmp_path / "cached", strategy="decoder", max_steps=12, feature_cache=True))
+    cached = train(
+        _cfg(prepared_dir, tmp_path / "cached", strategy="decoder", max_steps=12, feature_cache=True)
+    )
     a, b = pd.read_csv(live / "history.csv"), pd.read_csv(cached / "history.csv")
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=2e-3)
     info = json.loads((cached / "run.json").read_text())
@@ -146,11 +195,37 @@ def test_feature_cache_follows_the_live_loss_curve(prepared_dir, tmp_path):
 def test_two_process_gloo_run_keeps_ranks_identical(prepared_dir, tmp_path):
     """torchrun --nproc_per_node 2 (gloo on CPU): training works and both ranks end with the same weights."""
     run = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "-m", "clipseg_bench.cli", "train", "--data", str(prepared_dir), "--out", str(run), "--strategy",
-           "lora", "--max-steps", "4", "--batch-size", "4", "--image-size", "64", "--lr", "1e-3",
-           "--set", "val_max_slices=8"]  # fmt: skip
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "clipseg_bench.cli",
+        "train",
+        "--data",
+        str(prepared_dir),
+        "--out",
+        str(run),
+        "--strategy",
+        "lora",
+        "--max-steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--image-size",
+        "64",
+        "--lr",
+        "1e-3",
+        "--set",
+        "val_max_slices=8",
+    ]
+    r = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     info = json.loads((run / "run.json").read_text())
     assert info["hardware"]["num_processes"] == 2
@@ -162,7 +237,9 @@ def test_validation_during_training_sees_the_current_text_encoder(prepared_dir, 
     """The val Dice a run reports must be the trained model's: equal to a fresh `evaluate` of it."""
     from clipseg_bench.evaluation.evaluate import evaluate_run
 
-    run = train(_cfg(prepared_dir, tmp_path / "r", strategy="full", max_steps=25, lr=3e-3, val_max_slices=None))
+    run = train(
+        _cfg(prepared_dir, tmp_path / "r", strategy="full", max_steps=25, lr=3e-3, val_max_slices=None)
+    )
     reported = json.loads((run / "run.json").read_text())["final"]["val_dice"]
     fresh = evaluate_run(run=run, show_progress=False)["dice2d"]  # phantom slices are all kept
     assert reported == pytest.approx(fresh, abs=1e-6)
@@ -192,7 +269,9 @@ def test_augmentation_is_seeded_bounded_and_bypasses_the_cache(prepared_dir, tmp
     assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, imgs)
     assert (a.float() - imgs.float()).abs().mean() < 40  # jitter, not a different image
 
-    plain = train(_cfg(prepared_dir, tmp_path / "plain", strategy="decoder", max_steps=4, feature_cache=False))
+    plain = train(
+        _cfg(prepared_dir, tmp_path / "plain", strategy="decoder", max_steps=4, feature_cache=False)
+    )
     aug = train(_cfg(prepared_dir, tmp_path / "aug", strategy="decoder", max_steps=4, augment=True))
     # Decoder-only would train on cached features, which cannot be augmented: a different loss
     # curve shows the augmented images really went through the (frozen) encoder.

@@ -49,8 +49,14 @@ def run_demo(*, out: Path, quick: bool = False, strategies: list[str] | None = N
     for style, n, seed in (("A", n_a, 100), ("B", n_b, 200)):
         if not (out / f"prepared_{style}" / "dataset.json").is_file():
             write_phantoms(out / f"phantoms_{style}", cases=n, seed=seed, style=style, size=96)
-            prepare(images=out / f"phantoms_{style}" / "images", labels=out / f"phantoms_{style}" / "labels",
-                    out=out / f"prepared_{style}", val_fraction=0.25, seed=0, png=False)  # fmt: skip
+            prepare(
+                images=out / f"phantoms_{style}" / "images",
+                labels=out / f"phantoms_{style}" / "labels",
+                out=out / f"prepared_{style}",
+                val_fraction=0.25,
+                seed=0,
+                png=False,
+            )
 
     pretrained = out / "pretrained-tiny"
     if not (pretrained / "config.json").is_file():
@@ -58,9 +64,17 @@ def run_demo(*, out: Path, quick: bool = False, strategies: list[str] | None = N
         _pretrain(out, pretrained, steps=pre_steps, common=common)
 
     _stage(f"benchmark on style B ({ft_steps} steps per strategy)")
-    run_matrix(data=out / "prepared_B", model=str(pretrained), strategies=strategies or available(), seeds=seeds,
-               epochs=1000, max_steps=ft_steps, out=out / "bench", strategy_lr=DEMO_LRS,
-               extra={**common, "val_every": 0})  # fmt: skip
+    run_matrix(
+        data=out / "prepared_B",
+        model=str(pretrained),
+        strategies=strategies or available(),
+        seeds=seeds,
+        epochs=1000,
+        max_steps=ft_steps,
+        out=out / "bench",
+        strategy_lr=DEMO_LRS,
+        extra={**common, "val_every": 0},
+    )
 
     _stage("report")
     html = write_report([out / "bench"])
@@ -77,9 +91,20 @@ def _pretrain(out: Path, pretrained: Path, *, steps: int, common: dict) -> None:
     from clipseg_bench.train.loop import train
 
     run = out / "pretrain-run"
-    cfg = load_config(None, {**common, "data": str(out / "prepared_A"), "out": str(run), "model": "tiny",
-                             "strategy": "full", "lr": 1e-3, "epochs": 1000, "max_steps": steps,
-                             "val_every": 0})  # fmt: skip
+    cfg = load_config(
+        None,
+        {
+            **common,
+            "data": str(out / "prepared_A"),
+            "out": str(run),
+            "model": "tiny",
+            "strategy": "full",
+            "lr": 1e-3,
+            "epochs": 1000,
+            "max_steps": steps,
+            "val_every": 0,
+        },
+    )
     finished = (run / "run.json").is_file() and '"finished"' in (run / "run.json").read_text()
     if not finished:
         train(cfg, resume=(run / "run.json").is_file())

@@ -23,7 +23,7 @@ from clipseg_bench.train.runinfo import git_info, hardware_info, write_json_atom
 
 
 def parse_shard(spec: str | None) -> tuple[int, int]:
-    """"i/n" -> (i, n) with 0 <= i < n; None -> (0, 1)."""
+    """ "i/n" -> (i, n) with 0 <= i < n; None -> (0, 1)."""
     if not spec:
         return 0, 1
     try:
@@ -68,10 +68,23 @@ def _call(cmd: list[str], log: Path) -> int:
         return proc.wait()
 
 
-def run_matrix(*, data, model: str, strategies: list[str], seeds: list[int], epochs: int, out: Path,
-               shard: str | None = None, config: str | None = None, max_steps: int | None = None,
-               batch_size: int | None = None, evaluate: bool = True, launcher: str | None = None,
-               extra: dict | None = None, strategy_lr: dict[str, float] | None = None) -> list[dict]:  # fmt: skip
+def run_matrix(
+    *,
+    data,
+    model: str,
+    strategies: list[str],
+    seeds: list[int],
+    epochs: int,
+    out: Path,
+    shard: str | None = None,
+    config: str | None = None,
+    max_steps: int | None = None,
+    batch_size: int | None = None,
+    evaluate: bool = True,
+    launcher: str | None = None,
+    extra: dict | None = None,
+    strategy_lr: dict[str, float] | None = None,
+) -> list[dict]:
     """Train (and evaluate) every cell of this shard; returns one status dict per cell.
 
     Args:
@@ -84,10 +97,19 @@ def run_matrix(*, data, model: str, strategies: list[str], seeds: list[int], epo
     todo = cells(strategies, seeds, shard)
     out.mkdir(parents=True, exist_ok=True)
     (out / "runs").mkdir(exist_ok=True)
-    write_json_atomic(out / f"bench-shard{parse_shard(shard)[0]}.json", {
-        "strategies": strategies, "seeds": seeds, "shard": shard or "0/1", "model": model, "data": str(data),
-        "epochs": epochs, "git": git_info(), "hardware": hardware_info(),
-    })  # fmt: skip
+    write_json_atomic(
+        out / f"bench-shard{parse_shard(shard)[0]}.json",
+        {
+            "strategies": strategies,
+            "seeds": seeds,
+            "shard": shard or "0/1",
+            "model": model,
+            "data": str(data),
+            "epochs": epochs,
+            "git": git_info(),
+            "hardware": hardware_info(),
+        },
+    )
     base = [sys.executable, "-m", "clipseg_bench.cli"]
     train_cmd = shlex.split(launcher) + ["-m", "clipseg_bench.cli"] if launcher else base
     results = []
@@ -105,15 +127,26 @@ def run_matrix(*, data, model: str, strategies: list[str], seeds: list[int], epo
             (out / "configs").mkdir(exist_ok=True)
             (out / "logs").mkdir(exist_ok=True)
             cfg_path = out / "configs" / f"{run.name}.yaml"
-            overrides = {**(extra or {}), "data": str(data), "model": model, "strategy": strategy, "seed": seed,
-                         "epochs": epochs, "out": str(run), "max_steps": max_steps, "batch_size": batch_size,
-                         "lr": (strategy_lr or {}).get(strategy)}  # fmt: skip
+            overrides = {
+                **(extra or {}),
+                "data": str(data),
+                "model": model,
+                "strategy": strategy,
+                "seed": seed,
+                "epochs": epochs,
+                "out": str(run),
+                "max_steps": max_steps,
+                "batch_size": batch_size,
+                "lr": (strategy_lr or {}).get(strategy),
+            }
             cfg = load_config(config, overrides)
             save_config(cfg, cfg_path)
             print(f"[benchmark] {run.name}: {'resuming' if resume else 'training'}")
             # Train and evaluate in one process: a second Python + torch start-up costs ~5 s a run.
             flags = (["--resume"] if resume else []) + (["--evaluate"] if evaluate else [])
-            rc = _call(train_cmd + ["train", "--config", str(cfg_path), *flags], out / "logs" / f"{run.name}.log")
+            rc = _call(
+                train_cmd + ["train", "--config", str(cfg_path), *flags], out / "logs" / f"{run.name}.log"
+            )
             if rc != 0:
                 _mark_failed(run, f"train exited with {rc}")
                 results.append({"run": str(run), "status": "failed"})
@@ -125,8 +158,10 @@ def run_matrix(*, data, model: str, strategies: list[str], seeds: list[int], epo
                 continue
         results.append({"run": str(run), "status": "done"})
     failed = [r["run"] for r in results if r["status"] == "failed"]
-    print(f"[benchmark] {len(results) - len(failed)}/{len(results)} runs done in {out}" +
-          (f"; failed: {', '.join(failed)} (re-run the same command to retry)" if failed else ""))
+    print(
+        f"[benchmark] {len(results) - len(failed)}/{len(results)} runs done in {out}"
+        + (f"; failed: {', '.join(failed)} (re-run the same command to retry)" if failed else "")
+    )
     return results
 
 

@@ -125,17 +125,25 @@ def plot_pareto(summary: pd.DataFrame, table: pd.DataFrame, path: Path) -> Path 
         seeds = done[done["strategy"] == name]
         ax.scatter(seeds["train_time_s"] / div, seeds["val_dice"], s=12, color=c, alpha=0.5, zorder=2)
         ax.errorbar(
-            x[i], y[i], xerr=np.nan_to_num(summary["train_time_s_std"].iloc[i]) / div,
-            yerr=np.nan_to_num(summary["val_dice_std"].iloc[i]), fmt="none", ecolor=c, lw=1, zorder=2,
-        )  # fmt: skip
+            x[i],
+            y[i],
+            xerr=np.nan_to_num(summary["train_time_s_std"].iloc[i]) / div,
+            yerr=np.nan_to_num(summary["val_dice_std"].iloc[i]),
+            fmt="none",
+            ecolor=c,
+            lw=1,
+            zorder=2,
+        )
         on_front = i in set(front.tolist())
         ax.scatter(x[i], y[i], s=area[i], color=c, edgecolor="k" if on_front else "none", lw=1.2, zorder=3)
         r = math.sqrt(area[i]) / 2  # scatter's s is the marker's width squared, in points
         ax.annotate(name, (x[i], y[i]), textcoords="offset points", xytext=(r + 2, r / 2 + 2), fontsize=9)
     ax.set_xlabel(f"training time ({unit}, mean over seeds)")
     ax.set_ylabel("val 2D Dice")
-    ax.set_title("Quality against cost (marker area ~ sqrt of trainable parameters; outlined: Pareto front)",
-                 fontsize=10)  # fmt: skip
+    ax.set_title(
+        "Quality against cost (marker area ~ sqrt of trainable parameters; outlined: Pareto front)",
+        fontsize=10,
+    )
     ax.grid(alpha=0.3)
     ax.margins(x=0.12, y=0.12)
     handles = [
@@ -145,8 +153,16 @@ def plot_pareto(summary: pd.DataFrame, table: pd.DataFrame, path: Path) -> Path 
     if len(front) > 1:
         h, lab = ax.get_legend_handles_labels()
         handles, labels = h + handles, lab + labels
-    ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, labelspacing=1.6,
-              borderpad=1.0, frameon=False)  # fmt: skip
+    ax.legend(
+        handles,
+        labels,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        fontsize=8,
+        labelspacing=1.6,
+        borderpad=1.0,
+        frameon=False,
+    )
     return _save(fig, path)
 
 
@@ -176,10 +192,14 @@ def plot_per_organ(dsc: pd.DataFrame, nsd: pd.DataFrame, path: Path) -> Path | N
         for k, name in enumerate(names):
             g = df[df["strategy"] == name].set_index("organ").reindex([o.key for o in ORGANS])
             ax.bar(
-                xs + (k - (len(names) - 1) / 2) * width, g["mean"].fillna(0), width,
-                yerr=g["std"].fillna(0), color=strategy_color(name, names), label=name,
+                xs + (k - (len(names) - 1) / 2) * width,
+                g["mean"].fillna(0),
+                width,
+                yerr=g["std"].fillna(0),
+                color=strategy_color(name, names),
+                label=name,
                 error_kw={"lw": 0.8, "capsize": 1.5},
-            )  # fmt: skip
+            )
         ax.set_ylabel(f"val {label}")
         ax.set_ylim(0, 1.05)
         ax.grid(axis="y", alpha=0.3)
@@ -240,8 +260,16 @@ def plot_time_breakdown(summary: pd.DataFrame, parts: list[str], path: Path) -> 
         ax.barh(ys, w, left=left, color=_PART_COLORS.get(part, "#d4a6c8"), label=part, height=0.6)
         left += w
     if np.any(cache):
-        ax.barh(ys, cache / div, left=left, color="white", edgecolor="0.4", hatch="//", height=0.6,
-                label="feature cache build (once)")  # fmt: skip
+        ax.barh(
+            ys,
+            cache / div,
+            left=left,
+            color="white",
+            edgecolor="0.4",
+            hatch="//",
+            height=0.6,
+            label="feature cache build (once)",
+        )
     ax.scatter(totals / div, ys, marker="D", color="k", s=22, zorder=3, label="total training time")
     ax.set_yticks(ys, names)
     ax.set_xlabel(f"time per run ({unit}, mean over seeds)")
@@ -334,7 +362,13 @@ def plot_overlays(runs: list[Run], path: Path, max_slices: int = 4) -> Path | No
                 ax.set_ylabel(f"{key[0]} z={key[1]}", fontsize=8)
     handles = [Patch(color=ORGAN_COLORS[o.id - 1], label=o.name) for o in ORGANS if o.id in present]
     if handles:
-        fig.legend(handles=handles, loc="lower center", ncol=min(7, len(handles)), fontsize=8, frameon=False,
-                   bbox_to_anchor=(0.5, 0.0))  # fmt: skip
+        fig.legend(
+            handles=handles,
+            loc="lower center",
+            ncol=min(7, len(handles)),
+            fontsize=8,
+            frameon=False,
+            bbox_to_anchor=(0.5, 0.0),
+        )
     fig.subplots_adjust(wspace=0.03, hspace=0.08, bottom=0.45 / fig.get_figheight())
     return _save(fig, path)

@@ -138,10 +138,13 @@ def runs_display(table: pd.DataFrame) -> pd.DataFrame:
             "Val Dice": [num(x, 4) for x in table["val_dice"]],
             "Val 3D DSC": [num(x, 4) for x in table["val_dsc3d"]],
             "Training time (s)": [num(x, 1) for x in table["train_time_s"]],
-            "Commit": [str(c)[:10] + ("+dirty" if d else "") if c else "–" for c, d in zip(table["git_commit"], table["git_dirty"])],
+            "Commit": [
+                str(c)[:10] + ("+dirty" if d else "") if c else "–"
+                for c, d in zip(table["git_commit"], table["git_dirty"])
+            ],
             "Folder": [str(Path(b) / r) for b, r in zip(table["bench_dir"], table["run_dir"])],
         }
-    )  # fmt: skip
+    )
 
 
 # --- explanations ----------------------------------------------------------------------------
@@ -205,7 +208,7 @@ def explain_strategy(row: pd.Series, parts: list[str], fastest: pd.Series | None
     mem = row["peak_mem_mb_mean"]
     if _finite(mem):
         out.append(f"Peak memory {mem:,.0f} MB.")
-    return " ".join(out)  # fmt: skip
+    return " ".join(out)
 
 
 def _trained(summary: pd.DataFrame) -> pd.DataFrame:
@@ -278,7 +281,7 @@ def _provenance(runs: list[Run]) -> tuple[pd.DataFrame, pd.DataFrame]:
     hw_keys = ("cpu", "gpu", "torch", "cuda", "num_processes")
     hws = Counter(tuple(str((r.info.get("hardware") or {}).get(k)) for k in hw_keys) for r in runs)
     hw = pd.DataFrame([{**dict(zip(hw_keys, h)), "runs": n} for h, n in hws.items()])
-    return git, hw  # fmt: skip
+    return git, hw
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -337,8 +340,14 @@ def write_markdown(
     return path
 
 
-def make_plots(runs: list[Run], table: pd.DataFrame, summary: pd.DataFrame, dsc: pd.DataFrame, nsd: pd.DataFrame,
-               folder: Path) -> dict[str, Path | None]:  # fmt: skip
+def make_plots(
+    runs: list[Run],
+    table: pd.DataFrame,
+    summary: pd.DataFrame,
+    dsc: pd.DataFrame,
+    nsd: pd.DataFrame,
+    folder: Path,
+) -> dict[str, Path | None]:
     """All report plots as PNGs in ``folder``; a value is None when that plot had no data."""
     pngs = {
         "pareto": plots.plot_pareto(summary, table, folder / "pareto.png"),
@@ -364,17 +373,27 @@ def _section(title: str, *parts: str) -> str:
     return f"<h2>{html.escape(title)}</h2>" + "".join(parts)
 
 
-def render_html(*, runs: list[Run], table: pd.DataFrame, summary: pd.DataFrame, dsc: pd.DataFrame,
-                nsd: pd.DataFrame, pngs: dict[str, Path | None], sources: list[Path]) -> str:  # fmt: skip
+def render_html(
+    *,
+    runs: list[Run],
+    table: pd.DataFrame,
+    summary: pd.DataFrame,
+    dsc: pd.DataFrame,
+    nsd: pd.DataFrame,
+    pngs: dict[str, Path | None],
+    sources: list[Path],
+) -> str:
     """The whole report as one HTML string (images inline)."""
     parts = breakdown_keys(runs)
     note = _excluded_note(table)
     head = [
         "<h1>clipseg-bench report</h1>",
-        _p(f"{len(table)} run(s) from {', '.join(str(s) for s in sources)}; "
-          f"{int((table['status'] == FINISHED).sum())} finished. Figures are mean ± sample std (ddof=1) over "
-          "seeds; '± –' means a single seed."),
-    ]  # fmt: skip
+        _p(
+            f"{len(table)} run(s) from {', '.join(str(s) for s in sources)}; "
+            f"{int((table['status'] == FINISHED).sum())} finished. Figures are mean ± sample std (ddof=1) over "
+            "seeds; '± –' means a single seed."
+        ),
+    ]
     if note:
         head.append(f'<p class="note">{html.escape(note)}</p>')
     body = list(head)
@@ -382,13 +401,18 @@ def render_html(*, runs: list[Run], table: pd.DataFrame, summary: pd.DataFrame, 
         body.append('<p class="note">No finished runs yet: nothing to aggregate.</p>')
     else:
         kinds = sorted({str(k) for k in table.loc[table["status"] == FINISHED, "peak_mem_kind"].dropna()})
-        body.append(_section(
-            "Strategies", _html_table(summary_display(summary)),
-            _p("Train Dice: the trainer's final epoch (run.json). Val Dice: evaluate's 2D Dice over the val split "
-              "(metrics.json dice2d; the trainer's last val Dice when evaluate has not run). Val 3D DSC / NSD: "
-              "FLARE22-style volume scores (metrics.json summary). "
-              + (f"Peak memory kind: {', '.join(kinds)}." if kinds else "")),
-        ))  # fmt: skip
+        body.append(
+            _section(
+                "Strategies",
+                _html_table(summary_display(summary)),
+                _p(
+                    "Train Dice: the trainer's final epoch (run.json). Val Dice: evaluate's 2D Dice over the val split "
+                    "(metrics.json dice2d; the trainer's last val Dice when evaluate has not run). Val 3D DSC / NSD: "
+                    "FLARE22-style volume scores (metrics.json summary). "
+                    + (f"Peak memory kind: {', '.join(kinds)}." if kinds else "")
+                ),
+            )
+        )
         fastest = _trained(summary)
         fastest = fastest.loc[fastest["s_per_epoch_mean"].idxmin()] if len(fastest) else None
         items = "".join(
@@ -397,39 +421,64 @@ def render_html(*, runs: list[Run], table: pd.DataFrame, summary: pd.DataFrame, 
             for _, r in summary.iterrows()
         )
         gap = explain_gap(summary, parts)
-        body.append(_section(
-            "Where the cost comes from", _p(gap) if gap else "", f'<ul class="explain">{items}</ul>',
-            _img(pngs.get("time_breakdown"), "Time per run by part (mean over seeds)."),
-        ))  # fmt: skip
-        body.append(_section(
-            "Quality against cost",
-            _img(pngs.get("pareto"), "Val 2D Dice against training time; marker area grows with log10 trainable "
-                 "parameters; small dots are single seeds; the dashed line is the Pareto front."),
-        ))  # fmt: skip
-        body.append(_section(
-            "Per organ",
-            "<h3>Val 3D DSC</h3>", _html_table(per_organ_display(dsc)),
-            "<h3>Val NSD</h3>", _html_table(per_organ_display(nsd)),
-            _img(pngs.get("per_organ"), "Per-organ 3D DSC and NSD (mean ± std over seeds)."),
-        ))  # fmt: skip
-        body.append(_section(
-            "Training curves", _img(pngs.get("curves"), "One line per seed; strategies without training have none.")
-        ))  # fmt: skip
-        body.append(_section(
-            "Qualitative overlays",
-            _img(pngs.get("overlays"), "The same val slices: CT, ground truth, and each strategy's prediction "
-                 "(lowest finished seed)."),
-        ))  # fmt: skip
-    body.append(_section(
-        "Reported by the original study (for reference)",
-        _html_table(ORIGINAL_STUDY.astype(str)),
-        _p("FLARE22, 20 epochs, as published; not reproduced here (strategy names mapped onto ours). The study "
-          "could not explain why 'full' trained fastest. The reason is in the Hugging Face CLIPSeg forward: it "
-          "runs both CLIP encoders under torch.no_grad(), so no encoder parameter, and no adapter inside an "
-          "encoder, ever received a gradient: 'full' trained only the decoder. Its time differences are "
-          "therefore not costs of the strategies. This benchmark's own forward lets gradients reach every "
-          "encoder parameter a strategy unfreezes (see the trainable-parameter column and the breakdown above)."),
-    ))  # fmt: skip
+        body.append(
+            _section(
+                "Where the cost comes from",
+                _p(gap) if gap else "",
+                f'<ul class="explain">{items}</ul>',
+                _img(pngs.get("time_breakdown"), "Time per run by part (mean over seeds)."),
+            )
+        )
+        body.append(
+            _section(
+                "Quality against cost",
+                _img(
+                    pngs.get("pareto"),
+                    "Val 2D Dice against training time; marker area grows with log10 trainable "
+                    "parameters; small dots are single seeds; the dashed line is the Pareto front.",
+                ),
+            )
+        )
+        body.append(
+            _section(
+                "Per organ",
+                "<h3>Val 3D DSC</h3>",
+                _html_table(per_organ_display(dsc)),
+                "<h3>Val NSD</h3>",
+                _html_table(per_organ_display(nsd)),
+                _img(pngs.get("per_organ"), "Per-organ 3D DSC and NSD (mean ± std over seeds)."),
+            )
+        )
+        body.append(
+            _section(
+                "Training curves",
+                _img(pngs.get("curves"), "One line per seed; strategies without training have none."),
+            )
+        )
+        body.append(
+            _section(
+                "Qualitative overlays",
+                _img(
+                    pngs.get("overlays"),
+                    "The same val slices: CT, ground truth, and each strategy's prediction "
+                    "(lowest finished seed).",
+                ),
+            )
+        )
+    body.append(
+        _section(
+            "Reported by the original study (for reference)",
+            _html_table(ORIGINAL_STUDY.astype(str)),
+            _p(
+                "FLARE22, 20 epochs, as published; not reproduced here (strategy names mapped onto ours). The study "
+                "could not explain why 'full' trained fastest. The reason is in the Hugging Face CLIPSeg forward: it "
+                "runs both CLIP encoders under torch.no_grad(), so no encoder parameter, and no adapter inside an "
+                "encoder, ever received a gradient: 'full' trained only the decoder. Its time differences are "
+                "therefore not costs of the strategies. This benchmark's own forward lets gradients reach every "
+                "encoder parameter a strategy unfreezes (see the trainable-parameter column and the breakdown above)."
+            ),
+        )
+    )
     classes = ["" if s == FINISHED else "unfinished" for s in table["status"]]
     body.append(_section("All runs", _html_table(runs_display(table), classes)))
     git, hw = _provenance(runs)
@@ -439,14 +488,21 @@ def render_html(*, runs: list[Run], table: pd.DataFrame, summary: pd.DataFrame, 
         warn.append("runs come from more than one commit or from uncommitted code")
     if len(hw) > 1:
         warn.append("runs ran on different hardware, so their timings are not directly comparable")
-    body.append(_section(
-        "Provenance",
-        f'<p class="note">Note: {html.escape("; ".join(warn))}.</p>' if warn else "",
-        "<h3>Code</h3>", _html_table(git), "<h3>Hardware</h3>", _html_table(hw),
-        "<h3>Settings that differ between runs (besides strategy and seed)</h3>",
-        _html_table(diff.astype(str)) if diff.shape[1] > 1 else _p("None."),
-        "<details><summary>Settings shared by all runs</summary>", _html_table(shared.astype(str)), "</details>",
-    ))  # fmt: skip
+    body.append(
+        _section(
+            "Provenance",
+            f'<p class="note">Note: {html.escape("; ".join(warn))}.</p>' if warn else "",
+            "<h3>Code</h3>",
+            _html_table(git),
+            "<h3>Hardware</h3>",
+            _html_table(hw),
+            "<h3>Settings that differ between runs (besides strategy and seed)</h3>",
+            _html_table(diff.astype(str)) if diff.shape[1] > 1 else _p("None."),
+            "<details><summary>Settings shared by all runs</summary>",
+            _html_table(shared.astype(str)),
+            "</details>",
+        )
+    )
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>clipseg-bench report</title>'
         f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>"

@@ -29,9 +29,18 @@ _STATUS_RANK = {FINISHED: 0, "interrupted": 1, "running": 2, "failed": 3}
 
 # results.csv columns that the aggregate tables average over seeds.
 METRICS = (
-    "trainable_params", "total_params", "train_dice", "val_dice", "val_dsc3d", "val_nsd3d",
-    "train_time_s", "s_per_epoch", "peak_mem_mb", "masks_per_s", "cache_build_s",
-)  # fmt: skip
+    "trainable_params",
+    "total_params",
+    "train_dice",
+    "val_dice",
+    "val_dsc3d",
+    "val_nsd3d",
+    "train_time_s",
+    "s_per_epoch",
+    "peak_mem_mb",
+    "masks_per_s",
+    "cache_build_s",
+)
 
 
 @dataclass(frozen=True)
@@ -306,7 +315,13 @@ def per_organ_table(table: pd.DataFrame, metric: str) -> pd.DataFrame:
         for o in ORGANS:
             v = g[f"{metric}_{o.key}"]
             rows.append(
-                {"strategy": strategy, "organ": o.key, "name": o.name, "mean": v.mean(), "std": v.std(ddof=1),
-                 "n": int(v.notna().sum())}
-            )  # fmt: skip
+                {
+                    "strategy": strategy,
+                    "organ": o.key,
+                    "name": o.name,
+                    "mean": v.mean(),
+                    "std": v.std(ddof=1),
+                    "n": int(v.notna().sum()),
+                }
+            )
     return pd.DataFrame(rows, columns=["strategy", "organ", "name", "mean", "std", "n"])

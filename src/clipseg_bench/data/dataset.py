@@ -32,7 +32,9 @@ class PreparedData:
         self.root = Path(root)
         meta_path = self.root / "dataset.json"
         if not meta_path.is_file():
-            raise InputError(self.root, "not a prepared dataset (no dataset.json); run `clipseg-bench prepare`")
+            raise InputError(
+                self.root, "not a prepared dataset (no dataset.json); run `clipseg-bench prepare`"
+            )
         try:
             self.meta = json.loads(meta_path.read_text())
             self.manifest = pd.read_csv(self.root / "manifest.csv", dtype={"case": str})
@@ -119,7 +121,10 @@ class SliceDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         case, z = self.rows.at[i, "case"], int(self.rows.at[i, "z"])
         labels = np.array(self.data.array(case, "label")[z])
-        item = {"labels": resize_slices(torch.from_numpy(labels)[None], self.size, labels=True)[0], "index": i}
+        item = {
+            "labels": resize_slices(torch.from_numpy(labels)[None], self.size, labels=True)[0],
+            "index": i,
+        }
         if self.features is not None:  # the encoder's output stands in for the image: skip loading it
             item["features"] = torch.from_numpy(np.array(self.features[i]))
         else:

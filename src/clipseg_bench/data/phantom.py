@@ -35,16 +35,56 @@ _STYLE_CODE = {"A": 0, "B": 1}
 # HU per tissue. A: portal-venous-like; B: another phase/scanner (the domain shift).
 _HU = {
     "A": {
-        "air": -1000, "lung": -850, "fat": -100, "visceral_fat": -90, "muscle": 50, "bone": 400,
-        "cortex": 900, "bowel": 30, "bowel_gas": -700, "gas": -700,
-        1: 60, 2: 180, 3: 110, 4: 80, 5: 200, 6: 160, 7: 40, 8: 40, 9: 10, 10: 45, 11: 25, 12: 35, 13: 180,
+        "air": -1000,
+        "lung": -850,
+        "fat": -100,
+        "visceral_fat": -90,
+        "muscle": 50,
+        "bone": 400,
+        "cortex": 900,
+        "bowel": 30,
+        "bowel_gas": -700,
+        "gas": -700,
+        1: 60,
+        2: 180,
+        3: 110,
+        4: 80,
+        5: 200,
+        6: 160,
+        7: 40,
+        8: 40,
+        9: 10,
+        10: 45,
+        11: 25,
+        12: 35,
+        13: 180,
     },
     "B": {
-        "air": -1000, "lung": -870, "fat": -115, "visceral_fat": -105, "muscle": 62, "bone": 480,
-        "cortex": 1000, "bowel": 15, "bowel_gas": -800, "gas": -650,
-        1: 105, 2: 235, 3: 145, 4: 115, 5: 250, 6: 95, 7: 60, 8: 60, 9: -5, 10: 40, 11: -10, 12: 20, 13: 235,
+        "air": -1000,
+        "lung": -870,
+        "fat": -115,
+        "visceral_fat": -105,
+        "muscle": 62,
+        "bone": 480,
+        "cortex": 1000,
+        "bowel": 15,
+        "bowel_gas": -800,
+        "gas": -650,
+        1: 105,
+        2: 235,
+        3: 145,
+        4: 115,
+        5: 250,
+        6: 95,
+        7: 60,
+        8: 60,
+        9: -5,
+        10: 40,
+        11: -10,
+        12: 20,
+        13: 235,
     },
-}  # fmt: skip
+}
 _NOISE_HU = {"A": 12.0, "B": 28.0}
 _SHAPE_WOBBLE = {"A": 0.12, "B": 0.22}  # relative boundary perturbation of every organ
 _FAT_MM = {"A": (15.0, 25.0), "B": (28.0, 40.0)}
@@ -76,8 +116,11 @@ def _anatomy(style: str) -> list[_Blob | _Tube]:
     spleen_r = (34.0, 55.0, 0.19) if b else (28.0, 45.0, 0.16)
     kidney_r = (26.0, 31.0, 0.17) if b else (24.0, 28.0, 0.16)
     kidney_rot = 40.0 if b else 25.0
-    stomach = _Blob(11, (-45.0, 30.0, 0.64), (45.0, 36.0, 0.17), -45.0) if b else _Blob(
-        11, (-50.0, 25.0, 0.66), (38.0, 32.0, 0.15), -30.0)  # fmt: skip
+    stomach = (
+        _Blob(11, (-45.0, 30.0, 0.64), (45.0, 36.0, 0.17), -45.0)
+        if b
+        else _Blob(11, (-50.0, 25.0, 0.66), (38.0, 32.0, 0.15), -30.0)
+    )
     duo_c, duo_r, duo_rz = (25.0, -5.0, 0.47), 30.0, 0.12
     phis = np.deg2rad(np.linspace(-110, 110, 9))
     duodenum = tuple(
@@ -89,8 +132,11 @@ def _anatomy(style: str) -> list[_Blob | _Tube]:
         stomach,
         _Blob(2, (62.0, -50.0, 0.40), kidney_r, -kidney_rot),
         _Blob(13, (-62.0, -50.0, 0.44), kidney_r, kidney_rot),
-        _Tube(4, ((25.0, -5.0, 0.47), (0.0, 0.0, 0.50), (-35.0, -5.0, 0.53), (-65.0, -20.0, 0.56)),
-              (13.0, 11.0, 10.0, 8.0)),
+        _Tube(
+            4,
+            ((25.0, -5.0, 0.47), (0.0, 0.0, 0.50), (-35.0, -5.0, 0.53), (-65.0, -20.0, 0.56)),
+            (13.0, 11.0, 10.0, 8.0),
+        ),
         _Tube(12, duodenum, (9.0,) * len(duodenum)),
         _Blob(9, (50.0, 40.0, 0.48), (14.0, 20.0, 0.08), 30.0),
         _Blob(7, (38.0, -35.0, 0.63), (8.0, 12.0, 0.06), 40.0),
@@ -98,7 +144,7 @@ def _anatomy(style: str) -> list[_Blob | _Tube]:
         _Tube(6, ((20.0, -20.0, -0.05), (22.0, -18.0, 0.5), (25.0, -15.0, 0.85)), (10.0, 10.0, 9.0)),
         _Tube(5, ((-12.0, -25.0, -0.05), (-10.0, -22.0, 0.5), (-14.0, -24.0, 1.05)), (11.0, 11.0, 11.0)),
         _Tube(10, ((-20.0, -8.0, 0.80), (-30.0, 0.0, 1.05)), (7.0, 7.0)),
-    ]  # fmt: skip
+    ]
 
 
 class _Grid:
@@ -179,8 +225,12 @@ class _BodySize:
 
 
 def _draw_body(rng: np.random.Generator, style: str) -> _BodySize:
-    return _BodySize(a=rng.uniform(118.0, 135.0), b=rng.uniform(84.0, 96.0), wall=rng.uniform(8.0, 13.0),
-                     fat=rng.uniform(*_FAT_MM[style]))  # fmt: skip
+    return _BodySize(
+        a=rng.uniform(118.0, 135.0),
+        b=rng.uniform(84.0, 96.0),
+        wall=rng.uniform(8.0, 13.0),
+        fat=rng.uniform(*_FAT_MM[style]),
+    )
 
 
 def _body(rng: np.random.Generator, g: _Grid, body: _BodySize, hu: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -234,8 +284,9 @@ def _body(rng: np.random.Generator, g: _Grid, body: _BodySize, hu: dict) -> tupl
     return img, cavity
 
 
-def _paint_organs(rng: np.random.Generator, g: _Grid, style: str, img: np.ndarray, cavity: np.ndarray,
-                  body: _BodySize) -> np.ndarray:  # fmt: skip
+def _paint_organs(
+    rng: np.random.Generator, g: _Grid, style: str, img: np.ndarray, cavity: np.ndarray, body: _BodySize
+) -> np.ndarray:
     """Paint the 13 organs into ``img`` (in place) and return the uint8 label volume."""
     hu = _HU[style]
     sx, sy = body.a / 126.0, body.b / 90.0  # organs scale with the body (the table's is 126 x 90 mm)
@@ -252,8 +303,12 @@ def _paint_organs(rng: np.random.Generator, g: _Grid, style: str, img: np.ndarra
             sub, sl = g.crop(c - r.max() * reach, c + r.max() * reach)
             depth = _ellipsoid(sub, c, r, organ.rot_deg + rng.normal(0, 8.0))
         else:
-            pts = np.array([[(x + jitter[0]) * sx, (y + jitter[1]) * sy, g.z_of(t + jitter[2])]
-                            for x, y, t in organ.points])  # fmt: skip
+            pts = np.array(
+                [
+                    [(x + jitter[0]) * sx, (y + jitter[1]) * sy, g.z_of(t + jitter[2])]
+                    for x, y, t in organ.points
+                ]
+            )
             radii = np.array(organ.radii) * rng.uniform(0.85, 1.15)
             sub, sl = g.crop(pts.min(0) - radii.max() * reach, pts.max(0) + radii.max() * reach)
             depth = _tube_depth(sub, pts, radii)

@@ -72,8 +72,12 @@ class Options:
 
     def to_dict(self) -> dict:
         """JSON form, for dataset.json and the resume fingerprint."""
-        return {"window": self.window, "label_map": self.label_map.to_dict(), "keep_empty": self.keep_empty,
-                "png": self.png}  # fmt: skip
+        return {
+            "window": self.window,
+            "label_map": self.label_map.to_dict(),
+            "keep_empty": self.keep_empty,
+            "png": self.png,
+        }
 
 
 @dataclass(frozen=True)
@@ -334,11 +338,16 @@ def _stage_case(src: CaseSource, options: Options, work: Path, fingerprint: str)
             "case": src.case,
             "fingerprint": fingerprint,
             "files": _case_files(src.case, png),
-            "meta": {**meta, "n_slices": int(image.shape[0]), "slice_shape": [int(s) for s in image.shape[1:]],
-                     "image": os.path.abspath(src.image), "label": os.path.abspath(src.label)},
+            "meta": {
+                **meta,
+                "n_slices": int(image.shape[0]),
+                "slice_shape": [int(s) for s in image.shape[1:]],
+                "image": os.path.abspath(src.image),
+                "label": os.path.abspath(src.label),
+            },
             "kept": kept.astype(int).tolist(),
             "px": px[:, 1:].tolist(),
-        }  # fmt: skip
+        }
         (tmp / "record.json").write_text(json.dumps(record))
         final = work / src.case
         shutil.rmtree(final, ignore_errors=True)
@@ -416,8 +425,12 @@ def _dataset_json(records: list[dict], splits: dict[str, str], options: Options,
     for rec in records:
         ids = [o.id for o, n in zip(ORGANS, np.asarray(rec["px"]).sum(axis=0)) if n > 0]
         found.update(ids)
-        cases[rec["case"]] = {"split": splits[rec["case"]], **rec["meta"], "n_kept": int(sum(rec["kept"])),
-                              "organs_found": ids}  # fmt: skip
+        cases[rec["case"]] = {
+            "split": splits[rec["case"]],
+            **rec["meta"],
+            "n_kept": int(sum(rec["kept"])),
+            "organs_found": ids,
+        }
     return {
         "format": FORMAT,
         "canonical_orientation": "".join(CANONICAL),
@@ -589,8 +602,9 @@ def _resume(out: Path, sources: list[CaseSource], prints: dict[str, str], overwr
     return done, todo
 
 
-def _commit(out: Path, records: list[dict], splits: dict, options: Options, split_info: dict, counts: dict,
-            t0: float) -> None:  # fmt: skip
+def _commit(
+    out: Path, records: list[dict], splits: dict, options: Options, split_info: dict, counts: dict, t0: float
+) -> None:
     """Move staged cases into place, then write manifest.csv and, last, dataset.json."""
     for rec in records:
         if (out / WORK / rec["case"]).is_dir():

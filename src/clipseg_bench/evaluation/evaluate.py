@@ -37,8 +37,15 @@ def sample_slices(labels: np.ndarray, n: int = N_SAMPLES) -> list[int]:
     return sorted({int(with_organs[i]) for i in picks})
 
 
-def evaluate_run(*, run: Path, data: Path | None = None, split: str = "val", max_cases: int | None = None,
-                 device: str | None = None, show_progress: bool = True) -> dict:  # fmt: skip
+def evaluate_run(
+    *,
+    run: Path,
+    data: Path | None = None,
+    split: str = "val",
+    max_cases: int | None = None,
+    device: str | None = None,
+    show_progress: bool = True,
+) -> dict:
     """Evaluate a run folder on a prepared split and write ``RUN/metrics.json`` and ``RUN/samples.npz``."""
     t0 = time.perf_counter()
     trained = load_run(run)
@@ -72,11 +79,18 @@ def evaluate_run(*, run: Path, data: Path | None = None, split: str = "val", max
             absent_total += int((~present).sum())
             absent_empty += int((~present & ~binary.any((2, 3))).sum())
         meta = prepared.cases_meta[case]
-        per_case[case] = score_case(slices_to_volume(pred, meta), slices_to_volume(gt, meta), meta["spacing"],
-                                    trained.organs)  # fmt: skip
+        per_case[case] = score_case(
+            slices_to_volume(pred, meta), slices_to_volume(gt, meta), meta["spacing"], trained.organs
+        )
         if not samples["case"]:  # overlays: the first case only, the same slices for every run
             for z in sample_slices(gt):
-                for k, v in (("image", images[z]), ("gt", gt[z]), ("pred", pred[z]), ("case", case), ("z", z)):
+                for k, v in (
+                    ("image", images[z]),
+                    ("gt", gt[z]),
+                    ("pred", pred[z]),
+                    ("case", case),
+                    ("z", z),
+                ):
                     samples[k].append(v)
 
     metrics = {
@@ -106,8 +120,15 @@ def _frozen_features(trained, prepared: PreparedData, cases, split, dev, show_pr
         return None
     rows = prepared.slices(split, kept_only=False)
     rows = rows[rows["case"].isin(cases)].sort_values(["case", "z"]).reset_index(drop=True)
-    feats, _ = build_feature_cache(lm.model, data=prepared, rows=rows, name=f"{split}_all_{len(cases)}",
-                                   size=lm.image_size, mean=lm.mean, std=lm.std, device=dev,
-                                   show_progress=show_progress)  # fmt: skip
+    feats, _ = build_feature_cache(
+        lm.model,
+        data=prepared,
+        rows=rows,
+        name=f"{split}_all_{len(cases)}",
+        size=lm.image_size,
+        mean=lm.mean,
+        std=lm.std,
+        device=dev,
+        show_progress=show_progress,
+    )
     return feats
-

@@ -23,8 +23,16 @@ class TrainedRun:
     def segmenter(self, device: torch.device | str = "cpu") -> Segmenter:
         lm = self.loaded
         lm.model.to(device)
-        return Segmenter(lm.model, lm.tokenizer, organs=self.organs, prompts=self.prompts, size=lm.image_size,
-                         mean=lm.mean, std=lm.std, device=device)  # fmt: skip
+        return Segmenter(
+            lm.model,
+            lm.tokenizer,
+            organs=self.organs,
+            prompts=self.prompts,
+            size=lm.image_size,
+            mean=lm.mean,
+            std=lm.std,
+            device=device,
+        )
 
 
 def build_model(cfg: TrainConfig, weights: Path | None):
@@ -55,8 +63,14 @@ def load_run(run: str | Path) -> TrainedRun:
 
 def zeroshot_run(model: str, *, image_size: int | None = None, prompt_template: str = "name") -> TrainedRun:
     """A model with nothing trained, for `segment --model M --strategy zeroshot`."""
-    cfg = TrainConfig(data="", out="", model=model, strategy="zeroshot", image_size=image_size,
-                      prompt_template=prompt_template)  # fmt: skip
+    cfg = TrainConfig(
+        data="",
+        out="",
+        model=model,
+        strategy="zeroshot",
+        image_size=image_size,
+        prompt_template=prompt_template,
+    )
     return _trained(cfg, None)
 
 

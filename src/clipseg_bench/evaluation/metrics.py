@@ -174,12 +174,15 @@ def score_case(
     """
     pred_labels, gt_labels = np.asarray(pred_labels), np.asarray(gt_labels)
     if pred_labels.shape != gt_labels.shape or gt_labels.ndim != 3:
-        raise ValueError(f"expected two (X, Y, Z) label volumes of one shape, got {pred_labels.shape} "
-                         f"and {gt_labels.shape}")  # fmt: skip
+        raise ValueError(
+            f"expected two (X, Y, Z) label volumes of one shape, got {pred_labels.shape} "
+            f"and {gt_labels.shape}"
+        )
     scores = {}
     for o in organs if organs is not None else ORGANS:
-        dsc, nsd = flare_dsc_nsd(pred_labels == o.id, gt_labels == o.id, spacing, o.nsd_tolerance_mm,
-                                 z_crop=o.id in Z_CROPPED_IDS)  # fmt: skip
+        dsc, nsd = flare_dsc_nsd(
+            pred_labels == o.id, gt_labels == o.id, spacing, o.nsd_tolerance_mm, z_crop=o.id in Z_CROPPED_IDS
+        )
         scores[o.key] = {"dsc": dsc, "nsd": nsd}
     return scores
 

@@ -29,7 +29,9 @@ class Segmenter:
         device: where to run.
     """
 
-    def __init__(self, model, tokenizer, *, organs: list[Organ], prompts: list[str], size: int, mean, std, device):
+    def __init__(
+        self, model, tokenizer, *, organs: list[Organ], prompts: list[str], size: int, mean, std, device
+    ):
         self.model, self.organs, self.size, self.mean, self.std = model, organs, size, mean, std
         self.device = torch.device(device)
         self.tokens = {k: v.to(self.device) for k, v in tokenize(tokenizer, prompts).items()}
@@ -45,7 +47,11 @@ class Segmenter:
 
     @torch.no_grad()
     def probabilities(
-        self, images: torch.Tensor, *, features: torch.Tensor | None = None, prompt_emb: torch.Tensor | None = None
+        self,
+        images: torch.Tensor,
+        *,
+        features: torch.Tensor | None = None,
+        prompt_emb: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(b, H, W) uint8 slices -> (b, K, H, W) float32 probabilities at the slices' own size.
 
@@ -62,7 +68,9 @@ class Segmenter:
                 acts = [a.to(self.device, torch.float32) for a in features.unbind(1)]
             else:
                 x = resize_slices(images, self.size)
-                acts = encode_images(self.model, preprocess(x, size=self.size, mean=self.mean, std=self.std).to(self.device))
+                acts = encode_images(
+                    self.model, preprocess(x, size=self.size, mean=self.mean, std=self.std).to(self.device)
+                )
             logits = decode(self.model, acts, prompt_emb)  # (b, K, S, S)
             if logits.shape[-2:] != (h, w):
                 logits = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
@@ -80,11 +88,15 @@ class Segmenter:
         self.model.train(was_training)
         for start in range(0, len(slices), batch_size):
             imgs = torch.from_numpy(np.array(slices[start : start + batch_size]))
-            feats = None if features is None else torch.from_numpy(np.array(features[start : start + batch_size]))
+            feats = (
+                None if features is None else torch.from_numpy(np.array(features[start : start + batch_size]))
+            )
             yield start, self.probabilities(imgs, features=feats, prompt_emb=prompt_emb)
 
 
-def probabilities_to_labels(probs: torch.Tensor, organ_ids: list[int], *, threshold: float = 0.5) -> torch.Tensor:
+def probabilities_to_labels(
+    probs: torch.Tensor, organ_ids: list[int], *, threshold: float = 0.5
+) -> torch.Tensor:
     """(b, K, H, W) probabilities -> (b, H, W) uint8 FLARE ids.
 
     Where organs overlap the most probable one wins; a pixel whose best probability is not above

@@ -74,8 +74,9 @@ def read_label_volume(path: Path) -> tuple[np.ndarray, tuple[float, float, float
     return data.astype(np.int16), spacing, np.asarray(img.affine, dtype=float)
 
 
-def _check_same_grid(pred_path: Path, pred: np.ndarray, pred_affine: np.ndarray, gt: np.ndarray,
-                     gt_affine: np.ndarray) -> None:  # fmt: skip
+def _check_same_grid(
+    pred_path: Path, pred: np.ndarray, pred_affine: np.ndarray, gt: np.ndarray, gt_affine: np.ndarray
+) -> None:
     if pred.shape != gt.shape:
         raise InputError(pred_path, f"shape {pred.shape} does not match the ground truth's {gt.shape}")
     if not np.allclose(pred_affine, gt_affine, rtol=0, atol=_AFFINE_ATOL_MM):
@@ -112,12 +113,17 @@ def score_folder(
         raise InputError(labels, "no <case>.nii.gz label volumes here")
     extra = sorted(set(pred_files) - set(gt_files))
     if extra:
-        raise InputError(pred_files[extra[0]], f"no ground truth {extra[0]}.nii.gz in {labels} "
-                         f"({len(extra)} prediction(s) without one)")  # fmt: skip
+        raise InputError(
+            pred_files[extra[0]],
+            f"no ground truth {extra[0]}.nii.gz in {labels} ({len(extra)} prediction(s) without one)",
+        )
     missing = sorted(set(gt_files) - set(pred_files))
     if missing and not missing_as_empty:
-        raise InputError(pred / f"{missing[0]}.nii.gz", f"missing prediction ({len(missing)} case(s) without "
-                         "one; --missing-as-empty scores them as empty)")  # fmt: skip
+        raise InputError(
+            pred / f"{missing[0]}.nii.gz",
+            f"missing prediction ({len(missing)} case(s) without "
+            "one; --missing-as-empty scores them as empty)",
+        )
 
     per_case = {}
     for case, gt_path in gt_files.items():
@@ -130,10 +136,13 @@ def score_folder(
         per_case[case] = score_case(pr, gt, spacing)
 
     table = pd.DataFrame(
-        [{"case": c, "organ": k, "dsc": s["dsc"], "nsd": s["nsd"]} for c, organs in per_case.items()
-         for k, s in organs.items()],
+        [
+            {"case": c, "organ": k, "dsc": s["dsc"], "nsd": s["nsd"]}
+            for c, organs in per_case.items()
+            for k, s in organs.items()
+        ],
         columns=["case", "organ", "dsc", "nsd"],
-    )  # fmt: skip
+    )
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -48,9 +48,19 @@ def _save_nifti(array: np.ndarray, like: nib.Nifti1Image | None, affine: np.ndar
     os.replace(tmp, out)  # never a half-written mask under the real name
 
 
-def segment(*, run=None, model=None, strategy=None, ct: Path, out: Path, organs: str | None = None,
-            probabilities: bool = False, threshold: float = 0.5, batch_size: int = 8,
-            device: str | None = None) -> Path:  # fmt: skip
+def segment(
+    *,
+    run=None,
+    model=None,
+    strategy=None,
+    ct: Path,
+    out: Path,
+    organs: str | None = None,
+    probabilities: bool = False,
+    threshold: float = 0.5,
+    batch_size: int = 8,
+    device: str | None = None,
+) -> Path:
     """Segment ``ct`` and write ``out`` (uint8 FLARE22 ids on the CT's grid).
 
     Args:

@@ -102,7 +102,9 @@ def build_feature_cache(
             pv = preprocess(imgs, size=size, mean=mean, std=std).to(device)
             acts = torch.stack(encode_images(model, pv), dim=1).to("cpu", torch.float16)  # (b, L, T, D)
             if out is None:
-                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(wanted), *acts.shape[1:]))
+                out = np.lib.format.open_memmap(
+                    tmp, mode="w+", dtype=np.float16, shape=(len(wanted), *acts.shape[1:])
+                )
             out[start : start + len(chunk)] = acts.numpy()
             bar.update(len(chunk))
     bar.close()

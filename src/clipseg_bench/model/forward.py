@@ -325,7 +325,9 @@ def decoder_layer(layer: nn.Module, x: Tensor) -> Tensor:
     return layer.layer_norm2(h + decoder_mlp(layer.mlp, h))
 
 
-def patch_deconv_chain(convs: Sequence[nn.ConvTranspose2d], relu_between: Sequence[bool], x: Tensor) -> Tensor:
+def patch_deconv_chain(
+    convs: Sequence[nn.ConvTranspose2d], relu_between: Sequence[bool], x: Tensor
+) -> Tensor:
     """Consecutive kernel == stride ConvTranspose2d layers (optionally a ReLU between two) as matmuls.
 
     With kernel == stride each input pixel paints its own k x k output block, so a layer is a

@@ -76,17 +76,30 @@ def tiny_config(
     vocab_size, bos, eos = _tiny_token_ids()
     return CLIPSegConfig(
         vision_config=dict(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=vision_layers, num_attention_heads=4,
-            patch_size=16, image_size=image_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=4,
+            patch_size=16,
+            image_size=image_size,
         ),
         text_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            vocab_size=vocab_size, max_position_embeddings=MAX_LENGTH,
-            bos_token_id=bos, eos_token_id=eos, pad_token_id=eos,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=vocab_size,
+            max_position_embeddings=MAX_LENGTH,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            pad_token_id=eos,
         ),
-        projection_dim=32, reduce_dim=16, extract_layers=list(extract_layers), decoder_intermediate_size=64,
+        projection_dim=32,
+        reduce_dim=16,
+        extract_layers=list(extract_layers),
+        decoder_intermediate_size=64,
         use_complex_transposed_convolution=use_complex_transposed_convolution,
-    )  # fmt: skip
+    )
 
 
 def reference_config() -> CLIPSegConfig:

@@ -18,9 +18,15 @@ from clipseg_bench.errors import InputError
 from clipseg_bench.strategies.base import _REGISTRY, ParamCounts, Strategy, register
 
 __all__ = [
-    "ParamCounts", "Strategy", "apply_strategy", "available", "count_parameters", "get", "parameter_table",
+    "ParamCounts",
+    "Strategy",
+    "apply_strategy",
+    "available",
+    "count_parameters",
+    "get",
+    "parameter_table",
     "register",
-]  # fmt: skip
+]
 
 
 def _discover() -> None:

@@ -66,9 +66,12 @@ class Lora(Strategy):
         from peft import LoraConfig, inject_adapter_in_model  # heavy; only when LoRA is used
 
         config = LoraConfig(
-            r=options.rank, lora_alpha=options.alpha, lora_dropout=float(options.dropout),
-            target_modules=target_names(model, options), bias="none",
-        )  # fmt: skip
+            r=options.rank,
+            lora_alpha=options.alpha,
+            lora_dropout=float(options.dropout),
+            target_modules=target_names(model, options),
+            bias="none",
+        )
         inject_adapter_in_model(config, model)  # in place; marks only the LoRA weights trainable
         if options.train_decoder:
             decoder_module(model).requires_grad_(True)

@@ -26,7 +26,9 @@ def save_resume_state(folder: Path, *, model, optimizer, scheduler, state: dict)
     tmp.mkdir()
     save_trained(model, tmp / "trainable.safetensors")
     if optimizer is not None:
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt"
+        )
     (tmp / "state.json").write_text(json.dumps(state, indent=2))
     old = folder.with_name(f".{folder.name}.old")
     shutil.rmtree(old, ignore_errors=True)

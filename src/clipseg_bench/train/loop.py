@@ -157,7 +157,9 @@ def _train_epoch(loop: _Loop, epoch: int, global_step: int, pbar) -> tuple[int, 
     """One pass over the training slices; returns the new global step and the epoch's stats."""
     cfg, acc = loop.cfg, loop.accelerator
     loop.module.train()
-    torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout etc.: a function of (seed, epoch) for exact resume
+    torch.manual_seed(
+        cfg.seed * 1_000_003 + epoch
+    )  # dropout etc.: a function of (seed, epoch) for exact resume
     pair_gen = torch.Generator().manual_seed(cfg.seed * 7_919 + epoch + 1)
     aug_gen = torch.Generator().manual_seed(cfg.seed * 104_729 + epoch + 1)
     loss_sum, n_steps, dices, masks = 0.0, 0, [], 0
@@ -176,7 +178,9 @@ def _train_epoch(loop: _Loop, epoch: int, global_step: int, pbar) -> tuple[int, 
         pairs = select.nonzero()
         with loop.timer.phase("forward"):
             if "features" in batch:
-                inputs = {"activations": [a.to(acc.device, torch.float32) for a in batch["features"].unbind(1)]}
+                inputs = {
+                    "activations": [a.to(acc.device, torch.float32) for a in batch["features"].unbind(1)]
+                }
             else:
                 images = batch["image"].to(acc.device)
                 if cfg.augment:
@@ -195,7 +199,9 @@ def _train_epoch(loop: _Loop, epoch: int, global_step: int, pbar) -> tuple[int, 
                 with loop.timer.phase("forward"):
                     logits = loop.module(**inputs, prompt_emb=loop.prompt_emb, pairs=part)
                     tgt = targets[part[:, 0], part[:, 1]]
-                    loss = segmentation_loss(logits, tgt, bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight)
+                    loss = segmentation_loss(
+                        logits, tgt, bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight
+                    )
                     loss = loss * (len(part) / len(pairs))
                 with loop.timer.phase("backward"):
                     acc.backward(loss)
@@ -222,8 +228,17 @@ def _train_epoch(loop: _Loop, epoch: int, global_step: int, pbar) -> tuple[int, 
     }
 
 
-def validation_dice(segmenter, data: PreparedData, split: str, *, organ_ids, max_slices=None,
-                    features=None, threshold=0.5, batch_size=16) -> float:  # fmt: skip
+def validation_dice(
+    segmenter,
+    data: PreparedData,
+    split: str,
+    *,
+    organ_ids,
+    max_slices=None,
+    features=None,
+    threshold=0.5,
+    batch_size=16,
+) -> float:
     """Mean 2D Dice over the (slice, organ) pairs of ``split`` where the organ is present."""
     ds_rows = data.slices(split, kept_only=True)
     if max_slices:
@@ -302,8 +317,17 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     if not vision_trainable(model) and cfg.feature_cache:
         # One key for both row sets: it hashes the whole vision encoder (344 MB for rd64).
         key = cache_key(model, data=data, size=size, mean=mean, std=std)
-        build = functools.partial(build_feature_cache, model, data=data, size=size, mean=mean, std=std,
-                                  device=acc.device, show_progress=main, key=key)  # fmt: skip
+        build = functools.partial(
+            build_feature_cache,
+            model,
+            data=data,
+            size=size,
+            mean=mean,
+            std=std,
+            device=acc.device,
+            show_progress=main,
+            key=key,
+        )
         built = []
         with acc.main_process_first():
             if not cfg.augment:  # augmented images change every epoch: their encodings cannot be cached
@@ -313,13 +337,21 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
                 val_rows = data.slices("val", kept_only=True).iloc[: cfg.val_max_slices]
                 val_features, vinfo = build(rows=val_rows, name="val_kept")
                 built.append(vinfo)
-        cache = {"cache_build_s": sum(i.build_s for i in built), "cache_size_mb": sum(i.size_mb for i in built),
-                 "cache_reused": all(i.reused for i in built)}  # fmt: skip
+        cache = {
+            "cache_build_s": sum(i.build_s for i in built),
+            "cache_size_mb": sum(i.size_mb for i in built),
+            "cache_reused": all(i.reused for i in built),
+        }
 
     dataset = SliceDataset(data, "train", size=size, features=features)
     sampler = EpochSampler(len(dataset), cfg.seed)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                        persistent_workers=cfg.num_workers > 0)  # fmt: skip
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,
+    )
     steps_per_epoch = math.ceil(len(dataset) / (cfg.batch_size * acc.num_processes))
     total_steps = min(cfg.max_steps or 10**12, steps_per_epoch * cfg.epochs)
     n_epochs = math.ceil(total_steps / steps_per_epoch)
@@ -333,10 +365,18 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         from transformers import get_cosine_schedule_with_warmup
 
         optimizer = make_optimizer(params, lr=resolve_lr(cfg), weight_decay=cfg.weight_decay)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, min(cfg.warmup_steps, total_steps), total_steps)
+        scheduler = get_cosine_schedule_with_warmup(
+            optimizer, min(cfg.warmup_steps, total_steps), total_steps
+        )
         module, optimizer, loader, scheduler = acc.prepare(module, optimizer, loader, scheduler)
-    state = {"epoch": 0, "global_step": 0, "history": [], "train_time_s": 0.0, "masks": 0,
-             "breakdown_s": dict(timer.totals)}  # fmt: skip
+    state = {
+        "epoch": 0,
+        "global_step": 0,
+        "history": [],
+        "train_time_s": 0.0,
+        "masks": 0,
+        "breakdown_s": dict(timer.totals),
+    }
     ckpt = out / "checkpoints" / "last"
     if resume and ckpt.is_dir():
         state = load_resume_state(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
@@ -348,23 +388,51 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     # buffer, frozen ones included.
     if features is not None and acc.num_processes == 1:
         release_frozen_vision(model)
-    segmenter = Segmenter(model, loaded.tokenizer, organs=organ_list, prompts=prompt_texts, size=size, mean=mean,
-                          std=std, device=acc.device)  # fmt: skip
+    segmenter = Segmenter(
+        model,
+        loaded.tokenizer,
+        organs=organ_list,
+        prompts=prompt_texts,
+        size=size,
+        mean=mean,
+        std=std,
+        device=acc.device,
+    )
     writer = None
     if main:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out / "tb"))
-    loop = _Loop(cfg, acc, module, optimizer, scheduler, loader, organ_ids, prompt_emb, size, mean, std, timer,
-                 total_steps, pair_chunk=cfg.pair_chunk)  # fmt: skip
+    loop = _Loop(
+        cfg,
+        acc,
+        module,
+        optimizer,
+        scheduler,
+        loader,
+        organ_ids,
+        prompt_emb,
+        size,
+        mean,
+        std,
+        timer,
+        total_steps,
+        pair_chunk=cfg.pair_chunk,
+    )
 
     def _interrupted(signum, frame):  # SIGTERM (e.g. SLURM preemption) -> marked interrupted, resumable
         raise KeyboardInterrupt
 
     old_term = signal.signal(signal.SIGTERM, _interrupted) if main else None
     try:
-        pbar = tqdm(total=total_steps, initial=state["global_step"], desc=f"train {cfg.strategy}", unit="step",
-                    disable=not main or not params, dynamic_ncols=True)  # fmt: skip
+        pbar = tqdm(
+            total=total_steps,
+            initial=state["global_step"],
+            desc=f"train {cfg.strategy}",
+            unit="step",
+            disable=not main or not params,
+            dynamic_ncols=True,
+        )
         for epoch in range(state["epoch"], n_epochs if params else 0):
             sampler.set_epoch(epoch)
             if hasattr(loader, "set_epoch"):  # Accelerate's loader would reset our sampler to its own counter
@@ -376,17 +444,36 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
             if main and cfg.val_every and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == n_epochs):
                 with timer.phase("eval"):
                     val_dice = _val(segmenter, data, organ_ids, cfg, val_features)
-            row = {"epoch": epoch + 1, "step": global_step, "loss": stats["loss"], "train_dice": stats["train_dice"],
-                   "val_dice": val_dice, "epoch_time_s": epoch_time, "lr": scheduler.get_last_lr()[0]}  # fmt: skip
-            state.update(epoch=epoch + 1, global_step=global_step, train_time_s=state["train_time_s"] + epoch_time,
-                         masks=state["masks"] + stats["masks"], breakdown_s=dict(timer.totals))  # fmt: skip
+            row = {
+                "epoch": epoch + 1,
+                "step": global_step,
+                "loss": stats["loss"],
+                "train_dice": stats["train_dice"],
+                "val_dice": val_dice,
+                "epoch_time_s": epoch_time,
+                "lr": scheduler.get_last_lr()[0],
+            }
+            state.update(
+                epoch=epoch + 1,
+                global_step=global_step,
+                train_time_s=state["train_time_s"] + epoch_time,
+                masks=state["masks"] + stats["masks"],
+                breakdown_s=dict(timer.totals),
+            )
             state["history"].append(row)
             if main:
                 for k in ("loss", "train_dice", "val_dice"):
                     writer.add_scalar(k, row[k], epoch + 1)
-                pd.DataFrame(state["history"], columns=HISTORY_COLUMNS).to_csv(out / "history.csv", index=False)
-                save_resume_state(ckpt, model=acc.unwrap_model(module).clipseg, optimizer=optimizer,
-                                  scheduler=scheduler, state=state)  # fmt: skip
+                pd.DataFrame(state["history"], columns=HISTORY_COLUMNS).to_csv(
+                    out / "history.csv", index=False
+                )
+                save_resume_state(
+                    ckpt,
+                    model=acc.unwrap_model(module).clipseg,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    state=state,
+                )
             acc.wait_for_everyone()
         pbar.close()
     except KeyboardInterrupt:
@@ -405,9 +492,18 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     if main:
         with timer.phase("eval"):
             final = {
-                "train_dice": validation_dice(segmenter, data, "train", organ_ids=organ_ids, threshold=cfg.threshold,
-                                              max_slices=cfg.val_max_slices, features=features),  # fmt: skip
-                "val_dice": _val(segmenter, data, organ_ids, cfg, val_features) if data.cases("val") else float("nan"),
+                "train_dice": validation_dice(
+                    segmenter,
+                    data,
+                    "train",
+                    organ_ids=organ_ids,
+                    threshold=cfg.threshold,
+                    max_slices=cfg.val_max_slices,
+                    features=features,
+                ),
+                "val_dice": _val(segmenter, data, organ_ids, cfg, val_features)
+                if data.cases("val")
+                else float("nan"),
             }
         if not state["history"]:
             pd.DataFrame([], columns=HISTORY_COLUMNS).to_csv(out / "history.csv", index=False)
@@ -425,11 +521,15 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
             "peak_mem_mb": peak,
             "peak_mem_kind": kind,
         }
-        write_json_atomic(out / "run.json", {**run_json, "status": "finished", "timing": timing, "final": final,
-                                             "rank_checksums": checksums})  # fmt: skip
+        write_json_atomic(
+            out / "run.json",
+            {**run_json, "status": "finished", "timing": timing, "final": final, "rank_checksums": checksums},
+        )
         writer.close()
-        print(f"trained {cfg.strategy}: train dice {final['train_dice']:.4f}, val dice {final['val_dice']:.4f}, "
-              f"{timing['train_time_s']:.1f} s -> {out}")  # fmt: skip
+        print(
+            f"trained {cfg.strategy}: train dice {final['train_dice']:.4f}, val dice {final['val_dice']:.4f}, "
+            f"{timing['train_time_s']:.1f} s -> {out}"
+        )
     acc.wait_for_everyone()
     return out
 
@@ -437,11 +537,21 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
 def _rank_checksums(acc, model) -> list[float]:
     """A checksum of the trained parameters from every process: data-parallel ranks must agree."""
     with torch.no_grad():
-        total = sum((p.double() * (i + 1)).sum() for i, p in enumerate(p for p in model.parameters() if p.requires_grad))
+        total = sum(
+            (p.double() * (i + 1)).sum()
+            for i, p in enumerate(p for p in model.parameters() if p.requires_grad)
+        )
         local = torch.as_tensor([float(total)], dtype=torch.float64, device=acc.device)
     return [float(x) for x in acc.gather(local).cpu()]
 
 
 def _val(segmenter, data, organ_ids, cfg, features) -> float:
-    return validation_dice(segmenter, data, "val", organ_ids=organ_ids, max_slices=cfg.val_max_slices,
-                           features=features, threshold=cfg.threshold)  # fmt: skip
+    return validation_dice(
+        segmenter,
+        data,
+        "val",
+        organ_ids=organ_ids,
+        max_slices=cfg.val_max_slices,
+        features=features,
+        threshold=cfg.threshold,
+    )
