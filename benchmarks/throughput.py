@@ -6,8 +6,8 @@ architecture (random weights at the real sizes, ``reference_config()``, no downl
 one:
 
 - per strategy, the training step time and masks/s of (a) the per-pair baseline a typical script
-  runs and (b) our engine, the training loop's own step (``train.loop._train_epoch``) fed by a real
-  ``DataLoader``;
+  runs and (b) our engine: the training loop's own step (``train.loop.train_epoch``) on the setup
+  ``train()``'s own builder (``train.setup.build_training``) makes, data loader included;
 - segmenting a volume for all 13 organs, both ways;
 - the vision-encoder forward with and without truncation after the deepest layer the decoder reads;
 - peak RSS of decoder-only training on cached features (a separate process), and what gradient
@@ -72,7 +72,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clipseg_bench.train.runinfo import peak_rss_mb, reset_peak_rss, rss_mb
+from clipseg_bench.provenance import peak_rss_mb, reset_peak_rss, rss_mb
 
 TARGETS = {  # issue 6: minimum ratios, measured on the real architecture
     "decoder_cached_vs_stock": 15.0,
@@ -308,15 +308,6 @@ def make_prepared(root: Path, *, size: int = 256) -> Path:
     )
 
 
-def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
-    """AdamW on the trainable parameters, built by ``train()``'s own function (both sides use it)."""
-    from clipseg_bench.config import TrainConfig
-    from clipseg_bench.train.loop import make_optimizer as loop_optimizer
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    return loop_optimizer(params, lr=1e-5, weight_decay=TrainConfig.model_fields["weight_decay"].default)
-
-
 # --- (b) our engine: the training loop's own step ----------------------------------------------
 
 
@@ -328,104 +319,81 @@ def _accelerator():
 
 
 class EngineRun:
-    """The training loop of ``clipseg-bench train`` set up as ``train()`` sets it up, one step per call.
+    """The training loop of ``clipseg-bench train``, built by ``train()``'s own builder, one step per call.
 
-    A step is one call of ``train.loop._train_epoch`` over a dataset of exactly ``batch`` slices, so
-    it is everything the loop does: data loading, targets, forward, loss, backward, clipping, AdamW.
+    The setup comes from ``train.setup.build_training`` and a step is one call of
+    ``train.loop.train_epoch`` over a dataset of exactly ``batch`` slices, so it is everything the
+    loop does: Accelerate's data loader, targets, forward, loss, backward, clipping, AdamW.
     ``absent_fraction=1`` makes every slice bring all 13 prompts (B x 13 masks per step).
 
     Args:
         arch: the model (its strategy applied) and prompts.
         data: the prepared dataset; its first ``batch`` training slices are used.
+        strategy: the strategy applied to ``arch`` (recorded in the config only).
         batch: B slices per step.
         use_cache: feed cached frozen vision activations (the vision encoder must be frozen).
-        optimizer: share one with a baseline training the same parameters; default a new one.
+        compile: ``torch.compile`` the module, as ``train --set compile=true`` does.
     """
 
-    def __init__(self, arch: Arch, data, *, batch: int, use_cache: bool, optimizer=None):
-        from torch.utils.data import DataLoader
-        from transformers import get_constant_schedule
-
+    def __init__(
+        self, arch: Arch, data, *, strategy: str, batch: int, use_cache: bool, compile: bool = False
+    ):
         from clipseg_bench.config import TrainConfig
-        from clipseg_bench.data.dataset import SliceDataset
-        from clipseg_bench.model.feature_cache import build_feature_cache
-        from clipseg_bench.model.forward import encode_prompts, text_trainable, vision_trainable
-        from clipseg_bench.organs import ORGANS
-        from clipseg_bench.train.loop import EpochSampler, PromptedSegmenter, _Loop
-        from clipseg_bench.train.runinfo import StepTimer
+        from clipseg_bench.model.forward import vision_trainable
+        from clipseg_bench.model.load import LoadedModel
+        from clipseg_bench.train.setup import build_training
 
-        model = arch.model
-        # Defaults everywhere (num_workers, grad_clip, loss weights) except: all pairs, this batch.
+        if use_cache and vision_trainable(arch.model):
+            raise ValueError("the feature cache needs a frozen vision encoder")
+        # Defaults everywhere (num_workers, grad_clip, loss weights, AdamW) except: all pairs, this
+        # batch, a constant learning rate (no warm-up; the schedule never ends), validation off.
         self.cfg = TrainConfig(
-            data=str(data.root), out=str(data.root / "unused"), batch_size=batch, absent_fraction=1.0
+            data=str(data.root),
+            out=str(data.root / "unused"),
+            strategy=strategy,
+            batch_size=batch,
+            absent_fraction=1.0,
+            lr=1e-5,
+            warmup_steps=0,
+            epochs=10**6,
+            feature_cache=use_cache,
+            compile=compile,
+            val_every=0,
+            val_max_slices=1,  # the builder also caches val slices; one is enough here
         )
-        self.cache_build_s = 0.0
-        features = None
-        if use_cache:
-            if vision_trainable(model):
-                raise ValueError("the feature cache needs a frozen vision encoder")
-            rows = data.slices("train", kept_only=True).iloc[:batch]
-            features, info = build_feature_cache(
-                model,
-                data=data,
-                rows=rows,
-                name=f"bench_b{batch}",
-                size=arch.size,
-                mean=arch.mean,
-                std=arch.std,
-                show_progress=False,
-            )
-            self.cache_build_s = info.build_s
-        prompt_emb = None
-        if not text_trainable(model):  # as train(): frozen prompt embeddings are computed once
-            with torch.no_grad():
-                prompt_emb = encode_prompts(model, arch.tokens["input_ids"], arch.tokens["attention_mask"])
-        dataset = SliceDataset(data, "train", size=arch.size, features=features)
-        # The sampler draws only the first `batch` slices (the cached ones): one epoch is one step.
-        loader = DataLoader(
-            dataset, batch_size=batch, sampler=EpochSampler(batch, seed=0), num_workers=self.cfg.num_workers
-        )
-        optimizer = optimizer or make_optimizer(model)
-        module = PromptedSegmenter(model, arch.tokens["input_ids"], arch.tokens["attention_mask"])
-        self.loop = _Loop(
-            self.cfg,
-            _accelerator(),
-            module,
-            optimizer,
-            get_constant_schedule(optimizer),
-            loader,
-            [o.id for o in ORGANS],
-            prompt_emb,
-            arch.size,
-            arch.mean,
-            arch.std,
-            StepTimer(torch.device("cpu")),
-            total_steps=1,
-            pair_chunk=self.cfg.pair_chunk,
-        )
+        loaded = LoadedModel(arch.model, arch.tokenizer, arch.size, arch.mean, arch.std, spec=arch.name)
+        rows = data.slices("train", kept_only=True).iloc[:batch]
+        self.setup = build_training(self.cfg, _accelerator(), loaded=loaded, train_rows=rows)
+        train_cache = self.setup.cache_infos.get("train_kept")
+        self.cache_build_s = train_cache.build_s if train_cache else 0.0
         self.steps = 0
         self.last_masks = 0
+
+    @property
+    def optimizer(self):
+        """The engine's AdamW; a per-pair baseline of the same parameters shares it (and its state)."""
+        return self.setup.optimizer
 
     def step(self) -> None:
         """One training step (one epoch of ``batch`` slices)."""
         from tqdm.auto import tqdm
 
-        from clipseg_bench.train.loop import _train_epoch
+        from clipseg_bench.train.loop import train_epoch
 
         with tqdm(disable=True) as pbar:
-            _, stats = _train_epoch(self.loop, self.steps, 0, pbar)
+            _, stats = train_epoch(self.setup, self.steps, 0, pbar)
         self.steps += 1
         self.last_masks = stats["masks"]
 
     def reset_breakdown(self) -> None:
-        from clipseg_bench.train.runinfo import StepTimer
+        from clipseg_bench.train.timing import StepTimer
 
-        self.loop.timer = StepTimer(torch.device("cpu"))
+        self.setup.timer = StepTimer(torch.device("cpu"))
 
     @property
     def breakdown(self) -> dict[str, float]:
         """Seconds per phase (data, forward, backward, optimizer) since :meth:`reset_breakdown`."""
-        return dict(self.loop.timer.totals)
+        return dict(self.setup.timer.totals)
 
 
 # --- (a) the per-pair baselines ------------------------------------------------------------------
@@ -536,9 +504,10 @@ def measure_strategy(arch: Arch, data, plan: Plan, strategy: str, log) -> tuple[
     reps = plan.reps if cached else plan.heavy_reps
     pairs = plan.pairs if cached else plan.enc_pairs
     stock = strategy == "decoder"
-    optimizer = make_optimizer(s_arch.model)
-    baseline = make_pair_step(s_arch, pair_batch(s_arch, data, pairs), stock=stock, optimizer=optimizer)
-    engine = EngineRun(s_arch, data, batch=batch, use_cache=cached, optimizer=optimizer)
+    engine = EngineRun(s_arch, data, strategy=strategy, batch=batch, use_cache=cached)
+    baseline = make_pair_step(
+        s_arch, pair_batch(s_arch, data, pairs), stock=stock, optimizer=engine.optimizer
+    )
     log(f"  {arch.name} {strategy}: per-pair P={pairs} vs engine B={batch} x {K}, {reps} rep(s)")
     fns = {"baseline": baseline, "engine": engine.step}
     # Steps that train encoders are slow: one baseline step warms up (it also allocates the shared
@@ -615,11 +584,10 @@ def measure_gradient_checkpointing(
 def measure_compile(arch: Arch, data, plan: Plan, t_plain: float, log) -> list[dict]:
     """Step time of ``full`` with the engine's module under ``torch.compile`` (the first step compiles).
 
-    ``TrainConfig.compile`` exists but ``train()`` does not apply it yet; this measures what it would give.
+    This is what ``train --set compile=true`` does.
     """
     log(f"  {arch.name} full + torch.compile")
-    run = EngineRun(arch, data, batch=plan.enc_batch, use_cache=False)
-    run.loop.module = torch.compile(run.loop.module)
+    run = EngineRun(arch, data, strategy="full", batch=plan.enc_batch, use_cache=False, compile=True)
     try:
         compile_s = _time_once(run.step)
         t = time_side_by_side({"compiled": run.step}, reps=plan.heavy_reps)["compiled"]
@@ -774,11 +742,10 @@ def probe_memory(
     arch = build_arch(arch_name)
     out["model_rss_mb"] = rss_mb()
     data = PreparedData(data_root)
-    from clipseg_bench.train.loop import release_frozen_vision
-
     apply_strategy(arch.model, "decoder")
-    run = EngineRun(arch, data, batch=batch, use_cache=True)
-    release_frozen_vision(arch.model)  # as train() does once the features are cached
+    run = EngineRun(
+        arch, data, strategy="decoder", batch=batch, use_cache=True
+    )  # releases the vision weights
     run.step()  # warm-up
     out["decoder_step_s"] = min(_time_once(run.step) for _ in range(steps))
     out["decoder_masks"] = run.last_masks
@@ -790,7 +757,7 @@ def probe_memory(
     # Checkpointed first, so memory that the (bigger) plain step leaves allocated cannot count for it.
     arch = build_arch(arch_name)  # the decoder probe released the vision weights
     apply_strategy(arch.model, "full")
-    run = EngineRun(arch, data, batch=gc_batch, use_cache=False)
+    run = EngineRun(arch, data, strategy="full", batch=gc_batch, use_cache=False)
     set_gradient_checkpointing(arch.model, True)
     run.step()  # warm-up; allocates the AdamW state both variants then hold
     gc: dict = {"batch": gc_batch, "masks": run.last_masks}
@@ -981,7 +948,7 @@ def run_benchmark(*, archs: list[str], profile: str, log=print, workdir: Path | 
         log: progress messages.
         workdir: where the phantom dataset goes (a temporary folder by default).
     """
-    from clipseg_bench.train.runinfo import git_info, hardware_info
+    from clipseg_bench.provenance import git_info, hardware_info
 
     t0 = time.perf_counter()
     load_start = os.getloadavg()

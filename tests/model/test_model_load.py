@@ -103,7 +103,7 @@ def test_missing_or_foreign_folder(tmp_path):
 
 
 def test_reference_config_has_the_published_size():
-    # CIDAS/clipseg-rd64-refined has 150.7M parameters (NOTES.md); built on the meta device, no memory.
+    # CIDAS/clipseg-rd64-refined has 150.7M parameters; built on the meta device, no memory.
     from transformers import CLIPSegForImageSegmentation
 
     with torch.device("meta"):

@@ -63,7 +63,7 @@ def test_full_strategy_learns_the_liver(learning_data, tmp_path):
     """The tiny model learns: liver val 2D Dice >= 0.8 within 900 steps. Assert on learning, never on time.
 
     Measured here: 0.82 from step ~480 at 160 px (the 8x8 token grid of 128 px tops out near 0.74);
-    NOTES: some seeds predict nothing until step ~400, so the bound stays well above that.
+    Some seeds predict nothing until step ~400, so the bound stays well above that.
     """
     cfg = _cfg(
         learning_data,
@@ -259,7 +259,7 @@ def test_chunked_decoding_gives_the_same_training(prepared_dir, tmp_path):
 def test_augmentation_is_seeded_bounded_and_bypasses_the_cache(prepared_dir, tmp_path):
     import torch
 
-    from clipseg_bench.train.loop import augment_intensity
+    from clipseg_bench.data.augment import augment_intensity
 
     imgs = torch.randint(30, 220, (3, 32, 32), dtype=torch.uint8)
     a = augment_intensity(imgs, torch.Generator().manual_seed(1))

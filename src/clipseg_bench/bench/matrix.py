@@ -18,8 +18,8 @@ from pathlib import Path
 
 from clipseg_bench.config import load_config, save_config
 from clipseg_bench.errors import InputError
+from clipseg_bench.provenance import git_info, hardware_info, write_json_atomic
 from clipseg_bench.strategies import available
-from clipseg_bench.train.runinfo import git_info, hardware_info, write_json_atomic
 
 
 def parse_shard(spec: str | None) -> tuple[int, int]:
@@ -142,7 +142,7 @@ def run_matrix(
             cfg = load_config(config, overrides)
             save_config(cfg, cfg_path)
             print(f"[benchmark] {run.name}: {'resuming' if resume else 'training'}")
-            # Train and evaluate in one process: a second Python + torch start-up costs ~5 s a run.
+            # Train and evaluate in one process: a second Python + torch start-up per run is waste.
             flags = (["--resume"] if resume else []) + (["--evaluate"] if evaluate else [])
             rc = _call(
                 train_cmd + ["train", "--config", str(cfg_path), *flags], out / "logs" / f"{run.name}.log"

@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from clipseg_bench.data.prepare import FORMAT
 from clipseg_bench.errors import InputError
-
-FORMAT = "clipseg-bench-prepared/1"
 
 
 class PreparedData:
@@ -40,6 +39,11 @@ class PreparedData:
             self.manifest = pd.read_csv(self.root / "manifest.csv", dtype={"case": str})
         except (OSError, ValueError) as exc:
             raise InputError(meta_path, f"unreadable prepared dataset ({exc})") from None
+        found = self.meta.get("format") if isinstance(self.meta, dict) else None
+        if found != FORMAT:
+            raise InputError(
+                self.root, f"prepared with format {found!r}, this version reads {FORMAT!r}; re-run `prepare`"
+            )
         self._arrays: dict[tuple[str, str], np.ndarray] = {}
 
     @property
@@ -105,11 +109,14 @@ class SliceDataset(Dataset):
         kept_only: only slices `prepare` kept for training (organ present, or all with --keep-empty).
         features: optional memory-mapped frozen vision activations (N, ...) aligned with the rows;
             when given, items also carry ``"features"`` (fp16) and the image encoder can be skipped.
+        rows: manifest rows to serve instead of the split's (``split`` and ``kept_only`` then unused).
     """
 
-    def __init__(self, data: PreparedData, split: str, *, size: int, kept_only: bool = True, features=None):
+    def __init__(
+        self, data: PreparedData, split: str, *, size: int, kept_only: bool = True, features=None, rows=None
+    ):
         self.data = data
-        self.rows = data.slices(split, kept_only=kept_only)
+        self.rows = data.slices(split, kept_only=kept_only) if rows is None else rows.reset_index(drop=True)
         self.size = size
         self.features = features
         if len(self.rows) == 0:

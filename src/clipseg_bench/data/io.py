@@ -29,6 +29,34 @@ def strip_nifti_suffix(name: str) -> str | None:
     return None
 
 
+def nifti_files(folder: str | Path, *, ignore_other_files: bool = False) -> dict[str, Path]:
+    """The NIfTI files of a folder by case id (the name without ``.nii``/``.nii.gz``), sorted.
+
+    Hidden files (``._x`` from macOS) and sub-folders are ignored, and so are other files with
+    ``ignore_other_files`` (a prediction folder may hold the CSV that ``score`` wrote into it).
+
+    Raises:
+        InputError: the folder is missing or not a folder, a case has two files (``.nii`` and
+            ``.nii.gz``), or (without ``ignore_other_files``) a file is not a NIfTI file.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(folder, "not a folder" if folder.exists() else "not a folder: it does not exist")
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or path.is_dir():
+            continue
+        stem = strip_nifti_suffix(path.name)
+        if stem is None:
+            if ignore_other_files:
+                continue
+            raise InputError(path, "not a NIfTI file (expected .nii or .nii.gz)")
+        if stem in found:
+            raise InputError(path, f"case {stem!r} has two files here (also {found[stem].name})")
+        found[stem] = path
+    return found
+
+
 def _load(path: Path):
     """nibabel's lazy image (header parsed, voxels not yet read)."""
     if not path.is_file():
@@ -38,7 +66,7 @@ def _load(path: Path):
     except MemoryError:
         raise
     except Exception as exc:  # nibabel, gzip and zlib each raise their own types for bad bytes
-        raise InputError(path, f"not a readable NIfTI image ({_why(exc)})") from None
+        raise InputError(path, f"cannot read as a NIfTI image ({_why(exc)})") from None
 
 
 def _why(exc: Exception) -> str:
@@ -88,14 +116,23 @@ def read_header(path: str | Path, img=None) -> Header:
     return Header(path=path, shape=shape, affine=affine, zooms=zooms)
 
 
-def check_same_grid(image: Header, label: Header) -> None:
-    """Raise an InputError naming the label file when its grid is not the image's."""
-    if image.shape != label.shape:
+def check_same_grid(reference: Header, other: Header, *, names: tuple[str, str] = ("image", "label")) -> None:
+    """Raise an InputError naming ``other``'s file when its grid (shape, affine) is not ``reference``'s.
+
+    Args:
+        names: what the two files are, for the message (e.g. ``("ground truth", "prediction")``).
+    """
+    ref_name, name = names
+    if reference.shape != other.shape:
         raise InputError(
-            label.path, f"label shape {label.shape} differs from image shape {image.shape} ({image.path})"
+            other.path,
+            f"{name} shape {other.shape} differs from the {ref_name} shape {reference.shape} ({reference.path})",
         )
-    if not np.allclose(image.affine, label.affine, atol=AFFINE_ATOL_MM, rtol=0):
-        raise InputError(label.path, f"label affine differs from the image affine ({image.path})")
+    if not np.allclose(reference.affine, other.affine, atol=AFFINE_ATOL_MM, rtol=0):
+        raise InputError(
+            other.path,
+            f"{name} affine (orientation, spacing or origin) differs from the {ref_name} affine ({reference.path})",
+        )
 
 
 def _read_data(path: Path, img, shape: tuple[int, ...], dtype=None) -> np.ndarray:

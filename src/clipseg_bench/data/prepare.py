@@ -38,6 +38,7 @@ from tqdm import tqdm
 from clipseg_bench.data.io import (
     check_same_grid,
     map_labels,
+    nifti_files,
     read_header,
     read_label_volume,
     read_volume,
@@ -46,6 +47,7 @@ from clipseg_bench.data.io import (
 from clipseg_bench.data.volumes import CANONICAL, normalize, parse_window, volume_to_slices
 from clipseg_bench.errors import InputError
 from clipseg_bench.organs import ORGANS, LabelMap, labels_to_gray, load_label_map, organ_table
+from clipseg_bench.provenance import write_text_atomic
 
 FORMAT = "clipseg-bench-prepared/1"
 MARKER = ".clipseg-bench-prepared"  # says "this folder is ours" from the first write on
@@ -92,23 +94,6 @@ class CaseSource:
 # --- step 1: find, pair and split the cases --------------------------------------------------
 
 
-def _nifti_files(folder: Path) -> dict[str, Path]:
-    """NIfTI files of a folder by name stem; hidden files (``._x`` from macOS) and folders ignored."""
-    if not folder.is_dir():
-        raise InputError(folder, "not a folder" if folder.exists() else "folder not found")
-    found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or path.is_dir():
-            continue
-        stem = strip_nifti_suffix(path.name)
-        if stem is None:
-            raise InputError(path, "not a NIfTI file (expected .nii or .nii.gz)")
-        if stem in found:
-            raise InputError(path, f"duplicate case file (also {found[stem].name})")
-        found[stem] = path
-    return found
-
-
 def _image_case_id(stem: str) -> str:
     return stem[: -len(CHANNEL_SUFFIX)] if stem.endswith(CHANNEL_SUFFIX) else stem
 
@@ -134,7 +119,7 @@ def _pair(images: dict[str, Path], labels: dict[str, Path]) -> list[CaseSource]:
 
 def _folder_layout(images: Path, labels: Path) -> list[CaseSource]:
     """FLARE22 / nnU-Net layout: ``images/<case>_0000.nii.gz`` and ``labels/<case>.nii.gz``."""
-    image_files, label_files = _nifti_files(images), _nifti_files(labels)
+    image_files, label_files = nifti_files(images), nifti_files(labels)
     if not image_files:
         raise InputError(images, "empty input folder: no .nii/.nii.gz volumes")
     if not label_files:
@@ -276,12 +261,6 @@ def _check_output(out: Path, overwrite: bool) -> None:
         raise InputError(out, f"cannot create the output folder: {parent} is not writable")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # --- step 2: one case (runs in a worker process) --------------------------------------------
 
 
@@ -403,7 +382,7 @@ def _commit_case(out: Path, record: dict) -> None:
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         os.replace(out / WORK / case / rel, out / rel)
     done.parent.mkdir(exist_ok=True)
-    _write_atomic(done, json.dumps(record))
+    write_text_atomic(done, json.dumps(record))
     shutil.rmtree(out / WORK / case, ignore_errors=True)
 
 
@@ -620,7 +599,7 @@ def _commit(
         **counts,
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    _write_atomic(out / "dataset.json", json.dumps(doc, indent=1))
+    write_text_atomic(out / "dataset.json", json.dumps(doc, indent=1))
     shutil.rmtree(out / WORK, ignore_errors=True)
 
 

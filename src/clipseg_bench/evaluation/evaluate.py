@@ -23,7 +23,7 @@ from clipseg_bench.errors import InputError
 from clipseg_bench.evaluation.loading import load_run
 from clipseg_bench.evaluation.metrics import score_case, summarize
 from clipseg_bench.evaluation.predict import probabilities_to_labels
-from clipseg_bench.train.runinfo import write_json_atomic
+from clipseg_bench.provenance import write_json_atomic
 
 N_SAMPLES = 4  # slices kept for the report's qualitative overlays
 

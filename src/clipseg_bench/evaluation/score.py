@@ -9,80 +9,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from clipseg_bench.data.io import Header, check_same_grid, nifti_files, read_label_volume
 from clipseg_bench.errors import InputError
 from clipseg_bench.evaluation.metrics import score_case, summarize
 
-_SUFFIXES = (".nii.gz", ".nii")
-# Headers written by different tools round the affine differently; a flip or another grid differs
-# by far more than this (mm).
-_AFFINE_ATOL_MM = 1e-3
-
-
-def _case_id(path: Path) -> str | None:
-    name = path.name
-    for suffix in _SUFFIXES:
-        if name.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return None
-
 
 def list_cases(folder: Path) -> dict[str, Path]:
-    """``{case_id: path}`` of the ``<case>.nii.gz`` / ``<case>.nii`` files in a folder.
-
-    Raises:
-        InputError: the folder does not exist, or one case has both a .nii and a .nii.gz file.
-    """
-    if not folder.is_dir():
-        raise InputError(folder, "not a folder")
-    cases: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        case = _case_id(path)
-        if case is None or not path.is_file():
-            continue
-        if case in cases:
-            raise InputError(path, f"case {case!r} has two files here ({cases[case].name}, {path.name})")
-        cases[case] = path
-    return cases
+    """``{case_id: path}`` of the ``<case>.nii.gz`` / ``<case>.nii`` files in a folder (other files ignored)."""
+    return nifti_files(folder, ignore_other_files=True)
 
 
-def read_label_volume(path: Path) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
-    """A label volume as stored, like the official FLARE22 evaluation reads it.
-
-    Returns:
-        ``(labels, spacing, affine)``: int16 (X, Y, Z) in the file's own array order (not
-        reoriented), the header zooms (mm) of the first three axes, and the 4x4 affine.
-
-    Raises:
-        InputError: the file cannot be read or is not one 3D volume.
-    """
-    try:
-        img = nib.load(path)
-        data = np.asanyarray(img.dataobj)
-    except Exception as exc:  # nibabel raises several types for broken or foreign files
-        raise InputError(path, f"cannot read as NIfTI ({exc.__class__.__name__}: {exc})") from None
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise InputError(path, f"expected a 3D label volume, got shape {data.shape}")
-    if data.dtype.kind == "f":  # labels saved as floats (or scaled): round, don't truncate
-        data = np.rint(data)
-    spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
-    return data.astype(np.int16), spacing, np.asarray(img.affine, dtype=float)
-
-
-def _check_same_grid(
-    pred_path: Path, pred: np.ndarray, pred_affine: np.ndarray, gt: np.ndarray, gt_affine: np.ndarray
-) -> None:
-    if pred.shape != gt.shape:
-        raise InputError(pred_path, f"shape {pred.shape} does not match the ground truth's {gt.shape}")
-    if not np.allclose(pred_affine, gt_affine, rtol=0, atol=_AFFINE_ATOL_MM):
-        raise InputError(
-            pred_path, "affine (orientation, spacing or origin) does not match the ground truth's"
-        )
+def read_labels(path: Path) -> tuple[np.ndarray, Header]:
+    """A label volume as stored, like the official FLARE22 evaluation reads it: the file's own array
+    order (not reoriented) and its header (zooms give the spacing), through the one reader of
+    :mod:`clipseg_bench.data.io` and its rules (integer values, 3D, readable)."""
+    labels, affine, zooms = read_label_volume(path)
+    return labels, Header(path=Path(path), shape=labels.shape, affine=affine, zooms=zooms)
 
 
 def score_folder(
@@ -127,13 +72,13 @@ def score_folder(
 
     per_case = {}
     for case, gt_path in gt_files.items():
-        gt, spacing, gt_affine = read_label_volume(gt_path)
+        gt, gt_header = read_labels(gt_path)
         if case in pred_files:
-            pr, _, pr_affine = read_label_volume(pred_files[case])
-            _check_same_grid(pred_files[case], pr, pr_affine, gt, gt_affine)
+            pr, pr_header = read_labels(pred_files[case])
+            check_same_grid(gt_header, pr_header, names=("ground truth", "prediction"))
         else:
             pr = np.zeros_like(gt)
-        per_case[case] = score_case(pr, gt, spacing)
+        per_case[case] = score_case(pr, gt, gt_header.zooms)
 
     table = pd.DataFrame(
         [

@@ -232,7 +232,7 @@ class _BlockedReluMLP(torch.autograd.Function):
     as autograd keeps the ReLU output (same memory), but as separate 2 MiB tensors that the heap
     reuses. fc1's bias rides in the matmul as a row of ``W1^T`` against a column of ones in ``x``,
     so it costs no pass over the hidden block and its gradient falls out of the weight-gradient
-    matmul. On 2 CPU cores fwd+bwd drops from ~9-10 to ~5 ms per mask and layer (rd64 sizes).
+    matmul. It roughly halves the MLP's time on CPU (measured in benchmarks/README.md).
     Gradients equal the eager MLP's up to float summation order (tests/model/test_forward.py).
     """
 
@@ -331,8 +331,8 @@ def patch_deconv_chain(
     """Consecutive kernel == stride ConvTranspose2d layers (optionally a ReLU between two) as matmuls.
 
     With kernel == stride each input pixel paints its own k x k output block, so a layer is a
-    (C -> k*k*O) matmul. PyTorch's CPU ConvTranspose2d took ~100 ms for the decoder's 100-mask
-    batches where the matmul takes ~2 ms. Along a chain the activations stay one row per output
+    (C -> k*k*O) matmul, which on CPU is far faster than PyTorch's ConvTranspose2d for the
+    decoder's many-mask batches (benchmarks/README.md). Along a chain the activations stay one row per output
     pixel, in the order (image, y, x, ky1, kx1, ky2, kx2, ...), channels last: the small weight
     matrices are permuted instead of the activations, and only the final output is rearranged
     into an image (for rd64-refined's head that skips three copies of a (P, 32, 88, 88) tensor).

@@ -60,7 +60,7 @@ def tiny_config(
     extract_layers: tuple[int, ...] = (1, 2, 3),
     use_complex_transposed_convolution: bool = True,
 ) -> CLIPSegConfig:
-    """The small CLIPSeg configuration that still learns (about 0.25M parameters; see NOTES.md).
+    """The small CLIPSeg configuration that still learns (about 0.25M parameters).
 
     Vision: 64 wide, ``vision_layers`` layers, 4 heads, MLP 128, patch 16. Text: 32 wide, 2 layers,
     our tiny vocabulary, EOS pooling (``eos_token_id`` is not 2, so HF does not fall back to its
@@ -113,7 +113,7 @@ def reset_decoder_init(model: CLIPSegForImageSegmentation) -> None:
 
     ``CLIPSegConfig`` has no ``initializer_range``, so HF draws the decoder's Linear and conv
     weights from N(0, 1): logits start with a std of about 47 and a model trained from scratch
-    stalls (NOTES.md). Only for randomly initialised models; a checkpoint brings its own weights.
+    stalls at a liver Dice near 0.06. Only for randomly initialised models; a checkpoint brings its own weights.
     """
     for module in model.decoder.modules():
         if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):

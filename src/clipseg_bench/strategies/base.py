@@ -65,15 +65,6 @@ class Strategy:
         """Unfreeze parameters and/or inject modules into ``model``, whose parameters are all frozen."""
         raise NotImplementedError
 
-    @classmethod
-    def option_docs(cls) -> list[dict[str, Any]]:
-        """``[{name, default, help}]`` for each option, for docs and ``--help`` texts."""
-        out = []
-        for f in dataclasses.fields(cls.Options):
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            out.append({"name": f.name, "default": default, "help": f.metadata.get("help", "")})
-        return out
-
 
 def register(cls: type[Strategy]) -> type[Strategy]:
     """Class decorator: make a strategy available under ``cls.name``."""

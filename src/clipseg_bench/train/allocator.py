@@ -3,9 +3,9 @@
 Why: glibc serves allocations below its (adaptive) mmap threshold from its heap, and free() keeps
 that memory for reuse unless it sits at the top of the heap. Weights dropped in the middle of the
 heap, such as the frozen vision encoder once its features are cached (344 MB for rd64), would
-stay resident for the whole run: in the benchmark's memory probe (rd64, decoder-only, after the
-cache build) RSS stayed at ~1100 MiB after dropping them, and fell to ~710 MiB with
-``malloc_trim(3)``, which releases free pages anywhere in the heap. No Python library wraps it, so we call it through ctypes; on other C
+stay resident for the whole run (the benchmark's memory probe shows the difference; numbers in
+benchmarks/README.md). ``malloc_trim(3)`` releases free pages anywhere in the heap. No Python
+library wraps it, so we call it through ctypes; on other C
 libraries (musl, macOS) :func:`return_free_memory` does nothing and returns False.
 """
 

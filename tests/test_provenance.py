@@ -7,14 +7,14 @@ import sys
 
 import numpy as np
 
-from clipseg_bench.train.runinfo import git_info, hardware_info, peak_rss_mb
+from clipseg_bench.provenance import git_info, hardware_info, peak_rss_mb
 
 
 def test_peak_rss_of_a_subprocess_is_its_own():
     """ru_maxrss survives fork+exec; a benchmark's training subprocess must not report its parent's peak."""
     ballast = np.ones(400 * 2**20 // 8)  # ~400 MiB resident in the parent
     parent = peak_rss_mb()
-    code = "from clipseg_bench.train.runinfo import peak_rss_mb; print(peak_rss_mb())"
+    code = "from clipseg_bench.provenance import peak_rss_mb; print(peak_rss_mb())"
     child = float(
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     )

@@ -1,4 +1,9 @@
-"""What a run folder records so its numbers can be trusted: commit, hardware, memory, timing."""
+"""What every result file records so its numbers can be trusted, and how it is written.
+
+Training, evaluation and the benchmark all write their records through this module: the commit and
+dirty flag, the hardware, peak memory, and JSON written atomically (a reader never sees half a file).
+It sits at the package's top level so no stage imports another stage for it.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,7 @@ import os
 import platform
 import resource
 import subprocess
-import time
-from contextlib import contextmanager
 from pathlib import Path
-
-import torch
 
 
 def git_info(path: Path | None = None) -> dict:
@@ -45,6 +46,8 @@ def cpu_name() -> str:
 
 
 def hardware_info(num_processes: int = 1) -> dict:
+    import torch  # here, not at the top: `prepare` writes through this module and needs no torch
+
     cuda = torch.cuda.is_available()
     return {
         "cpu": cpu_name(),
@@ -94,41 +97,23 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def peak_memory_mb(device: torch.device) -> tuple[float, str]:
-    """Peak memory: the GPU's max allocated on CUDA, else this process's peak RSS."""
+def peak_memory_mb(device) -> tuple[float, str]:
+    """Peak memory: the GPU's max allocated on CUDA (``device`` a torch.device), else this process's peak RSS."""
     if device.type == "cuda":
+        import torch
+
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
     return peak_rss_mb(), "rss"
 
 
-class StepTimer:
-    """Accumulates wall time per phase; synchronises the device before each reading on GPU."""
-
-    PHASES = ("data", "forward", "backward", "optimizer", "eval")
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.totals = dict.fromkeys(self.PHASES, 0.0)
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    @contextmanager
-    def phase(self, name: str):
-        self._sync()
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._sync()
-            self.totals[name] += time.perf_counter() - t0
-
-    def add(self, name: str, seconds: float) -> None:
-        self.totals[name] += seconds
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    """``obj`` as indented JSON, written atomically (see :func:`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str))

@@ -1,0 +1,49 @@
+"""The order and the (slice, organ) pairs a training epoch sees, as functions of (seed, epoch) alone.
+
+Nothing here reads a global random state, so a resumed run sees exactly what an uninterrupted one
+would have seen.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Sampler
+
+
+class EpochSampler(Sampler[int]):
+    """A shuffle that depends only on (seed, epoch), so a resumed run sees the same order."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def select_pairs(
+    targets: torch.Tensor, *, absent_fraction: float, generator: torch.Generator
+) -> torch.Tensor:
+    """The (slice, organ) pairs a step trains on: every present organ and a share of absent ones.
+
+    Args:
+        targets: (B, K, H, W) one-hot organ masks of the batch.
+        absent_fraction: probability that an absent organ's pair is kept (it teaches "empty").
+        generator: the epoch's own generator (CPU), so the draw is reproducible on resume.
+
+    Returns:
+        (P, 2) long tensor of (slice index, organ index) rows, never empty: every data-parallel rank
+        must run a backward, so a batch with nothing selected keeps its first pair.
+    """
+    present = targets.flatten(2).amax(-1) > 0
+    rand = torch.rand(present.shape, generator=generator).to(present.device)
+    select = present | (rand < absent_fraction)
+    if not select.any():
+        select[0, 0] = True
+    return select.nonzero()

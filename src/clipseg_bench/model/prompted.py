@@ -1,0 +1,40 @@
+"""CLIPSeg with its organ prompts behind one ``forward``: the module the trainer optimises."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from clipseg_bench.model.forward import decode, encode_images, encode_prompts
+
+
+class PromptedSegmenter(nn.Module):
+    """CLIPSeg behind one ``forward`` so Accelerate/DDP see every trainable parameter used.
+
+    Images go through the vision encoder once per step for all their prompts; prompts go through
+    the text encoder only when it trains (otherwise their embeddings are passed in, computed once).
+
+    Args:
+        clipseg: CLIPSegForImageSegmentation, strategy applied.
+        input_ids, attention_mask: (K, L) the tokenized organ prompts.
+    """
+
+    def __init__(self, clipseg: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        super().__init__()
+        self.clipseg = clipseg
+        self.register_buffer("input_ids", input_ids, persistent=False)
+        self.register_buffer("attention_mask", attention_mask, persistent=False)
+
+    def forward(self, pixel_values=None, *, activations=None, prompt_emb=None, pairs=None) -> torch.Tensor:
+        """Logits (B, K, S, S), or (P, S, S) for ``pairs`` (P, 2) of (image, prompt) indices.
+
+        Args:
+            pixel_values: (B, 3, S, S) preprocessed images; or ``activations``, the cached
+                vision-encoder outputs the decoder reads (then the image encoder is skipped).
+            prompt_emb: (K, D) precomputed prompt embeddings (frozen text encoder), else computed.
+        """
+        if prompt_emb is None:
+            prompt_emb = encode_prompts(self.clipseg, self.input_ids, self.attention_mask)
+        if activations is None:
+            activations = encode_images(self.clipseg, pixel_values)
+        return decode(self.clipseg, activations, prompt_emb, pairs=pairs)

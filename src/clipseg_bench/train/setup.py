@@ -1,0 +1,264 @@
+"""Building a training run: data, model and strategy, frozen parts computed once, loader, optimizer.
+
+:func:`build_training` turns a validated config into a :class:`TrainingSetup`, the one object the
+loop (:mod:`clipseg_bench.train.loop`) and the efficiency benchmark (``benchmarks/throughput.py``)
+both run. It never looks at the strategy's name: what trains follows from ``requires_grad``, and
+whether the image encoder can be skipped (cached features) from the vision encoder being frozen.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from clipseg_bench.config import TrainConfig, resolve_lr
+from clipseg_bench.data.dataset import PreparedData, SliceDataset
+from clipseg_bench.data.sampling import EpochSampler
+from clipseg_bench.evaluation.predict import Segmenter
+from clipseg_bench.model.feature_cache import CacheInfo, build_feature_cache, cache_key
+from clipseg_bench.model.forward import (
+    encode_prompts,
+    set_gradient_checkpointing,
+    text_trainable,
+    tokenize,
+    vision_trainable,
+)
+from clipseg_bench.model.load import LoadedModel, load_model
+from clipseg_bench.model.prompted import PromptedSegmenter
+from clipseg_bench.organs import Organ, parse_organs, prompts
+from clipseg_bench.strategies import ParamCounts, apply_strategy, count_parameters
+from clipseg_bench.train.allocator import return_free_memory
+from clipseg_bench.train.timing import StepTimer
+
+
+@dataclass(kw_only=True)
+class TrainingSetup:
+    """Everything a training run is made of, built once by :func:`build_training`.
+
+    Attributes:
+        cfg: the run's validated config.
+        accelerator: the ``accelerate.Accelerator`` (device, precision, processes).
+        data: the prepared dataset.
+        loaded: the model with its strategy applied, tokenizer and preprocessing.
+        organs, prompts: the K prompted organs and their prompt texts, in output order.
+        counts: trainable and total parameters.
+        module: the :class:`PromptedSegmenter`, as prepared by Accelerate.
+        optimizer, scheduler: None when nothing trains (zero-shot).
+        loader, sampler: the training slices; the sampler's order is a function of (seed, epoch).
+        prompt_emb: (K, D) prompt embeddings when the text encoder is frozen (computed once), else None.
+        features, val_features: cached vision activations of the train / val kept slices when the
+            vision encoder is frozen, else None.
+        cache_infos: what the feature cache build did, per row set.
+        segmenter: predicts with the model as it is now (validation).
+        timer: time per phase.
+        steps_per_epoch, total_steps, n_epochs: the schedule's length.
+    """
+
+    cfg: TrainConfig
+    accelerator: Any
+    data: PreparedData
+    loaded: LoadedModel
+    organs: list[Organ]
+    prompts: list[str]
+    counts: ParamCounts
+    module: nn.Module
+    optimizer: torch.optim.Optimizer | None
+    scheduler: Any
+    loader: DataLoader
+    sampler: EpochSampler
+    prompt_emb: torch.Tensor | None
+    features: np.ndarray | None
+    val_features: np.ndarray | None
+    cache_infos: dict[str, CacheInfo]
+    segmenter: Segmenter
+    timer: StepTimer
+    steps_per_epoch: int
+    total_steps: int
+    n_epochs: int
+
+    @property
+    def model(self) -> nn.Module:
+        """The underlying CLIPSegForImageSegmentation (not wrapped by Accelerate)."""
+        return self.loaded.model
+
+    @property
+    def organ_ids(self) -> list[int]:
+        return [o.id for o in self.organs]
+
+    @property
+    def trains(self) -> bool:
+        """Whether any parameter trains (False for zero-shot)."""
+        return self.optimizer is not None
+
+    def cache_summary(self) -> dict:
+        """The feature cache's cost for run.json: build time and size, and whether it was reused."""
+        infos = list(self.cache_infos.values())
+        if not infos:
+            return {"cache_build_s": 0.0, "cache_size_mb": 0.0}
+        return {
+            "cache_build_s": sum(i.build_s for i in infos),
+            "cache_size_mb": sum(i.size_mb for i in infos),
+            "cache_reused": all(i.reused for i in infos),
+        }
+
+
+def make_accelerator(cfg: TrainConfig):
+    """The run's Accelerator; ``cpu=True`` is what lets it see a torchrun/gloo launch without a GPU."""
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+
+
+def make_optimizer(params, *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; fused: one kernel for all tensors, not a Python loop."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+
+
+def release_frozen_vision(setup: TrainingSetup) -> None:
+    """Drop the frozen vision encoder's weights once its outputs are cached (344 MB for rd64).
+
+    Nothing reads them again in this process: training and validation decode cached activations.
+    Moving them to the meta device makes any accidental use fail loudly instead of silently. Only
+    single-process: DDP broadcasts every buffer, frozen ones included. Call it after
+    ``acc.prepare`` (which moves the model), i.e. on a built setup.
+    """
+    if setup.features is None or setup.accelerator.num_processes != 1:
+        return
+    setup.model.clip.vision_model.to("meta")
+    return_free_memory()  # weights freed inside glibc's heap would otherwise stay resident
+
+
+def build_training(
+    cfg: TrainConfig,
+    acc,
+    *,
+    loaded: LoadedModel | None = None,
+    train_rows: pd.DataFrame | None = None,
+) -> TrainingSetup:
+    """Build everything a run trains with, in the order that keeps runs reproducible.
+
+    Args:
+        cfg: the run's config.
+        acc: the Accelerator (:func:`make_accelerator`).
+        loaded: a model with its strategy already applied, instead of loading ``cfg.model`` and
+            applying ``cfg.strategy`` (the efficiency benchmark builds random real-size models).
+        train_rows: train on these manifest rows instead of the split's kept slices.
+    """
+    data = PreparedData(cfg.data)
+    if loaded is None:
+        loaded = load_model(cfg.model, image_size=cfg.image_size)
+        apply_strategy(loaded.model, cfg.strategy, cfg.strategy_options)
+    model = loaded.model
+    counts = count_parameters(model)
+    if cfg.gradient_checkpointing:
+        set_gradient_checkpointing(model, True)
+    model.to(acc.device)
+    organ_list = parse_organs(",".join(cfg.organs) if cfg.organs else None)
+    prompt_texts = prompts(cfg.prompt_template, organ_list)
+    tokens = {k: v.to(acc.device) for k, v in tokenize(loaded.tokenizer, prompt_texts).items()}
+
+    # Frozen parts are computed once, not every step.
+    prompt_emb = None
+    if not text_trainable(model):
+        with torch.no_grad():
+            prompt_emb = encode_prompts(model, tokens["input_ids"], tokens["attention_mask"])
+    if train_rows is None:
+        train_rows = data.slices("train", kept_only=True)
+    features, val_features, infos = None, None, {}
+    if not vision_trainable(model) and cfg.feature_cache:
+        features, val_features, infos = _cache_frozen_vision(cfg, acc, data, loaded, train_rows)
+
+    dataset = SliceDataset(data, "train", size=loaded.image_size, features=features, rows=train_rows)
+    sampler = EpochSampler(len(dataset), cfg.seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,
+    )
+    steps_per_epoch = math.ceil(len(dataset) / (cfg.batch_size * acc.num_processes))
+    total_steps = min(cfg.max_steps or 10**12, steps_per_epoch * cfg.epochs)
+    n_epochs = math.ceil(total_steps / steps_per_epoch)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    module = PromptedSegmenter(model, tokens["input_ids"], tokens["attention_mask"])
+    if cfg.compile:  # in place, so Accelerate/DDP still wrap an ordinary module (measured in benchmarks/)
+        module.compile()
+    optimizer = scheduler = None
+    if params:
+        from transformers import get_cosine_schedule_with_warmup
+
+        optimizer = make_optimizer(params, lr=resolve_lr(cfg), weight_decay=cfg.weight_decay)
+        scheduler = get_cosine_schedule_with_warmup(
+            optimizer, min(cfg.warmup_steps, total_steps), total_steps
+        )
+        module, optimizer, loader, scheduler = acc.prepare(module, optimizer, loader, scheduler)
+    segmenter = Segmenter(
+        model,
+        loaded.tokenizer,
+        organs=organ_list,
+        prompts=prompt_texts,
+        size=loaded.image_size,
+        mean=loaded.mean,
+        std=loaded.std,
+        device=acc.device,
+    )
+    return TrainingSetup(
+        cfg=cfg,
+        accelerator=acc,
+        data=data,
+        loaded=loaded,
+        organs=organ_list,
+        prompts=prompt_texts,
+        counts=counts,
+        module=module,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loader=loader,
+        sampler=sampler,
+        prompt_emb=prompt_emb,
+        features=features,
+        val_features=val_features,
+        cache_infos=infos,
+        segmenter=segmenter,
+        timer=StepTimer(acc.device),
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        n_epochs=n_epochs,
+    )
+
+
+def _cache_frozen_vision(cfg: TrainConfig, acc, data: PreparedData, loaded: LoadedModel, train_rows):
+    """Vision activations of the train and val kept slices, built once (main process first)."""
+    model, size, mean, std = loaded.model, loaded.image_size, loaded.mean, loaded.std
+    # One key for both row sets: it hashes the whole vision encoder (344 MB for rd64).
+    key = cache_key(model, data=data, size=size, mean=mean, std=std)
+    build = functools.partial(
+        build_feature_cache,
+        model,
+        data=data,
+        size=size,
+        mean=mean,
+        std=std,
+        device=acc.device,
+        show_progress=acc.is_main_process,
+        key=key,
+    )
+    features = val_features = None
+    infos: dict[str, CacheInfo] = {}
+    with acc.main_process_first():
+        if not cfg.augment:  # augmented images change every epoch: their encodings cannot be cached
+            features, infos["train_kept"] = build(rows=train_rows, name="train_kept")
+        if data.cases("val"):
+            val_rows = data.slices("val", kept_only=True).iloc[: cfg.val_max_slices]
+            val_features, infos["val_kept"] = build(rows=val_rows, name="val_kept")
+    return features, val_features, infos
