@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import fnmatch
 import io
 import json
 import math
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import types
 import zlib
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ import yaml
 from PIL import Image
 
 from clipseg_bench.bench.plots import pareto_front
-from clipseg_bench.bench.report import write_report
+from clipseg_bench.bench.report import strategy_description, write_report
 from clipseg_bench.errors import InputError
 from clipseg_bench.organs import ORGANS
 
@@ -367,6 +369,40 @@ def test_strategy_description_comes_from_the_registry(tmp_path, monkeypatch):
     page = write_report([b]).read_text()
     assert "Registry text for decoder." in page
     assert "Building the frozen-encoder feature cache took 1.2 s" in page  # explained from run.json
+
+
+def test_unknown_strategy_has_an_empty_description():
+    assert strategy_description("no-such-strategy") == ""  # a run of a strategy this install lacks
+    assert strategy_description("decoder")  # the real registry's text
+
+
+def test_unfinished_runs_are_marked_in_the_html(bench):
+    page = (bench / "report.html").read_text()
+    red = re.findall(r'<td class="[^"]*\bunfinished\b[^"]*" >([^<]*)</td>', page)
+    assert red[:3] == ["lora", "0", "running"] and len(red) == 8  # every cell of that row, no other row
+    assert "td.unfinished{color:#a33}" in page
+
+
+def test_config_values_and_keys_are_escaped(tmp_path):
+    b = make_bench(tmp_path / "b", strategies=("full",), seeds=(0, 1))
+    for seed, extra in ((0, {}), (1, {"<script>key</script>": "v"})):
+        cfg_path = b / "runs" / f"full-s{seed}" / "config.yaml"
+        cfg = yaml.safe_load(cfg_path.read_text())
+        cfg_path.write_text(yaml.safe_dump({**cfg, "title": "<script>alert(1)</script>", **extra}))
+    page = write_report([b]).read_text()
+    assert "<script" not in page  # a config is shown as text, never run
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page  # the shared setting
+    assert "&lt;script&gt;key&lt;/script&gt;" in page  # a differing setting's column heading
+
+
+def test_the_template_ships_with_the_package():
+    template = resources.files("clipseg_bench.bench").joinpath("templates/report.html.j2")
+    assert template.is_file()
+    # An editable install reads src/ directly, so check the wheel's rule too: package-data must list it.
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["clipseg_bench"]
+    assert any(fnmatch.fnmatch("bench/templates/report.html.j2", g) for g in globs), globs
 
 
 def test_pareto_front_keeps_only_undominated_points():

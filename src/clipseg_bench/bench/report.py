@@ -2,19 +2,21 @@
 
 Every number in the report is computed from the run folders' own files (run.json, metrics.json,
 history.csv) by :mod:`clipseg_bench.bench.results`; this module only formats and explains them.
-The HTML embeds its PNGs as base64 data URIs and its CSS inline, so the single file can be mailed
-or archived and still shows everything.
+The HTML comes from ``templates/report.html.j2`` (CSS inline, PNGs as base64 data URIs), so the
+single file can be mailed or archived and still shows everything.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import math
 from collections import Counter
 from pathlib import Path
 
 import pandas as pd
+from jinja2 import Environment, PackageLoader, StrictUndefined
+from markupsafe import Markup
+from pandas.io.formats.style import Styler
 
 from clipseg_bench.bench import plots
 from clipseg_bench.bench.results import (
@@ -26,18 +28,8 @@ from clipseg_bench.bench.results import (
     runs_table,
     summary_table,
 )
+from clipseg_bench.errors import InputError
 from clipseg_bench.organs import ORGANS
-
-# Used only when the strategy registry cannot be imported (or lacks the name); the registry's own
-# `description` is preferred because it is written next to the code it describes.
-_FALLBACK_DESCRIPTIONS = {
-    "zeroshot": "No training: the pretrained CLIPSeg is evaluated as it is.",
-    "full": "Every parameter trains: both CLIP encoders and the decoder.",
-    "decoder": "Only the CLIPSeg decoder trains; both CLIP encoders stay frozen.",
-    "adapter": "Small bottleneck adapters inserted into the CLIP encoders train, with the decoder.",
-    "lora": "Low-rank (LoRA) updates of the encoders' attention projections train, with the decoder.",
-    "bitfit": "Only the encoders' bias terms train, with the decoder.",
-}
 
 # The original study (FLARE22, 20 epochs), as it reported its results; shown for reference only.
 ORIGINAL_STUDY = pd.DataFrame(
@@ -48,19 +40,13 @@ ORIGINAL_STUDY = pd.DataFrame(
     ]
 )
 
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1300px;margin:2em auto;
- padding:0 1em;color:#222;line-height:1.45}
-h1{font-size:1.6em}h2{font-size:1.25em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
-.scroll{overflow-x:auto}table{border-collapse:collapse;margin:.8em 0;font-size:.88em}
-th,td{border:1px solid #ccc;padding:.25em .55em;text-align:right;white-space:nowrap}
-th{background:#f3f3f3;white-space:normal}td:first-child,th:first-child{text-align:left}
-tr.unfinished td{color:#a33}
-figure{margin:1em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
-figcaption{font-size:.85em;color:#555}
-.note{background:#fff8e1;border-left:4px solid #f0b400;padding:.4em .8em;font-size:.9em}
-code{background:#f3f3f3;padding:0 .2em}ul.explain li{margin-bottom:.4em}
-"""
+_TEMPLATES = Environment(
+    loader=PackageLoader("clipseg_bench.bench", "templates"),
+    autoescape=True,  # run folders are user files: their text must show as text, never as markup
+    undefined=StrictUndefined,  # a misspelt name fails the report instead of leaving a silent gap
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
 
 
 # --- formatting ------------------------------------------------------------------------------
@@ -151,16 +137,16 @@ def runs_display(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def strategy_description(name: str) -> str:
-    """One sentence from the strategy registry, or the built-in text when it is unavailable."""
-    try:
-        from clipseg_bench.strategies import get
+    """The strategy's one-sentence description from the registry; empty for a name it does not know
+    (a run of a strategy this install lacks)."""
+    # Imported on use: the registry imports torch and every strategy (peft), ~1.5 s that reading
+    # result files does not otherwise need.
+    from clipseg_bench.strategies import get
 
-        text = get(name).description
-        if text:
-            return str(text).strip()
-    except Exception:  # registry not importable yet, or an unknown name: fall back, never fail the report
-        pass
-    return _FALLBACK_DESCRIPTIONS.get(name, "")
+    try:
+        return get(name).description.strip()
+    except InputError:  # how get answers an unknown name
+        return ""
 
 
 def _parts(row: pd.Series, parts: list[str]) -> dict[str, float]:
@@ -287,23 +273,31 @@ def _provenance(runs: list[Run]) -> tuple[pd.DataFrame, pd.DataFrame]:
 # --- writing ---------------------------------------------------------------------------------
 
 
-def _html_table(df: pd.DataFrame, row_classes: list[str] | None = None) -> str:
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
-    body = []
-    for i, row in enumerate(df.itertuples(index=False)):
-        cls = f' class="{row_classes[i]}"' if row_classes and row_classes[i] else ""
-        body.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>")
-    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+def _table(df: pd.DataFrame, name: str, row_classes: list[str] | None = None) -> Markup:
+    """``df`` as an escaped HTML table, each cell ``str()`` of its value, a missing one ``–``.
+
+    Args:
+        df: the table; its index is not shown.
+        name: unique within the page; the Styler's element ids start with ``T_<name>``.
+        row_classes: a CSS class per row ('' for none); the Styler sets it on every cell of the row.
+    """
+    # The cells are formatted already; str() keeps pandas from re-formatting floats (0.7527 -> 0.752700).
+    cells = df.astype(str)
+    styler = Styler(cells, uuid=name, cell_ids=False).hide(axis="index")
+    styler = styler.format(na_rep="–", escape="html").format_index(escape="html", axis=1)
+    if row_classes is not None:
+        styler = styler.set_td_classes(
+            pd.DataFrame({c: row_classes for c in cells.columns}, index=cells.index)
+        )
+    return Markup(styler.to_html())
 
 
-def _img(path: Path | None, caption: str) -> str:
+def _figure(path: Path | None) -> dict[str, str] | None:
+    """A PNG as a data URI (the page needs no file beside it), with its file name; None stays None."""
     if path is None:
-        return f'<p class="note">No data for this plot: {html.escape(caption)}</p>'
+        return None
     data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return (
-        f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(path.stem)}">'
-        f"<figcaption>{html.escape(caption)} (also <code>plots/{html.escape(path.name)}</code>)</figcaption></figure>"
-    )
+    return {"src": f"data:image/png;base64,{data}", "name": path.name, "stem": path.stem}
 
 
 def _excluded_note(table: pd.DataFrame) -> str:
@@ -364,13 +358,47 @@ def make_plots(
     return pngs
 
 
-def _p(text: str) -> str:
-    """One escaped HTML paragraph."""
-    return f"<p>{html.escape(text)}</p>"
+def _results_context(
+    runs: list[Run], table: pd.DataFrame, summary: pd.DataFrame, dsc: pd.DataFrame, nsd: pd.DataFrame
+) -> dict:
+    """What the sections about finished runs show (the template skips them when none finished)."""
+    parts = breakdown_keys(runs)
+    trained = _trained(summary)
+    fastest = trained.loc[trained["s_per_epoch_mean"].idxmin()] if len(trained) else None
+    finished = table["status"] == FINISHED
+    return {
+        "summary": _table(summary_display(summary), "summary"),
+        "dsc": _table(per_organ_display(dsc), "dsc"),
+        "nsd": _table(per_organ_display(nsd), "nsd"),
+        "mem_kinds": sorted({str(k) for k in table.loc[finished, "peak_mem_kind"].dropna()}),
+        "gap": explain_gap(summary, parts),
+        "strategies": [
+            {
+                "name": r["strategy"],
+                "description": strategy_description(r["strategy"]),
+                "explanation": explain_strategy(r, parts, fastest),
+            }
+            for _, r in summary.iterrows()
+        ],
+    }
 
 
-def _section(title: str, *parts: str) -> str:
-    return f"<h2>{html.escape(title)}</h2>" + "".join(parts)
+def _provenance_context(runs: list[Run]) -> dict:
+    """Commits, hardware and settings of the runs, with a warning where they make runs incomparable."""
+    git, hw = _provenance(runs)
+    diff, shared = config_tables(runs)
+    warnings = []
+    if len(git) > 1 or git["dirty"].any():
+        warnings.append("runs come from more than one commit or from uncommitted code")
+    if len(hw) > 1:
+        warnings.append("runs ran on different hardware, so their timings are not directly comparable")
+    return {
+        "warnings": warnings,
+        "code": _table(git, "code"),
+        "hardware": _table(hw, "hardware"),
+        "differing": _table(diff, "differing") if diff.shape[1] > 1 else None,  # "run" alone: none differ
+        "shared": _table(shared, "shared"),
+    }
 
 
 def render_html(
@@ -383,129 +411,18 @@ def render_html(
     pngs: dict[str, Path | None],
     sources: list[Path],
 ) -> str:
-    """The whole report as one HTML string (images inline)."""
-    parts = breakdown_keys(runs)
-    note = _excluded_note(table)
-    head = [
-        "<h1>clipseg-bench report</h1>",
-        _p(
-            f"{len(table)} run(s) from {', '.join(str(s) for s in sources)}; "
-            f"{int((table['status'] == FINISHED).sum())} finished. Figures are mean ± sample std (ddof=1) over "
-            "seeds; '± –' means a single seed."
-        ),
-    ]
-    if note:
-        head.append(f'<p class="note">{html.escape(note)}</p>')
-    body = list(head)
-    if summary.empty:
-        body.append('<p class="note">No finished runs yet: nothing to aggregate.</p>')
-    else:
-        kinds = sorted({str(k) for k in table.loc[table["status"] == FINISHED, "peak_mem_kind"].dropna()})
-        body.append(
-            _section(
-                "Strategies",
-                _html_table(summary_display(summary)),
-                _p(
-                    "Train Dice: the trainer's final epoch (run.json). Val Dice: evaluate's 2D Dice over the val split "
-                    "(metrics.json dice2d; the trainer's last val Dice when evaluate has not run). Val 3D DSC / NSD: "
-                    "FLARE22-style volume scores (metrics.json summary). "
-                    + (f"Peak memory kind: {', '.join(kinds)}." if kinds else "")
-                ),
-            )
-        )
-        fastest = _trained(summary)
-        fastest = fastest.loc[fastest["s_per_epoch_mean"].idxmin()] if len(fastest) else None
-        items = "".join(
-            f"<li><b>{html.escape(r['strategy'])}</b>: {html.escape(strategy_description(r['strategy']))} "
-            f"{html.escape(explain_strategy(r, parts, fastest))}</li>"
-            for _, r in summary.iterrows()
-        )
-        gap = explain_gap(summary, parts)
-        body.append(
-            _section(
-                "Where the cost comes from",
-                _p(gap) if gap else "",
-                f'<ul class="explain">{items}</ul>',
-                _img(pngs.get("time_breakdown"), "Time per run by part (mean over seeds)."),
-            )
-        )
-        body.append(
-            _section(
-                "Quality against cost",
-                _img(
-                    pngs.get("pareto"),
-                    "Val 2D Dice against training time; marker area grows with log10 trainable "
-                    "parameters; small dots are single seeds; the dashed line is the Pareto front.",
-                ),
-            )
-        )
-        body.append(
-            _section(
-                "Per organ",
-                "<h3>Val 3D DSC</h3>",
-                _html_table(per_organ_display(dsc)),
-                "<h3>Val NSD</h3>",
-                _html_table(per_organ_display(nsd)),
-                _img(pngs.get("per_organ"), "Per-organ 3D DSC and NSD (mean ± std over seeds)."),
-            )
-        )
-        body.append(
-            _section(
-                "Training curves",
-                _img(pngs.get("curves"), "One line per seed; strategies without training have none."),
-            )
-        )
-        body.append(
-            _section(
-                "Qualitative overlays",
-                _img(
-                    pngs.get("overlays"),
-                    "The same val slices: CT, ground truth, and each strategy's prediction "
-                    "(lowest finished seed).",
-                ),
-            )
-        )
-    body.append(
-        _section(
-            "Reported by the original study (for reference)",
-            _html_table(ORIGINAL_STUDY.astype(str)),
-            _p(
-                "FLARE22, 20 epochs, as published; not reproduced here (strategy names mapped onto ours). The study "
-                "could not explain why 'full' trained fastest. The reason is in the Hugging Face CLIPSeg forward: it "
-                "runs both CLIP encoders under torch.no_grad(), so no encoder parameter, and no adapter inside an "
-                "encoder, ever received a gradient: 'full' trained only the decoder. Its time differences are "
-                "therefore not costs of the strategies. This benchmark's own forward lets gradients reach every "
-                "encoder parameter a strategy unfreezes (see the trainable-parameter column and the breakdown above)."
-            ),
-        )
-    )
-    classes = ["" if s == FINISHED else "unfinished" for s in table["status"]]
-    body.append(_section("All runs", _html_table(runs_display(table), classes)))
-    git, hw = _provenance(runs)
-    diff, shared = config_tables(runs)
-    warn = []
-    if len(git) > 1 or git["dirty"].any():
-        warn.append("runs come from more than one commit or from uncommitted code")
-    if len(hw) > 1:
-        warn.append("runs ran on different hardware, so their timings are not directly comparable")
-    body.append(
-        _section(
-            "Provenance",
-            f'<p class="note">Note: {html.escape("; ".join(warn))}.</p>' if warn else "",
-            "<h3>Code</h3>",
-            _html_table(git),
-            "<h3>Hardware</h3>",
-            _html_table(hw),
-            "<h3>Settings that differ between runs (besides strategy and seed)</h3>",
-            _html_table(diff.astype(str)) if diff.shape[1] > 1 else _p("None."),
-            "<details><summary>Settings shared by all runs</summary>",
-            _html_table(shared.astype(str)),
-            "</details>",
-        )
-    )
-    return (
-        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>clipseg-bench report</title>'
-        f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>"
+    """The whole report as one HTML string (images inline), from ``templates/report.html.j2``."""
+    unfinished = ["" if s == FINISHED else "unfinished" for s in table["status"]]
+    return _TEMPLATES.get_template("report.html.j2").render(
+        n_runs=len(table),
+        n_finished=int((table["status"] == FINISHED).sum()),
+        sources=sources,
+        excluded=_excluded_note(table),
+        results=None if summary.empty else _results_context(runs, table, summary, dsc, nsd),
+        figures={name: _figure(path) for name, path in pngs.items()},
+        study=_table(ORIGINAL_STUDY, "study"),
+        all_runs=_table(runs_display(table), "runs", unfinished),
+        provenance=_provenance_context(runs),
     )
 
 
