@@ -11,7 +11,14 @@ import pytest
 import torch
 from scipy import ndimage
 
-from clipseg_bench.evaluation.metrics import dice, dice_2d_pairs, flare_dsc_nsd, score_case, summarize
+from clipseg_bench.evaluation.metrics import (
+    dice,
+    dice_2d_pairs,
+    flare_dsc_nsd,
+    present_pairs_dice,
+    score_case,
+    summarize,
+)
 from clipseg_bench.organs import BY_ID, ORGANS, Z_CROPPED_IDS
 
 SPACING = (3.0, 2.0, 1.0)  # mm, anisotropic on purpose
@@ -51,6 +58,28 @@ def test_dice_2d_pairs_by_hand():
     # pair 3 empty in both -> 1
     np.testing.assert_allclose(dice_2d_pairs(p, g), [0.5, 0.0, 0.0, 1.0])
     np.testing.assert_allclose(dice_2d_pairs(torch.from_numpy(p), torch.from_numpy(g)), [0.5, 0.0, 0.0, 1.0])
+
+
+def test_present_pairs_dice_leaves_out_absent_organs():
+    """dice2d's rule: pairs whose ground truth is empty are not averaged (empty-both would score 1)."""
+    p, g = np.zeros((4, 3, 3), bool), np.zeros((4, 3, 3), bool)
+    p[0, 0, :2] = True
+    g[0, 0, 1:] = True  # present: 0.5
+    p[1, 1, 1] = True  # absent, predicted: left out
+    g[2] = True  # present, missed: 0
+    # pair 3 empty in both: left out
+    np.testing.assert_allclose(present_pairs_dice(p, g), [0.5, 0.0])
+    on_torch = present_pairs_dice(torch.from_numpy(p), torch.from_numpy(g).float())
+    np.testing.assert_allclose(on_torch, [0.5, 0.0])
+    assert present_pairs_dice(p[[1, 3]], g[[1, 3]]).size == 0
+
+
+def test_one_dice_for_2d_pairs_and_3d_volumes():
+    rng = np.random.default_rng(2)
+    p, g = rng.random((3, 5, 6, 4)) > 0.5, rng.random((3, 5, 6, 4)) > 0.4
+    np.testing.assert_allclose(dice_2d_pairs(p, g), [dice(a, b) for a, b in zip(p, g)])
+    inter, total = np.logical_and(p[0], g[0]).sum(), p[0].sum() + g[0].sum()
+    assert dice(p[0], g[0]) == 2 * inter / total
 
 
 def test_dice_2d_pairs_equals_dice_per_slice():

@@ -21,7 +21,7 @@ from clipseg_bench.data.dataset import PreparedData
 from clipseg_bench.data.volumes import slices_to_volume
 from clipseg_bench.errors import InputError
 from clipseg_bench.evaluation.loading import load_run
-from clipseg_bench.evaluation.metrics import score_case, summarize
+from clipseg_bench.evaluation.metrics import present_pairs_dice, score_case, summarize
 from clipseg_bench.evaluation.predict import probabilities_to_labels
 from clipseg_bench.provenance import write_json_atomic
 
@@ -73,9 +73,10 @@ def evaluate_run(
             binary = (probs > cfg.threshold).numpy()  # (b, K, H, W): each prompt on its own
             target = gt[start:stop, None] == np.asarray(organ_ids)[None, :, None, None]
             present = target.any((2, 3))
-            inter = (binary & target).sum((2, 3))
-            denom = binary.sum((2, 3)) + target.sum((2, 3))
-            dice_pairs.extend((2 * inter[present] / np.maximum(denom[present], 1)).tolist())
+            pairs_shape = (-1, *binary.shape[2:])  # (b * K, H, W): one row per (slice, organ) pair
+            dice_pairs.extend(
+                present_pairs_dice(binary.reshape(pairs_shape), target.reshape(pairs_shape)).tolist()
+            )
             absent_total += int((~present).sum())
             absent_empty += int((~present & ~binary.any((2, 3))).sum())
         meta = prepared.cases_meta[case]

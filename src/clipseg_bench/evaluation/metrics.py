@@ -38,43 +38,50 @@ def _as_bool(x) -> np.ndarray:
     return np.asarray(x).astype(bool, copy=False)
 
 
-def dice(pred, gt) -> float:
-    """Dice coefficient ``2|P∩G| / (|P| + |G|)`` of two binary masks.
+def dice_2d_pairs(pred, gt) -> np.ndarray:
+    """Dice ``2|P∩G| / (|P| + |G|)`` of each pair of binary masks: the project's one Dice.
+
+    Training progress, validation, ``evaluate`` (2D) and the 3D DSC all call this function.
 
     Args:
-        pred: predicted mask, any shape; numpy array or torch tensor, nonzero = foreground.
-        gt: ground-truth mask of the same shape.
+        pred: predicted masks, bool-like (N, ...) (e.g. (N, H, W) for N (slice, organ) pairs);
+            numpy array or torch tensor (any device), nonzero = foreground.
+        gt: ground-truth masks of the same shape.
 
     Returns:
-        Dice in [0, 1]. Both masks empty -> 1.0 (nothing to find and nothing found, the FLARE22
-        convention); exactly one empty -> 0.0.
+        float64 array (N,). Empty-mask rules: a pair empty in both masks scores 1.0 (nothing to
+        find and nothing found, the FLARE22 convention); a pair empty in exactly one scores 0.0.
+        Callers that want "Dice where the organ is present" use :func:`present_pairs_dice`.
+    """
+    p, g = _as_bool(pred), _as_bool(gt)
+    if p.shape != g.shape or p.ndim < 1:
+        raise ValueError(f"expected two (N, ...) arrays of one shape, got {p.shape} and {g.shape}")
+    axes = tuple(range(1, p.ndim))
+    inter = np.logical_and(p, g).sum(axis=axes, dtype=np.int64)
+    total = p.sum(axis=axes, dtype=np.int64) + g.sum(axis=axes, dtype=np.int64)
+    return np.where(total == 0, 1.0, 2.0 * inter / np.maximum(total, 1))
+
+
+def present_pairs_dice(pred, gt) -> np.ndarray:
+    """:func:`dice_2d_pairs` of the pairs whose ground truth is not empty, in order.
+
+    This is what ``dice2d`` averages (the original study's number): pairs where the organ is absent
+    from the ground truth are left out, so empty-both pairs (Dice 1 by convention) cannot inflate it.
+    """
+    g = _as_bool(gt)
+    present = g.reshape(len(g), -1).any(1)
+    return dice_2d_pairs(_as_bool(pred)[present], g[present])
+
+
+def dice(pred, gt) -> float:
+    """Dice of one pair of masks of any (equal) shape: :func:`dice_2d_pairs` of a single pair.
+
+    Both empty -> 1.0; exactly one empty -> 0.0.
     """
     p, g = _as_bool(pred), _as_bool(gt)
     if p.shape != g.shape:
         raise ValueError(f"pred and gt shapes differ: {p.shape} vs {g.shape}")
-    total = int(p.sum()) + int(g.sum())
-    if total == 0:
-        return 1.0
-    return 2.0 * int(np.logical_and(p, g).sum()) / total
-
-
-def dice_2d_pairs(pred, gt) -> np.ndarray:
-    """Dice of each (slice, organ) pair, vectorised.
-
-    Args:
-        pred: predicted masks, bool-like (N, H, W), one per pair; numpy or torch.
-        gt: ground-truth masks, (N, H, W).
-
-    Returns:
-        float64 array (N,). A pair empty in both masks scores 1.0, one empty in only one scores 0.0
-        (callers that want "Dice where the organ is present" select those pairs themselves).
-    """
-    p, g = _as_bool(pred), _as_bool(gt)
-    if p.shape != g.shape or p.ndim != 3:
-        raise ValueError(f"expected two (N, H, W) arrays of one shape, got {p.shape} and {g.shape}")
-    inter = np.logical_and(p, g).sum(axis=(1, 2), dtype=np.int64)
-    total = p.sum(axis=(1, 2), dtype=np.int64) + g.sum(axis=(1, 2), dtype=np.int64)
-    return np.where(total == 0, 1.0, 2.0 * inter / np.maximum(total, 1))
+    return float(dice_2d_pairs(p[None], g[None])[0])
 
 
 def _z_range(gt: np.ndarray) -> slice:

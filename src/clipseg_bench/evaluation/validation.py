@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from clipseg_bench.data.dataset import PreparedData, organ_targets
+from clipseg_bench.evaluation.metrics import present_pairs_dice
 
 
 def validation_dice(
@@ -41,9 +42,5 @@ def validation_dice(
         features = features[: len(ds_rows)]
     for start, probs in segmenter.iter_probabilities(imgs, batch_size=batch_size, features=features):
         t = organ_targets(torch.from_numpy(labs[start : start + len(probs)]), organ_ids)
-        pred = (probs > threshold).float()
-        present = t.flatten(2).sum(-1) > 0
-        inter = (pred * t).flatten(2).sum(-1)
-        denom = pred.flatten(2).sum(-1) + t.flatten(2).sum(-1)
-        dices.extend((2 * inter / denom.clamp_min(1))[present].tolist())
+        dices.extend(present_pairs_dice((probs > threshold).flatten(0, 1), t.flatten(0, 1)).tolist())
     return float(np.mean(dices)) if dices else float("nan")

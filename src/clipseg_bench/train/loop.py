@@ -21,13 +21,14 @@ from clipseg_bench.config import TrainConfig
 from clipseg_bench.data.augment import augment_intensity
 from clipseg_bench.data.dataset import organ_targets
 from clipseg_bench.data.sampling import select_pairs
+from clipseg_bench.evaluation.metrics import present_pairs_dice
 from clipseg_bench.evaluation.validation import validation_dice
 from clipseg_bench.model.checkpoint import save_trained
 from clipseg_bench.model.forward import preprocess
 from clipseg_bench.provenance import write_json_atomic
 from clipseg_bench.train import record
 from clipseg_bench.train.checkpoint import load_resume_state, save_resume_state
-from clipseg_bench.train.losses import batch_dice, segmentation_loss
+from clipseg_bench.train.losses import segmentation_loss
 from clipseg_bench.train.setup import TrainingSetup, build_training, make_accelerator, release_frozen_vision
 
 HISTORY_COLUMNS = ["epoch", "step", "loss", "train_dice", "val_dice", "epoch_time_s", "lr"]
@@ -88,8 +89,9 @@ def train_epoch(setup: TrainingSetup, epoch: int, global_step: int, pbar) -> tup
                 with timer.phase("backward"):
                     acc.backward(loss)
             step_loss += loss.item()
-            d = batch_dice(logits.detach(), tgt, threshold=cfg.threshold)
-            dices.extend(d[~torch.isnan(d)].tolist())
+            dices.extend(
+                present_pairs_dice(torch.sigmoid(logits.detach().float()) > cfg.threshold, tgt).tolist()
+            )
         with timer.phase("optimizer"):
             if cfg.grad_clip > 0:
                 acc.clip_grad_norm_(setup.module.parameters(), cfg.grad_clip)

@@ -26,13 +26,3 @@ def segmentation_loss(
     """bce_weight * BCE + dice_weight * soft Dice, both averaged over pairs. Shapes (P, H, W)."""
     bce = F.binary_cross_entropy_with_logits(logits.float(), targets.float())
     return bce_weight * bce + dice_weight * soft_dice_loss(logits, targets)
-
-
-@torch.no_grad()
-def batch_dice(logits: torch.Tensor, targets: torch.Tensor, *, threshold: float = 0.5) -> torch.Tensor:
-    """Hard Dice per pair, (P,) — for progress reporting; pairs with an empty target are NaN."""
-    pred = (torch.sigmoid(logits.float()) > threshold).flatten(1).float()
-    t = targets.float().flatten(1)
-    denom = pred.sum(1) + t.sum(1)
-    dice = 2 * (pred * t).sum(1) / denom.clamp_min(1)
-    return torch.where(t.sum(1) > 0, dice, torch.full_like(dice, float("nan")))
