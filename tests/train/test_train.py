@@ -192,19 +192,22 @@ def test_feature_cache_follows_the_live_loss_curve(prepared_dir, tmp_path):
         np.testing.assert_allclose(wa[k], wb[k], atol=2e-3, err_msg=k)
 
 
+def _torchrun(*args, port: int) -> subprocess.CompletedProcess:
+    """`clipseg-bench ARGS` on two gloo processes (torchrun), one thread each."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    return subprocess.run(
+        [*cmd, "-m", "clipseg_bench.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
+
+
 def test_two_process_gloo_run_keeps_ranks_identical(prepared_dir, tmp_path):
     """torchrun --nproc_per_node 2 (gloo on CPU): training works and both ranks end with the same weights."""
     run = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29517",
-        "-m",
-        "clipseg_bench.cli",
+    r = _torchrun(
         "train",
         "--data",
         str(prepared_dir),
@@ -222,9 +225,7 @@ def test_two_process_gloo_run_keeps_ranks_identical(prepared_dir, tmp_path):
         "1e-3",
         "--set",
         "val_max_slices=8",
-    ]
-    r = subprocess.run(
-        cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600
+        port=29517,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     info = json.loads((run / "run.json").read_text())
@@ -277,3 +278,34 @@ def test_augmentation_is_seeded_bounded_and_bypasses_the_cache(prepared_dir, tmp
     # curve shows the augmented images really went through the (frozen) encoder.
     la, lb = pd.read_csv(plain / "history.csv")["loss"], pd.read_csv(aug / "history.csv")["loss"]
     assert not np.array_equal(la, lb)  # CPU runs repeat bit for bit, so any difference is the augmentation
+
+
+def test_two_processes_follow_the_schedule_of_one_with_the_global_batch(prepared_dir, tmp_path):
+    """2 processes x batch 4 and 1 process x batch 8: the same steps, epochs and learning rates.
+
+    Accelerate steps a prepared scheduler once per process at every optimizer step; a schedule sized
+    in optimizer steps then ran twice as fast (cosine at 0 halfway, then back up to the peak).
+    """
+    args = ["--strategy", "decoder", "--epochs", "3", "--image-size", "64", "--lr", "1e-3"]
+    args += [
+        "--set",
+        "warmup_steps=5",
+        "--set",
+        "val_every=0",
+        "--set",
+        "val_max_slices=8",
+        "--set",
+        "threads=1",
+    ]
+    two, one = tmp_path / "two", tmp_path / "one"
+    r = _torchrun(
+        "train", "--data", str(prepared_dir), "--out", str(two), "--batch-size", "4", *args, port=29518
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _cli("train", "--data", str(prepared_dir), "--out", str(one), "--batch-size", "8", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    h2, h1 = pd.read_csv(two / "history.csv"), pd.read_csv(one / "history.csv")
+    assert len(h1) == 3 and h1["lr"].nunique() == 3  # the schedule moves: a real comparison
+    pd.testing.assert_frame_equal(h2[["epoch", "step", "lr"]], h1[["epoch", "step", "lr"]])
+    t2, t1 = (json.loads((run / "run.json").read_text())["timing"] for run in (two, one))
+    assert (t2["epochs"], t2["steps"]) == (t1["epochs"], t1["steps"])

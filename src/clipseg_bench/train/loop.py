@@ -21,6 +21,7 @@ from clipseg_bench.config import TrainConfig
 from clipseg_bench.data.augment import augment_intensity
 from clipseg_bench.data.dataset import organ_targets
 from clipseg_bench.data.sampling import select_pairs
+from clipseg_bench.errors import InputError
 from clipseg_bench.evaluation.metrics import present_pairs_dice
 from clipseg_bench.evaluation.validation import validation_dice
 from clipseg_bench.model.checkpoint import save_trained
@@ -137,6 +138,7 @@ def initial_state(setup: TrainingSetup) -> dict:
         "train_time_s": 0.0,
         "masks": 0,
         "breakdown_s": dict(setup.timer.totals),
+        "num_processes": setup.accelerator.num_processes,  # the scheduler's state counts per-process ticks
     }
 
 
@@ -150,6 +152,13 @@ def restore(setup: TrainingSetup, out: Path) -> dict:
     if not ckpt.is_dir():
         return initial_state(setup)
     state = load_resume_state(ckpt, model=setup.model, optimizer=setup.optimizer, scheduler=setup.scheduler)
+    written_by = state.get("num_processes", setup.accelerator.num_processes)
+    if written_by != setup.accelerator.num_processes:
+        raise InputError(
+            out,
+            f"the checkpoint was written by {written_by} process(es), this run has "
+            f"{setup.accelerator.num_processes}; resume with the same number",
+        )
     setup.timer.totals.update(state["breakdown_s"])
     if setup.accelerator.is_main_process:
         print(f"resuming {out} after epoch {state['epoch']} (step {state['global_step']})")

@@ -185,6 +185,9 @@ def build_training(
         num_workers=cfg.num_workers,
         persistent_workers=cfg.num_workers > 0,
     )
+    # Counted in global batches (batch_size slices on each of the processes): Accelerate's loader
+    # gives each process every num_processes-th batch, so a run's steps and epochs depend on the
+    # global batch only, not on how it is split over processes.
     steps_per_epoch = math.ceil(len(dataset) / (cfg.batch_size * acc.num_processes))
     total_steps = min(cfg.max_steps or 10**12, steps_per_epoch * cfg.epochs)
     n_epochs = math.ceil(total_steps / steps_per_epoch)
@@ -198,8 +201,13 @@ def build_training(
         from transformers import get_cosine_schedule_with_warmup
 
         optimizer = make_optimizer(params, lr=resolve_lr(cfg), weight_decay=cfg.weight_decay)
+        # Accelerate's AcceleratedScheduler (split_batches=False) steps the wrapped scheduler once per
+        # process at every optimizer step, so the schedule is sized in those ticks, as Accelerate's and
+        # transformers' no_trainer examples do: the learning rate after k optimizer steps is then the
+        # same rational function of k on any number of processes (the lr column of history.csv).
+        ticks = acc.num_processes
         scheduler = get_cosine_schedule_with_warmup(
-            optimizer, min(cfg.warmup_steps, total_steps), total_steps
+            optimizer, min(cfg.warmup_steps, total_steps) * ticks, total_steps * ticks
         )
         module, optimizer, loader, scheduler = acc.prepare(module, optimizer, loader, scheduler)
     segmenter = Segmenter(
