@@ -102,6 +102,9 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
 
 
 def _print_metrics(metrics: dict, run) -> None:
+    if metrics.get("no_split"):
+        print(f"{metrics['no_split']}: nothing to evaluate -> {run}/metrics.json")
+        return
     s = metrics["summary"]
     print(
         f"dice2d {metrics['dice2d']:.4f}  dsc3d {s['dsc']:.4f}  nsd3d {s['nsd']:.4f}  -> {run}/metrics.json"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -309,3 +310,36 @@ def test_two_processes_follow_the_schedule_of_one_with_the_global_batch(prepared
     pd.testing.assert_frame_equal(h2[["epoch", "step", "lr"]], h1[["epoch", "step", "lr"]])
     t2, t1 = (json.loads((run / "run.json").read_text())["timing"] for run in (two, one))
     assert (t2["epochs"], t2["steps"]) == (t1["epochs"], t1["steps"])
+
+
+def test_a_study_without_val_cases_completes(phantom_dir, tmp_path):
+    """`prepare --val-fraction 0`: training skips validation, evaluate and report say there is no val split."""
+    from clipseg_bench.bench.matrix import run_matrix
+    from clipseg_bench.bench.report import write_report
+    from clipseg_bench.data.prepare import prepare
+
+    data = prepare(
+        images=phantom_dir / "images", labels=phantom_dir / "labels", out=tmp_path / "p", val_fraction=0
+    )
+    results = run_matrix(
+        data=data,
+        model="tiny",
+        strategies=["decoder"],
+        seeds=[0],
+        epochs=2,
+        batch_size=32,
+        out=tmp_path / "B",
+        extra={"image_size": 64, "val_max_slices": 8, "threads": 1},
+    )
+    assert [r["status"] for r in results] == ["done"]
+    run = tmp_path / "B" / "runs" / "decoder-s0"
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "finished" and info["final"]["val_dice"] is None
+    assert info["cases"]["val"] == 0 and info["validation"]["val"]["slices"] == 0
+    assert pd.read_csv(run / "history.csv")["val_dice"].isna().all()  # validated nothing, every epoch
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["cases"] == [] and metrics["dice2d"] is None and "no val" in metrics["no_split"]
+    r = _cli("evaluate", "--run", str(run))
+    assert r.returncode == 0 and "no val case" in r.stdout and "nan" not in r.stdout.lower(), r.stdout
+    html = re.sub(r"data:image/png;base64,[^\"]*", "", write_report([tmp_path / "B"]).read_text())
+    assert "No val split" in html and not re.search(r"\bnan\b", html, re.IGNORECASE)

@@ -310,6 +310,15 @@ def _excluded_note(table: pd.DataFrame) -> str:
     return f"{len(bad)} unfinished run(s) are listed below but excluded from every mean, table and plot: {listed}."
 
 
+def no_val_note(table: pd.DataFrame) -> str:
+    """A sentence naming the runs whose data had no val case (their val columns stay empty)."""
+    bare = table[table["val_cases"] == 0]
+    if bare.empty:
+        return ""
+    listed = ", ".join(f"{s} seed {d}" for s, d in zip(bare["strategy"], bare["seed"]))
+    return f"No val split: {len(bare)} run(s) trained on data without val cases, so they have no val scores: {listed}."
+
+
 def write_markdown(
     path: Path, summary: pd.DataFrame, dsc: pd.DataFrame, nsd: pd.DataFrame, table: pd.DataFrame
 ) -> Path:
@@ -320,9 +329,9 @@ def write_markdown(
         "Mean ± sample std (ddof=1) over seeds; `± –` means a single seed. Finished runs only.",
         "",
     ]
-    note = _excluded_note(table)
-    if note:
-        lines += [f"> {note}", ""]
+    for note in (_excluded_note(table), no_val_note(table)):
+        if note:
+            lines += [f"> {note}", ""]
     if summary.empty:
         lines += ["No finished runs yet.", ""]
     else:
@@ -418,6 +427,7 @@ def render_html(
         n_finished=int((table["status"] == FINISHED).sum()),
         sources=sources,
         excluded=_excluded_note(table),
+        no_val=no_val_note(table),
         results=None if summary.empty else _results_context(runs, table, summary, dsc, nsd),
         figures={name: _figure(path) for name, path in pngs.items()},
         study=_table(ORIGINAL_STUDY, "study"),

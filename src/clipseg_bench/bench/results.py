@@ -250,6 +250,8 @@ def run_row(run: Run, breakdown: list[str] | None = None) -> dict:
         "masks_per_s": _num(timing.get("masks_per_s")),
         "cache_build_s": _num(timing.get("cache_build_s")),
         "cache_size_mb": _num(timing.get("cache_size_mb")),
+        # run.json cases (absent in runs older than it): 0 when the data had no val case
+        "val_cases": _num((info.get("cases") or {}).get("val")),
     }
     for part in breakdown if breakdown is not None else list(parts):
         row[f"time_{part}_s"] = _num(parts.get(part))

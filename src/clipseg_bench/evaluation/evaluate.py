@@ -51,9 +51,11 @@ def evaluate_run(
     trained = load_run(run)
     cfg = trained.cfg
     prepared = PreparedData(data or cfg.data)
+    if not prepared.cases(split):  # e.g. prepared with --val-fraction 0: say so, score nothing
+        return _no_split(run, split, t0)
     cases = prepared.cases(split)[:max_cases]
     if not cases:
-        raise InputError(prepared.root, f"split {split!r} has no cases to evaluate")
+        raise InputError("--max-cases", f"{max_cases} cases leaves nothing to evaluate")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     seg = trained.segmenter(dev)
     organ_ids = [o.id for o in trained.organs]
@@ -108,6 +110,23 @@ def evaluate_run(
     write_json_atomic(Path(run) / "metrics.json", metrics)
     if samples["case"]:
         np.savez_compressed(Path(run) / "samples.npz", **{k: np.asarray(v) for k, v in samples.items()})
+    return metrics
+
+
+def _no_split(run: Path, split: str, t0: float) -> dict:
+    """metrics.json for data without a ``split`` case: no scores (null, never NaN), and why."""
+    metrics = {
+        "split": split,
+        "cases": [],
+        "no_split": f"the prepared data has no {split} case",
+        "dice2d": None,
+        "dice2d_pairs": 0,
+        "empty_specificity": None,
+        "per_case": {},
+        "summary": {},
+        "eval_time_s": time.perf_counter() - t0,
+    }
+    write_json_atomic(Path(run) / "metrics.json", metrics)
     return metrics
 
 

@@ -114,19 +114,36 @@ def train_epoch(setup: TrainingSetup, epoch: int, global_step: int, pbar) -> tup
 
 
 def _val_dice(setup: TrainingSetup) -> float:
+    """The Dice on the validation sample (``setup.val_rows``)."""
     return validation_dice(
         setup.segmenter,
         setup.data,
-        "val",
+        setup.val_rows,
         organ_ids=setup.organ_ids,
-        max_slices=setup.cfg.val_max_slices,
         features=setup.val_features,
         threshold=setup.cfg.threshold,
     )
 
 
-def _validates_after(cfg: TrainConfig, epoch: int, n_epochs: int) -> bool:
-    return bool(cfg.val_every) and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == n_epochs)
+def _train_check_dice(setup: TrainingSetup) -> float:
+    """The final Dice on the training slices (the same sample rule and cap as validation)."""
+    return validation_dice(
+        setup.segmenter,
+        setup.data,
+        setup.train_rows.iloc[setup.train_check],
+        organ_ids=setup.organ_ids,
+        features=setup.features,
+        feature_index=setup.train_check,
+        threshold=setup.cfg.threshold,
+    )
+
+
+def _validates_after(setup: TrainingSetup, epoch: int) -> bool:
+    """Whether to validate after ``epoch`` (0-based): every ``val_every`` epochs and after the last,
+    never without val slices."""
+    every = setup.cfg.val_every
+    last = epoch + 1 == setup.n_epochs
+    return setup.has_val and bool(every) and ((epoch + 1) % every == 0 or last)
 
 
 def initial_state(setup: TrainingSetup) -> dict:
@@ -210,7 +227,7 @@ def fit(setup: TrainingSetup, state: dict, *, out: Path) -> dict:
         global_step, stats = train_epoch(setup, epoch, state["global_step"], pbar)
         epoch_time = time.perf_counter() - t0
         val_dice = float("nan")
-        if main and _validates_after(cfg, epoch, setup.n_epochs):
+        if main and _validates_after(setup, epoch):
             with timer.phase("eval"):
                 val_dice = _val_dice(setup)
         row = {
@@ -246,16 +263,9 @@ def finish(setup: TrainingSetup, state: dict, *, out: Path, run_record: dict) ->
     if acc.is_main_process:
         with setup.timer.phase("eval"):
             final = {
-                "train_dice": validation_dice(
-                    setup.segmenter,
-                    setup.data,
-                    "train",
-                    organ_ids=setup.organ_ids,
-                    threshold=cfg.threshold,
-                    max_slices=cfg.val_max_slices,
-                    features=setup.features,
-                ),
-                "val_dice": _val_dice(setup) if setup.data.cases("val") else float("nan"),
+                "train_dice": _train_check_dice(setup),
+                # None (JSON null), not NaN, when the data has no val case: there is nothing to score
+                "val_dice": _val_dice(setup) if setup.has_val else None,
             }
         if not state["history"]:
             pd.DataFrame([], columns=HISTORY_COLUMNS).to_csv(out / "history.csv", index=False)
@@ -271,8 +281,9 @@ def finish(setup: TrainingSetup, state: dict, *, out: Path, run_record: dict) ->
                 "rank_checksums": checksums,
             },
         )
+        val = "no val split" if final["val_dice"] is None else f"val dice {final['val_dice']:.4f}"
         print(
-            f"trained {cfg.strategy}: train dice {final['train_dice']:.4f}, val dice {final['val_dice']:.4f}, "
+            f"trained {cfg.strategy}: train dice {final['train_dice']:.4f}, {val}, "
             f"{timing['train_time_s']:.1f} s -> {out}"
         )
     acc.wait_for_everyone()

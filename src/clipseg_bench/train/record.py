@@ -36,6 +36,8 @@ def start_record(setup) -> dict:
         "params": {"trainable": setup.counts.trainable, "total": setup.counts.total},
         "lr": resolve_lr(cfg),
         "window": setup.data.window,  # segment needs it to preprocess a new CT like the training data
+        "cases": {split: len(setup.data.cases(split)) for split in ("train", "val")},
+        "validation": setup.validation_record(),
     }
 
 
