@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from clipseg_bench.errors import InputError
+from clipseg_bench.errors import GradientAuditError, InputError
 
 
 def _cmd_phantom(a: argparse.Namespace) -> None:
@@ -308,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
+    except GradientAuditError as exc:  # a failed run (run.json says so), not a bad input: exit 1
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

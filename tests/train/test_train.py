@@ -343,3 +343,4 @@ def test_a_study_without_val_cases_completes(phantom_dir, tmp_path):
     assert r.returncode == 0 and "no val case" in r.stdout and "nan" not in r.stdout.lower(), r.stdout
     html = re.sub(r"data:image/png;base64,[^\"]*", "", write_report([tmp_path / "B"]).read_text())
     assert "No val split" in html and not re.search(r"\bnan\b", html, re.IGNORECASE)
+    assert ">ok</td>" in html[html.index("<h2>Gradient audit</h2>") :]  # the audit of a run that passed

@@ -22,6 +22,7 @@ from clipseg_bench.bench import plots
 from clipseg_bench.bench.results import (
     FINISHED,
     Run,
+    audit_cells,
     breakdown_keys,
     load_bench,
     per_organ_table,
@@ -131,6 +132,13 @@ def runs_display(table: pd.DataFrame) -> pd.DataFrame:
             "Folder": [str(Path(b) / r) for b, r in zip(table["bench_dir"], table["run_dir"])],
         }
     )
+
+
+def audit_display(runs: list[Run]) -> pd.DataFrame:
+    """The gradient audit of every run: per part, tensors reached of trainable (``–``: nothing of
+    that part trains), frozen tensors changed, and the verdict."""
+    cells = pd.DataFrame([{"Strategy": r.strategy, "Seed": r.seed, **audit_cells(r.info)} for r in runs])
+    return cells.fillna("–")
 
 
 # --- explanations ----------------------------------------------------------------------------
@@ -432,6 +440,7 @@ def render_html(
         figures={name: _figure(path) for name, path in pngs.items()},
         study=_table(ORIGINAL_STUDY, "study"),
         all_runs=_table(runs_display(table), "runs", unfinished),
+        audit=_table(audit_display(runs), "audit"),
         provenance=_provenance_context(runs),
     )
 

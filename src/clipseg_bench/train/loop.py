@@ -21,7 +21,7 @@ from clipseg_bench.config import TrainConfig
 from clipseg_bench.data.augment import augment_intensity
 from clipseg_bench.data.dataset import organ_targets
 from clipseg_bench.data.sampling import select_pairs
-from clipseg_bench.errors import InputError
+from clipseg_bench.errors import GradientAuditError, InputError
 from clipseg_bench.evaluation.metrics import present_pairs_dice
 from clipseg_bench.evaluation.validation import validation_dice
 from clipseg_bench.model.checkpoint import save_trained
@@ -93,6 +93,8 @@ def train_epoch(setup: TrainingSetup, epoch: int, global_step: int, pbar) -> tup
             dices.extend(
                 present_pairs_dice(torch.sigmoid(logits.detach().float()) > cfg.threshold, tgt).tolist()
             )
+        if not setup.audit.reach_checked:  # the first backward of this process: did it reach everything?
+            setup.audit.check_reached(setup.model)
         with timer.phase("optimizer"):
             if cfg.grad_clip > 0:
                 acc.clip_grad_norm_(setup.module.parameters(), cfg.grad_clip)
@@ -196,14 +198,49 @@ def _end_epoch(setup: TrainingSetup, state: dict, row: dict, out: Path, writer) 
     )
 
 
+def _run_epoch(setup: TrainingSetup, state: dict, epoch: int, *, pbar, writer, out: Path) -> None:
+    """Train one epoch, validate, and record it in ``state`` (and, on the main process, on disk)."""
+    acc, timer = setup.accelerator, setup.timer
+    main = acc.is_main_process
+    setup.sampler.set_epoch(epoch)
+    if hasattr(setup.loader, "set_epoch"):  # Accelerate's loader would reset our sampler to its own counter
+        setup.loader.set_epoch(epoch)
+    t0 = time.perf_counter()
+    global_step, stats = train_epoch(setup, epoch, state["global_step"], pbar)
+    epoch_time = time.perf_counter() - t0
+    val_dice = float("nan")
+    if main and _validates_after(setup, epoch):
+        with timer.phase("eval"):
+            val_dice = _val_dice(setup)
+    row = {
+        "epoch": epoch + 1,
+        "step": global_step,
+        "loss": stats["loss"],
+        "train_dice": stats["train_dice"],
+        "val_dice": val_dice,
+        "epoch_time_s": epoch_time,
+        "lr": setup.scheduler.get_last_lr()[0],
+    }
+    state.update(
+        epoch=epoch + 1,
+        global_step=global_step,
+        train_time_s=state["train_time_s"] + epoch_time,
+        masks=state["masks"] + stats["masks"],
+        breakdown_s=dict(timer.totals),
+    )
+    state["history"].append(row)
+    if main:
+        _end_epoch(setup, state, row, out, writer)
+    acc.wait_for_everyone()
+
+
 def fit(setup: TrainingSetup, state: dict, *, out: Path) -> dict:
     """Train epoch by epoch from ``state``, validating and checkpointing at every epoch end.
 
     Returns:
         The final state: epoch, global_step, history rows, train time, masks, breakdown.
     """
-    cfg, acc, timer = setup.cfg, setup.accelerator, setup.timer
-    main = acc.is_main_process
+    cfg, main = setup.cfg, setup.accelerator.is_main_process
     writer = None
     if main:
         from torch.utils.tensorboard import SummaryWriter
@@ -217,42 +254,13 @@ def fit(setup: TrainingSetup, state: dict, *, out: Path) -> dict:
         disable=not main or not setup.trains,
         dynamic_ncols=True,
     )
-    for epoch in range(state["epoch"], setup.n_epochs if setup.trains else 0):
-        setup.sampler.set_epoch(epoch)
-        if hasattr(
-            setup.loader, "set_epoch"
-        ):  # Accelerate's loader would reset our sampler to its own counter
-            setup.loader.set_epoch(epoch)
-        t0 = time.perf_counter()
-        global_step, stats = train_epoch(setup, epoch, state["global_step"], pbar)
-        epoch_time = time.perf_counter() - t0
-        val_dice = float("nan")
-        if main and _validates_after(setup, epoch):
-            with timer.phase("eval"):
-                val_dice = _val_dice(setup)
-        row = {
-            "epoch": epoch + 1,
-            "step": global_step,
-            "loss": stats["loss"],
-            "train_dice": stats["train_dice"],
-            "val_dice": val_dice,
-            "epoch_time_s": epoch_time,
-            "lr": setup.scheduler.get_last_lr()[0],
-        }
-        state.update(
-            epoch=epoch + 1,
-            global_step=global_step,
-            train_time_s=state["train_time_s"] + epoch_time,
-            masks=state["masks"] + stats["masks"],
-            breakdown_s=dict(timer.totals),
-        )
-        state["history"].append(row)
-        if main:
-            _end_epoch(setup, state, row, out, writer)
-        acc.wait_for_everyone()
-    pbar.close()
-    if writer is not None:
-        writer.close()
+    try:
+        for epoch in range(state["epoch"], setup.n_epochs if setup.trains else 0):
+            _run_epoch(setup, state, epoch, pbar=pbar, writer=writer, out=out)
+    finally:  # also on an error, so its message starts on a line of its own
+        pbar.close()
+        if writer is not None:
+            writer.close()
     return state
 
 
@@ -278,6 +286,7 @@ def finish(setup: TrainingSetup, state: dict, *, out: Path, run_record: dict) ->
                 "status": "finished",
                 "timing": timing,
                 "final": final,
+                "gradient_audit": setup.audit.record(),
                 "rank_checksums": checksums,
             },
         )
@@ -326,13 +335,15 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     old_term = signal.signal(signal.SIGTERM, _interrupted) if main else None
     try:
         state = fit(setup, state, out=out)
+        setup.audit.check_frozen(setup.model)
     except KeyboardInterrupt:
         if main:
-            record.mark(out, run_record, "interrupted")
+            record.mark(out, run_record, "interrupted", gradient_audit=setup.audit.record())
         raise
     except Exception as exc:
         if main:
-            record.mark(out, run_record, "failed", error=repr(exc))
+            why = str(exc) if isinstance(exc, GradientAuditError) else repr(exc)
+            record.mark(out, run_record, "failed", error=why, gradient_audit=setup.audit.record())
         raise
     finally:
         if old_term is not None:

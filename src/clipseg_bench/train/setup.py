@@ -37,6 +37,7 @@ from clipseg_bench.model.prompted import PromptedSegmenter
 from clipseg_bench.organs import Organ, parse_organs, prompts
 from clipseg_bench.strategies import ParamCounts, apply_strategy, count_parameters
 from clipseg_bench.train.allocator import return_free_memory
+from clipseg_bench.train.audit import GradientAudit
 from clipseg_bench.train.timing import StepTimer
 
 
@@ -65,6 +66,7 @@ class TrainingSetup:
         cache_infos: what the feature cache build did, per row set.
         segmenter: predicts with the model as it is now (validation).
         timer: time per phase.
+        audit: the gradient audit (:mod:`clipseg_bench.train.audit`), started on the built model.
         steps_per_epoch, total_steps, n_epochs: the schedule's length.
     """
 
@@ -89,6 +91,7 @@ class TrainingSetup:
     cache_infos: dict[str, CacheInfo]
     segmenter: Segmenter
     timer: StepTimer
+    audit: GradientAudit
     steps_per_epoch: int
     total_steps: int
     n_epochs: int
@@ -267,6 +270,7 @@ def build_training(
         cache_infos=infos,
         segmenter=segmenter,
         timer=StepTimer(acc.device),
+        audit=GradientAudit.start(model),
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         n_epochs=n_epochs,
