@@ -193,6 +193,37 @@ def test_feature_cache_follows_the_live_loss_curve(prepared_dir, tmp_path):
         np.testing.assert_allclose(wa[k], wb[k], atol=2e-3, err_msg=k)
 
 
+def test_an_fp32_feature_cache_trains_exactly_like_live_features(prepared_dir, tmp_path):
+    """feature_cache_dtype=fp32 stores the activations themselves: the run equals computing them live."""
+    live = train(
+        _cfg(prepared_dir, tmp_path / "live", strategy="decoder", max_steps=8, feature_cache=False, threads=1)
+    )
+    fp32 = train(
+        _cfg(
+            prepared_dir,
+            tmp_path / "fp32",
+            strategy="decoder",
+            max_steps=8,
+            feature_cache_dtype="fp32",
+            threads=1,
+        )
+    )
+    a, b = pd.read_csv(live / "history.csv"), pd.read_csv(fp32 / "history.csv")
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
+    wa, wb = load_file(live / "weights.safetensors"), load_file(fp32 / "weights.safetensors")
+    for k in wa:
+        np.testing.assert_allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    info = json.loads((fp32 / "run.json").read_text())
+    assert info["vision_features"] == {"train": "cache fp32", "val": "cache fp32"}
+    assert json.loads((live / "run.json").read_text())["vision_features"]["train"] == "live"
+    caches = [p.name for p in (prepared_dir / "feature_cache").iterdir() if (p / "val_kept.npy").is_file()]
+    dtypes = {
+        str(np.load(prepared_dir / "feature_cache" / c / "train_kept.npy", mmap_mode="r").dtype)
+        for c in caches
+    }
+    assert "float32" in dtypes  # its own cache, beside any fp16 one of the same model
+
+
 def _torchrun(*args, port: int) -> subprocess.CompletedProcess:
     """`clipseg-bench ARGS` on two gloo processes (torchrun), one thread each."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
@@ -344,3 +375,54 @@ def test_a_study_without_val_cases_completes(phantom_dir, tmp_path):
     html = re.sub(r"data:image/png;base64,[^\"]*", "", write_report([tmp_path / "B"]).read_text())
     assert "No val split" in html and not re.search(r"\bnan\b", html, re.IGNORECASE)
     assert ">ok</td>" in html[html.index("<h2>Gradient audit</h2>") :]  # the audit of a run that passed
+
+
+BF16_SCRIPT = """
+import json, sys
+import clipseg_bench.model.prompted as prompted
+from clipseg_bench.config import load_config
+from clipseg_bench.strategies import available
+from clipseg_bench.train.loop import train
+
+seen = []
+decode = prompted.decode
+prompted.decode = lambda *a, **k: (lambda out: seen.append(str(out.dtype)) or out)(decode(*a, **k))
+data, root = sys.argv[1], sys.argv[2]
+report = {}
+for name in available():
+    seen.clear()
+    fields = {"data": data, "out": f"{root}/{name}", "strategy": name, "image_size": 64, "max_steps": 3,
+              "batch_size": 4, "lr": 1e-3, "warmup_steps": 0, "val_max_slices": 4, "threads": 1,
+              "mixed_precision": "bf16"}
+    train(load_config(None, fields))
+    report[name] = sorted(set(seen))
+print(json.dumps(report))
+"""
+
+
+def test_every_strategy_trains_in_bf16_on_cpu(prepared_dir, tmp_path):
+    """--mixed-precision bf16 on CPU (Accelerate's autocast): every strategy trains a few steps with a
+    finite loss and a passing gradient audit, and its training forward really ran in bf16.
+
+    One subprocess for all strategies: Accelerate keeps one precision per process.
+    """
+    r = subprocess.run(
+        [sys.executable, "-c", BF16_SCRIPT, str(prepared_dir), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    dtypes = json.loads(r.stdout.strip().splitlines()[-1])
+    from clipseg_bench.strategies import available
+
+    assert set(dtypes) == set(available())
+    for name, seen in dtypes.items():
+        info = json.loads((tmp_path / name / "run.json").read_text())
+        assert info["status"] == "finished", name
+        audit = info["gradient_audit"]
+        assert all(a["reached"] == a["trainable"] and a["frozen_changed"] == 0 for a in audit.values()), name
+        if info["params"]["trainable"]:
+            assert "torch.bfloat16" in seen, (name, seen)  # autocast was on in the training forward
+            loss = pd.read_csv(tmp_path / name / "history.csv")["loss"]
+            assert len(loss) and np.isfinite(loss).all(), name

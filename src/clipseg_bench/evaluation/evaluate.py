@@ -150,5 +150,6 @@ def _frozen_features(trained, prepared: PreparedData, cases, split, dev, show_pr
         std=lm.std,
         device=dev,
         show_progress=show_progress,
+        dtype=trained.cfg.feature_cache_dtype,
     )
     return feats

@@ -283,7 +283,7 @@ def _cache_frozen_vision(
     """Vision activations of the train rows and the val sample, built once (main process first)."""
     model, size, mean, std = loaded.model, loaded.image_size, loaded.mean, loaded.std
     # One key for both row sets: it hashes the whole vision encoder (344 MB for rd64).
-    key = cache_key(model, data=data, size=size, mean=mean, std=std)
+    key = cache_key(model, data=data, size=size, mean=mean, std=std, dtype=cfg.feature_cache_dtype)
     build = functools.partial(
         build_feature_cache,
         model,
@@ -294,6 +294,7 @@ def _cache_frozen_vision(
         device=acc.device,
         show_progress=acc.is_main_process,
         key=key,
+        dtype=cfg.feature_cache_dtype,
     )
     features = val_features = None
     infos: dict[str, CacheInfo] = {}
