@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 from safetensors.numpy import load_file
 
+from clipseg_bench import cli
 from clipseg_bench.config import load_config
 from clipseg_bench.train.loop import train
 
@@ -334,8 +335,9 @@ def test_two_processes_follow_the_schedule_of_one_with_the_global_batch(prepared
         "train", "--data", str(prepared_dir), "--out", str(two), "--batch-size", "4", *args, port=29518
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    r = _cli("train", "--data", str(prepared_dir), "--out", str(one), "--batch-size", "8", *args)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert (
+        cli.main(["train", "--data", str(prepared_dir), "--out", str(one), "--batch-size", "8", *args]) == 0
+    )
     h2, h1 = pd.read_csv(two / "history.csv"), pd.read_csv(one / "history.csv")
     assert len(h1) == 3 and h1["lr"].nunique() == 3  # the schedule moves: a real comparison
     pd.testing.assert_frame_equal(h2[["epoch", "step", "lr"]], h1[["epoch", "step", "lr"]])
@@ -343,7 +345,7 @@ def test_two_processes_follow_the_schedule_of_one_with_the_global_batch(prepared
     assert (t2["epochs"], t2["steps"]) == (t1["epochs"], t1["steps"])
 
 
-def test_a_study_without_val_cases_completes(phantom_dir, tmp_path):
+def test_a_study_without_val_cases_completes(phantom_dir, tmp_path, capsys):
     """`prepare --val-fraction 0`: training skips validation, evaluate and report say there is no val split."""
     from clipseg_bench.bench.matrix import run_matrix
     from clipseg_bench.bench.report import write_report
@@ -370,8 +372,9 @@ def test_a_study_without_val_cases_completes(phantom_dir, tmp_path):
     assert pd.read_csv(run / "history.csv")["val_dice"].isna().all()  # validated nothing, every epoch
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["cases"] == [] and metrics["dice2d"] is None and "no val" in metrics["no_split"]
-    r = _cli("evaluate", "--run", str(run))
-    assert r.returncode == 0 and "no val case" in r.stdout and "nan" not in r.stdout.lower(), r.stdout
+    assert cli.main(["evaluate", "--run", str(run)]) == 0
+    said = capsys.readouterr().out
+    assert "no val case" in said and "nan" not in said.lower(), said
     html = re.sub(r"data:image/png;base64,[^\"]*", "", write_report([tmp_path / "B"]).read_text())
     assert "No val split" in html and not re.search(r"\bnan\b", html, re.IGNORECASE)
     assert ">ok</td>" in html[html.index("<h2>Gradient audit</h2>") :]  # the audit of a run that passed
@@ -380,6 +383,7 @@ def test_a_study_without_val_cases_completes(phantom_dir, tmp_path):
 BF16_SCRIPT = """
 import json, sys
 import clipseg_bench.model.prompted as prompted
+from clipseg_bench import cli
 from clipseg_bench.config import load_config
 from clipseg_bench.strategies import available
 from clipseg_bench.train.loop import train

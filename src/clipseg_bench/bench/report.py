@@ -320,7 +320,7 @@ def _excluded_note(table: pd.DataFrame) -> str:
 
 def no_val_note(table: pd.DataFrame) -> str:
     """A sentence naming the runs whose data had no val case (their val columns stay empty)."""
-    bare = table[table["val_cases"] == 0]
+    bare = table[table["val_cases"] == 0] if "val_cases" in table else table.iloc[:0]
     if bare.empty:
         return ""
     listed = ", ".join(f"{s} seed {d}" for s, d in zip(bare["strategy"], bare["seed"]))
