@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from clipseg_bench.errors import InputError
+from clipseg_bench.errors import GradientAuditError, InputError
 
 
 def _cmd_phantom(a: argparse.Namespace) -> None:
@@ -102,6 +102,9 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
 
 
 def _print_metrics(metrics: dict, run) -> None:
+    if metrics.get("no_split"):
+        print(f"{metrics['no_split']}: nothing to evaluate -> {run}/metrics.json")
+        return
     s = metrics["summary"]
     print(
         f"dice2d {metrics['dice2d']:.4f}  dsc3d {s['dsc']:.4f}  nsd3d {s['nsd']:.4f}  -> {run}/metrics.json"
@@ -305,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
+    except GradientAuditError as exc:  # a failed run (run.json says so), not a bad input: exit 1
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

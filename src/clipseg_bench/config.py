@@ -61,7 +61,12 @@ class TrainConfig(BaseModel):
         description="Random contrast/brightness/noise on training slices (no flips: left/right matter); "
         "turns the training feature cache off.",
     )
-    feature_cache: bool = Field(True, description="Cache frozen encoder outputs once (exact, fp16 on disk).")
+    feature_cache: bool = Field(True, description="Cache frozen encoder outputs once, on disk.")
+    feature_cache_dtype: Literal["fp16", "fp32"] = Field(
+        "fp16",
+        description="Precision of the cached encoder outputs: fp16 halves the cache (benchmarks/README.md "
+        "measures what it costs in Dice); fp32 equals computing them live.",
+    )
     pair_chunk: int = Field(
         16,
         ge=0,

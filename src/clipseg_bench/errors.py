@@ -1,7 +1,8 @@
-"""The one error type for bad input from a person.
+"""The one error type for bad input from a person, and the gradient audit's.
 
 The CLI turns an :class:`InputError` into a single line ``error: <path>: <problem>`` on stderr and
-exit code 2. Everything else is a bug and keeps its traceback.
+exit code 2, a :class:`GradientAuditError` into one line and exit code 1. Everything else is a bug
+and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -25,3 +26,15 @@ class InputError(Exception):
     @property
     def message(self) -> str:
         return f"{self.path}: {self.problem}" if self.path else self.problem
+
+
+class GradientAuditError(RuntimeError):
+    """A run trained something other than it says: a trainable tensor autograd never reached, or a
+    frozen tensor that changed (:mod:`clipseg_bench.train.audit`).
+
+    Not the user's input: the run is marked ``failed`` and the CLI prints the message on one line
+    and exits with 1 (a failed run), not 2 (a bad input).
+    """
+
+    def __init__(self, problem: str):
+        super().__init__("gradient audit: " + " ".join(str(problem).split()))

@@ -325,3 +325,26 @@ def test_blocked_mlp_saves_hidden_blocks_only_when_a_backward_follows(model, mon
         fw.decoder_mlp(mlp, x)
     fw.decoder_mlp(mlp, x)  # training
     assert keeps == [False, True]
+
+
+@pytest.mark.parametrize("strategy", ["full", "decoder", "adapter", "lora", "bitfit"])
+def test_bf16_autocast_on_cpu_falls_back_from_the_fp32_fast_paths(model, inputs, strategy, monkeypatch):
+    """Under CPU bf16 autocast (Accelerate's --mixed-precision bf16 on CPU) the blocked MLP, whose own
+    backward is fp32 only, gives way to HF's MLP; logits follow the stock forward under the same
+    autocast; every trainable tensor gets a finite gradient."""
+    apply_strategy(model, strategy)
+    blocked = []
+    apply = fw._BlockedReluMLP.apply
+    monkeypatch.setattr(fw._BlockedReluMLP, "apply", lambda *a: blocked.append(1) or apply(*a))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = ours(model, inputs)
+        with torch.no_grad():
+            stock = stock_logits(model, inputs)
+    assert logits.dtype == torch.bfloat16 and not blocked
+    # Equal here (the same bf16 ops); the bound allows a few bf16 steps (8 mantissa bits) of the
+    # logits' scale for another summation order, and is 5x below bf16's distance to fp32 here.
+    scale = stock.float().abs().max().item()
+    torch.testing.assert_close(logits.float(), stock.float(), atol=1e-3 * scale, rtol=0)
+    logits.float().square().mean().backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None and p.grad.isfinite().all() for _, p in trainable)

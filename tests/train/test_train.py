@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pandas as pd
 import pytest
 from safetensors.numpy import load_file
 
+from clipseg_bench import cli
 from clipseg_bench.config import load_config
 from clipseg_bench.train.loop import train
 
@@ -192,19 +194,53 @@ def test_feature_cache_follows_the_live_loss_curve(prepared_dir, tmp_path):
         np.testing.assert_allclose(wa[k], wb[k], atol=2e-3, err_msg=k)
 
 
+def test_an_fp32_feature_cache_trains_exactly_like_live_features(prepared_dir, tmp_path):
+    """feature_cache_dtype=fp32 stores the activations themselves: the run equals computing them live."""
+    live = train(
+        _cfg(prepared_dir, tmp_path / "live", strategy="decoder", max_steps=8, feature_cache=False, threads=1)
+    )
+    fp32 = train(
+        _cfg(
+            prepared_dir,
+            tmp_path / "fp32",
+            strategy="decoder",
+            max_steps=8,
+            feature_cache_dtype="fp32",
+            threads=1,
+        )
+    )
+    a, b = pd.read_csv(live / "history.csv"), pd.read_csv(fp32 / "history.csv")
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
+    wa, wb = load_file(live / "weights.safetensors"), load_file(fp32 / "weights.safetensors")
+    for k in wa:
+        np.testing.assert_allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    info = json.loads((fp32 / "run.json").read_text())
+    assert info["vision_features"] == {"train": "cache fp32", "val": "cache fp32"}
+    assert json.loads((live / "run.json").read_text())["vision_features"]["train"] == "live"
+    caches = [p.name for p in (prepared_dir / "feature_cache").iterdir() if (p / "val_kept.npy").is_file()]
+    dtypes = {
+        str(np.load(prepared_dir / "feature_cache" / c / "train_kept.npy", mmap_mode="r").dtype)
+        for c in caches
+    }
+    assert "float32" in dtypes  # its own cache, beside any fp16 one of the same model
+
+
+def _torchrun(*args, port: int) -> subprocess.CompletedProcess:
+    """`clipseg-bench ARGS` on two gloo processes (torchrun), one thread each."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    return subprocess.run(
+        [*cmd, "-m", "clipseg_bench.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
+
+
 def test_two_process_gloo_run_keeps_ranks_identical(prepared_dir, tmp_path):
     """torchrun --nproc_per_node 2 (gloo on CPU): training works and both ranks end with the same weights."""
     run = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29517",
-        "-m",
-        "clipseg_bench.cli",
+    r = _torchrun(
         "train",
         "--data",
         str(prepared_dir),
@@ -222,9 +258,7 @@ def test_two_process_gloo_run_keeps_ranks_identical(prepared_dir, tmp_path):
         "1e-3",
         "--set",
         "val_max_slices=8",
-    ]
-    r = subprocess.run(
-        cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600
+        port=29517,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     info = json.loads((run / "run.json").read_text())
@@ -277,3 +311,122 @@ def test_augmentation_is_seeded_bounded_and_bypasses_the_cache(prepared_dir, tmp
     # curve shows the augmented images really went through the (frozen) encoder.
     la, lb = pd.read_csv(plain / "history.csv")["loss"], pd.read_csv(aug / "history.csv")["loss"]
     assert not np.array_equal(la, lb)  # CPU runs repeat bit for bit, so any difference is the augmentation
+
+
+def test_two_processes_follow_the_schedule_of_one_with_the_global_batch(prepared_dir, tmp_path):
+    """2 processes x batch 4 and 1 process x batch 8: the same steps, epochs and learning rates.
+
+    Accelerate steps a prepared scheduler once per process at every optimizer step; a schedule sized
+    in optimizer steps then ran twice as fast (cosine at 0 halfway, then back up to the peak).
+    """
+    args = ["--strategy", "decoder", "--epochs", "3", "--image-size", "64", "--lr", "1e-3"]
+    args += [
+        "--set",
+        "warmup_steps=5",
+        "--set",
+        "val_every=0",
+        "--set",
+        "val_max_slices=8",
+        "--set",
+        "threads=1",
+    ]
+    two, one = tmp_path / "two", tmp_path / "one"
+    r = _torchrun(
+        "train", "--data", str(prepared_dir), "--out", str(two), "--batch-size", "4", *args, port=29518
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (
+        cli.main(["train", "--data", str(prepared_dir), "--out", str(one), "--batch-size", "8", *args]) == 0
+    )
+    h2, h1 = pd.read_csv(two / "history.csv"), pd.read_csv(one / "history.csv")
+    assert len(h1) == 3 and h1["lr"].nunique() == 3  # the schedule moves: a real comparison
+    pd.testing.assert_frame_equal(h2[["epoch", "step", "lr"]], h1[["epoch", "step", "lr"]])
+    t2, t1 = (json.loads((run / "run.json").read_text())["timing"] for run in (two, one))
+    assert (t2["epochs"], t2["steps"]) == (t1["epochs"], t1["steps"])
+
+
+def test_a_study_without_val_cases_completes(phantom_dir, tmp_path, capsys):
+    """`prepare --val-fraction 0`: training skips validation, evaluate and report say there is no val split."""
+    from clipseg_bench.bench.matrix import run_matrix
+    from clipseg_bench.bench.report import write_report
+    from clipseg_bench.data.prepare import prepare
+
+    data = prepare(
+        images=phantom_dir / "images", labels=phantom_dir / "labels", out=tmp_path / "p", val_fraction=0
+    )
+    results = run_matrix(
+        data=data,
+        model="tiny",
+        strategies=["decoder"],
+        seeds=[0],
+        epochs=2,
+        batch_size=32,
+        out=tmp_path / "B",
+        extra={"image_size": 64, "val_max_slices": 8, "threads": 1},
+    )
+    assert [r["status"] for r in results] == ["done"]
+    run = tmp_path / "B" / "runs" / "decoder-s0"
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "finished" and info["final"]["val_dice"] is None
+    assert info["cases"]["val"] == 0 and info["validation"]["val"]["slices"] == 0
+    assert pd.read_csv(run / "history.csv")["val_dice"].isna().all()  # validated nothing, every epoch
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["cases"] == [] and metrics["dice2d"] is None and "no val" in metrics["no_split"]
+    assert cli.main(["evaluate", "--run", str(run)]) == 0
+    said = capsys.readouterr().out
+    assert "no val case" in said and "nan" not in said.lower(), said
+    html = re.sub(r"data:image/png;base64,[^\"]*", "", write_report([tmp_path / "B"]).read_text())
+    assert "No val split" in html and not re.search(r"\bnan\b", html, re.IGNORECASE)
+    assert ">ok</td>" in html[html.index("<h2>Gradient audit</h2>") :]  # the audit of a run that passed
+
+
+BF16_SCRIPT = """
+import json, sys
+import clipseg_bench.model.prompted as prompted
+from clipseg_bench import cli
+from clipseg_bench.config import load_config
+from clipseg_bench.strategies import available
+from clipseg_bench.train.loop import train
+
+seen = []
+decode = prompted.decode
+prompted.decode = lambda *a, **k: (lambda out: seen.append(str(out.dtype)) or out)(decode(*a, **k))
+data, root = sys.argv[1], sys.argv[2]
+report = {}
+for name in available():
+    seen.clear()
+    fields = {"data": data, "out": f"{root}/{name}", "strategy": name, "image_size": 64, "max_steps": 3,
+              "batch_size": 4, "lr": 1e-3, "warmup_steps": 0, "val_max_slices": 4, "threads": 1,
+              "mixed_precision": "bf16"}
+    train(load_config(None, fields))
+    report[name] = sorted(set(seen))
+print(json.dumps(report))
+"""
+
+
+def test_every_strategy_trains_in_bf16_on_cpu(prepared_dir, tmp_path):
+    """--mixed-precision bf16 on CPU (Accelerate's autocast): every strategy trains a few steps with a
+    finite loss and a passing gradient audit, and its training forward really ran in bf16.
+
+    One subprocess for all strategies: Accelerate keeps one precision per process.
+    """
+    r = subprocess.run(
+        [sys.executable, "-c", BF16_SCRIPT, str(prepared_dir), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    dtypes = json.loads(r.stdout.strip().splitlines()[-1])
+    from clipseg_bench.strategies import available
+
+    assert set(dtypes) == set(available())
+    for name, seen in dtypes.items():
+        info = json.loads((tmp_path / name / "run.json").read_text())
+        assert info["status"] == "finished", name
+        audit = info["gradient_audit"]
+        assert all(a["reached"] == a["trainable"] and a["frozen_changed"] == 0 for a in audit.values()), name
+        if info["params"]["trainable"]:
+            assert "torch.bfloat16" in seen, (name, seen)  # autocast was on in the training forward
+            loss = pd.read_csv(tmp_path / name / "history.csv")["loss"]
+            assert len(loss) and np.isfinite(loss).all(), name

@@ -22,6 +22,7 @@ from clipseg_bench.bench import plots
 from clipseg_bench.bench.results import (
     FINISHED,
     Run,
+    audit_cells,
     breakdown_keys,
     load_bench,
     per_organ_table,
@@ -131,6 +132,13 @@ def runs_display(table: pd.DataFrame) -> pd.DataFrame:
             "Folder": [str(Path(b) / r) for b, r in zip(table["bench_dir"], table["run_dir"])],
         }
     )
+
+
+def audit_display(runs: list[Run]) -> pd.DataFrame:
+    """The gradient audit of every run: per part, tensors reached of trainable (``–``: nothing of
+    that part trains), frozen tensors changed, and the verdict."""
+    cells = pd.DataFrame([{"Strategy": r.strategy, "Seed": r.seed, **audit_cells(r.info)} for r in runs])
+    return cells.fillna("–")
 
 
 # --- explanations ----------------------------------------------------------------------------
@@ -310,6 +318,15 @@ def _excluded_note(table: pd.DataFrame) -> str:
     return f"{len(bad)} unfinished run(s) are listed below but excluded from every mean, table and plot: {listed}."
 
 
+def no_val_note(table: pd.DataFrame) -> str:
+    """A sentence naming the runs whose data had no val case (their val columns stay empty)."""
+    bare = table[table["val_cases"] == 0] if "val_cases" in table else table.iloc[:0]
+    if bare.empty:
+        return ""
+    listed = ", ".join(f"{s} seed {d}" for s, d in zip(bare["strategy"], bare["seed"]))
+    return f"No val split: {len(bare)} run(s) trained on data without val cases, so they have no val scores: {listed}."
+
+
 def write_markdown(
     path: Path, summary: pd.DataFrame, dsc: pd.DataFrame, nsd: pd.DataFrame, table: pd.DataFrame
 ) -> Path:
@@ -320,9 +337,9 @@ def write_markdown(
         "Mean ± sample std (ddof=1) over seeds; `± –` means a single seed. Finished runs only.",
         "",
     ]
-    note = _excluded_note(table)
-    if note:
-        lines += [f"> {note}", ""]
+    for note in (_excluded_note(table), no_val_note(table)):
+        if note:
+            lines += [f"> {note}", ""]
     if summary.empty:
         lines += ["No finished runs yet.", ""]
     else:
@@ -418,10 +435,12 @@ def render_html(
         n_finished=int((table["status"] == FINISHED).sum()),
         sources=sources,
         excluded=_excluded_note(table),
+        no_val=no_val_note(table),
         results=None if summary.empty else _results_context(runs, table, summary, dsc, nsd),
         figures={name: _figure(path) for name, path in pngs.items()},
         study=_table(ORIGINAL_STUDY, "study"),
         all_runs=_table(runs_display(table), "runs", unfinished),
+        audit=_table(audit_display(runs), "audit"),
         provenance=_provenance_context(runs),
     )
 

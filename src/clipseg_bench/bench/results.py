@@ -215,6 +215,43 @@ def breakdown_keys(runs: list[Run]) -> list[str]:
     return [k for k in BREAKDOWN_ORDER if k in seen] + sorted(seen - set(BREAKDOWN_ORDER))
 
 
+def audit_summary(audit: dict | None) -> str:
+    """run.json's ``gradient_audit`` in a few words: tensors reached of trainable per trained part,
+    frozen tensors that changed, and ``ok`` or ``FAILED`` in front; ``–`` for a run without one."""
+    if not audit:
+        return "–"
+    trained = {p: a for p, a in audit.items() if a.get("trainable")}
+    reached = ", ".join(
+        f"{p} {'?' if a.get('reached') is None else a['reached']}/{a['trainable']}"
+        for p, a in trained.items()
+    )
+    changed = [a.get("frozen_changed") for a in audit.values()]
+    frozen = sum(a.get("frozen") or 0 for a in audit.values())
+    failed = any(a.get("reached") is not None and a["reached"] < a["trainable"] for a in trained.values())
+    failed = failed or any(c for c in changed)
+    parts = [f"{reached} reached" if trained else "nothing trains"]
+    if all(c is not None for c in changed):
+        parts.append(f"{sum(changed)}/{frozen} frozen changed")
+    return ("FAILED: " if failed else "ok: ") + "; ".join(parts)
+
+
+def audit_cells(info: dict) -> dict[str, str]:
+    """A run's gradient audit as table cells: ``reached/trainable`` per part that trains, then
+    ``Frozen changed`` and ``Audit`` (:func:`audit_summary`'s verdict). Empty for a run without one."""
+    audit = info.get("gradient_audit") or {}
+    cells = {
+        part: f"{'?' if a.get('reached') is None else a['reached']}/{a['trainable']}"
+        for part, a in audit.items()
+        if a.get("trainable")
+    }
+    if audit:
+        changed = [a.get("frozen_changed") for a in audit.values()]
+        frozen = sum(a.get("frozen") or 0 for a in audit.values())
+        cells["Frozen changed"] = "?" if None in changed else f"{sum(changed)} of {frozen}"
+    cells["Audit"] = audit_summary(audit).split(":")[0]
+    return cells
+
+
 def run_row(run: Run, breakdown: list[str] | None = None) -> dict:
     """One results.csv row: the run's numbers, each taken from the file named in the comments.
 
@@ -250,6 +287,9 @@ def run_row(run: Run, breakdown: list[str] | None = None) -> dict:
         "masks_per_s": _num(timing.get("masks_per_s")),
         "cache_build_s": _num(timing.get("cache_build_s")),
         "cache_size_mb": _num(timing.get("cache_size_mb")),
+        "gradient_audit": audit_summary(info.get("gradient_audit")),  # run.json gradient_audit
+        # run.json cases (absent in runs older than it): 0 when the data had no val case
+        "val_cases": _num((info.get("cases") or {}).get("val")),
     }
     for part in breakdown if breakdown is not None else list(parts):
         row[f"time_{part}_s"] = _num(parts.get(part))

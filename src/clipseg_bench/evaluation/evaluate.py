@@ -51,9 +51,11 @@ def evaluate_run(
     trained = load_run(run)
     cfg = trained.cfg
     prepared = PreparedData(data or cfg.data)
+    if not prepared.cases(split):  # e.g. prepared with --val-fraction 0: say so, score nothing
+        return _no_split(run, split, t0)
     cases = prepared.cases(split)[:max_cases]
     if not cases:
-        raise InputError(prepared.root, f"split {split!r} has no cases to evaluate")
+        raise InputError("--max-cases", f"{max_cases} cases leaves nothing to evaluate")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     seg = trained.segmenter(dev)
     organ_ids = [o.id for o in trained.organs]
@@ -111,6 +113,23 @@ def evaluate_run(
     return metrics
 
 
+def _no_split(run: Path, split: str, t0: float) -> dict:
+    """metrics.json for data without a ``split`` case: no scores (null, never NaN), and why."""
+    metrics = {
+        "split": split,
+        "cases": [],
+        "no_split": f"the prepared data has no {split} case",
+        "dice2d": None,
+        "dice2d_pairs": 0,
+        "empty_specificity": None,
+        "per_case": {},
+        "summary": {},
+        "eval_time_s": time.perf_counter() - t0,
+    }
+    write_json_atomic(Path(run) / "metrics.json", metrics)
+    return metrics
+
+
 def _frozen_features(trained, prepared: PreparedData, cases, split, dev, show_progress):
     """Reuse/build the cached vision activations of every slice of ``cases`` when the encoder is frozen."""
     from clipseg_bench.model.feature_cache import build_feature_cache
@@ -131,5 +150,6 @@ def _frozen_features(trained, prepared: PreparedData, cases, split, dev, show_pr
         std=lm.std,
         device=dev,
         show_progress=show_progress,
+        dtype=trained.cfg.feature_cache_dtype,
     )
     return feats

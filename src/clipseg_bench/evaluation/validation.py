@@ -1,45 +1,120 @@
-"""Validation during training: the 2D Dice of the model as it is now, on a prepared split."""
+"""Validation during training: the 2D Dice of the model as it is now, on a sample of prepared slices.
+
+When ``val_max_slices`` caps validation, :func:`even_sample` picks the slices: the same share for
+every case, spread evenly along z within each case, the same slices in every run. (Taking the first
+N rows in (case, z) order would score one patient's lowest slices.)
+"""
 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import torch
 
 from clipseg_bench.data.dataset import PreparedData, organ_targets
 from clipseg_bench.evaluation.metrics import present_pairs_dice
 
 
+def _case_quotas(counts: list[int], total: int) -> list[int]:
+    """Split ``total`` slices over cases as evenly as their sizes allow (water filling).
+
+    Cases are served smallest first: each takes an equal share of what is left, or all it has.
+    The remainder of a division goes to the larger cases. Sums to ``min(total, sum(counts))``.
+    """
+    quotas = [0] * len(counts)
+    left = total
+    order = sorted(range(len(counts)), key=lambda i: (counts[i], i))
+    for served, i in enumerate(order):
+        quotas[i] = min(counts[i], left // (len(order) - served))
+        left -= quotas[i]
+    return quotas
+
+
+def even_sample(rows: pd.DataFrame, max_slices: int | None) -> np.ndarray:
+    """Positions of at most ``max_slices`` rows, spread evenly over the cases and along z.
+
+    Args:
+        rows: manifest rows (``case``, ``z``) in (case, z) order, as ``PreparedData.slices`` gives them.
+        max_slices: the cap; None (or at least ``len(rows)``) keeps every row.
+
+    Returns:
+        Sorted int positions into ``rows``. Each case gets an equal share (a case with fewer rows
+        gives its unused share to the others); within a case of n rows, a share of q takes the rows
+        at the centres of q equal strata, ``floor((j + 0.5) * n / q)``. A function of the rows
+        alone, so every run with the same data and cap scores the same slices.
+    """
+    if not max_slices or len(rows) <= max_slices:
+        return np.arange(len(rows))
+    cases = rows["case"].to_numpy()
+    names = list(dict.fromkeys(cases))
+    members = [np.flatnonzero(cases == c) for c in names]
+    picks = []
+    for idx, q in zip(members, _case_quotas([len(m) for m in members], max_slices)):
+        if q:
+            picks.append(idx[((np.arange(q) + 0.5) * len(idx) / q).astype(int)])
+    return np.sort(np.concatenate(picks))
+
+
+def sample_record(chosen: pd.DataFrame, *, of: int) -> dict:
+    """What run.json says about a sample: how many slices of how many, and which (case -> z list).
+
+    Args:
+        chosen: the sampled manifest rows (``case``, ``z``).
+        of: how many rows it was drawn from.
+    """
+    return {
+        "slices": len(chosen),
+        "of": of,
+        "z": {str(c): [int(z) for z in g["z"]] for c, g in chosen.groupby("case", sort=True)},
+    }
+
+
+class _Take:
+    """Rows of an array (a memory map) in a given order, read one slice of rows at a time."""
+
+    def __init__(self, array, index: np.ndarray):
+        self.array, self.index = array, np.asarray(index)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, s: slice):
+        return self.array[self.index[s]]
+
+
 def validation_dice(
     segmenter,
     data: PreparedData,
-    split: str,
+    rows: pd.DataFrame,
     *,
     organ_ids,
-    max_slices=None,
     features=None,
+    feature_index: np.ndarray | None = None,
     threshold=0.5,
     batch_size=16,
 ) -> float:
-    """Mean 2D Dice over the (slice, organ) pairs of ``split`` where the organ is present.
+    """Mean 2D Dice over the (slice, organ) pairs of ``rows`` where the organ is present.
 
     Args:
         segmenter: an :class:`~clipseg_bench.evaluation.predict.Segmenter` of the model being trained.
-        data: the prepared dataset; only the slices `prepare` kept for training are scored.
+        data: the prepared dataset.
+        rows: the manifest rows (``case``, ``z``) to score, e.g. a split's kept slices at the
+            positions :func:`even_sample` chose.
         organ_ids: FLARE22 ids of the prompted organs, in the segmenter's prompt order.
-        max_slices: score at most this many slices.
-        features: cached vision activations aligned with the split's kept rows, if the encoder is frozen.
+        features: cached vision activations when the encoder is frozen: row ``feature_index[i]``
+            (default ``i``) belongs to ``rows.iloc[i]``. Read batch by batch.
+        feature_index: see ``features``.
 
     Returns:
-        The mean Dice, NaN when no scored slice holds a prompted organ.
+        The mean Dice, NaN when no scored slice holds a prompted organ (or ``rows`` is empty).
     """
-    ds_rows = data.slices(split, kept_only=True)
-    if max_slices:
-        ds_rows = ds_rows.iloc[:max_slices]
-    imgs = np.stack([data.array(c, "image")[z] for c, z in zip(ds_rows["case"], ds_rows["z"])])
-    labs = np.stack([data.array(c, "label")[z] for c, z in zip(ds_rows["case"], ds_rows["z"])])
+    if len(rows) == 0:
+        return float("nan")
+    imgs = np.stack([data.array(c, "image")[z] for c, z in zip(rows["case"], rows["z"])])
+    labs = np.stack([data.array(c, "label")[z] for c, z in zip(rows["case"], rows["z"])])
+    if features is not None:
+        features = _Take(features, np.arange(len(rows)) if feature_index is None else feature_index)
     dices = []
-    if features is not None:  # cached rows follow the same manifest order; use the ones we score
-        features = features[: len(ds_rows)]
     for start, probs in segmenter.iter_probabilities(imgs, batch_size=batch_size, features=features):
         t = organ_targets(torch.from_numpy(labs[start : start + len(probs)]), organ_ids)
         dices.extend(present_pairs_dice((probs > threshold).flatten(0, 1), t.flatten(0, 1)).tolist())

@@ -3,9 +3,11 @@
 When the vision encoder is frozen (decoder-only training, zero-shot evaluation) its output for a
 slice never changes, so recomputing it every epoch is pure waste: on the real rd64 architecture a decoder-only
 step on cached activations is an order of magnitude faster (benchmarks/README.md). The cache is stored
-memory-mapped in fp16 under ``PREPARED/feature_cache/<key>/``. The key hashes everything the
-activations depend on: the vision weights, the preprocessing (window, size, mean/std) and the
-prepared data, so any change builds a new cache instead of silently reusing a stale one.
+memory-mapped under ``PREPARED/feature_cache/<key>/``, in fp16 (half the disk and page cache; the
+default) or fp32 (the activations exactly): ``TrainConfig.feature_cache_dtype``. The key hashes
+everything the cached values depend on: the vision weights, the preprocessing (window, size,
+mean/std), the prepared data and the dtype, so any change builds a new cache instead of silently
+reusing a stale one.
 No library caches HF encoder activations to disk, so this is our own (small) code.
 """
 
@@ -36,11 +38,17 @@ def vision_fingerprint(model) -> str:
     return h.hexdigest()
 
 
-def cache_key(model, *, data: PreparedData, size: int, mean, std) -> str:
+DTYPES = {"fp16": np.float16, "fp32": np.float32}  # TrainConfig.feature_cache_dtype -> stored dtype
+
+
+def cache_key(model, *, data: PreparedData, size: int, mean, std, dtype: str = "fp16") -> str:
+    """The cache folder's name: a hash of everything the cached values depend on."""
     h = hashlib.blake2b(digest_size=8)
     h.update(vision_fingerprint(model).encode())
     h.update((data.root / "dataset.json").read_bytes())
     h.update(json.dumps({"size": size, "mean": list(mean), "std": list(std)}).encode())
+    if dtype != "fp16":  # fp16 caches keep the keys they had before the dtype became a choice
+        h.update(dtype.encode())
     return h.hexdigest()
 
 
@@ -66,8 +74,9 @@ def build_feature_cache(
     batch_size: int = 16,
     show_progress: bool = True,
     key: str | None = None,
+    dtype: str = "fp16",
 ) -> tuple[np.ndarray, CacheInfo]:
-    """Compute (or reuse) fp16 activations for the slices listed in ``rows``.
+    """Compute (or reuse) the activations for the slices listed in ``rows``.
 
     Args:
         model: CLIPSegForImageSegmentation whose vision encoder is frozen.
@@ -76,11 +85,13 @@ def build_feature_cache(
         size, mean, std: the model's preprocessing.
         key: :func:`cache_key` of these arguments, when the caller already has it (it hashes the
             whole vision encoder, so callers building several row sets compute it once).
+        dtype: ``fp16`` or ``fp32`` (:data:`DTYPES`), what is stored.
 
     Returns:
-        (memmap of shape (N, L, T, D) fp16, CacheInfo). Row i belongs to ``rows.iloc[i]``.
+        (memmap of shape (N, L, T, D) in ``dtype``, CacheInfo). Row i belongs to ``rows.iloc[i]``.
     """
-    key = key or cache_key(model, data=data, size=size, mean=mean, std=std)
+    key = key or cache_key(model, data=data, size=size, mean=mean, std=std, dtype=dtype)
+    np_dtype = DTYPES[dtype]
     folder = data.root / "feature_cache" / key
     path = folder / f"{name}.npy"
     index_path = folder / f"{name}.rows.json"
@@ -100,12 +111,12 @@ def build_feature_cache(
             imgs = torch.stack([torch.from_numpy(np.array(data.array(c, "image")[z])) for c, z in chunk])
             imgs = resize_slices(imgs, size)
             pv = preprocess(imgs, size=size, mean=mean, std=std).to(device)
-            acts = torch.stack(encode_images(model, pv), dim=1).to("cpu", torch.float16)  # (b, L, T, D)
+            acts = torch.stack(encode_images(model, pv), dim=1).to("cpu")  # (b, L, T, D)
             if out is None:
                 out = np.lib.format.open_memmap(
-                    tmp, mode="w+", dtype=np.float16, shape=(len(wanted), *acts.shape[1:])
+                    tmp, mode="w+", dtype=np_dtype, shape=(len(wanted), *acts.shape[1:])
                 )
-            out[start : start + len(chunk)] = acts.numpy()
+            out[start : start + len(chunk)] = acts.float().numpy().astype(np_dtype)
             bar.update(len(chunk))
     bar.close()
     out.flush()

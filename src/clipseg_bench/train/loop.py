@@ -21,6 +21,7 @@ from clipseg_bench.config import TrainConfig
 from clipseg_bench.data.augment import augment_intensity
 from clipseg_bench.data.dataset import organ_targets
 from clipseg_bench.data.sampling import select_pairs
+from clipseg_bench.errors import GradientAuditError, InputError
 from clipseg_bench.evaluation.metrics import present_pairs_dice
 from clipseg_bench.evaluation.validation import validation_dice
 from clipseg_bench.model.checkpoint import save_trained
@@ -92,6 +93,8 @@ def train_epoch(setup: TrainingSetup, epoch: int, global_step: int, pbar) -> tup
             dices.extend(
                 present_pairs_dice(torch.sigmoid(logits.detach().float()) > cfg.threshold, tgt).tolist()
             )
+        if not setup.audit.reach_checked:  # the first backward of this process: did it reach everything?
+            setup.audit.check_reached(setup.model)
         with timer.phase("optimizer"):
             if cfg.grad_clip > 0:
                 acc.clip_grad_norm_(setup.module.parameters(), cfg.grad_clip)
@@ -113,19 +116,36 @@ def train_epoch(setup: TrainingSetup, epoch: int, global_step: int, pbar) -> tup
 
 
 def _val_dice(setup: TrainingSetup) -> float:
+    """The Dice on the validation sample (``setup.val_rows``)."""
     return validation_dice(
         setup.segmenter,
         setup.data,
-        "val",
+        setup.val_rows,
         organ_ids=setup.organ_ids,
-        max_slices=setup.cfg.val_max_slices,
         features=setup.val_features,
         threshold=setup.cfg.threshold,
     )
 
 
-def _validates_after(cfg: TrainConfig, epoch: int, n_epochs: int) -> bool:
-    return bool(cfg.val_every) and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == n_epochs)
+def _train_check_dice(setup: TrainingSetup) -> float:
+    """The final Dice on the training slices (the same sample rule and cap as validation)."""
+    return validation_dice(
+        setup.segmenter,
+        setup.data,
+        setup.train_rows.iloc[setup.train_check],
+        organ_ids=setup.organ_ids,
+        features=setup.features,
+        feature_index=setup.train_check,
+        threshold=setup.cfg.threshold,
+    )
+
+
+def _validates_after(setup: TrainingSetup, epoch: int) -> bool:
+    """Whether to validate after ``epoch`` (0-based): every ``val_every`` epochs and after the last,
+    never without val slices."""
+    every = setup.cfg.val_every
+    last = epoch + 1 == setup.n_epochs
+    return setup.has_val and bool(every) and ((epoch + 1) % every == 0 or last)
 
 
 def initial_state(setup: TrainingSetup) -> dict:
@@ -137,6 +157,7 @@ def initial_state(setup: TrainingSetup) -> dict:
         "train_time_s": 0.0,
         "masks": 0,
         "breakdown_s": dict(setup.timer.totals),
+        "num_processes": setup.accelerator.num_processes,  # the scheduler's state counts per-process ticks
     }
 
 
@@ -150,6 +171,13 @@ def restore(setup: TrainingSetup, out: Path) -> dict:
     if not ckpt.is_dir():
         return initial_state(setup)
     state = load_resume_state(ckpt, model=setup.model, optimizer=setup.optimizer, scheduler=setup.scheduler)
+    written_by = state.get("num_processes", setup.accelerator.num_processes)
+    if written_by != setup.accelerator.num_processes:
+        raise InputError(
+            out,
+            f"the checkpoint was written by {written_by} process(es), this run has "
+            f"{setup.accelerator.num_processes}; resume with the same number",
+        )
     setup.timer.totals.update(state["breakdown_s"])
     if setup.accelerator.is_main_process:
         print(f"resuming {out} after epoch {state['epoch']} (step {state['global_step']})")
@@ -170,14 +198,49 @@ def _end_epoch(setup: TrainingSetup, state: dict, row: dict, out: Path, writer) 
     )
 
 
+def _run_epoch(setup: TrainingSetup, state: dict, epoch: int, *, pbar, writer, out: Path) -> None:
+    """Train one epoch, validate, and record it in ``state`` (and, on the main process, on disk)."""
+    acc, timer = setup.accelerator, setup.timer
+    main = acc.is_main_process
+    setup.sampler.set_epoch(epoch)
+    if hasattr(setup.loader, "set_epoch"):  # Accelerate's loader would reset our sampler to its own counter
+        setup.loader.set_epoch(epoch)
+    t0 = time.perf_counter()
+    global_step, stats = train_epoch(setup, epoch, state["global_step"], pbar)
+    epoch_time = time.perf_counter() - t0
+    val_dice = float("nan")
+    if main and _validates_after(setup, epoch):
+        with timer.phase("eval"):
+            val_dice = _val_dice(setup)
+    row = {
+        "epoch": epoch + 1,
+        "step": global_step,
+        "loss": stats["loss"],
+        "train_dice": stats["train_dice"],
+        "val_dice": val_dice,
+        "epoch_time_s": epoch_time,
+        "lr": setup.scheduler.get_last_lr()[0],
+    }
+    state.update(
+        epoch=epoch + 1,
+        global_step=global_step,
+        train_time_s=state["train_time_s"] + epoch_time,
+        masks=state["masks"] + stats["masks"],
+        breakdown_s=dict(timer.totals),
+    )
+    state["history"].append(row)
+    if main:
+        _end_epoch(setup, state, row, out, writer)
+    acc.wait_for_everyone()
+
+
 def fit(setup: TrainingSetup, state: dict, *, out: Path) -> dict:
     """Train epoch by epoch from ``state``, validating and checkpointing at every epoch end.
 
     Returns:
         The final state: epoch, global_step, history rows, train time, masks, breakdown.
     """
-    cfg, acc, timer = setup.cfg, setup.accelerator, setup.timer
-    main = acc.is_main_process
+    cfg, main = setup.cfg, setup.accelerator.is_main_process
     writer = None
     if main:
         from torch.utils.tensorboard import SummaryWriter
@@ -191,42 +254,13 @@ def fit(setup: TrainingSetup, state: dict, *, out: Path) -> dict:
         disable=not main or not setup.trains,
         dynamic_ncols=True,
     )
-    for epoch in range(state["epoch"], setup.n_epochs if setup.trains else 0):
-        setup.sampler.set_epoch(epoch)
-        if hasattr(
-            setup.loader, "set_epoch"
-        ):  # Accelerate's loader would reset our sampler to its own counter
-            setup.loader.set_epoch(epoch)
-        t0 = time.perf_counter()
-        global_step, stats = train_epoch(setup, epoch, state["global_step"], pbar)
-        epoch_time = time.perf_counter() - t0
-        val_dice = float("nan")
-        if main and _validates_after(cfg, epoch, setup.n_epochs):
-            with timer.phase("eval"):
-                val_dice = _val_dice(setup)
-        row = {
-            "epoch": epoch + 1,
-            "step": global_step,
-            "loss": stats["loss"],
-            "train_dice": stats["train_dice"],
-            "val_dice": val_dice,
-            "epoch_time_s": epoch_time,
-            "lr": setup.scheduler.get_last_lr()[0],
-        }
-        state.update(
-            epoch=epoch + 1,
-            global_step=global_step,
-            train_time_s=state["train_time_s"] + epoch_time,
-            masks=state["masks"] + stats["masks"],
-            breakdown_s=dict(timer.totals),
-        )
-        state["history"].append(row)
-        if main:
-            _end_epoch(setup, state, row, out, writer)
-        acc.wait_for_everyone()
-    pbar.close()
-    if writer is not None:
-        writer.close()
+    try:
+        for epoch in range(state["epoch"], setup.n_epochs if setup.trains else 0):
+            _run_epoch(setup, state, epoch, pbar=pbar, writer=writer, out=out)
+    finally:  # also on an error, so its message starts on a line of its own
+        pbar.close()
+        if writer is not None:
+            writer.close()
     return state
 
 
@@ -237,16 +271,9 @@ def finish(setup: TrainingSetup, state: dict, *, out: Path, run_record: dict) ->
     if acc.is_main_process:
         with setup.timer.phase("eval"):
             final = {
-                "train_dice": validation_dice(
-                    setup.segmenter,
-                    setup.data,
-                    "train",
-                    organ_ids=setup.organ_ids,
-                    threshold=cfg.threshold,
-                    max_slices=cfg.val_max_slices,
-                    features=setup.features,
-                ),
-                "val_dice": _val_dice(setup) if setup.data.cases("val") else float("nan"),
+                "train_dice": _train_check_dice(setup),
+                # None (JSON null), not NaN, when the data has no val case: there is nothing to score
+                "val_dice": _val_dice(setup) if setup.has_val else None,
             }
         if not state["history"]:
             pd.DataFrame([], columns=HISTORY_COLUMNS).to_csv(out / "history.csv", index=False)
@@ -259,11 +286,13 @@ def finish(setup: TrainingSetup, state: dict, *, out: Path, run_record: dict) ->
                 "status": "finished",
                 "timing": timing,
                 "final": final,
+                "gradient_audit": setup.audit.record(),
                 "rank_checksums": checksums,
             },
         )
+        val = "no val split" if final["val_dice"] is None else f"val dice {final['val_dice']:.4f}"
         print(
-            f"trained {cfg.strategy}: train dice {final['train_dice']:.4f}, val dice {final['val_dice']:.4f}, "
+            f"trained {cfg.strategy}: train dice {final['train_dice']:.4f}, {val}, "
             f"{timing['train_time_s']:.1f} s -> {out}"
         )
     acc.wait_for_everyone()
@@ -306,13 +335,15 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     old_term = signal.signal(signal.SIGTERM, _interrupted) if main else None
     try:
         state = fit(setup, state, out=out)
+        setup.audit.check_frozen(setup.model)
     except KeyboardInterrupt:
         if main:
-            record.mark(out, run_record, "interrupted")
+            record.mark(out, run_record, "interrupted", gradient_audit=setup.audit.record())
         raise
     except Exception as exc:
         if main:
-            record.mark(out, run_record, "failed", error=repr(exc))
+            why = str(exc) if isinstance(exc, GradientAuditError) else repr(exc)
+            record.mark(out, run_record, "failed", error=why, gradient_audit=setup.audit.record())
         raise
     finally:
         if old_term is not None:

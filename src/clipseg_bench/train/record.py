@@ -36,6 +36,13 @@ def start_record(setup) -> dict:
         "params": {"trainable": setup.counts.trainable, "total": setup.counts.total},
         "lr": resolve_lr(cfg),
         "window": setup.data.window,  # segment needs it to preprocess a new CT like the training data
+        "cases": {split: len(setup.data.cases(split)) for split in ("train", "val")},
+        "validation": setup.validation_record(),
+        # where the vision activations come from: the feature cache in its dtype, or computed live
+        "vision_features": {
+            "train": f"cache {setup.cfg.feature_cache_dtype}" if setup.features is not None else "live",
+            "val": f"cache {setup.cfg.feature_cache_dtype}" if setup.val_features is not None else "live",
+        },
     }
 
 

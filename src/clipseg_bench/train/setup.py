@@ -23,6 +23,7 @@ from clipseg_bench.config import TrainConfig, resolve_lr
 from clipseg_bench.data.dataset import PreparedData, SliceDataset
 from clipseg_bench.data.sampling import EpochSampler
 from clipseg_bench.evaluation.predict import Segmenter
+from clipseg_bench.evaluation.validation import even_sample, sample_record
 from clipseg_bench.model.feature_cache import CacheInfo, build_feature_cache, cache_key
 from clipseg_bench.model.forward import (
     encode_prompts,
@@ -36,6 +37,7 @@ from clipseg_bench.model.prompted import PromptedSegmenter
 from clipseg_bench.organs import Organ, parse_organs, prompts
 from clipseg_bench.strategies import ParamCounts, apply_strategy, count_parameters
 from clipseg_bench.train.allocator import return_free_memory
+from clipseg_bench.train.audit import GradientAudit
 from clipseg_bench.train.timing import StepTimer
 
 
@@ -54,11 +56,17 @@ class TrainingSetup:
         optimizer, scheduler: None when nothing trains (zero-shot).
         loader, sampler: the training slices; the sampler's order is a function of (seed, epoch).
         prompt_emb: (K, D) prompt embeddings when the text encoder is frozen (computed once), else None.
-        features, val_features: cached vision activations of the train / val kept slices when the
+        train_rows: the manifest rows the loader trains on; ``features`` row i belongs to row i.
+        val_rows: the val slices validation scores (all kept ones, or ``val_max_slices`` of them
+            spread by :func:`~clipseg_bench.evaluation.validation.even_sample`); empty when the
+            data has no val case. ``val_features`` row i belongs to row i.
+        train_check: positions in ``train_rows`` of the slices the final train Dice scores.
+        features, val_features: cached vision activations of ``train_rows`` / ``val_rows`` when the
             vision encoder is frozen, else None.
         cache_infos: what the feature cache build did, per row set.
         segmenter: predicts with the model as it is now (validation).
         timer: time per phase.
+        audit: the gradient audit (:mod:`clipseg_bench.train.audit`), started on the built model.
         steps_per_epoch, total_steps, n_epochs: the schedule's length.
     """
 
@@ -75,11 +83,15 @@ class TrainingSetup:
     loader: DataLoader
     sampler: EpochSampler
     prompt_emb: torch.Tensor | None
+    train_rows: pd.DataFrame
+    val_rows: pd.DataFrame
+    train_check: np.ndarray
     features: np.ndarray | None
     val_features: np.ndarray | None
     cache_infos: dict[str, CacheInfo]
     segmenter: Segmenter
     timer: StepTimer
+    audit: GradientAudit
     steps_per_epoch: int
     total_steps: int
     n_epochs: int
@@ -92,6 +104,19 @@ class TrainingSetup:
     @property
     def organ_ids(self) -> list[int]:
         return [o.id for o in self.organs]
+
+    @property
+    def has_val(self) -> bool:
+        """Whether the data has val slices to validate on (a quick run may have none)."""
+        return len(self.val_rows) > 0
+
+    def validation_record(self) -> dict:
+        """run.json's ``validation``: the cap, and which slices validation and the final train Dice score."""
+        return {
+            "max_slices": self.cfg.val_max_slices,
+            "val": sample_record(self.val_rows, of=len(self.data.slices("val", kept_only=True))),
+            "train": sample_record(self.train_rows.iloc[self.train_check], of=len(self.train_rows)),
+        }
 
     @property
     def trains(self) -> bool:
@@ -172,9 +197,12 @@ def build_training(
             prompt_emb = encode_prompts(model, tokens["input_ids"], tokens["attention_mask"])
     if train_rows is None:
         train_rows = data.slices("train", kept_only=True)
+    train_rows = train_rows.reset_index(drop=True)
+    val_rows = data.slices("val", kept_only=True)
+    val_rows = val_rows.iloc[even_sample(val_rows, cfg.val_max_slices)].reset_index(drop=True)
     features, val_features, infos = None, None, {}
     if not vision_trainable(model) and cfg.feature_cache:
-        features, val_features, infos = _cache_frozen_vision(cfg, acc, data, loaded, train_rows)
+        features, val_features, infos = _cache_frozen_vision(cfg, acc, data, loaded, train_rows, val_rows)
 
     dataset = SliceDataset(data, "train", size=loaded.image_size, features=features, rows=train_rows)
     sampler = EpochSampler(len(dataset), cfg.seed)
@@ -185,6 +213,9 @@ def build_training(
         num_workers=cfg.num_workers,
         persistent_workers=cfg.num_workers > 0,
     )
+    # Counted in global batches (batch_size slices on each of the processes): Accelerate's loader
+    # gives each process every num_processes-th batch, so a run's steps and epochs depend on the
+    # global batch only, not on how it is split over processes.
     steps_per_epoch = math.ceil(len(dataset) / (cfg.batch_size * acc.num_processes))
     total_steps = min(cfg.max_steps or 10**12, steps_per_epoch * cfg.epochs)
     n_epochs = math.ceil(total_steps / steps_per_epoch)
@@ -198,8 +229,13 @@ def build_training(
         from transformers import get_cosine_schedule_with_warmup
 
         optimizer = make_optimizer(params, lr=resolve_lr(cfg), weight_decay=cfg.weight_decay)
+        # Accelerate's AcceleratedScheduler (split_batches=False) steps the wrapped scheduler once per
+        # process at every optimizer step, so the schedule is sized in those ticks, as Accelerate's and
+        # transformers' no_trainer examples do: the learning rate after k optimizer steps is then the
+        # same rational function of k on any number of processes (the lr column of history.csv).
+        ticks = acc.num_processes
         scheduler = get_cosine_schedule_with_warmup(
-            optimizer, min(cfg.warmup_steps, total_steps), total_steps
+            optimizer, min(cfg.warmup_steps, total_steps) * ticks, total_steps * ticks
         )
         module, optimizer, loader, scheduler = acc.prepare(module, optimizer, loader, scheduler)
     segmenter = Segmenter(
@@ -226,22 +262,28 @@ def build_training(
         loader=loader,
         sampler=sampler,
         prompt_emb=prompt_emb,
+        train_rows=train_rows,
+        val_rows=val_rows,
+        train_check=even_sample(train_rows, cfg.val_max_slices),
         features=features,
         val_features=val_features,
         cache_infos=infos,
         segmenter=segmenter,
         timer=StepTimer(acc.device),
+        audit=GradientAudit.start(model),
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         n_epochs=n_epochs,
     )
 
 
-def _cache_frozen_vision(cfg: TrainConfig, acc, data: PreparedData, loaded: LoadedModel, train_rows):
-    """Vision activations of the train and val kept slices, built once (main process first)."""
+def _cache_frozen_vision(
+    cfg: TrainConfig, acc, data: PreparedData, loaded: LoadedModel, train_rows, val_rows
+):
+    """Vision activations of the train rows and the val sample, built once (main process first)."""
     model, size, mean, std = loaded.model, loaded.image_size, loaded.mean, loaded.std
     # One key for both row sets: it hashes the whole vision encoder (344 MB for rd64).
-    key = cache_key(model, data=data, size=size, mean=mean, std=std)
+    key = cache_key(model, data=data, size=size, mean=mean, std=std, dtype=cfg.feature_cache_dtype)
     build = functools.partial(
         build_feature_cache,
         model,
@@ -252,13 +294,13 @@ def _cache_frozen_vision(cfg: TrainConfig, acc, data: PreparedData, loaded: Load
         device=acc.device,
         show_progress=acc.is_main_process,
         key=key,
+        dtype=cfg.feature_cache_dtype,
     )
     features = val_features = None
     infos: dict[str, CacheInfo] = {}
     with acc.main_process_first():
         if not cfg.augment:  # augmented images change every epoch: their encodings cannot be cached
             features, infos["train_kept"] = build(rows=train_rows, name="train_kept")
-        if data.cases("val"):
-            val_rows = data.slices("val", kept_only=True).iloc[: cfg.val_max_slices]
+        if len(val_rows):
             val_features, infos["val_kept"] = build(rows=val_rows, name="val_kept")
     return features, val_features, infos
