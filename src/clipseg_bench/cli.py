@@ -133,6 +133,7 @@ def _cmd_segment(a: argparse.Namespace) -> None:
         organs=a.organs,
         probabilities=a.probabilities,
         threshold=a.threshold,
+        per_organ=a.per_organ,
     )
 
 
@@ -272,11 +273,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run", help="run folder from `train`")
     s.add_argument("--model", help="with --strategy zeroshot: hub id, local folder or 'tiny'")
     s.add_argument("--strategy", help="only 'zeroshot' is meaningful without --run")
-    s.add_argument("--ct", required=True, help="CT volume (.nii/.nii.gz)")
-    s.add_argument("--out", required=True, help="mask to write (.nii.gz)")
+    s.add_argument(
+        "--ct",
+        required=True,
+        help="CT: a .nii/.nii.gz file or a DICOM series folder; or a folder of those (then --out is a folder)",
+    )
+    s.add_argument("--out", required=True, help="mask to write (.nii.gz), or a folder of <case>.nii.gz")
     s.add_argument("--organs", help="comma-separated organ keys (default all 13)")
     s.add_argument("--probabilities", action="store_true", help="also write per-organ probabilities")
     s.add_argument("--threshold", type=float, default=0.5)
+    s.add_argument(
+        "--per-organ",
+        nargs="?",
+        const="also",
+        choices=["also", "only"],
+        help="also (or only) write <case>/segmentations/<organ_key>.nii.gz, one binary mask per organ",
+    )
     s.set_defaults(func=_cmd_segment)
 
     s = sub.add_parser("benchmark", help="run strategies x seeds, one run folder each")

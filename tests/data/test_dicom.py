@@ -146,3 +146,21 @@ def test_ct_sources_lists_files_series_and_folders(small_nifti, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no CT here"):
         ct_sources(tmp_path / "empty")
+
+
+def test_segment_writes_the_mask_on_the_series_grid(ct_nifti, tmp_path):
+    """`segment` over a folder holding a compressed DICOM series and that series' NIfTI conversion:
+    both masks have the conversion's grid and affine, and the same voxels."""
+    from clipseg_bench.evaluation.segment import segment
+
+    cts = tmp_path / "cts"
+    write_dicom_series(ct_nifti, cts / "series", compressor="JPEG2000")
+    nifti_conversion(cts / "series", cts / "converted.nii.gz")
+    out = segment(model="tiny", strategy="zeroshot", ct=cts, out=tmp_path / "masks", organs="liver,spleen")
+    converted = nib.load(cts / "converted.nii.gz")
+    from_series, from_nifti = nib.load(out / "series.nii.gz"), nib.load(out / "converted.nii.gz")
+    for mask in (from_series, from_nifti):
+        assert mask.shape == converted.shape
+        np.testing.assert_allclose(mask.affine, converted.affine, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(from_series.dataobj), np.asarray(from_nifti.dataobj))
+    assert np.asarray(from_series.dataobj).any()  # the comparison is not between two empty masks

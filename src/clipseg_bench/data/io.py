@@ -90,6 +90,8 @@ def ct_sources(path: str | Path) -> dict[str, Path]:
         InputError: the path does not exist, or a folder holds no CT (or a file that is not one).
     """
     path = Path(path)
+    if not path.exists():
+        raise InputError(path, "not found")
     if path.is_file():
         stem = strip_nifti_suffix(path.name)
         return {image_case_id(stem if stem is not None else path.stem): path}
