@@ -143,6 +143,8 @@ def test_ct_sources_lists_files_series_and_folders(small_nifti, tmp_path):
     assert ct_sources(folder) == {"patient7": folder / "patient7", "scan": folder / "scan_0000.nii.gz"}
     assert ct_sources(folder / "patient7") == {"patient7": folder / "patient7"}
     assert ct_sources(small_nifti) == {"small": small_nifti}
+    (folder / "scan_0000.json").write_text("{}")  # a BIDS sidecar is not a CT, and no error
+    assert set(ct_sources(folder)) == {"patient7", "scan"}
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no CT here"):
         ct_sources(tmp_path / "empty")

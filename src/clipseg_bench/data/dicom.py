@@ -146,12 +146,12 @@ def scan_series(folder: str | Path) -> Series:
             raise InputError(path, f"slice size {s.size[:2]} differs from {first.size[:2]} ({files[0]})")
         if not np.allclose(s.direction, first.direction, atol=1e-4):
             raise InputError(path, f"slice orientation differs from that of {files[0]}")
-    origins = np.stack([s.origin for s in slices])
-    if (origins[-1] - origins[0]) @ first.direction[:, 2] < 0:
-        # ITK takes the slice normal as the third axis: the files must run along it, not against it.
-        files, slices, origins = files[::-1], slices[::-1], origins[::-1]
-        first = slices[0]
-    _check_stacking(folder, files, origins, first.direction[:, 2])
+    # ITK stacks the files in the order given and takes the slice normal as the third axis, so they
+    # must run along the normal: sorted by position on it (not trusting the folder's or GDCM's order).
+    order = np.argsort([s.origin @ first.direction[:, 2] for s in slices], kind="stable")
+    files, slices = tuple(files[i] for i in order), [slices[i] for i in order]
+    first = slices[0]
+    _check_stacking(folder, files, np.stack([s.origin for s in slices]), first.direction[:, 2])
     # The series geometry exactly as ITK's ImageSeriesReader builds it: the first slice's origin and
     # orientation, and the mean step between the first and the last slice.
     step = np.linalg.norm(slices[-1].origin - first.origin) / (len(files) - 1)
@@ -168,7 +168,7 @@ def _check_stacking(folder: Path, files: tuple[str, ...], origins: np.ndarray, n
         raise InputError(
             folder, "slices are not stacked along their normal (gantry tilt?); resample it first"
         )
-    steps = np.abs(np.diff(along))
+    steps = np.diff(along)  # >= 0: sorted by ``along``
     if steps.min() <= POSITION_ATOL_MM:
         i = int(np.argmin(steps))
         raise InputError(

@@ -66,14 +66,14 @@ def image_case_id(stem: str) -> str:
     return stem[: -len(CHANNEL_SUFFIX)] if stem.endswith(CHANNEL_SUFFIX) else stem
 
 
-def image_files(folder: str | Path) -> dict[str, Path]:
+def image_files(folder: str | Path, *, ignore_other_files: bool = False) -> dict[str, Path]:
     """The CTs of a folder by name: NIfTI files (as :func:`nifti_files`) and sub-folders holding one
     DICOM series each (named by the sub-folder). Other sub-folders are ignored.
 
     Raises:
         InputError: as :func:`nifti_files`, and when a NIfTI file and a DICOM folder share a name.
     """
-    found = nifti_files(folder)
+    found = nifti_files(folder, ignore_other_files=ignore_other_files)
     for sub in sorted(p for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith(".")):
         if dicom.is_dicom_folder(sub):
             if sub.name in found:
@@ -84,7 +84,8 @@ def image_files(folder: str | Path) -> dict[str, Path]:
 
 def ct_sources(path: str | Path) -> dict[str, Path]:
     """What a user may give as CT input, as {case id: source}: one NIfTI file, one DICOM series
-    folder, or a folder of NIfTI files and/or DICOM series folders. Case ids drop ``_0000``.
+    folder, or a folder of NIfTI files and/or DICOM series folders. Case ids drop ``_0000``. In a
+    folder, other files (BIDS ``.json`` sidecars, notes) are ignored.
 
     Raises:
         InputError: the path does not exist, or a folder holds no CT (or a file that is not one).
@@ -97,7 +98,7 @@ def ct_sources(path: str | Path) -> dict[str, Path]:
         return {image_case_id(stem if stem is not None else path.stem): path}
     if dicom.is_dicom_folder(path):
         return {path.name: path}
-    sources = {image_case_id(stem): p for stem, p in image_files(path).items()}
+    sources = {image_case_id(stem): p for stem, p in image_files(path, ignore_other_files=True).items()}
     if not sources:
         raise InputError(path, "no CT here: no .nii/.nii.gz files and no DICOM series folders")
     return sources

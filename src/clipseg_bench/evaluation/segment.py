@@ -206,7 +206,9 @@ def _check_mask_path(out: Path) -> None:
         raise InputError(out, "output folder does not exist")
 
 
-def _check_out_folder(out: Path) -> None:
+def _check_out_folder(out: Path, ct: Path) -> None:
+    if out.resolve() == ct.resolve():  # masks named <case>.nii.gz would be read as CTs next time
+        raise InputError(out, "--out must not be the --ct folder itself")
     if out.exists() and not out.is_dir():
         raise InputError(out, "with a folder of CTs, --out must be a folder (it is a file)")
     if _is_mask_path(out):
@@ -258,7 +260,7 @@ def segment(
     elif len(sources) > 1 and _is_mask_path(out):
         raise InputError(out, f"--ct {ct} holds {len(sources)} CTs: --out must be a folder")
     else:
-        _check_out_folder(out)
+        _check_out_folder(out, ct)
     loaded = load_model(run=run, model=model, strategy=strategy, organs=organs, device=device)
     options = {"per_organ": per_organ, "probabilities": probabilities}
     if single:
