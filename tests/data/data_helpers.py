@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import locale
 from pathlib import Path
 
 import nibabel as nib
@@ -66,6 +68,17 @@ class Layout:
         ]
 
 
+@contextlib.contextmanager
+def _keep_locale():
+    """GDCM's writers set the C locale to "C" and leave it so; later subprocesses run with
+    text=True would then decode their UTF-8 output as ASCII. Put the test process's locale back."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
 def write_dicom_series(
     nifti: Path,
     folder: Path,
@@ -87,6 +100,11 @@ def write_dicom_series(
         shift_mm: slice index -> mm added to its position along the slice normal (uneven spacing).
         skip: slice indices not written (missing slices).
     """
+    with _keep_locale():
+        return _write_dicom_series(nifti, folder, compressor, modality, series_uid, shift_mm or {}, skip)
+
+
+def _write_dicom_series(nifti, folder, compressor, modality, series_uid, shift_mm, skip) -> Path:
     import SimpleITK as sitk
 
     image = sitk.Cast(sitk.ReadImage(str(nifti)), sitk.sitkInt16)
@@ -101,9 +119,7 @@ def write_dicom_series(
     for k in range(image.GetDepth()):
         if k in skip:
             continue
-        position = (
-            np.array(image.TransformIndexToPhysicalPoint((0, 0, k))) + (shift_mm or {}).get(k, 0.0) * normal
-        )
+        position = np.array(image.TransformIndexToPhysicalPoint((0, 0, k))) + shift_mm.get(k, 0.0) * normal
         piece = image[:, :, k]
         tags = {
             "0008|0060": modality,
@@ -128,5 +144,6 @@ def nifti_conversion(folder: Path, out: Path) -> Path:
 
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
-    sitk.WriteImage(reader.Execute(), str(out))
+    with _keep_locale():
+        sitk.WriteImage(reader.Execute(), str(out))
     return out
