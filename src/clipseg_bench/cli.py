@@ -34,10 +34,12 @@ def _cmd_prepare(a: argparse.Namespace) -> None:
         val_fraction=a.val_fraction,
         seed=a.seed,
         split_file=a.split_file,
+        groups=a.groups,
         keep_empty=a.keep_empty,
         workers=a.workers,
         overwrite=a.overwrite,
         label_map=a.label_map,
+        layout=a.layout,
         png=not a.no_png,
     )
     print(summary_line(out))
@@ -134,6 +136,7 @@ def _cmd_segment(a: argparse.Namespace) -> None:
         organs=a.organs,
         probabilities=a.probabilities,
         threshold=a.threshold,
+        per_organ=a.per_organ,
     )
 
 
@@ -197,9 +200,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_phantom)
 
     s = sub.add_parser("prepare", help="CT volumes -> axial slices, manifest, array cache, dataset.json")
-    s.add_argument("--images", help="folder of <case>_0000.nii.gz (FLARE22 layout)")
+    s.add_argument("--images", help="folder of <case>_0000.nii.gz or <case>/ DICOM series (FLARE22 layout)")
     s.add_argument("--labels", help="folder of <case>.nii.gz label volumes")
-    s.add_argument("--dataset", help="MSD/nnU-Net folder with dataset.json, imagesTr/, labelsTr/")
+    s.add_argument(
+        "--dataset", help="dataset folder: MSD/nnU-Net (dataset.json, imagesTr/, labelsTr/) or --layout"
+    )
+    s.add_argument(
+        "--layout",
+        default="msd",
+        choices=["msd", "per-organ"],
+        help="what --dataset is: msd (default) or per-organ (<case>/ct.nii.gz + <case>/segmentations/*.nii.gz)",
+    )
     s.add_argument("--out", required=True, help="PREPARED folder to write")
     s.add_argument(
         "--window",
@@ -209,11 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--val-fraction", type=float, default=0.2, help="share of cases for validation")
     s.add_argument("--seed", type=int, default=0, help="seed of the patient-level split")
     s.add_argument("--split-file", help="JSON {train: [cases], val: [cases]} instead of a random split")
+    s.add_argument("--groups", help="CSV with columns case,patient: a patient's cases stay on one side")
     s.add_argument("--keep-empty", action="store_true", help="also list slices with no organ for training")
     s.add_argument(
         "--label-map",
-        default="flare22",
-        help="flare22 | totalsegmentator | btcv | amos | a YAML file (source id -> FLARE22 id)",
+        help="flare22 | totalsegmentator | btcv | amos | abdomenatlas | a YAML file (source id -> FLARE22 id; "
+        "names for per-organ files); default: the names in dataset.json, else FLARE22 ids",
     )
     s.add_argument("--workers", type=int, default=1, help="cases processed in parallel")
     s.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty foreign folder")
@@ -264,11 +276,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run", help="run folder from `train`")
     s.add_argument("--model", help="with --strategy zeroshot: hub id, local folder or 'tiny'")
     s.add_argument("--strategy", help="only 'zeroshot' is meaningful without --run")
-    s.add_argument("--ct", required=True, help="CT volume (.nii/.nii.gz)")
-    s.add_argument("--out", required=True, help="mask to write (.nii.gz)")
+    s.add_argument(
+        "--ct",
+        required=True,
+        help="CT: a .nii/.nii.gz file or a DICOM series folder; or a folder of those (then --out is a folder)",
+    )
+    s.add_argument("--out", required=True, help="mask to write (.nii.gz), or a folder of <case>.nii.gz")
     s.add_argument("--organs", help="comma-separated organ keys (default all 13)")
     s.add_argument("--probabilities", action="store_true", help="also write per-organ probabilities")
     s.add_argument("--threshold", type=float, default=0.5)
+    s.add_argument(
+        "--per-organ",
+        nargs="?",
+        const="also",
+        choices=["also", "only"],
+        help="also (or only) write <case>/segmentations/<organ_key>.nii.gz, one binary mask per organ",
+    )
     s.set_defaults(func=_cmd_segment)
 
     s = sub.add_parser("benchmark", help="run strategies x seeds, one run folder each")

@@ -7,7 +7,7 @@ wrote into exported label PNGs (label k -> 20*k, except 13 -> 255).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -128,20 +128,23 @@ def gray_to_labels(gray: np.ndarray) -> np.ndarray:
 
 # --- label maps: other datasets' ids -> FLARE22 ids ------------------------------------------
 
-BUILTIN_LABEL_MAPS = ("flare22", "totalsegmentator", "btcv", "amos")
+BUILTIN_LABEL_MAPS = ("flare22", "totalsegmentator", "btcv", "amos", "abdomenatlas")
 
 
 @dataclass(frozen=True)
 class LabelMap:
-    """Source label id -> FLARE22 id (0 = background).
+    """Source label id -> FLARE22 id (0 = background), and optionally structure name -> FLARE22 id.
 
-    ``default`` is what an id missing from ``mapping`` becomes; ``None`` means such an id is unknown
-    and ``prepare`` rejects the volume (the safe choice for a dataset you have not looked at).
+    ``default`` is what an id (or a name) missing from the map becomes; ``None`` means such an id is
+    unknown and ``prepare`` rejects the volume (the safe choice for a dataset you have not looked
+    at). ``names`` maps the names of per-organ mask files (``--layout per-organ``) ahead of the
+    built-in name table (:func:`organ_id_for_name`).
     """
 
     mapping: dict[int, int]
     default: int | None = None
     source: str = ""
+    names: dict[str, int] = field(default_factory=dict)
 
     def lut(self, max_id: int) -> np.ndarray:
         """A lookup table over 0..max_id; unknown ids map to -1."""
@@ -152,20 +155,22 @@ class LabelMap:
         return lut
 
     def to_dict(self) -> dict:
-        return {
+        doc = {
             "source": self.source,
             "default": self.default,
             "map": {str(k): v for k, v in self.mapping.items()},
         }
+        return {**doc, "names": dict(self.names)} if self.names else doc
 
 
 def load_label_map(spec: str | Path = "flare22") -> LabelMap:
     """Load a label map from a built-in name or a YAML/JSON file.
 
-    ``spec`` is a built-in name (``flare22``, ``totalsegmentator``, ``btcv``, ``amos``) or a file
-    with ``map: {source_id: flare22_id}`` and optionally ``default: 0``. Without ``default``,
-    source ids not in the map are unknown and rejected by ``prepare``; map a structure to 0 to drop
-    it on purpose.
+    ``spec`` is a built-in name (``flare22``, ``totalsegmentator``, ``btcv``, ``amos``,
+    ``abdomenatlas``) or a file with ``map: {source_id: flare22_id}``, optionally ``default: 0`` and
+    ``names: {file_name: flare22_id}`` (per-organ mask files). Without ``default``, source ids (and
+    names) not in the map are unknown and rejected by ``prepare``; map a structure to 0 to drop it
+    on purpose.
     """
     spec = str(spec)
     if spec in BUILTIN_LABEL_MAPS:
@@ -178,19 +183,118 @@ def load_label_map(spec: str | Path = "flare22") -> LabelMap:
         text, src = path.read_text(), str(path)
     try:
         doc = yaml.safe_load(text)
-        raw = doc["map"] if isinstance(doc, dict) and "map" in doc else doc
+        structured = isinstance(doc, dict) and ("map" in doc or "names" in doc)
+        raw = (doc.get("map") or {}) if structured else doc
         mapping = {int(k): int(v) for k, v in raw.items()}
-        default = doc.get("default") if isinstance(doc, dict) and "map" in doc else None
+        default = doc.get("default") if structured else None
         default = None if default is None else int(default)
+        names = (
+            {_normalized_name(k): int(v) for k, v in (doc.get("names") or {}).items()} if structured else {}
+        )
     except Exception as exc:  # yaml errors, missing key, non-integers
         raise InputError(src, f"not a valid label map ({exc.__class__.__name__}: {exc})") from None
-    bad = {v for v in mapping.values() if v != 0 and v not in BY_ID}
+    bad = {v for v in [*mapping.values(), *names.values()] if v != 0 and v not in BY_ID}
     if bad:
         raise InputError(src, f"maps onto unknown FLARE22 ids {sorted(bad)}")
     mapping.setdefault(0, 0)
-    return LabelMap(mapping=mapping, default=default, source=spec)
+    return LabelMap(mapping=mapping, default=default, source=spec, names=names)
 
 
 def organ_table() -> list[dict]:
     """The organ table as plain dicts, for dataset.json and reports."""
     return [o.to_dict() for o in ORGANS]
+
+
+# --- dataset label names -> FLARE22 ids (dataset.json labels, per-organ mask file names) ----------
+# Kept as its own block: the names datasets give their structures, not the prompts we give CLIPSeg.
+
+# Every spelling below is normalised by _normalized_name (lower case; "_" and "-" become spaces).
+_NAME_SYNONYMS: dict[str, tuple[str, ...]] = {
+    "liver": ("liver",),
+    "right_kidney": ("right kidney", "kidney right", "kidney r", "r kidney"),
+    "spleen": ("spleen",),
+    "pancreas": ("pancreas",),
+    "aorta": ("aorta", "abdominal aorta", "arota"),  # "arota": AMOS22's dataset.json spells it so
+    "inferior_vena_cava": ("inferior vena cava", "ivc", "postcava", "vena cava inferior"),
+    "right_adrenal_gland": ("right adrenal gland", "adrenal gland right", "right adrenal", "adrenal right"),
+    "left_adrenal_gland": ("left adrenal gland", "adrenal gland left", "left adrenal", "adrenal left"),
+    "gallbladder": ("gallbladder", "gall bladder"),
+    "esophagus": ("esophagus", "oesophagus"),
+    "stomach": ("stomach",),
+    "duodenum": ("duodenum",),
+    "left_kidney": ("left kidney", "kidney left", "kidney l", "l kidney"),
+}
+# Structures public abdominal datasets label that are not FLARE22 organs and lie outside them (or,
+# for the portal/splenic vein, are dropped as the btcv and amos maps drop them): background.
+# Lesions inside an organ ("liver tumour") are not here on purpose: whether they belong to the organ
+# or to the background is the user's call, made with --label-map.
+_NOT_FLARE22_NAMES = (
+    "background",
+    "bladder",
+    "urinary bladder",
+    "prostate",
+    "uterus",
+    "prostate/uterus",
+    "portal vein and splenic vein",
+)
+LABEL_NAME_IDS: dict[str, int] = {
+    **{n: 0 for n in _NOT_FLARE22_NAMES},
+    **{n: BY_KEY[key].id for key, spellings in _NAME_SYNONYMS.items() for n in spellings},
+}
+
+
+def _normalized_name(name: str) -> str:
+    return " ".join(str(name).strip().lower().replace("_", " ").replace("-", " ").split())
+
+
+def organ_id_for_name(name: str, label_map: LabelMap | None = None) -> int | None:
+    """The FLARE22 id a dataset's structure name stands for.
+
+    Args:
+        name: e.g. ``"kidney_right"``, ``"Right Kidney"``, ``"postcava"`` (case, ``_`` and ``-``
+            do not matter).
+        label_map: its ``names`` decide first; its ``default`` answers for names nothing knows.
+
+    Returns:
+        1..13 for a FLARE22 organ, 0 for background or a known structure FLARE22 does not score
+        (bladder, prostate/uterus...), None for a name nothing maps.
+    """
+    key = _normalized_name(name)
+    if label_map is not None and key in label_map.names:
+        return label_map.names[key]
+    if key in LABEL_NAME_IDS:
+        return LABEL_NAME_IDS[key]
+    return None if label_map is None else label_map.default
+
+
+def label_map_from_names(names: dict[int, str], source: str) -> LabelMap:
+    """A label map from the names a dataset declares for its ids (``dataset.json`` ``labels``).
+
+    Args:
+        names: source id -> structure name, e.g. ``{0: "background", 1: "spleen", 3: "liver"}``.
+        source: where the names come from, for messages and dataset.json.
+
+    Raises:
+        InputError: naming ``source`` when a name maps to nothing (a tumour, an unknown structure):
+            the user decides with ``--label-map`` whether it is background or part of an organ.
+    """
+    mapping = {0: 0}
+    for sid, name in sorted(names.items()):
+        target = 0 if sid == 0 else organ_id_for_name(name)
+        if target is None:
+            raise InputError(
+                source,
+                f"label {sid} {name!r} is not a FLARE22 organ this tool knows by name; "
+                f"give --label-map FILE with map: {{{sid}: 0}} to drop it, or the FLARE22 id it belongs to",
+            )
+        mapping[sid] = target
+    taken: dict[int, int] = {}
+    for sid, target in mapping.items():
+        if target and target in taken:
+            raise InputError(
+                source,
+                f"labels {taken[target]} {names[taken[target]]!r} and {sid} {names[sid]!r} both name "
+                f"{BY_ID[target].name}; give --label-map FILE to say which ids it is",
+            )
+        taken[target] = sid
+    return LabelMap(mapping=mapping, default=None, source=source)

@@ -182,3 +182,73 @@ def test_train_evaluate_segment_for_every_strategy(strategy, prepared_dir, phant
     case = next(iter(m["per_case"]))
     out = segment(run=run, ct=phantom_dir / "images" / f"{case}_0000.nii.gz", out=tmp_path / "m.nii.gz")
     assert nib.load(out).shape == nib.load(phantom_dir / "images" / f"{case}_0000.nii.gz").shape
+
+
+# --- segment over folders ---------------------------------------------------------------------
+
+
+def _segment_cli(ct, out, *extra):
+    from clipseg_bench.cli import main
+
+    return main(
+        ["segment", "--model", "tiny", "--strategy", "zeroshot", "--ct", str(ct), "--out", str(out), *extra]
+    )
+
+
+def test_segment_folder_skips_done_cases_and_reports_a_corrupt_one(phantom_dir, tmp_path, capsys):
+    """A corrupt CT in the middle: the others are written, it is named at the end, exit 2; a re-run skips."""
+    cts = tmp_path / "cts"
+    cts.mkdir()
+    names = sorted(p.name for p in (phantom_dir / "images").iterdir())[:2]
+    for name in names:
+        (cts / name).symlink_to(phantom_dir / "images" / name)
+    bad = cts / "phantomA_0000a_0000.nii.gz"  # sorts between the two good cases
+    bad.write_bytes(b"not a nifti file")
+    out = tmp_path / "masks"
+    rc = _segment_cli(cts, out, "--organs", "liver,spleen")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "1 of 3 CTs failed" in err[0] and str(bad) in err[0], err
+    good = [out / f"{n[: -len('_0000.nii.gz')]}.nii.gz" for n in names]
+    assert all(p.is_file() for p in good) and sorted(p.name for p in out.iterdir()) == sorted(
+        p.name for p in good
+    )
+    for name, mask in zip(names, good):
+        src = nib.load(phantom_dir / "images" / name)
+        assert nib.load(mask).shape == src.shape
+        np.testing.assert_allclose(nib.load(mask).affine, src.affine)
+    stamps = [p.stat().st_mtime_ns for p in good]
+    bad.unlink()
+    assert _segment_cli(cts, out, "--organs", "liver,spleen") == 0
+    assert "skipped 2 already done" in capsys.readouterr().out
+    assert [p.stat().st_mtime_ns for p in good] == stamps  # not rewritten
+
+
+def test_segment_per_organ_files_equal_the_multilabel_mask(phantom_dir, tmp_path, capsys):
+    cts = tmp_path / "cts"
+    cts.mkdir()
+    name = sorted(p.name for p in (phantom_dir / "images").iterdir())[0]
+    (cts / name).symlink_to(phantom_dir / "images" / name)
+    out = tmp_path / "masks"
+    chosen = [o for o in ORGANS if o.key in ("liver", "spleen", "left_kidney")]
+    organs = ",".join(o.key for o in chosen)
+    assert _segment_cli(cts, out, "--per-organ", "--threshold", "0.3", "--organs", organs) == 0
+    case = name[: -len("_0000.nii.gz")]
+    multi = nib.load(out / f"{case}.nii.gz")
+    labels = np.asarray(multi.dataobj)
+    files = sorted((out / case / "segmentations").iterdir())
+    assert [p.name for p in files] == sorted(f"{o.key}.nii.gz" for o in chosen)
+    for o in chosen:
+        mask = nib.load(out / case / "segmentations" / f"{o.key}.nii.gz")
+        np.testing.assert_array_equal(np.asarray(mask.dataobj), (labels == o.id).astype(np.uint8))
+        np.testing.assert_allclose(mask.affine, multi.affine)
+    assert len(set(np.unique(labels).tolist()) - {0}) > 0  # the check above compared something
+    only = tmp_path / "only"
+    assert _segment_cli(cts, only, "--per-organ", "only", "--organs", "liver") == 0
+    assert sorted(p.name for p in only.rglob("*.nii.gz")) == ["liver.nii.gz"]
+
+
+def test_segment_folder_out_must_be_a_folder(phantom_dir, tmp_path, capsys):
+    rc = _segment_cli(phantom_dir / "images", tmp_path / "mask.nii.gz")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--out must be a folder" in err[0]
+    assert not (tmp_path / "mask.nii.gz").exists()

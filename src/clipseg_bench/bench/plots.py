@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
@@ -136,8 +137,6 @@ def plot_pareto(summary: pd.DataFrame, table: pd.DataFrame, path: Path) -> Path 
         )
         on_front = i in set(front.tolist())
         ax.scatter(x[i], y[i], s=area[i], color=c, edgecolor="k" if on_front else "none", lw=1.2, zorder=3)
-        r = math.sqrt(area[i]) / 2  # scatter's s is the marker's width squared, in points
-        ax.annotate(name, (x[i], y[i]), textcoords="offset points", xytext=(r + 2, r / 2 + 2), fontsize=9)
     ax.set_xlabel(f"training time ({unit}, mean over seeds)")
     ax.set_ylabel("val 2D Dice")
     ax.set_title(
@@ -146,6 +145,7 @@ def plot_pareto(summary: pd.DataFrame, table: pd.DataFrame, path: Path) -> Path 
     )
     ax.grid(alpha=0.3)
     ax.margins(x=0.12, y=0.12)
+    place_labels(ax, x, y, names, radii=np.sqrt(area) / 2)  # scatter's s is the marker width squared (pt)
     handles = [
         ax.scatter([], [], s=_marker_area(np.array([p]), pmax)[0], color="0.6") for p in _size_refs(pmax)
     ]
@@ -164,6 +164,93 @@ def plot_pareto(summary: pd.DataFrame, table: pd.DataFrame, path: Path) -> Path 
         frameon=False,
     )
     return _save(fig, path)
+
+
+# Where a label may go around its marker, in marker radii + a gap: right, left, above, below, then
+# the diagonals; further rings (with a leader line) when all of those are taken.
+_LABEL_DIRECTIONS = ((1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (-1, 1), (1, -1), (-1, -1))
+
+
+def place_labels(
+    ax, x: np.ndarray, y: np.ndarray, names: list[str], *, radii: np.ndarray, fontsize=9
+) -> list:
+    """Label each marker where the label overlaps no other label and no marker, inside the axes.
+
+    Our own greedy search, deterministic and guaranteeing disjoint labels whenever one of the spots
+    it tries is free (adjustText repels labels iteratively and guarantees neither). The axes limits
+    are frozen first, so the labels stay where they were placed. NaN points get no label.
+
+    Args:
+        ax: the axes, every marker drawn.
+        x, y: (N,) marker positions in data units.
+        names: (N,) labels.
+        radii: (N,) marker radii in points.
+
+    Returns:
+        The Text artists, in the order of ``names`` (None for a NaN point).
+    """
+    fig = ax.figure
+    if not hasattr(fig.canvas, "get_renderer"):
+        FigureCanvasAgg(fig)  # text extents need a renderer; savefig would attach the same canvas
+    renderer = fig.canvas.get_renderer()
+    ax.set_xlim(ax.get_xlim())  # freeze autoscaling: the transform below must stay true
+    ax.set_ylim(ax.get_ylim())
+    px = fig.dpi / 72.0  # pixels per point
+    centers = ax.transData.transform(np.column_stack([np.asarray(x, float), np.asarray(y, float)]))
+    ok = np.isfinite(centers).all(axis=1)
+    markers = [
+        (cx - r * px, cy - r * px, cx + r * px, cy + r * px) for (cx, cy), r in zip(centers[ok], radii[ok])
+    ]
+    frame = ax.get_window_extent(renderer).extents
+    taken: list = []
+    texts: list = []
+    for i, name in enumerate(names):
+        if not ok[i]:
+            texts.append(None)
+            continue
+        probe = ax.text(0, 0, name, fontsize=fontsize)
+        w, h = (v / px for v in probe.get_window_extent(renderer).size)
+        probe.remove()
+        ox, oy, ring = _free_spot(centers[i], radii[i], w, h, px, frame, taken + markers)
+        arrow = {"arrowstyle": "-", "color": "0.5", "lw": 0.7, "shrinkA": 0, "shrinkB": radii[i]}
+        texts.append(
+            ax.annotate(
+                name,
+                (x[i], y[i]),
+                textcoords="offset points",
+                xytext=(ox, oy),
+                ha="left",
+                va="bottom",
+                fontsize=fontsize,
+                arrowprops=arrow if ring > 1 else None,  # far from its marker: a line says whose it is
+            )
+        )
+        c = centers[i]
+        taken.append((c[0] + ox * px, c[1] + oy * px, c[0] + (ox + w) * px, c[1] + (oy + h) * px))
+    return texts
+
+
+def _free_spot(center, radius: float, w: float, h: float, px: float, frame, blocked: list) -> tuple:
+    """(x offset, y offset, ring) in points of the first free label box around a marker."""
+    for ring in range(1, 7):
+        gap = radius + 3 + (ring - 1) * (h + 4)
+        for dx, dy in _LABEL_DIRECTIONS:
+            ox = dx * gap - (w if dx < 0 else 0) - (w / 2 if dx == 0 else 0)
+            oy = dy * gap - (h if dy < 0 else 0) - (h / 2 if dy == 0 else 0)
+            box = (
+                center[0] + ox * px,
+                center[1] + oy * px,
+                center[0] + (ox + w) * px,
+                center[1] + (oy + h) * px,
+            )
+            inside = frame[0] <= box[0] and box[2] <= frame[2] and frame[1] <= box[1] and box[3] <= frame[3]
+            if inside and not any(_overlap(box, b) for b in blocked):
+                return ox, oy, ring
+    return radius + 3, -h / 2, 1  # nowhere free in reach: right of the marker
+
+
+def _overlap(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
 def _size_refs(pmax: float) -> list[float]:
@@ -208,30 +295,51 @@ def plot_per_organ(dsc: pd.DataFrame, nsd: pd.DataFrame, path: Path) -> Path | N
     return _save(fig, path)
 
 
+CURVE_PANELS = (("loss", "training loss"), ("train_dice", "train Dice"), ("val_dice", "val Dice"))
+
+
+def curve_panels(runs: list[Run]) -> list[tuple[str, str]]:
+    """The (history column, title) panels that have a curve to draw: some run with 2+ epochs of it.
+
+    A column no run recorded (val Dice when training ran with ``val_every: 0``) or that every run
+    has for one epoch only gives an empty panel or a lone dot: it is left out.
+    """
+    return [
+        (col, title)
+        for col, title in CURVE_PANELS
+        if any(col in r.history and r.history[["epoch", col]].dropna()["epoch"].nunique() >= 2 for r in runs)
+    ]
+
+
 def plot_curves(runs: list[Run], path: Path) -> Path | None:
     """Loss, train Dice and val Dice per epoch; one thin line per seed, coloured by strategy.
 
-    Runs with no history (zero-shot, nothing trained yet) are left out.
+    Runs with no history (zero-shot, nothing trained yet) are left out, and so are panels with
+    nothing to draw (:func:`curve_panels`); with no panel left there is no plot.
     """
     runs = [r for r in runs if r.finished and r.history is not None and "epoch" in r.history]
-    if not runs:
+    panels = curve_panels(runs)
+    if not panels:
         return None
     names = strategy_order({r.strategy for r in runs})
-    fig = Figure(figsize=(13, 3.8))
-    axes = fig.subplots(1, 3)
+    fig = Figure(figsize=(4.4 * len(panels), 3.8))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
     labelled: set[str] = set()
+    last_epoch = 1
     for r in runs:
         c = strategy_color(r.strategy, names)
         label = None if r.strategy in labelled else r.strategy
         labelled.add(r.strategy)
-        for ax, col in zip(axes, ("loss", "train_dice", "val_dice")):
+        for ax, (col, _) in zip(axes, panels):
             if col in r.history:
                 h = r.history[["epoch", col]].dropna()
+                last_epoch = max(last_epoch, int(h["epoch"].max()) if len(h) else 1)
                 ax.plot(h["epoch"], h[col], color=c, lw=1.2, alpha=0.85, marker=".", ms=3, label=label)
-    for ax, title in zip(axes, ("training loss", "train Dice", "val Dice")):
+    for ax, (_, title) in zip(axes, panels):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(0.5, last_epoch + 0.5)  # whole epochs, never a sub-epoch tick range
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     return _save(fig, path)
@@ -317,11 +425,31 @@ def _pick(keys: list[tuple[str, int]], n: int) -> list[tuple[str, int]]:
     return [keys[i] for i in np.linspace(0, len(keys) - 1, n).round().astype(int)]
 
 
+def body_box(image: np.ndarray, *masks: np.ndarray, margin: int = 4, level: int = 20) -> tuple[slice, slice]:
+    """Rows and columns of a slice worth showing: the body (window value above ``level``) and every
+    labelled pixel, plus ``margin`` pixels; the whole slice if nothing qualifies."""
+    keep = image > level
+    for m in masks:
+        keep |= m > 0
+    rows, cols = np.flatnonzero(keep.any(axis=1)), np.flatnonzero(keep.any(axis=0))
+    if not len(rows):
+        return slice(None), slice(None)
+    h, w = image.shape
+    return (
+        slice(max(rows[0] - margin, 0), min(rows[-1] + margin + 1, h)),
+        slice(max(cols[0] - margin, 0), min(cols[-1] + margin + 1, w)),
+    )
+
+
+OVERLAY_TILE_IN = 2.9  # inches per tile: about 300 px per tile at DPI, four slices across the page
+
+
 def plot_overlays(runs: list[Run], path: Path, max_slices: int = 4) -> Path | None:
-    """Grid of the same CT slices: rows = slices; columns = CT, ground truth, each strategy's prediction.
+    """Grid of the same CT slices: columns = slices; rows = CT, ground truth, each strategy's prediction.
 
     Each strategy shows its lowest finished seed that has ``samples.npz``. Slices are matched by
-    (case, z) so that every column shows the same anatomy.
+    (case, z) so that every row shows the same anatomy, and each column is cropped to the body so
+    the organs fill the tile. A legend above names the colours of the organs shown.
     """
     chosen: dict[str, Run] = {}
     for r in runs:  # runs are in report order: the first hit per strategy has the lowest seed
@@ -340,35 +468,37 @@ def plot_overlays(runs: list[Run], path: Path, max_slices: int = 4) -> Path | No
         return None
     keys = _pick(common, max_slices)
     ref = samples[ref_name]
-    cols = ["CT", "ground truth", *chosen]
-    fig = Figure(figsize=(2.1 * len(cols), 2.1 * len(keys) + 0.7))
-    axes = np.atleast_2d(fig.subplots(len(keys), len(cols), squeeze=False))
+    rows = ["CT", "ground truth", *chosen]
+    fig = Figure(figsize=(OVERLAY_TILE_IN * len(keys) + 0.6, OVERLAY_TILE_IN * len(rows) + 0.9))
+    axes = fig.subplots(len(rows), len(keys), squeeze=False)
     present: set[int] = set()
-    for row, key in enumerate(keys):
+    for col, key in enumerate(keys):
         i = index[ref_name][key]
-        image = ref["image"][i]
-        present |= set(np.unique(ref["gt"][i]).tolist())
-        panels = [np.repeat(image[..., None] / 255.0, 3, -1), label_overlay(image, ref["gt"][i])]
+        image, gt = ref["image"][i], ref["gt"][i]
         preds = [samples[s]["pred"][index[s][key]] for s in chosen]
-        present = present.union(*(np.unique(p).tolist() for p in preds))
+        box = body_box(image, gt, *preds)
+        present = present.union(*(np.unique(m[box]).tolist() for m in (gt, *preds)))
+        panels = [np.repeat(image[..., None] / 255.0, 3, -1), label_overlay(image, gt)]
         panels += [label_overlay(image, p) for p in preds]
-        for col, (ax, panel) in enumerate(zip(axes[row], panels)):
-            ax.imshow(panel, interpolation="nearest")
+        for row, panel in enumerate(panels):
+            ax = axes[row][col]
+            ax.imshow(panel[box], interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
-                ax.set_title(cols[col], fontsize=10)
+                ax.set_title(f"{key[0]} z={key[1]}", fontsize=9)
             if col == 0:
-                ax.set_ylabel(f"{key[0]} z={key[1]}", fontsize=8)
+                ax.set_ylabel(rows[row], fontsize=11)
     handles = [Patch(color=ORGAN_COLORS[o.id - 1], label=o.name) for o in ORGANS if o.id in present]
     if handles:
         fig.legend(
             handles=handles,
-            loc="lower center",
-            ncol=min(7, len(handles)),
-            fontsize=8,
+            loc="upper center",
+            ncol=min(5, len(handles)),
+            fontsize=9,
             frameon=False,
-            bbox_to_anchor=(0.5, 0.0),
+            bbox_to_anchor=(0.5, 1.0),
         )
-    fig.subplots_adjust(wspace=0.03, hspace=0.08, bottom=0.45 / fig.get_figheight())
+    top = 1 - (0.25 + 0.22 * math.ceil(len(handles) / 5)) / fig.get_figheight()
+    fig.subplots_adjust(wspace=0.04, hspace=0.04, top=top, left=0.06, right=0.99, bottom=0.01)
     return _save(fig, path)

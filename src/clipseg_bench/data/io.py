@@ -1,5 +1,7 @@
-"""Reading and validating CT and label volumes (NIfTI, through nibabel).
+"""Reading and validating CT and label volumes: NIfTI through nibabel, DICOM series through SimpleITK.
 
+This is the one reader every stage uses. A CT is a NIfTI file or a folder holding one DICOM series
+(:mod:`clipseg_bench.data.dicom`, converted exactly to nibabel's RAS affine); labels are NIfTI.
 Every problem with a user's file becomes an :class:`~clipseg_bench.errors.InputError` that names the
 file: corrupt or truncated files, files that are not images, volumes that are not 3D, NaN/inf
 intensities, non-integer or unknown label values, and image/label pairs whose grids differ.
@@ -13,12 +15,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from clipseg_bench.data import dicom
 from clipseg_bench.errors import InputError
-from clipseg_bench.organs import LabelMap
+from clipseg_bench.organs import BY_ID, LabelMap
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 AFFINE_ATOL_MM = 1e-3  # label exports often round the affine in the last float digits
 MAX_LABEL_ID = 65535  # a label volume with larger ids is almost surely an image given as a label
+CHANNEL_SUFFIX = "_0000"  # nnU-Net/FLARE22 channel suffix of CT images
 
 
 def strip_nifti_suffix(name: str) -> str | None:
@@ -55,6 +59,49 @@ def nifti_files(folder: str | Path, *, ignore_other_files: bool = False) -> dict
             raise InputError(path, f"case {stem!r} has two files here (also {found[stem].name})")
         found[stem] = path
     return found
+
+
+def image_case_id(stem: str) -> str:
+    """A CT's case id from its name without suffix: ``"case_0000"`` -> ``"case"`` (nnU-Net channel 0)."""
+    return stem[: -len(CHANNEL_SUFFIX)] if stem.endswith(CHANNEL_SUFFIX) else stem
+
+
+def image_files(folder: str | Path, *, ignore_other_files: bool = False) -> dict[str, Path]:
+    """The CTs of a folder by name: NIfTI files (as :func:`nifti_files`) and sub-folders holding one
+    DICOM series each (named by the sub-folder). Other sub-folders are ignored.
+
+    Raises:
+        InputError: as :func:`nifti_files`, and when a NIfTI file and a DICOM folder share a name.
+    """
+    found = nifti_files(folder, ignore_other_files=ignore_other_files)
+    for sub in sorted(p for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if dicom.is_dicom_folder(sub):
+            if sub.name in found:
+                raise InputError(sub, f"case {sub.name!r} has two images here (also {found[sub.name].name})")
+            found[sub.name] = sub
+    return dict(sorted(found.items()))
+
+
+def ct_sources(path: str | Path) -> dict[str, Path]:
+    """What a user may give as CT input, as {case id: source}: one NIfTI file, one DICOM series
+    folder, or a folder of NIfTI files and/or DICOM series folders. Case ids drop ``_0000``. In a
+    folder, other files (BIDS ``.json`` sidecars, notes) are ignored.
+
+    Raises:
+        InputError: the path does not exist, or a folder holds no CT (or a file that is not one).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "not found")
+    if path.is_file():
+        stem = strip_nifti_suffix(path.name)
+        return {image_case_id(stem if stem is not None else path.stem): path}
+    if dicom.is_dicom_folder(path):
+        return {path.name: path}
+    sources = {image_case_id(stem): p for stem, p in image_files(path, ignore_other_files=True).items()}
+    if not sources:
+        raise InputError(path, "no CT here: no .nii/.nii.gz files and no DICOM series folders")
+    return sources
 
 
 def _load(path: Path):
@@ -103,6 +150,9 @@ def read_header(path: str | Path, img=None) -> Header:
         InputError: naming ``path`` when the file is not a readable 3D NIfTI image.
     """
     path = Path(path)
+    if img is None and path.is_dir():
+        series = dicom.scan_series(path)
+        return Header(path=path, shape=series.shape, affine=series.affine, zooms=series.zooms)
     img = _load(path) if img is None else img
     shape = _squeezed_shape(img.shape)
     if len(shape) != 3:
@@ -151,24 +201,28 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray, tuple[float, 
     """Read a CT volume and check it.
 
     Args:
-        path: a .nii or .nii.gz file.
+        path: a .nii or .nii.gz file, or a folder holding one DICOM CT series.
 
     Returns:
         array: float32 (I, J, K) intensities (HU for CT), header scaling applied.
-        affine: (4, 4) float voxel -> world (mm).
+        affine: (4, 4) float voxel -> world (mm), RAS (a DICOM series' LPS geometry converted).
         zooms: voxel sizes in mm from the header.
 
     Raises:
-        InputError: corrupt/truncated/non-image file, not 3D, singular affine, NaN or inf values.
+        InputError: corrupt/truncated/non-image file, not 3D, singular affine, NaN or inf values,
+            and for DICOM what :func:`clipseg_bench.data.dicom.scan_series` refuses.
     """
     path = Path(path)
-    img = _load(path)
-    header = read_header(path, img)
-    array = _read_data(path, img, header.shape, np.float32)
+    if path.is_dir():
+        array, affine, zooms, _ = dicom.read_series(path)
+    else:
+        img = _load(path)
+        header = read_header(path, img)
+        array, affine, zooms = _read_data(path, img, header.shape, np.float32), header.affine, header.zooms
     finite = np.isfinite(array)
     if not finite.all():
         raise InputError(path, f"{int((~finite).sum())} voxels are NaN or inf")
-    return array, header.affine, header.zooms
+    return array, affine, zooms
 
 
 def read_label_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
@@ -182,6 +236,8 @@ def read_label_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray, tuple[f
         InputError: as :func:`read_volume`, plus non-integer or negative label values.
     """
     path = Path(path)
+    if path.is_dir():
+        raise InputError(path, "labels must be NIfTI files (.nii/.nii.gz), not a folder")
     img = _load(path)
     header = read_header(path, img)
     raw = _read_data(path, img, header.shape)
@@ -218,3 +274,40 @@ def map_labels(labels: np.ndarray, label_map: LabelMap, path: str | Path) -> np.
         shown = ", ".join(str(int(i)) for i in ids[:8]) + (", ..." if len(ids) > 8 else "")
         raise InputError(path, f"label values the label map {label_map.source!r} does not know: {shown}")
     return mapped.astype(np.uint8)
+
+
+def read_organ_masks(files: list[tuple[Path, int]], shape: tuple[int, ...]) -> np.ndarray:
+    """One FLARE22 label volume from binary per-organ masks (``<case>/segmentations/<organ>.nii.gz``).
+
+    Args:
+        files: (mask file, FLARE22 id) pairs; several files may name one organ (their union is it).
+        shape: the CT's (I, J, K); each mask's grid was checked against the CT's beforehand.
+
+    Returns:
+        uint8 (I, J, K) FLARE22 ids, 0 where no mask is set.
+
+    Raises:
+        InputError: naming the mask file when it is not binary (one nonzero value), has another
+            shape, or overlaps a mask of another organ.
+    """
+    labels = np.zeros(shape, dtype=np.uint8)
+    owner: dict[int, Path] = {}
+    for path, organ_id in files:
+        mask, _, _ = read_label_volume(path)
+        if mask.shape != tuple(shape):
+            raise InputError(path, f"mask shape {mask.shape} differs from the CT shape {tuple(shape)}")
+        values = np.unique(mask)
+        if len(values[values != 0]) > 1:
+            raise InputError(path, f"not a binary mask (values {', '.join(map(str, values[:6].tolist()))})")
+        on = mask != 0
+        clash = on & (labels != 0) & (labels != organ_id)
+        if clash.any():
+            other = owner[int(labels[clash].flat[0])]
+            raise InputError(
+                path,
+                f"{BY_ID[organ_id].name} overlaps {other.name} ({int(clash.sum())} voxels); organ masks "
+                "must not overlap (fix them, or map one to 0 with a label map's names)",
+            )
+        labels[on] = organ_id
+        owner[organ_id] = path
+    return labels

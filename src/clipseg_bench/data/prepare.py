@@ -36,24 +36,38 @@ from PIL import Image
 from tqdm import tqdm
 
 from clipseg_bench.data.io import (
+    CHANNEL_SUFFIX,
     check_same_grid,
+    image_case_id,
+    image_files,
     map_labels,
     nifti_files,
     read_header,
     read_label_volume,
+    read_organ_masks,
     read_volume,
     strip_nifti_suffix,
 )
 from clipseg_bench.data.volumes import CANONICAL, normalize, parse_window, volume_to_slices
 from clipseg_bench.errors import InputError
-from clipseg_bench.organs import ORGANS, LabelMap, labels_to_gray, load_label_map, organ_table
+from clipseg_bench.organs import (
+    BY_ID,
+    ORGANS,
+    LabelMap,
+    label_map_from_names,
+    labels_to_gray,
+    load_label_map,
+    organ_id_for_name,
+    organ_table,
+)
 from clipseg_bench.provenance import write_text_atomic
 
 FORMAT = "clipseg-bench-prepared/1"
 MARKER = ".clipseg-bench-prepared"  # says "this folder is ours" from the first write on
 WORK = ".work"
 DONE = ".done"
-CHANNEL_SUFFIX = "_0000"  # nnU-Net/FLARE22 channel suffix of CT images
+LAYOUTS = ("msd", "per-organ")  # what --layout says a --dataset folder is
+PER_ORGAN_CT_NAMES = ("ct.nii.gz", "ct.nii", "ct")  # "ct" = a folder holding one DICOM series
 SLICE_CONVENTION = (
     "RAS+ canonical volume cut along S (z from inferior to superior); "
     "image row 0 = most anterior, column 0 = patient's right (radiological display)"
@@ -84,25 +98,30 @@ class Options:
 
 @dataclass(frozen=True)
 class CaseSource:
-    """One case to prepare: its id and its image and label files."""
+    """One case to prepare: its id, its image (NIfTI file or DICOM series folder) and its labels.
+
+    ``label`` is a label volume, or for the per-organ layout the ``segmentations`` folder, whose
+    mask files and their FLARE22 ids are ``organ_files``.
+    """
 
     case: str
     image: Path
     label: Path
+    organ_files: tuple[tuple[Path, int], ...] = ()
+
+    def label_files(self) -> list[Path]:
+        """Every label file this case reads."""
+        return [p for p, _ in self.organ_files] if self.organ_files else [self.label]
 
 
 # --- step 1: find, pair and split the cases --------------------------------------------------
-
-
-def _image_case_id(stem: str) -> str:
-    return stem[: -len(CHANNEL_SUFFIX)] if stem.endswith(CHANNEL_SUFFIX) else stem
 
 
 def _pair(images: dict[str, Path], labels: dict[str, Path]) -> list[CaseSource]:
     """Pair image and label files by case id; every file needs its partner."""
     by_case: dict[str, Path] = {}
     for stem, path in images.items():
-        case = _image_case_id(stem)
+        case = image_case_id(stem)
         if case in by_case:
             raise InputError(path, f"duplicate case id {case!r} (also {by_case[case].name})")
         by_case[case] = path
@@ -118,17 +137,17 @@ def _pair(images: dict[str, Path], labels: dict[str, Path]) -> list[CaseSource]:
 
 
 def _folder_layout(images: Path, labels: Path) -> list[CaseSource]:
-    """FLARE22 / nnU-Net layout: ``images/<case>_0000.nii.gz`` and ``labels/<case>.nii.gz``."""
-    image_files, label_files = nifti_files(images), nifti_files(labels)
-    if not image_files:
-        raise InputError(images, "empty input folder: no .nii/.nii.gz volumes")
-    if not label_files:
+    """FLARE22 / nnU-Net layout: ``images/<case>_0000.nii.gz`` (or ``images/<case>/``, a DICOM
+    series) and ``labels/<case>.nii.gz``."""
+    images_found, labels_found = image_files(images), nifti_files(labels)
+    if not images_found:
+        raise InputError(images, "empty input folder: no .nii/.nii.gz volumes or DICOM series folders")
+    if not labels_found:
         raise InputError(labels, "empty input folder: no .nii/.nii.gz volumes")
-    return _pair(image_files, label_files)
+    return _pair(images_found, labels_found)
 
 
-def _dataset_layout(root: Path) -> list[CaseSource]:
-    """An MSD or nnU-Net folder: ``dataset.json`` with ``training`` pairs, or imagesTr/labelsTr."""
+def _read_dataset_json(root: Path) -> tuple[Path, dict]:
     meta = root / "dataset.json"
     if not meta.is_file():
         raise InputError(root, "no dataset.json: not an MSD/nnU-Net dataset folder")
@@ -136,7 +155,80 @@ def _dataset_layout(root: Path) -> list[CaseSource]:
         doc = json.loads(meta.read_text())
     except (OSError, ValueError) as exc:
         raise InputError(meta, f"not valid JSON ({exc})") from None
-    training = doc.get("training") if isinstance(doc, dict) else None
+    if not isinstance(doc, dict):
+        raise InputError(meta, "not a dataset.json (expected a JSON object)")
+    return meta, doc
+
+
+def declared_label_names(root: str | Path) -> dict[int, str]:
+    """The label names an MSD or nnU-Net dataset.json declares, as {label id: name} ({} if none).
+
+    MSD v1 writes ``"labels": {"1": "liver"}``, nnU-Net v2 ``"labels": {"liver": 1}``.
+
+    Raises:
+        InputError: naming dataset.json when ``labels`` is neither form (nnU-Net v2 region lists
+            such as ``"kidney": [1, 2]`` included: a region is not one label id).
+    """
+    meta, doc = _read_dataset_json(Path(root))
+    labels = doc.get("labels")
+    if not labels:
+        return {}
+    if not isinstance(labels, dict):
+        raise InputError(meta, "'labels' must map ids to names (MSD) or names to ids (nnU-Net v2)")
+    names: dict[int, str] = {}
+    for key, value in labels.items():
+        if str(key).strip().isdigit() and isinstance(value, str):  # MSD v1: {"1": "liver"}
+            sid, name = int(key), value
+        elif isinstance(value, int) and not isinstance(value, bool):  # nnU-Net v2: {"liver": 1}
+            sid, name = value, str(key)
+        else:
+            raise InputError(
+                meta, f"label {key!r}: {value!r} is not an id/name pair (region labels are not supported)"
+            )
+        if sid in names:
+            raise InputError(meta, f"label id {sid} is named twice ({names[sid]!r}, {name!r})")
+        names[sid] = name
+    return names
+
+
+def dataset_label_map(root: str | Path, explicit: LabelMap | None) -> LabelMap:
+    """The label map of an MSD/nnU-Net dataset: from the names its dataset.json declares.
+
+    Args:
+        root: the dataset folder.
+        explicit: the user's ``--label-map``, if given. It decides, but it must agree with every
+            name this tool can map (a name it cannot map is the user's to decide).
+
+    Returns:
+        ``explicit`` when given; else the map built from the declared names; else FLARE22 ids.
+
+    Raises:
+        InputError: a declared name maps to nothing (without ``--label-map``), or ``--label-map``
+            maps a named organ's id elsewhere.
+    """
+    names = declared_label_names(root)
+    meta = Path(root) / "dataset.json"
+    if not names:
+        return explicit or load_label_map("flare22")
+    if explicit is None:
+        return label_map_from_names(names, source=str(meta))
+    for sid, name in sorted(names.items()):
+        named = 0 if sid == 0 else organ_id_for_name(name)
+        given = explicit.mapping.get(sid, explicit.default)
+        if named is not None and given is not None and given != named:
+            what = BY_ID[named].name if named else "background"
+            got = BY_ID[given].name if given else "background"
+            raise InputError(
+                "--label-map",
+                f"{explicit.source} maps label {sid} to {given} ({got}), but {meta} names it {name!r} ({what})",
+            )
+    return explicit
+
+
+def _dataset_layout(root: Path) -> list[CaseSource]:
+    """An MSD or nnU-Net folder: ``dataset.json`` with ``training`` pairs, or imagesTr/labelsTr."""
+    meta, doc = _read_dataset_json(root)
+    training = doc.get("training")
     if not training:  # nnU-Net v2 lists no files: they are whatever imagesTr/labelsTr hold
         return _folder_layout(root / "imagesTr", root / "labelsTr")
     cases: dict[str, CaseSource] = {}
@@ -160,16 +252,67 @@ def _dataset_layout(root: Path) -> list[CaseSource]:
     return [cases[c] for c in sorted(cases)]
 
 
-def find_cases(*, images=None, labels=None, dataset=None) -> list[CaseSource]:
-    """The cases of a FLARE22-layout pair of folders or of an MSD/nnU-Net dataset folder, by id.
+def _per_organ_layout(root: Path, label_map: LabelMap) -> list[CaseSource]:
+    """TotalSegmentator / AbdomenAtlas layout: ``<case>/ct.nii.gz`` (or ``<case>/ct/``, a DICOM
+    series) and ``<case>/segmentations/<structure>.nii.gz``, one binary mask per structure.
+
+    Mask names map to FLARE22 ids through ``label_map``'s names, then the built-in name table, then
+    its ``default`` (:func:`~clipseg_bench.organs.organ_id_for_name`); masks that map to 0 are not
+    read. A name nothing maps is an error: a label map with ``default: 0`` (``totalsegmentator``,
+    ``abdomenatlas``) makes every structure that is not a FLARE22 organ background instead.
+    """
+    if not root.is_dir():
+        raise InputError(root, "not a folder" if root.exists() else "not a folder: it does not exist")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise InputError(root, "no case folders (<case>/ct.nii.gz + <case>/segmentations/)")
+    return [_per_organ_case(folder, label_map) for folder in folders]
+
+
+def _per_organ_case(folder: Path, label_map: LabelMap) -> CaseSource:
+    image = next((folder / n for n in PER_ORGAN_CT_NAMES if (folder / n).exists()), None)
+    if image is None:
+        raise InputError(folder, f"no CT: expected {' or '.join(PER_ORGAN_CT_NAMES)} (a DICOM folder)")
+    masks = nifti_files(folder / "segmentations")
+    organ_files = []
+    for name, path in masks.items():
+        organ_id = organ_id_for_name(name, label_map)
+        if organ_id is None:
+            raise InputError(
+                path,
+                "maps to no FLARE22 organ; --label-map totalsegmentator (or abdomenatlas) drops structures "
+                "that are not FLARE22 organs, or give a label map with names: {" + name + ": ID}",
+            )
+        if organ_id:
+            organ_files.append((path, organ_id))
+    if not organ_files:
+        raise InputError(folder / "segmentations", "no mask maps to a FLARE22 organ")
+    return CaseSource(folder.name, image, folder / "segmentations", tuple(organ_files))
+
+
+def find_cases(
+    *, images=None, labels=None, dataset=None, layout: str = "msd", label_map: LabelMap | None = None
+) -> list[CaseSource]:
+    """The cases of a FLARE22-layout pair of folders, or of a dataset folder in ``layout``, by id.
+
+    Args:
+        layout: what ``dataset`` is: "msd" (MSD/nnU-Net, dataset.json) or "per-organ".
+        label_map: maps per-organ mask names (default: the FLARE22 map, which knows no extra names).
 
     Raises:
-        InputError: no input, empty folders, non-NIfTI files, unpaired files, duplicate case ids.
+        InputError: no input, empty folders, non-NIfTI files, unpaired files, duplicate case ids,
+            per-organ masks that map to nothing.
     """
+    if layout not in LAYOUTS:
+        raise InputError("--layout", f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
     if dataset is not None:
         if images is not None or labels is not None:
             raise InputError("--dataset", "give either --dataset or --images with --labels, not both")
+        if layout == "per-organ":
+            return _per_organ_layout(Path(dataset), label_map or load_label_map("flare22"))
         return _dataset_layout(Path(dataset))
+    if layout != "msd":
+        raise InputError("--layout", f"--layout {layout} needs --dataset DIR")
     if images is None or labels is None:
         raise InputError(
             "--images" if images is None else "--labels", "needs --images and --labels (or --dataset)"
@@ -178,32 +321,90 @@ def find_cases(*, images=None, labels=None, dataset=None) -> list[CaseSource]:
 
 
 def split_cases(
-    case_ids: list[str], *, val_fraction: float = 0.2, seed: int = 0, split_file=None
+    case_ids: list[str],
+    *,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    split_file=None,
+    groups: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    """Assign every case (= patient) to "train" or "val"; a case's slices never straddle splits.
+    """Assign every case to "train" or "val", keeping each patient's cases on one side.
 
     Args:
         case_ids: the cases.
-        val_fraction: share of cases for validation; with 2+ cases and a fraction > 0 at least one
-            case goes to each split.
-        seed: seed of the random permutation (independent of the order cases were found in).
+        val_fraction: share of patients for validation; with 2+ patients and a fraction > 0 at
+            least one patient goes to each split.
+        seed: seed of the random permutation of patients (independent of the order cases were
+            found in).
         split_file: optional JSON ``{"train": [...], "val": [...]}`` that decides instead. It may
-            name cases we do not have, but every case we have must be in exactly one list.
+            name cases we do not have, but every case we have must be in exactly one list, and
+            it must not split a patient.
+        groups: case id -> patient id (:func:`read_groups`); without it each case is its own
+            patient.
 
     Returns:
         case id -> "train" | "val".
     """
     ids = sorted(case_ids)
+    patient = {c: c for c in ids} if groups is None else {c: groups[c] for c in ids}
     if split_file is not None:
-        return _split_from_file(Path(split_file), ids)
+        splits = _split_from_file(Path(split_file), ids)
+        _check_patients_together(Path(split_file), splits, patient)
+        return splits
     if not 0.0 <= val_fraction < 1.0:
         raise InputError("--val-fraction", f"must be in [0, 1), got {val_fraction}")
-    n_val = int(round(val_fraction * len(ids)))
-    if val_fraction > 0 and len(ids) >= 2:
-        n_val = min(max(n_val, 1), len(ids) - 1)
-    order = np.random.default_rng(seed).permutation(len(ids))
-    val = {ids[i] for i in order[:n_val]}
-    return {c: ("val" if c in val else "train") for c in ids}
+    patients = sorted(set(patient.values()))
+    n_val = int(round(val_fraction * len(patients)))
+    if val_fraction > 0 and len(patients) >= 2:
+        n_val = min(max(n_val, 1), len(patients) - 1)
+    order = np.random.default_rng(seed).permutation(len(patients))
+    val = {patients[i] for i in order[:n_val]}
+    return {c: ("val" if patient[c] in val else "train") for c in ids}
+
+
+def read_groups(path: str | Path, case_ids: list[str]) -> dict[str, str]:
+    """Read a patient-groups CSV with columns ``case, patient`` (more columns are ignored).
+
+    Every case we have must be listed once; the file may list cases we do not have.
+
+    Returns:
+        case id -> patient id.
+
+    Raises:
+        InputError: naming the file when it cannot be read, lacks a column, lists a case twice
+            with different patients, or misses one of our cases.
+    """
+    path = Path(path)
+    try:
+        with path.open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+            columns = set(rows[0]) if rows else set()
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(path, f"cannot read the groups CSV ({exc})") from None
+    if not {"case", "patient"} <= columns:
+        raise InputError(path, "a groups CSV needs the columns 'case' and 'patient'")
+    groups: dict[str, str] = {}
+    for i, row in enumerate(rows, start=2):
+        case, patient = (row["case"] or "").strip(), (row["patient"] or "").strip()
+        if not case or not patient:
+            raise InputError(path, f"line {i}: empty case or patient")
+        if groups.get(case, patient) != patient:
+            raise InputError(path, f"case {case!r} is listed for patients {groups[case]!r} and {patient!r}")
+        groups[case] = patient
+    missing = [c for c in case_ids if c not in groups]
+    if missing:
+        raise InputError(path, f"cases missing from the groups file: {', '.join(sorted(missing)[:5])}")
+    return {c: groups[c] for c in case_ids}
+
+
+def _check_patients_together(path: Path, splits: dict[str, str], patient: dict[str, str]) -> None:
+    side: dict[str, tuple[str, str]] = {}
+    for case, split in splits.items():
+        other = side.setdefault(patient[case], (case, split))
+        if other[1] != split:
+            raise InputError(
+                path, f"patient {patient[case]!r} is on both sides ({other[0]}: {other[1]}, {case}: {split})"
+            )
 
 
 def _split_from_file(path: Path, ids: list[str]) -> dict[str, str]:
@@ -222,9 +423,11 @@ def _split_from_file(path: Path, ids: list[str]) -> dict[str, str]:
 
 
 def _check_headers(sources: list[CaseSource]) -> None:
-    """Read every header (cheap): readable, 3D, and the label on the image's grid."""
+    """Read every header (cheap): readable, 3D, and the labels on the image's grid."""
     for src in sources:
-        check_same_grid(read_header(src.image), read_header(src.label))
+        image = read_header(src.image)
+        for label in src.label_files():
+            check_same_grid(image, read_header(label))
 
 
 # --- the output folder ------------------------------------------------------------------------
@@ -272,7 +475,10 @@ def _case_files(case: str, png: bool) -> list[str]:
 
 def _fingerprint(src: CaseSource, options: Options) -> str:
     """What a finished case's files depend on: its source files (path, size, mtime) and the options."""
-    stats = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in (src.image, src.label)]
+    files = [src.image, *src.label_files()]
+    if src.image.is_dir():  # a DICOM series: every slice file
+        files = sorted(p for p in src.image.iterdir() if p.is_file()) + files[1:]
+    stats = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
     blob = json.dumps({"format": FORMAT, "sources": stats, **options.to_dict()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -285,15 +491,21 @@ def slice_organ_pixels(label_slices: np.ndarray) -> np.ndarray:
 def _slice_case(src: CaseSource, window: dict, label_map: LabelMap) -> tuple[np.ndarray, np.ndarray, dict]:
     """Read, validate and slice one case: (uint8 image slices, uint8 label slices, meta)."""
     image, affine, zooms = read_volume(src.image)
-    raw_labels, _, _ = read_label_volume(src.label)  # its affine was checked against the image's
-    if raw_labels.shape != image.shape:
-        raise InputError(src.label, f"label shape {raw_labels.shape} differs from image shape {image.shape}")
-    labels = map_labels(raw_labels, label_map, src.label)
-    del raw_labels
+    labels = _read_labels(src, image.shape, label_map)
     image_slices, meta = volume_to_slices(image, affine)
     label_slices, _ = volume_to_slices(labels, affine)
     meta["spacing"] = [float(z) for z in zooms]  # the header's zooms, as FLARE22's evaluation reads them
     return normalize(image_slices, window), label_slices, meta
+
+
+def _read_labels(src: CaseSource, shape: tuple[int, ...], label_map: LabelMap) -> np.ndarray:
+    """The case's FLARE22 label volume (uint8, on the image grid), from one label file or per-organ masks."""
+    if src.organ_files:
+        return read_organ_masks(list(src.organ_files), shape)
+    raw_labels, _, _ = read_label_volume(src.label)  # its affine was checked against the image's
+    if raw_labels.shape != shape:
+        raise InputError(src.label, f"label shape {raw_labels.shape} differs from image shape {shape}")
+    return map_labels(raw_labels, label_map, src.label)
 
 
 def _stage_case(src: CaseSource, options: Options, work: Path, fingerprint: str) -> tuple:
@@ -406,6 +618,7 @@ def _dataset_json(records: list[dict], splits: dict[str, str], options: Options,
         found.update(ids)
         cases[rec["case"]] = {
             "split": splits[rec["case"]],
+            "patient": split_info["patients"][rec["case"]],
             **rec["meta"],
             "n_kept": int(sum(rec["kept"])),
             "organs_found": ids,
@@ -485,24 +698,32 @@ def prepare(
     val_fraction: float = 0.2,
     seed: int = 0,
     split_file=None,
+    groups=None,
     keep_empty: bool = False,
     workers: int = 1,
     overwrite: bool = False,
-    label_map: str = "flare22",
+    label_map: str | None = None,
+    layout: str = "msd",
     png: bool = True,
 ) -> Path:
     """Prepare CT volumes and labels into a PREPARED folder (see the module docstring).
 
     Args:
-        images, labels: FLARE22-layout folders (``<case>_0000.nii.gz`` / ``<case>.nii.gz``).
-        dataset: instead, an MSD/nnU-Net folder with ``dataset.json`` and imagesTr/labelsTr.
+        images, labels: FLARE22-layout folders (``<case>_0000.nii.gz`` or ``<case>/`` holding a
+            DICOM series / ``<case>.nii.gz``).
+        dataset: instead, a dataset folder in ``layout``.
+        layout: "msd": MSD/nnU-Net (``dataset.json``, imagesTr/labelsTr; the label names it declares
+            are mapped to FLARE22 organs, :func:`dataset_label_map`); "per-organ":
+            ``<case>/ct.nii.gz`` + ``<case>/segmentations/<structure>.nii.gz`` (:func:`find_cases`).
         out: the PREPARED folder.
         window: "minmax" or "LEVEL,WIDTH" in HU (default abdominal window 40,400 -> [-160, 240]).
         val_fraction, seed, split_file: the patient-level train/val split (:func:`split_cases`).
+        groups: CSV ``case, patient`` (:func:`read_groups`): a patient's cases stay on one side.
         keep_empty: also mark slices with no organ as kept (used for training, written as PNG).
         workers: cases processed in parallel processes.
         overwrite: write into a non-empty folder that is not ours; redo finished cases.
-        label_map: built-in map name or YAML file mapping source ids to FLARE22 ids.
+        label_map: built-in map name or YAML file mapping source ids (and per-organ mask names) to
+            FLARE22 ids; default: the names a dataset.json declares, else FLARE22 ids.
         png: also write human-viewable PNGs of the kept slices.
 
     Returns:
@@ -517,12 +738,18 @@ def prepare(
         window_dict = parse_window(window)
     except ValueError as exc:
         raise InputError("--window", str(exc)) from None
-    lmap = load_label_map(label_map)
+    explicit = None if label_map is None else load_label_map(label_map)
     if workers < 1:
         raise InputError("--workers", f"must be >= 1, got {workers}")
-    sources = find_cases(images=images, labels=labels, dataset=dataset)
+    if dataset is not None and layout == "msd":
+        lmap = dataset_label_map(dataset, explicit)
+    else:
+        lmap = explicit or load_label_map("flare22")
+    sources = find_cases(images=images, labels=labels, dataset=dataset, layout=layout, label_map=lmap)
+    case_ids = [s.case for s in sources]
+    patients = read_groups(groups, case_ids) if groups is not None else {c: c for c in case_ids}
     splits = split_cases(
-        [s.case for s in sources], val_fraction=val_fraction, seed=seed, split_file=split_file
+        case_ids, val_fraction=val_fraction, seed=seed, split_file=split_file, groups=patients
     )
     _check_output(out, overwrite)
     _check_headers(sources)
@@ -542,6 +769,8 @@ def prepare(
         "val_fraction": val_fraction,
         "seed": seed,
         "split_file": str(split_file) if split_file else None,
+        "groups_file": str(groups) if groups else None,
+        "patients": patients,
     }
     counts = {"processed": len(staged), "skipped": len(done)}
     try:

@@ -1,13 +1,19 @@
-"""`clipseg-bench segment`: a tuned run (or a zero-shot model) + a CT -> a FLARE22 multi-label NIfTI.
+"""`clipseg-bench segment`: a tuned run (or a zero-shot model) + CTs -> FLARE22 masks (NIfTI).
 
-The mask is written on the CT's own voxel grid with its own affine, so it opens over the CT in
-3D Slicer or ITK-SNAP. Each slice is encoded once for all requested organs.
+A CT is a NIfTI file or a folder holding one DICOM series; ``--ct`` may also be a folder of them.
+Each mask is written on its CT's own voxel grid with its affine (a DICOM series' NIfTI-conversion
+affine), so it opens over the CT in 3D Slicer or ITK-SNAP. The model is loaded once; each slice is
+encoded once for all requested organs, in batches of slices, exactly as for a single CT.
+
+Over a folder, outputs already there are skipped, every file is written under a temporary name and
+renamed, and a CT that cannot be read is reported at the end without stopping the others.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -15,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from clipseg_bench.data.io import read_volume
+from clipseg_bench.data.io import ct_sources, read_volume, strip_nifti_suffix
 from clipseg_bench.data.volumes import (
     DEFAULT_WINDOW,
     normalize,
@@ -24,9 +30,12 @@ from clipseg_bench.data.volumes import (
     volume_to_slices,
 )
 from clipseg_bench.errors import InputError
-from clipseg_bench.evaluation.loading import load_run, zeroshot_run
-from clipseg_bench.evaluation.predict import probabilities_to_labels
-from clipseg_bench.organs import parse_organs
+from clipseg_bench.evaluation.loading import TrainedRun, load_run, zeroshot_run
+from clipseg_bench.evaluation.predict import Segmenter, probabilities_to_labels
+from clipseg_bench.organs import Organ, parse_organs
+
+PER_ORGAN_MODES = ("also", "only")  # --per-organ: beside the multi-label file, or instead of it
+MAX_FAILURES_SHOWN = 5
 
 
 def _run_window(run: Path | None) -> dict:
@@ -43,9 +52,167 @@ def _save_nifti(array: np.ndarray, like: nib.Nifti1Image | None, affine: np.ndar
     img = nib.Nifti1Image(array, affine, header)
     img.set_data_dtype(array.dtype)
     img.header.set_slope_inter(None, None)  # the CT's HU rescale must not touch label values
-    tmp = out.with_name(f".{out.name}.tmp{''.join(out.suffixes)}")
-    nib.save(img, tmp)
-    os.replace(tmp, out)  # never a half-written mask under the real name
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}{''.join(out.suffixes)}")
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, out)  # never a half-written mask under the real name
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --- the model, loaded once -------------------------------------------------------------------
+
+
+@dataclass
+class Model:
+    """What every CT is segmented with: the segmenter, its organs and the run's intensity window."""
+
+    segmenter: Segmenter
+    organs: list[Organ]
+    window: dict
+
+
+def load_model(*, run=None, model=None, strategy=None, organs: str | None = None, device=None) -> Model:
+    """Load a run (or a zero-shot model) once, restricted to ``organs`` (comma-separated keys)."""
+    if run:
+        trained, window = load_run(run), _run_window(Path(run))
+    elif model and strategy == "zeroshot":
+        trained, window = zeroshot_run(model), parse_window(DEFAULT_WINDOW)
+    else:
+        raise InputError("--run", "give --run RUN, or --model M --strategy zeroshot")
+    if organs:
+        _keep_organs(trained, organs)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return Model(trained.segmenter(dev), list(trained.organs), window)
+
+
+def _keep_organs(trained: TrainedRun, organs: str) -> None:
+    wanted = {o.id for o in parse_organs(organs)}
+    keep = [i for i, o in enumerate(trained.organs) if o.id in wanted]
+    trained.organs = [trained.organs[i] for i in keep]
+    trained.prompts = [trained.prompts[i] for i in keep]
+
+
+# --- one CT -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """The files one CT's segmentation writes.
+
+    ``labels``: the multi-label mask (None with ``--per-organ only``); ``organ_dir``: the folder of
+    ``<organ_key>.nii.gz`` binary masks (None without ``--per-organ``); ``probabilities``: float32
+    (X, Y, Z, K) or None.
+    """
+
+    labels: Path | None
+    organ_dir: Path | None
+    probabilities: Path | None
+    organ_keys: tuple[str, ...]
+
+    @classmethod
+    def at(cls, mask: Path, organs: list[Organ], *, per_organ: str | None, probabilities: bool) -> Outputs:
+        """The outputs named after ``mask`` (``x.nii.gz``): ``x/segmentations/``, ``x_probabilities.nii.gz``."""
+        stem = mask.with_name(strip_nifti_suffix(mask.name) or mask.name)
+        return cls(
+            labels=None if per_organ == "only" else mask,
+            organ_dir=stem / "segmentations" if per_organ else None,
+            probabilities=stem.with_name(f"{stem.name}_probabilities.nii.gz") if probabilities else None,
+            organ_keys=tuple(o.key for o in organs),
+        )
+
+    def files(self) -> list[Path]:
+        organ_files = [self.organ_dir / f"{k}.nii.gz" for k in self.organ_keys] if self.organ_dir else []
+        return [p for p in (self.labels, self.probabilities) if p is not None] + organ_files
+
+    def done(self) -> bool:
+        return all(p.is_file() for p in self.files())
+
+
+def predict_volume(
+    model: Model, ct: Path, *, threshold: float, batch_size: int, probabilities: bool, progress: bool = True
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Segment one CT on its own grid.
+
+    Returns:
+        labels: uint8 (I, J, K) FLARE22 ids; probs: float32 (I, J, K, n_organs) or None; affine:
+        the CT's (4, 4) RAS affine.
+    """
+    volume, affine, _ = read_volume(ct)
+    slices, meta = volume_to_slices(volume, affine)
+    images = normalize(slices, model.window)
+    organ_ids = [o.id for o in model.organs]
+    labels = np.zeros(images.shape, dtype=np.uint8)
+    probs_out = np.zeros((*images.shape, len(organ_ids)), dtype=np.float32) if probabilities else None
+    bar = tqdm(total=len(images), desc=f"segment {ct.name}", unit="slice", leave=False, disable=not progress)
+    for start, probs in model.segmenter.iter_probabilities(images, batch_size=batch_size):
+        stop = start + len(probs)
+        labels[start:stop] = probabilities_to_labels(probs, organ_ids, threshold=threshold).numpy()
+        if probs_out is not None:
+            probs_out[start:stop] = probs.permute(0, 2, 3, 1).numpy()
+        bar.update(len(probs))
+    bar.close()
+    probs_vol = None
+    if probs_out is not None:
+        probs_vol = np.stack(
+            [slices_to_volume(probs_out[..., k], meta) for k in range(len(organ_ids))], axis=-1
+        )
+    return slices_to_volume(labels, meta), probs_vol, affine
+
+
+def write_outputs(
+    outputs: Outputs, labels: np.ndarray, probs: np.ndarray | None, affine: np.ndarray, *, ct: Path, organs
+) -> None:
+    """Write a CT's masks, each atomically; the CT's own NIfTI header is kept where there is one."""
+    like = nib.load(str(ct)) if ct.is_file() else None  # a DICOM series has no NIfTI header to keep
+    if outputs.organ_dir is not None:
+        outputs.organ_dir.mkdir(parents=True, exist_ok=True)
+        for o in organs:
+            _save_nifti(
+                (labels == o.id).astype(np.uint8), like, affine, outputs.organ_dir / f"{o.key}.nii.gz"
+            )
+    if outputs.probabilities is not None and probs is not None:
+        _save_nifti(probs, None, affine, outputs.probabilities)
+    if outputs.labels is not None:
+        _save_nifti(labels, like, affine, outputs.labels)
+
+
+def _segment_one(model: Model, ct: Path, outputs: Outputs, *, threshold, batch_size, progress) -> list[str]:
+    """Segment and write one CT; returns the keys of the organs found."""
+    labels, probs, affine = predict_volume(
+        model,
+        ct,
+        threshold=threshold,
+        batch_size=batch_size,
+        probabilities=outputs.probabilities is not None,
+        progress=progress,
+    )
+    write_outputs(outputs, labels, probs, affine, ct=ct, organs=model.organs)
+    found = {int(v) for v in np.unique(labels)} - {0}
+    return [o.key for o in model.organs if o.id in found]
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+
+def _is_mask_path(out: Path) -> bool:
+    return strip_nifti_suffix(out.name) is not None
+
+
+def _check_mask_path(out: Path) -> None:
+    if not _is_mask_path(out):
+        raise InputError(out, "output must end in .nii or .nii.gz")
+    if not out.parent.exists():
+        raise InputError(out, "output folder does not exist")
+
+
+def _check_out_folder(out: Path, ct: Path) -> None:
+    if out.resolve() == ct.resolve():  # masks named <case>.nii.gz would be read as CTs next time
+        raise InputError(out, "--out must not be the --ct folder itself")
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "with a folder of CTs, --out must be a folder (it is a file)")
+    if _is_mask_path(out):
+        raise InputError(out, "with a folder of CTs, --out must be a folder, not a .nii/.nii.gz name")
 
 
 def segment(
@@ -60,56 +227,93 @@ def segment(
     threshold: float = 0.5,
     batch_size: int = 8,
     device: str | None = None,
+    per_organ: str | None = None,
 ) -> Path:
-    """Segment ``ct`` and write ``out`` (uint8 FLARE22 ids on the CT's grid).
+    """Segment one CT, or every CT of a folder, and write FLARE22 masks on each CT's grid.
 
     Args:
         run: a run folder from `train`; or model + strategy="zeroshot" for the untrained baseline.
+        ct: a NIfTI file or a DICOM series folder; or a folder of those (then ``out`` is a folder).
+        out: the mask file (``.nii``/``.nii.gz``) for one CT; otherwise a folder that receives
+            ``<case>.nii.gz`` per CT (case = file name without ``_0000.nii.gz``, or the series
+            folder's name). Over a folder, CTs whose outputs all exist are skipped.
         organs: comma-separated organ keys to segment (default: the organs the run trained on).
-        probabilities: also write ``<out>_probabilities.nii.gz``, float32 (X, Y, Z, K) in organ order.
+        probabilities: also write ``<mask>_probabilities.nii.gz``, float32 (X, Y, Z, K) in organ order.
         threshold: a pixel is background unless its most probable organ is above it.
+        per_organ: "also" or "only": write ``<mask without .nii.gz>/segmentations/<organ_key>.nii.gz``
+            (uint8 0/1, one per segmented organ) beside, or instead of, the multi-label mask.
+
+    Returns:
+        the mask written (one CT) or the output folder.
+
+    Raises:
+        InputError: bad arguments or a CT that cannot be read; over a folder, raised at the end
+            naming every CT that failed, after all the others were written.
     """
-    if run:
-        trained, window = load_run(run), _run_window(Path(run))
-    elif model and strategy == "zeroshot":
-        trained, window = zeroshot_run(model), parse_window(DEFAULT_WINDOW)
+    if per_organ is not None and per_organ not in PER_ORGAN_MODES:
+        raise InputError("--per-organ", f"must be one of {', '.join(PER_ORGAN_MODES)}, got {per_organ!r}")
+    ct, out = Path(ct), Path(out)
+    sources = ct_sources(ct)
+    single = len(sources) == 1 and _is_mask_path(out)
+    if single:
+        _check_mask_path(out)
+    elif len(sources) > 1 and _is_mask_path(out):
+        raise InputError(out, f"--ct {ct} holds {len(sources)} CTs: --out must be a folder")
     else:
-        raise InputError("--run", "give --run RUN, or --model M --strategy zeroshot")
-    if organs:
-        wanted = {o.id for o in parse_organs(organs)}
-        keep = [i for i, o in enumerate(trained.organs) if o.id in wanted]
-        trained.organs = [trained.organs[i] for i in keep]
-        trained.prompts = [trained.prompts[i] for i in keep]
-    ct = Path(ct)
-    if not str(out).endswith((".nii", ".nii.gz")):
-        raise InputError(out, "output must end in .nii or .nii.gz")
-    if not Path(out).parent.exists():
-        raise InputError(out, "output folder does not exist")
-    volume, affine, _ = read_volume(ct)
-    slices, meta = volume_to_slices(volume, affine)
-    images = normalize(slices, window)
+        _check_out_folder(out, ct)
+    loaded = load_model(run=run, model=model, strategy=strategy, organs=organs, device=device)
+    options = {"per_organ": per_organ, "probabilities": probabilities}
+    if single:
+        (source,) = sources.values()
+        outputs = Outputs.at(out, loaded.organs, **options)
+        names = _segment_one(
+            loaded, source, outputs, threshold=threshold, batch_size=batch_size, progress=True
+        )
+        print(f"segmented {source.name}: {', '.join(names) or 'no organ'} -> {out}")
+        return out
+    cases = {
+        case: (src, Outputs.at(out / f"{case}.nii.gz", loaded.organs, **options))
+        for case, src in sources.items()
+    }
+    segment_cases(loaded, cases, out=out, threshold=threshold, batch_size=batch_size, ct=ct)
+    return out
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    seg = trained.segmenter(dev)
-    organ_ids = [o.id for o in trained.organs]
-    labels = np.zeros(images.shape, dtype=np.uint8)
-    probs_out = np.zeros((*images.shape, len(organ_ids)), dtype=np.float32) if probabilities else None
-    bar = tqdm(total=len(images), desc="segment", unit="slice")
-    for start, probs in seg.iter_probabilities(images, batch_size=batch_size):
-        stop = start + len(probs)
-        labels[start:stop] = probabilities_to_labels(probs, organ_ids, threshold=threshold).numpy()
-        if probs_out is not None:
-            probs_out[start:stop] = probs.permute(0, 2, 3, 1).numpy()
-        bar.update(len(probs))
+
+def segment_cases(
+    model: Model, cases: dict[str, tuple[Path, Outputs]], *, out: Path, threshold, batch_size, ct
+) -> dict:
+    """Segment every case whose outputs are not all there yet; one bad CT does not stop the others.
+
+    Returns:
+        {"written": [...], "skipped": [...], "failed": {case: message}}.
+
+    Raises:
+        InputError: naming ``ct`` and each failed case, after every other case was written.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict = {"written": [], "skipped": [], "failed": {}}
+    bar = tqdm(cases.items(), desc="segment", unit="CT", disable=None)
+    for case, (source, outputs) in bar:
+        if outputs.done():
+            result["skipped"].append(case)
+            continue
+        try:
+            _segment_one(model, source, outputs, threshold=threshold, batch_size=batch_size, progress=False)
+            result["written"].append(case)
+        except InputError as exc:
+            result["failed"][case] = exc.message
     bar.close()
-
-    like = nib.load(str(ct))
-    _save_nifti(slices_to_volume(labels, meta), like, like.affine, Path(out))
-    if probs_out is not None:
-        vol = np.stack([slices_to_volume(probs_out[..., k], meta) for k in range(len(organ_ids))], axis=-1)
-        stem = str(out)[: -len(".nii.gz")] if str(out).endswith(".nii.gz") else str(out)[: -len(".nii")]
-        _save_nifti(vol, None, like.affine, Path(f"{stem}_probabilities.nii.gz"))
-    found = sorted({int(v) for v in np.unique(labels)} - {0})
-    names = [o.key for o in trained.organs if o.id in found]
-    print(f"segmented {ct.name}: {', '.join(names) or 'no organ'} -> {out}")
-    return Path(out)
+    print(
+        f"segmented {len(result['written'])} CTs, skipped {len(result['skipped'])} already done, "
+        f"{len(result['failed'])} failed -> {out}"
+    )
+    if result["failed"]:
+        shown = list(result["failed"].values())[:MAX_FAILURES_SHOWN]
+        more = len(result["failed"]) - len(shown)
+        raise InputError(
+            ct,
+            f"{len(result['failed'])} of {len(cases)} CTs failed (the others were written): "
+            + "; ".join(shown)
+            + (f"; and {more} more" if more > 0 else ""),
+        )
+    return result
