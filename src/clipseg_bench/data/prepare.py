@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from clipseg_bench.data.channels import hu_slices
 from clipseg_bench.data.io import (
     check_same_grid,
     map_labels,
@@ -79,6 +80,7 @@ class Options:
             "label_map": self.label_map.to_dict(),
             "keep_empty": self.keep_empty,
             "png": self.png,
+            "hu_cache": True,  # cache/<case>_hu.npy (input_channels: windows); absent before it existed
         }
 
 
@@ -266,7 +268,7 @@ def _check_output(out: Path, overwrite: bool) -> None:
 
 def _case_files(case: str, png: bool) -> list[str]:
     """Paths (relative to OUT) a case owns; PNG entries are folders."""
-    files = [f"cache/{case}_image.npy", f"cache/{case}_label.npy"]
+    files = [f"cache/{case}_image.npy", f"cache/{case}_label.npy", f"cache/{case}_hu.npy"]
     return files + ([f"png/images/{case}", f"png/labels/{case}"] if png else [])
 
 
@@ -282,8 +284,8 @@ def slice_organ_pixels(label_slices: np.ndarray) -> np.ndarray:
     return np.stack([np.bincount(s.ravel(), minlength=14)[:14] for s in label_slices]).astype(np.int64)
 
 
-def _slice_case(src: CaseSource, window: dict, label_map: LabelMap) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Read, validate and slice one case: (uint8 image slices, uint8 label slices, meta)."""
+def _slice_case(src: CaseSource, window: dict, label_map: LabelMap) -> tuple[np.ndarray, ...]:
+    """Read, validate and slice one case: (uint8 image slices, uint8 label slices, meta, int16 HU slices)."""
     image, affine, zooms = read_volume(src.image)
     raw_labels, _, _ = read_label_volume(src.label)  # its affine was checked against the image's
     if raw_labels.shape != image.shape:
@@ -293,7 +295,7 @@ def _slice_case(src: CaseSource, window: dict, label_map: LabelMap) -> tuple[np.
     image_slices, meta = volume_to_slices(image, affine)
     label_slices, _ = volume_to_slices(labels, affine)
     meta["spacing"] = [float(z) for z in zooms]  # the header's zooms, as FLARE22's evaluation reads them
-    return normalize(image_slices, window), label_slices, meta
+    return normalize(image_slices, window), label_slices, meta, hu_slices(image_slices)
 
 
 def _stage_case(src: CaseSource, options: Options, work: Path, fingerprint: str) -> tuple:
@@ -303,7 +305,7 @@ def _stage_case(src: CaseSource, options: Options, work: Path, fingerprint: str)
     """
     try:
         png = options.png
-        image, labels, meta = _slice_case(src, options.window, options.label_map)
+        image, labels, meta, hu = _slice_case(src, options.window, options.label_map)
         px = slice_organ_pixels(labels)
         kept = (px[:, 1:].sum(axis=1) > 0) | options.keep_empty
         tmp = work / f"{src.case}.tmp-{os.getpid()}"
@@ -311,6 +313,7 @@ def _stage_case(src: CaseSource, options: Options, work: Path, fingerprint: str)
         (tmp / "cache").mkdir(parents=True)
         np.save(tmp / "cache" / f"{src.case}_image.npy", image)
         np.save(tmp / "cache" / f"{src.case}_label.npy", labels)
+        np.save(tmp / "cache" / f"{src.case}_hu.npy", hu)  # int16 HU: what input_channels=windows reads
         if png:
             _write_pngs(tmp / "png", src.case, image, labels, kept)
         record = {

@@ -19,6 +19,7 @@ def validation_dice(
     features=None,
     threshold=0.5,
     batch_size=16,
+    channels="gray",
 ) -> float:
     """Mean 2D Dice over the (slice, organ) pairs of ``split`` where the organ is present.
 
@@ -28,6 +29,7 @@ def validation_dice(
         organ_ids: FLARE22 ids of the prompted organs, in the segmenter's prompt order.
         max_slices: score at most this many slices.
         features: cached vision activations aligned with the split's kept rows, if the encoder is frozen.
+        channels: the run's input_channels mode (what the model's R, G, B hold).
 
     Returns:
         The mean Dice, NaN when no scored slice holds a prompted organ.
@@ -35,7 +37,7 @@ def validation_dice(
     ds_rows = data.slices(split, kept_only=True)
     if max_slices:
         ds_rows = ds_rows.iloc[:max_slices]
-    imgs = np.stack([data.array(c, "image")[z] for c, z in zip(ds_rows["case"], ds_rows["z"])])
+    imgs = np.concatenate([data.inputs(c, [z], channels) for c, z in zip(ds_rows["case"], ds_rows["z"])])
     labs = np.stack([data.array(c, "label")[z] for c, z in zip(ds_rows["case"], ds_rows["z"])])
     dices = []
     if features is not None:  # cached rows follow the same manifest order; use the ones we score

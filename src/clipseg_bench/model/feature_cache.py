@@ -4,8 +4,8 @@ When the vision encoder is frozen (decoder-only training, zero-shot evaluation) 
 slice never changes, so recomputing it every epoch is pure waste: on the real rd64 architecture a decoder-only
 step on cached activations is an order of magnitude faster (benchmarks/README.md). The cache is stored
 memory-mapped in fp16 under ``PREPARED/feature_cache/<key>/``. The key hashes everything the
-activations depend on: the vision weights, the preprocessing (window, size, mean/std) and the
-prepared data, so any change builds a new cache instead of silently reusing a stale one.
+activations depend on: the vision weights, the preprocessing (window, size, mean/std, input
+channels) and the prepared data, so any change builds a new cache instead of silently reusing a stale one.
 No library caches HF encoder activations to disk, so this is our own (small) code.
 """
 
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from clipseg_bench.data.channels import WINDOWS, needs_hu
 from clipseg_bench.data.dataset import PreparedData, resize_slices
 from clipseg_bench.model.forward import encode_images, preprocess
 
@@ -36,12 +37,22 @@ def vision_fingerprint(model) -> str:
     return h.hexdigest()
 
 
-def cache_key(model, *, data: PreparedData, size: int, mean, std) -> str:
+def cache_key(model, *, data: PreparedData, size: int, mean, std, channels: str = "gray") -> str:
     h = hashlib.blake2b(digest_size=8)
     h.update(vision_fingerprint(model).encode())
     h.update((data.root / "dataset.json").read_bytes())
     h.update(json.dumps({"size": size, "mean": list(mean), "std": list(std)}).encode())
+    h.update(_channels_key(channels))
     return h.hexdigest()
+
+
+def _channels_key(channels: str) -> bytes:
+    """The input_channels part of the key; empty for ``gray``, so caches built before the field
+    existed (all gray) keep their key and are reused."""
+    if channels == "gray":
+        return b""
+    doc = {"input_channels": channels, "windows": list(WINDOWS) if needs_hu(channels) else None}
+    return json.dumps(doc, sort_keys=True).encode()
 
 
 @dataclass
@@ -66,6 +77,7 @@ def build_feature_cache(
     batch_size: int = 16,
     show_progress: bool = True,
     key: str | None = None,
+    channels: str = "gray",
 ) -> tuple[np.ndarray, CacheInfo]:
     """Compute (or reuse) fp16 activations for the slices listed in ``rows``.
 
@@ -76,11 +88,12 @@ def build_feature_cache(
         size, mean, std: the model's preprocessing.
         key: :func:`cache_key` of these arguments, when the caller already has it (it hashes the
             whole vision encoder, so callers building several row sets compute it once).
+        channels: the input_channels mode the images are built with (part of the key).
 
     Returns:
         (memmap of shape (N, L, T, D) fp16, CacheInfo). Row i belongs to ``rows.iloc[i]``.
     """
-    key = key or cache_key(model, data=data, size=size, mean=mean, std=std)
+    key = key or cache_key(model, data=data, size=size, mean=mean, std=std, channels=channels)
     folder = data.root / "feature_cache" / key
     path = folder / f"{name}.npy"
     index_path = folder / f"{name}.rows.json"
@@ -97,7 +110,7 @@ def build_feature_cache(
     with torch.no_grad():
         for start in range(0, len(wanted), batch_size):
             chunk = wanted[start : start + batch_size]
-            imgs = torch.stack([torch.from_numpy(np.array(data.array(c, "image")[z])) for c, z in chunk])
+            imgs = torch.from_numpy(np.concatenate([data.inputs(c, [z], channels) for c, z in chunk]))
             imgs = resize_slices(imgs, size)
             pv = preprocess(imgs, size=size, mean=mean, std=std).to(device)
             acts = torch.stack(encode_images(model, pv), dim=1).to("cpu", torch.float16)  # (b, L, T, D)

@@ -121,6 +121,7 @@ def _val_dice(setup: TrainingSetup) -> float:
         max_slices=setup.cfg.val_max_slices,
         features=setup.val_features,
         threshold=setup.cfg.threshold,
+        channels=setup.cfg.input_channels,
     )
 
 
@@ -245,6 +246,7 @@ def finish(setup: TrainingSetup, state: dict, *, out: Path, run_record: dict) ->
                     threshold=cfg.threshold,
                     max_slices=cfg.val_max_slices,
                     features=setup.features,
+                    channels=cfg.input_channels,
                 ),
                 "val_dice": _val_dice(setup) if setup.data.cases("val") else float("nan"),
             }

@@ -36,7 +36,23 @@ def start_record(setup) -> dict:
         "params": {"trainable": setup.counts.trainable, "total": setup.counts.total},
         "lr": resolve_lr(cfg),
         "window": setup.data.window,  # segment needs it to preprocess a new CT like the training data
+        **channels_record(setup),
     }
+
+
+def channels_record(setup) -> dict:
+    """run.json's input channels: the mode, the HU windows of ``windows`` (segment reads them),
+    and for ``neighbors`` how far apart neighbouring training slices were (min/median/max, mm)."""
+    from clipseg_bench.data.channels import WINDOWS
+
+    mode = setup.cfg.input_channels
+    doc: dict = {"input_channels": mode}
+    if mode == "windows":
+        doc["channel_windows"] = list(WINDOWS)
+    if mode == "neighbors":
+        dz = setup.data.manifest["spacing_z"].astype(float)
+        doc["neighbor_spacing_mm"] = [float(dz.min()), float(dz.median()), float(dz.max())]
+    return doc
 
 
 def write_start(setup, out: Path, record: dict) -> None:

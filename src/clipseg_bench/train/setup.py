@@ -153,6 +153,7 @@ def build_training(
         train_rows: train on these manifest rows instead of the split's kept slices.
     """
     data = PreparedData(cfg.data)
+    data.check_channels(cfg.input_channels)
     if loaded is None:
         loaded = load_model(cfg.model, image_size=cfg.image_size)
         apply_strategy(loaded.model, cfg.strategy, cfg.strategy_options)
@@ -176,7 +177,9 @@ def build_training(
     if not vision_trainable(model) and cfg.feature_cache:
         features, val_features, infos = _cache_frozen_vision(cfg, acc, data, loaded, train_rows)
 
-    dataset = SliceDataset(data, "train", size=loaded.image_size, features=features, rows=train_rows)
+    dataset = SliceDataset(
+        data, "train", size=loaded.image_size, features=features, rows=train_rows, channels=cfg.input_channels
+    )
     sampler = EpochSampler(len(dataset), cfg.seed)
     loader = DataLoader(
         dataset,
@@ -241,7 +244,7 @@ def _cache_frozen_vision(cfg: TrainConfig, acc, data: PreparedData, loaded: Load
     """Vision activations of the train and val kept slices, built once (main process first)."""
     model, size, mean, std = loaded.model, loaded.image_size, loaded.mean, loaded.std
     # One key for both row sets: it hashes the whole vision encoder (344 MB for rd64).
-    key = cache_key(model, data=data, size=size, mean=mean, std=std)
+    key = cache_key(model, data=data, size=size, mean=mean, std=std, channels=cfg.input_channels)
     build = functools.partial(
         build_feature_cache,
         model,
@@ -252,6 +255,7 @@ def _cache_frozen_vision(cfg: TrainConfig, acc, data: PreparedData, loaded: Load
         device=acc.device,
         show_progress=acc.is_main_process,
         key=key,
+        channels=cfg.input_channels,
     )
     features = val_features = None
     infos: dict[str, CacheInfo] = {}
