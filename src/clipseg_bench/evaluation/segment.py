@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from clipseg_bench.data.channels import WINDOWS, channel_images, hu_slices, needs_hu
 from clipseg_bench.data.io import read_volume
 from clipseg_bench.data.volumes import (
     DEFAULT_WINDOW,
@@ -25,6 +26,7 @@ from clipseg_bench.data.volumes import (
 )
 from clipseg_bench.errors import InputError
 from clipseg_bench.evaluation.loading import load_run, zeroshot_run
+from clipseg_bench.evaluation.postprocess import POSTPROCESS_MODES, postprocess
 from clipseg_bench.evaluation.predict import probabilities_to_labels
 from clipseg_bench.organs import parse_organs
 
@@ -36,6 +38,28 @@ def _run_window(run: Path | None) -> dict:
         if "window" in info:
             return info["window"]
     return parse_window(DEFAULT_WINDOW)
+
+
+def model_inputs(slices: np.ndarray, gray: np.ndarray, *, channels: str, run: Path | None) -> np.ndarray:
+    """A new CT's model inputs, built like the run's training inputs.
+
+    Args:
+        slices: (Z, H, W) the CT's slices in HU (prepared slice convention).
+        gray: the same slices windowed to uint8 with the run's window.
+        channels: the run's input_channels mode; ``windows`` uses the HU windows its run.json
+            recorded (``channel_windows``), else today's :data:`~clipseg_bench.data.channels.WINDOWS`.
+        run: the run folder (None for a zero-shot model).
+
+    Returns:
+        (Z, H, W) uint8 for ``gray``, (Z, 3, H, W) uint8 otherwise.
+    """
+    if not needs_hu(channels):
+        return channel_images(np.arange(len(gray)), mode=channels, gray=gray)
+    info = json.loads((run / "run.json").read_text()) if run and (run / "run.json").is_file() else {}
+    windows = info.get("channel_windows", WINDOWS)
+    return channel_images(
+        np.arange(len(gray)), mode=channels, gray=gray, hu=hu_slices(slices), windows=windows
+    )
 
 
 def _save_nifti(array: np.ndarray, like: nib.Nifti1Image | None, affine: np.ndarray, out: Path) -> None:
@@ -60,6 +84,7 @@ def segment(
     threshold: float = 0.5,
     batch_size: int = 8,
     device: str | None = None,
+    postprocess_mode: str = "none",
 ) -> Path:
     """Segment ``ct`` and write ``out`` (uint8 FLARE22 ids on the CT's grid).
 
@@ -68,7 +93,12 @@ def segment(
         organs: comma-separated organ keys to segment (default: the organs the run trained on).
         probabilities: also write ``<out>_probabilities.nii.gz``, float32 (X, Y, Z, K) in organ order.
         threshold: a pixel is background unless its most probable organ is above it.
+        postprocess_mode: ``none``, or ``lcc`` to keep each organ's largest 3D component (paired
+            organs on their own side of the midline; evaluation.postprocess). The probabilities
+            are written as predicted.
     """
+    if postprocess_mode not in POSTPROCESS_MODES:
+        raise InputError("--postprocess", f"unknown mode {postprocess_mode!r}; choose from none, lcc")
     if run:
         trained, window = load_run(run), _run_window(Path(run))
     elif model and strategy == "zeroshot":
@@ -88,6 +118,7 @@ def segment(
     volume, affine, _ = read_volume(ct)
     slices, meta = volume_to_slices(volume, affine)
     images = normalize(slices, window)
+    inputs = model_inputs(slices, images, channels=trained.cfg.input_channels, run=Path(run) if run else None)
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     seg = trained.segmenter(dev)
@@ -95,7 +126,7 @@ def segment(
     labels = np.zeros(images.shape, dtype=np.uint8)
     probs_out = np.zeros((*images.shape, len(organ_ids)), dtype=np.float32) if probabilities else None
     bar = tqdm(total=len(images), desc="segment", unit="slice")
-    for start, probs in seg.iter_probabilities(images, batch_size=batch_size):
+    for start, probs in seg.iter_probabilities(inputs, batch_size=batch_size):
         stop = start + len(probs)
         labels[start:stop] = probabilities_to_labels(probs, organ_ids, threshold=threshold).numpy()
         if probs_out is not None:
@@ -104,12 +135,13 @@ def segment(
     bar.close()
 
     like = nib.load(str(ct))
-    _save_nifti(slices_to_volume(labels, meta), like, like.affine, Path(out))
+    mask = postprocess(slices_to_volume(labels, meta), like.affine, postprocess_mode)
+    _save_nifti(mask, like, like.affine, Path(out))
     if probs_out is not None:
         vol = np.stack([slices_to_volume(probs_out[..., k], meta) for k in range(len(organ_ids))], axis=-1)
         stem = str(out)[: -len(".nii.gz")] if str(out).endswith(".nii.gz") else str(out)[: -len(".nii")]
         _save_nifti(vol, None, like.affine, Path(f"{stem}_probabilities.nii.gz"))
-    found = sorted({int(v) for v in np.unique(labels)} - {0})
+    found = sorted({int(v) for v in np.unique(mask)} - {0})
     names = [o.key for o in trained.organs if o.id in found]
     print(f"segmented {ct.name}: {', '.join(names) or 'no organ'} -> {out}")
     return Path(out)
