@@ -32,18 +32,48 @@ def _stage(name: str) -> float:
     return time.perf_counter()
 
 
+# One thread: a 250k-parameter model gains little from a second core, and OpenMP threads that
+# spin-wait slow training by 10x or more whenever anything else on the machine wants a core.
+COMMON = {"image_size": 128, "batch_size": 8, "warmup_steps": 20, "weight_decay": 1e-4, "threads": 1}
+
+
 def run_demo(*, out: Path, quick: bool = False, strategies: list[str] | None = None) -> Path:
     """Run the demo into ``out``; returns the report path."""
+    out = Path(out)
+    t_start = time.perf_counter()
+    prepared_b, pretrained = demo_inputs(out, quick=quick)
+    ft_steps, seeds = SIZES["quick" if quick else "full"][3:]
+
+    _stage(f"benchmark on style B ({ft_steps} steps per strategy)")
+    run_matrix(
+        data=prepared_b,
+        model=str(pretrained),
+        strategies=strategies or available(),
+        seeds=seeds,
+        epochs=1000,
+        max_steps=ft_steps,
+        out=out / "bench",
+        strategy_lr=DEMO_LRS,
+        extra={**COMMON, "val_every": 0},
+    )
+
+    _stage("report")
+    html = write_report([out / "bench"])
+    print(f"\ndemo finished in {time.perf_counter() - t_start:.0f} s")
+    print(f"report: {html}")
+    print(f"table:  {out / 'bench' / 'results.md'}")
+    return html
+
+
+def demo_inputs(out: Path, *, quick: bool = False) -> tuple[Path, Path]:
+    """The demo's first stages (skipped when their files exist): phantoms A and B prepared, and the
+    tiny CLIPSeg pretrained on A. Returns (PREPARED folder of style B, pretrained model folder)."""
     from clipseg_bench.data.phantom import write_phantoms
     from clipseg_bench.data.prepare import prepare
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    n_a, n_b, pre_steps, ft_steps, seeds = SIZES["quick" if quick else "full"]
-    t_start = time.perf_counter()
-    # One thread: a 250k-parameter model gains little from a second core, and OpenMP threads that
-    # spin-wait slow training by 10x or more whenever anything else on the machine wants a core.
-    common = {"image_size": 128, "batch_size": 8, "warmup_steps": 20, "weight_decay": 1e-4, "threads": 1}
+    n_a, n_b, pre_steps = SIZES["quick" if quick else "full"][:3]
 
     _stage("phantoms and prepare")
     for style, n, seed in (("A", n_a, 100), ("B", n_b, 200)):
@@ -61,27 +91,8 @@ def run_demo(*, out: Path, quick: bool = False, strategies: list[str] | None = N
     pretrained = out / "pretrained-tiny"
     if not (pretrained / "config.json").is_file():
         _stage(f"pretrain the tiny CLIPSeg on style A ({pre_steps} steps)")
-        _pretrain(out, pretrained, steps=pre_steps, common=common)
-
-    _stage(f"benchmark on style B ({ft_steps} steps per strategy)")
-    run_matrix(
-        data=out / "prepared_B",
-        model=str(pretrained),
-        strategies=strategies or available(),
-        seeds=seeds,
-        epochs=1000,
-        max_steps=ft_steps,
-        out=out / "bench",
-        strategy_lr=DEMO_LRS,
-        extra={**common, "val_every": 0},
-    )
-
-    _stage("report")
-    html = write_report([out / "bench"])
-    print(f"\ndemo finished in {time.perf_counter() - t_start:.0f} s")
-    print(f"report: {html}")
-    print(f"table:  {out / 'bench' / 'results.md'}")
-    return html
+        _pretrain(out, pretrained, steps=pre_steps, common=COMMON)
+    return out / "prepared_B", pretrained
 
 
 def _pretrain(out: Path, pretrained: Path, *, steps: int, common: dict) -> None:
