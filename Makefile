@@ -7,8 +7,9 @@ STAMP  := $(VENV)/.installed
 # CUDA build. GPU users: see README ("Installing on a GPU machine").
 TORCH  ?= torch==2.13.0
 DEMO_OUT ?= demo_out
+LEVERS_OUT ?= levers_out
 
-.PHONY: install test lint demo clean
+.PHONY: install test lint demo levers clean
 
 install: $(STAMP)
 
@@ -29,5 +30,10 @@ test: lint
 demo: $(STAMP)
 	$(VENV)/bin/clipseg-bench demo --out $(DEMO_OUT)
 
+# The issue-14 study (input channels x 3D clean-up, 3 seeds): about an hour on 2 busy cores, so not
+# part of `make demo`. README "Quality levers" has the table it produced.
+levers: $(STAMP)
+	$(PY) benchmarks/levers.py --out $(LEVERS_OUT)
+
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
+	rm -rf $(VENV) $(DEMO_OUT) $(LEVERS_OUT) .pytest_cache

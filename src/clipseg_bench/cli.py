@@ -98,7 +98,11 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
     from clipseg_bench.evaluation.evaluate import evaluate_run
 
     metrics = evaluate_run(
-        run=Path(a.run), data=Path(a.data) if a.data else None, split=a.split, max_cases=a.max_cases
+        run=Path(a.run),
+        data=Path(a.data) if a.data else None,
+        split=a.split,
+        max_cases=a.max_cases,
+        postprocess_mode=a.postprocess,
     )
     _print_metrics(metrics, a.run)
 
@@ -121,6 +125,7 @@ def _cmd_score(a: argparse.Namespace) -> None:
         labels=Path(a.labels),
         out=Path(a.out) if a.out else None,
         missing_as_empty=a.missing_as_empty,
+        postprocess_mode=a.postprocess,
     )
 
 
@@ -137,6 +142,7 @@ def _cmd_segment(a: argparse.Namespace) -> None:
         probabilities=a.probabilities,
         threshold=a.threshold,
         per_organ=a.per_organ,
+        postprocess_mode=a.postprocess,
     )
 
 
@@ -185,6 +191,15 @@ def _cmd_demo(a: argparse.Namespace) -> None:
     from clipseg_bench.bench.demo import run_demo
 
     run_demo(out=Path(a.out), quick=a.quick)
+
+
+def _add_postprocess_flag(s: argparse.ArgumentParser, what: str) -> None:
+    s.add_argument(
+        "--postprocess",
+        default="none",
+        choices=["none", "lcc"],
+        help=f"3D clean-up: lcc keeps each organ's largest component, paired organs on their side ({what})",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", help="PREPARED folder (default: the one the run trained on)")
     s.add_argument("--split", default="val", choices=["train", "val"])
     s.add_argument("--max-cases", type=int, help="evaluate only the first N cases")
+    _add_postprocess_flag(s, "which 3D scores are the headline (both are always written)")
     s.set_defaults(func=_cmd_evaluate)
 
     s = sub.add_parser("score", help="FLARE22 DSC/NSD of a folder of predicted NIfTI masks")
@@ -270,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--labels", required=True, help="folder of <case>.nii.gz ground truth")
     s.add_argument("--out", help="CSV to write (case, organ, dsc, nsd)")
     s.add_argument("--missing-as-empty", action="store_true", help="score a missing prediction as empty")
+    _add_postprocess_flag(s, "clean each prediction before scoring it")
     s.set_defaults(func=_cmd_score)
 
     s = sub.add_parser("segment", help="segment a CT with a tuned run (or zero-shot) -> NIfTI mask")
@@ -292,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["also", "only"],
         help="also (or only) write <case>/segmentations/<organ_key>.nii.gz, one binary mask per organ",
     )
+    _add_postprocess_flag(s, "clean the mask before writing it")
     s.set_defaults(func=_cmd_segment)
 
     s = sub.add_parser("benchmark", help="run strategies x seeds, one run folder each")

@@ -80,6 +80,12 @@ class TrainConfig(BaseModel):
     val_every: int = Field(1, ge=0, description="Validate every N epochs (0: never during training).")
     val_max_slices: int | None = Field(None, ge=1, description="Cap val slices per validation (speed).")
     threshold: float = Field(0.5, gt=0, lt=1, description="Probability above which a pixel is foreground.")
+    input_channels: Literal["gray", "neighbors", "windows"] = Field(
+        "gray",
+        description="What CLIPSeg's R, G, B hold: `gray` the windowed slice three times (the original "
+        "study); `neighbors` slices z-1, z, z+1 (edges repeated); `windows` the slice under three HU "
+        "windows (needs a folder prepared with the HU cache). See data/channels.py.",
+    )
 
     @field_validator("strategy")
     @classmethod

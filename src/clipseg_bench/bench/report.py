@@ -24,6 +24,7 @@ from clipseg_bench.bench.results import (
     Run,
     audit_cells,
     breakdown_keys,
+    cleanup_gain_table,
     load_bench,
     per_organ_table,
     runs_table,
@@ -109,6 +110,32 @@ def per_organ_display(long: pd.DataFrame) -> pd.DataFrame:
         g = long[long["strategy"] == strategy].set_index("organ").reindex([o.key for o in ORGANS])
         out[strategy] = [fmt_pm(m, s, 3) for m, s in zip(g["mean"], g["std"])]
     return out
+
+
+def gain_display(long: pd.DataFrame) -> pd.DataFrame:
+    """Clean-up gains (:func:`~clipseg_bench.bench.results.cleanup_gain_table`): organs (and the
+    mean over organs) as rows, strategies as columns, signed ``mean ± std`` over seeds."""
+    names = dict(zip(long["organ"], long["name"]))
+    keys = list(dict.fromkeys(long["organ"]))
+    out = pd.DataFrame({"Organ": [names[k] for k in keys]})
+    for strategy in dict.fromkeys(long["strategy"]):
+        g = long[long["strategy"] == strategy].set_index("organ").reindex(keys)
+        out[strategy] = [
+            "–" if not _finite(m) else f"{m:+.3f} ± {f'{s:.3f}' if _finite(s) else '–'}"
+            for m, s in zip(g["mean"], g["std"])
+        ]
+    return out
+
+
+def cleanup_context(runs: list[Run]) -> dict:
+    """The report's clean-up section: DSC and NSD gain tables, None when no run has both scores."""
+    dsc, nsd = cleanup_gain_table(runs, "dsc"), cleanup_gain_table(runs, "nsd")
+    if dsc.empty:
+        return {"cleanup_dsc": None, "cleanup_nsd": None}
+    return {
+        "cleanup_dsc": _table(gain_display(dsc), "cleanup_dsc"),
+        "cleanup_nsd": _table(gain_display(nsd), "cleanup_nsd"),
+    }
 
 
 def runs_display(table: pd.DataFrame) -> pd.DataFrame:
@@ -327,8 +354,28 @@ def no_val_note(table: pd.DataFrame) -> str:
     return f"No val split: {len(bare)} run(s) trained on data without val cases, so they have no val scores: {listed}."
 
 
+def cleanup_markdown(runs: list[Run] | None) -> list[str]:
+    """results.md lines of the clean-up gain tables (none when no run has both scores)."""
+    lines = []
+    for metric, title in (("dsc", "3D DSC"), ("nsd", "NSD")):
+        long = cleanup_gain_table(runs or [], metric)
+        if not long.empty:
+            lines += [
+                f"## 3D clean-up (lcc): val {title} gain",
+                "",
+                gain_display(long).to_markdown(index=False),
+                "",
+            ]
+    return lines
+
+
 def write_markdown(
-    path: Path, summary: pd.DataFrame, dsc: pd.DataFrame, nsd: pd.DataFrame, table: pd.DataFrame
+    path: Path,
+    summary: pd.DataFrame,
+    dsc: pd.DataFrame,
+    nsd: pd.DataFrame,
+    table: pd.DataFrame,
+    runs: list[Run] | None = None,
 ) -> Path:
     """results.md: the aggregate table and the per-organ tables, in Markdown."""
     lines = [
@@ -346,6 +393,7 @@ def write_markdown(
         lines += ["## Strategies", "", summary_display(summary).to_markdown(index=False), ""]
         lines += ["## Per-organ val 3D DSC", "", per_organ_display(dsc).to_markdown(index=False), ""]
         lines += ["## Per-organ val NSD", "", per_organ_display(nsd).to_markdown(index=False), ""]
+        lines += cleanup_markdown(runs)
     lines += ["## Runs", "", runs_display(table).to_markdown(index=False), ""]
     path.write_text("\n".join(lines))
     return path
@@ -387,6 +435,7 @@ def _results_context(
         "summary": _table(summary_display(summary), "summary"),
         "dsc": _table(per_organ_display(dsc), "dsc"),
         "nsd": _table(per_organ_display(nsd), "nsd"),
+        **cleanup_context(runs),
         "mem_kinds": sorted({str(k) for k in table.loc[finished, "peak_mem_kind"].dropna()}),
         "gap": explain_gap(summary, parts),
         "strategies": [
@@ -469,7 +518,7 @@ def write_report(bench_dirs: list[Path], out: Path | None = None) -> Path:
     summary = summary_table(table)
     summary.to_csv(out / "results_summary.csv", index=False)
     dsc, nsd = per_organ_table(table, "dsc"), per_organ_table(table, "nsd")
-    write_markdown(out / "results.md", summary, dsc, nsd, table)
+    write_markdown(out / "results.md", summary, dsc, nsd, table, runs)
     pngs = make_plots(runs, table, summary, dsc, nsd, out / "plots")
     report = out / "report.html"
     report.write_text(

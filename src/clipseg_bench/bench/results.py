@@ -365,3 +365,53 @@ def per_organ_table(table: pd.DataFrame, metric: str) -> pd.DataFrame:
                 }
             )
     return pd.DataFrame(rows, columns=["strategy", "organ", "name", "mean", "std", "n"])
+
+
+CLEANUP_MEAN = "mean"  # the organ column of the gain over all organs (metrics.json summary)
+
+
+def _cleanup_gain(postprocess_3d: dict, organ: str, metric: str) -> float:
+    """Score after ``lcc`` minus score as predicted, for one organ key or :data:`CLEANUP_MEAN`."""
+
+    def score(mode: str) -> float:
+        s = (postprocess_3d.get(mode) or {}).get("summary") or {}
+        return _num(
+            s.get(metric) if organ == CLEANUP_MEAN else (s.get("per_organ", {}).get(organ) or {}).get(metric)
+        )
+
+    return score("lcc") - score("none")
+
+
+def cleanup_gain_table(runs: list[Run], metric: str) -> pd.DataFrame:
+    """What the 3D clean-up gains, per strategy and organ, over finished evaluated seeds.
+
+    Reads ``metrics.json`` ``postprocess_3d`` (evaluate scores every run as predicted and after
+    ``lcc``); runs evaluated before it existed are left out.
+
+    Args:
+        runs: the benchmark's runs.
+        metric: ``dsc`` or ``nsd``.
+
+    Returns:
+        Long format, columns ``strategy, organ, name, mean, std, n``: per strategy the 13 organs and
+        a last row ``organ == "mean"`` (the overall score's gain). ``mean`` > 0: the clean-up helps.
+        Empty when no run has both scores.
+    """
+    done = [r for r in runs if r.finished and r.metrics and "postprocess_3d" in r.metrics]
+    organs = [(o.key, o.name) for o in ORGANS] + [(CLEANUP_MEAN, "all organs (mean)")]
+    rows = []
+    for strategy in strategy_order({r.strategy for r in done}):
+        group = [r.metrics["postprocess_3d"] for r in done if r.strategy == strategy]
+        for key, name in organs:
+            v = pd.Series([_cleanup_gain(pp, key, metric) for pp in group], dtype=float)
+            rows.append(
+                {
+                    "strategy": strategy,
+                    "organ": key,
+                    "name": name,
+                    "mean": v.mean(),
+                    "std": v.std(ddof=1),
+                    "n": int(v.notna().sum()),
+                }
+            )
+    return pd.DataFrame(rows, columns=["strategy", "organ", "name", "mean", "std", "n"])

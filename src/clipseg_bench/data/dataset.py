@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from clipseg_bench.data.channels import CHANNEL_MODES, channel_images, needs_hu
 from clipseg_bench.data.prepare import FORMAT
 from clipseg_bench.errors import InputError
 
@@ -66,7 +67,7 @@ class PreparedData:
         return df.sort_values(["case", "z"]).reset_index(drop=True)
 
     def array(self, case: str, kind: str) -> np.ndarray:
-        """Memory-mapped uint8 (Z, H, W) array; kind is "image" or "label"."""
+        """Memory-mapped (Z, H, W) array; kind is "image" (uint8), "label" (uint8) or "hu" (int16)."""
         key = (case, kind)
         if key not in self._arrays:
             path = self.root / "cache" / f"{case}_{kind}.npy"
@@ -75,6 +76,25 @@ class PreparedData:
             self._arrays[key] = np.load(path, mmap_mode="r")
         return self._arrays[key]
 
+    def check_channels(self, mode: str) -> None:
+        """Refuse an input_channels mode this folder cannot feed (``windows`` needs the HU cache)."""
+        if mode not in CHANNEL_MODES:
+            raise InputError(
+                "input_channels", f"unknown mode {mode!r}; choose from {', '.join(CHANNEL_MODES)}"
+            )
+        if needs_hu(mode) and not self.meta.get("hu_cache"):
+            raise InputError(
+                self.root,
+                f"input_channels {mode!r} needs the HU cache (cache/<case>_hu.npy), which this folder "
+                "was prepared without; re-run `prepare` into a new folder",
+            )
+
+    def inputs(self, case: str, z, channels: str = "gray") -> np.ndarray:
+        """The model's uint8 input images of slices ``z`` of ``case``: (N, H, W) for ``gray``,
+        (N, 3, H, W) otherwise (see :func:`clipseg_bench.data.channels.channel_images`)."""
+        hu = self.array(case, "hu") if needs_hu(channels) else None
+        return channel_images(z, mode=channels, gray=self.array(case, "image"), hu=hu)
+
     def __getstate__(self):  # DataLoader workers reopen the memmaps themselves
         state = self.__dict__.copy()
         state["_arrays"] = {}
@@ -82,23 +102,25 @@ class PreparedData:
 
 
 def resize_slices(images: torch.Tensor, size: int, *, labels: bool = False) -> torch.Tensor:
-    """Resize (N, H, W) slices to (N, size, size): bilinear for images, nearest for label maps.
+    """Resize (N, H, W) or (N, C, H, W) slices to side ``size``: bilinear for images, nearest for labels.
 
-    Returns the input dtype (uint8 stays uint8, rounded), so the cache and the loader stay small.
+    Each channel is resized on its own. Returns the input dtype (uint8 stays uint8, rounded), so
+    the cache and the loader stay small.
     """
     if images.shape[-2:] == (size, size):
         return images
-    x = images[:, None].float()
+    lead = images.shape[:-2]
+    x = images.reshape(-1, 1, *images.shape[-2:]).float()
     if labels:
         out = F.interpolate(x, size=(size, size), mode="nearest-exact")
     else:
         out = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         out = out.round().clamp(0, 255)
-    return out[:, 0].to(images.dtype)
+    return out[:, 0].reshape(*lead, size, size).to(images.dtype)
 
 
 class SliceDataset(Dataset):
-    """One item per slice: ``{"image": uint8 (S,S), "labels": uint8 (S,S), "index": int}``.
+    """One item per slice: ``{"image": uint8 (S,S) or (3,S,S), "labels": uint8 (S,S), "index": int}``.
 
     With ``features``, items carry ``"features"`` instead of ``"image"``.
 
@@ -110,15 +132,25 @@ class SliceDataset(Dataset):
         features: optional memory-mapped frozen vision activations (N, ...) aligned with the rows;
             when given, items also carry ``"features"`` (fp16) and the image encoder can be skipped.
         rows: manifest rows to serve instead of the split's (``split`` and ``kept_only`` then unused).
+        channels: the input_channels mode: ``gray`` gives (S, S) images, the others (3, S, S).
     """
 
     def __init__(
-        self, data: PreparedData, split: str, *, size: int, kept_only: bool = True, features=None, rows=None
+        self,
+        data: PreparedData,
+        split: str,
+        *,
+        size: int,
+        kept_only: bool = True,
+        features=None,
+        rows=None,
+        channels: str = "gray",
     ):
         self.data = data
         self.rows = data.slices(split, kept_only=kept_only) if rows is None else rows.reset_index(drop=True)
         self.size = size
         self.features = features
+        self.channels = channels
         if len(self.rows) == 0:
             raise InputError(data.root, f"split {split!r} has no slices to use")
 
@@ -135,8 +167,8 @@ class SliceDataset(Dataset):
         if self.features is not None:  # the encoder's output stands in for the image: skip loading it
             item["features"] = torch.from_numpy(np.array(self.features[i]))
         else:
-            image = np.array(self.data.array(case, "image")[z])
-            item["image"] = resize_slices(torch.from_numpy(image)[None], self.size)[0]
+            image = self.data.inputs(case, [z], self.channels)
+            item["image"] = resize_slices(torch.from_numpy(image), self.size)[0]
         return item
 
 

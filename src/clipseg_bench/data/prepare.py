@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from clipseg_bench.data.channels import hu_slices
 from clipseg_bench.data.io import (
     CHANNEL_SUFFIX,
     check_same_grid,
@@ -93,6 +94,7 @@ class Options:
             "label_map": self.label_map.to_dict(),
             "keep_empty": self.keep_empty,
             "png": self.png,
+            "hu_cache": True,  # cache/<case>_hu.npy (input_channels: windows); absent before it existed
         }
 
 
@@ -469,7 +471,7 @@ def _check_output(out: Path, overwrite: bool) -> None:
 
 def _case_files(case: str, png: bool) -> list[str]:
     """Paths (relative to OUT) a case owns; PNG entries are folders."""
-    files = [f"cache/{case}_image.npy", f"cache/{case}_label.npy"]
+    files = [f"cache/{case}_image.npy", f"cache/{case}_label.npy", f"cache/{case}_hu.npy"]
     return files + ([f"png/images/{case}", f"png/labels/{case}"] if png else [])
 
 
@@ -488,14 +490,14 @@ def slice_organ_pixels(label_slices: np.ndarray) -> np.ndarray:
     return np.stack([np.bincount(s.ravel(), minlength=14)[:14] for s in label_slices]).astype(np.int64)
 
 
-def _slice_case(src: CaseSource, window: dict, label_map: LabelMap) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Read, validate and slice one case: (uint8 image slices, uint8 label slices, meta)."""
+def _slice_case(src: CaseSource, window: dict, label_map: LabelMap) -> tuple[np.ndarray, ...]:
+    """Read, validate and slice one case: (uint8 image slices, uint8 label slices, meta, int16 HU slices)."""
     image, affine, zooms = read_volume(src.image)
     labels = _read_labels(src, image.shape, label_map)
     image_slices, meta = volume_to_slices(image, affine)
     label_slices, _ = volume_to_slices(labels, affine)
     meta["spacing"] = [float(z) for z in zooms]  # the header's zooms, as FLARE22's evaluation reads them
-    return normalize(image_slices, window), label_slices, meta
+    return normalize(image_slices, window), label_slices, meta, hu_slices(image_slices)
 
 
 def _read_labels(src: CaseSource, shape: tuple[int, ...], label_map: LabelMap) -> np.ndarray:
@@ -515,7 +517,7 @@ def _stage_case(src: CaseSource, options: Options, work: Path, fingerprint: str)
     """
     try:
         png = options.png
-        image, labels, meta = _slice_case(src, options.window, options.label_map)
+        image, labels, meta, hu = _slice_case(src, options.window, options.label_map)
         px = slice_organ_pixels(labels)
         kept = (px[:, 1:].sum(axis=1) > 0) | options.keep_empty
         tmp = work / f"{src.case}.tmp-{os.getpid()}"
@@ -523,6 +525,7 @@ def _stage_case(src: CaseSource, options: Options, work: Path, fingerprint: str)
         (tmp / "cache").mkdir(parents=True)
         np.save(tmp / "cache" / f"{src.case}_image.npy", image)
         np.save(tmp / "cache" / f"{src.case}_label.npy", labels)
+        np.save(tmp / "cache" / f"{src.case}_hu.npy", hu)  # int16 HU: what input_channels=windows reads
         if png:
             _write_pngs(tmp / "png", src.case, image, labels, kept)
         record = {

@@ -5,7 +5,9 @@ Per case, every slice of the split is predicted once for all organs. Two reading
   binary per-prompt masks) -> ``dice2d`` over pairs where the organ is present, and
   ``empty_specificity`` over pairs where it is absent;
 - 3D: per pixel the most probable organ above threshold, slices re-stacked onto the case's
-  original grid and spacing, then scored with the FLARE22 rules (evaluation.metrics).
+  original grid and spacing, then scored with the FLARE22 rules (evaluation.metrics), both as
+  predicted and after each 3D clean-up (evaluation.postprocess), so one run shows what the clean-up
+  gains; ``--postprocess`` picks which of them is the headline ``per_case``/``summary``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from clipseg_bench.data.volumes import slices_to_volume
 from clipseg_bench.errors import InputError
 from clipseg_bench.evaluation.loading import load_run
 from clipseg_bench.evaluation.metrics import present_pairs_dice, score_case, summarize
+from clipseg_bench.evaluation.postprocess import POSTPROCESS_MODES, postprocess
 from clipseg_bench.evaluation.predict import probabilities_to_labels
 from clipseg_bench.provenance import write_json_atomic
 
@@ -45,12 +48,20 @@ def evaluate_run(
     max_cases: int | None = None,
     device: str | None = None,
     show_progress: bool = True,
+    postprocess_mode: str = "none",
 ) -> dict:
-    """Evaluate a run folder on a prepared split and write ``RUN/metrics.json`` and ``RUN/samples.npz``."""
+    """Evaluate a run folder on a prepared split and write ``RUN/metrics.json`` and ``RUN/samples.npz``.
+
+    ``postprocess_mode`` (``none`` | ``lcc``) picks the 3D scores reported as ``per_case`` and
+    ``summary``; ``postprocess_3d`` holds those of every mode.
+    """
     t0 = time.perf_counter()
+    if postprocess_mode not in POSTPROCESS_MODES:
+        raise InputError("--postprocess", f"unknown mode {postprocess_mode!r}; choose from none, lcc")
     trained = load_run(run)
     cfg = trained.cfg
     prepared = PreparedData(data or cfg.data)
+    prepared.check_channels(cfg.input_channels)
     if not prepared.cases(split):  # e.g. prepared with --val-fraction 0: say so, score nothing
         return _no_split(run, split, t0)
     cases = prepared.cases(split)[:max_cases]
@@ -61,15 +72,17 @@ def evaluate_run(
     organ_ids = [o.id for o in trained.organs]
     features = _frozen_features(trained, prepared, cases, split, dev, show_progress)
 
-    per_case, dice_pairs, absent_total, absent_empty = {}, [], 0, 0
+    per_mode: dict[str, dict] = {m: {} for m in POSTPROCESS_MODES}
+    dice_pairs, absent_total, absent_empty = [], 0, 0
     samples: dict[str, list] = {"image": [], "gt": [], "pred": [], "case": [], "z": []}
     offset = 0
     for case in tqdm(cases, desc=f"evaluate {split}", unit="case", disable=not show_progress):
         images, gt = prepared.array(case, "image"), np.asarray(prepared.array(case, "label"))
+        inputs = prepared.inputs(case, np.arange(len(images)), cfg.input_channels)
         pred = np.zeros_like(gt)
         feats = None if features is None else features[offset : offset + len(images)]
         offset += len(images)
-        for start, probs in seg.iter_probabilities(images, batch_size=16, features=feats):
+        for start, probs in seg.iter_probabilities(inputs, batch_size=16, features=feats):
             stop = start + len(probs)
             pred[start:stop] = probabilities_to_labels(probs, organ_ids, threshold=cfg.threshold).numpy()
             binary = (probs > cfg.threshold).numpy()  # (b, K, H, W): each prompt on its own
@@ -81,10 +94,8 @@ def evaluate_run(
             )
             absent_total += int((~present).sum())
             absent_empty += int((~present & ~binary.any((2, 3))).sum())
-        meta = prepared.cases_meta[case]
-        per_case[case] = score_case(
-            slices_to_volume(pred, meta), slices_to_volume(gt, meta), meta["spacing"], trained.organs
-        )
+        for mode, scores in score_postprocessed(pred, gt, prepared.cases_meta[case], trained.organs).items():
+            per_mode[mode][case] = scores
         if not samples["case"]:  # overlays: the first case only, the same slices for every run
             for z in sample_slices(gt):
                 for k, v in (
@@ -96,6 +107,7 @@ def evaluate_run(
                 ):
                     samples[k].append(v)
 
+    per_case = per_mode[postprocess_mode]
     metrics = {
         "split": split,
         "cases": cases,
@@ -104,6 +116,9 @@ def evaluate_run(
         "empty_specificity": absent_empty / absent_total if absent_total else float("nan"),
         "per_case": per_case,
         "summary": summarize(per_case),
+        "postprocess": postprocess_mode,
+        "postprocess_3d": {m: {"per_case": pc, "summary": summarize(pc)} for m, pc in per_mode.items()},
+        "input_channels": cfg.input_channels,
         "threshold": cfg.threshold,
         "eval_time_s": time.perf_counter() - t0,
     }
@@ -130,6 +145,26 @@ def _no_split(run: Path, split: str, t0: float) -> dict:
     return metrics
 
 
+def score_postprocessed(pred: np.ndarray, gt: np.ndarray, case_meta: dict, organs) -> dict[str, dict]:
+    """FLARE22 scores of one case's predicted slices under every clean-up mode.
+
+    Args:
+        pred, gt: (Z, H, W) predicted and true FLARE ids in the prepared slice convention.
+        case_meta: the case's dataset.json entry (original grid, affine, header spacing).
+        organs: the organs scored.
+
+    Returns:
+        ``{mode: {organ key: {"dsc", "nsd"}}}`` for every mode of POSTPROCESS_MODES; the clean-up
+        runs on the original grid with the original affine, as ``segment`` and ``score`` run it.
+    """
+    pred_vol, gt_vol = slices_to_volume(pred, case_meta), slices_to_volume(gt, case_meta)
+    affine = np.asarray(case_meta["affine"], dtype=float)
+    return {
+        mode: score_case(postprocess(pred_vol, affine, mode), gt_vol, case_meta["spacing"], organs)
+        for mode in POSTPROCESS_MODES
+    }
+
+
 def _frozen_features(trained, prepared: PreparedData, cases, split, dev, show_progress):
     """Reuse/build the cached vision activations of every slice of ``cases`` when the encoder is frozen."""
     from clipseg_bench.model.feature_cache import build_feature_cache
@@ -151,5 +186,6 @@ def _frozen_features(trained, prepared: PreparedData, cases, split, dev, show_pr
         device=dev,
         show_progress=show_progress,
         dtype=trained.cfg.feature_cache_dtype,
+        channels=trained.cfg.input_channels,
     )
     return feats

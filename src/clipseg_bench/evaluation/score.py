@@ -15,6 +15,7 @@ import pandas as pd
 from clipseg_bench.data.io import Header, check_same_grid, nifti_files, read_label_volume
 from clipseg_bench.errors import InputError
 from clipseg_bench.evaluation.metrics import score_case, summarize
+from clipseg_bench.evaluation.postprocess import POSTPROCESS_MODES, postprocess
 
 
 def list_cases(folder: Path) -> dict[str, Path]:
@@ -31,7 +32,12 @@ def read_labels(path: Path) -> tuple[np.ndarray, Header]:
 
 
 def score_folder(
-    *, pred: Path, labels: Path, out: Path | None = None, missing_as_empty: bool = False
+    *,
+    pred: Path,
+    labels: Path,
+    out: Path | None = None,
+    missing_as_empty: bool = False,
+    postprocess_mode: str = "none",
 ) -> pd.DataFrame:
     """Score every ground-truth case against its prediction with the FLARE22 rules.
 
@@ -41,6 +47,9 @@ def score_folder(
         labels: folder of ground-truth volumes ``<case>.nii.gz``. Their header zooms give the spacing.
         out: CSV to write (columns ``case, organ, dsc, nsd``); parent folders are created.
         missing_as_empty: score a case without a prediction as an empty prediction instead of failing.
+        postprocess_mode: ``none``, or ``lcc``: clean each prediction (per organ the largest 3D
+            component, paired organs on their side; evaluation.postprocess) before scoring it, so
+            any tool's masks are cleaned the way ``evaluate`` and ``segment`` clean ours.
 
     Returns:
         DataFrame with columns ``case, organ, dsc, nsd``: one row per case and organ (all 13, organ
@@ -52,6 +61,8 @@ def score_folder(
             ``missing_as_empty``), a prediction has no ground truth, or a prediction's grid differs
             from its ground truth's.
     """
+    if postprocess_mode not in POSTPROCESS_MODES:
+        raise InputError("--postprocess", f"unknown mode {postprocess_mode!r}; choose from none, lcc")
     pred, labels = Path(pred), Path(labels)
     gt_files, pred_files = list_cases(labels), list_cases(pred)
     if not gt_files:
@@ -76,6 +87,7 @@ def score_folder(
         if case in pred_files:
             pr, pr_header = read_labels(pred_files[case])
             check_same_grid(gt_header, pr_header, names=("ground truth", "prediction"))
+            pr = postprocess(pr, pr_header.affine, postprocess_mode)
         else:
             pr = np.zeros_like(gt)
         per_case[case] = score_case(pr, gt, gt_header.zooms)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from clipseg_bench.data.channels import WINDOWS, channel_images, hu_slices, needs_hu
 from clipseg_bench.data.io import ct_sources, read_volume, strip_nifti_suffix
 from clipseg_bench.data.volumes import (
     DEFAULT_WINDOW,
@@ -31,6 +32,7 @@ from clipseg_bench.data.volumes import (
 )
 from clipseg_bench.errors import InputError
 from clipseg_bench.evaluation.loading import TrainedRun, load_run, zeroshot_run
+from clipseg_bench.evaluation.postprocess import POSTPROCESS_MODES, postprocess
 from clipseg_bench.evaluation.predict import Segmenter, probabilities_to_labels
 from clipseg_bench.organs import Organ, parse_organs
 
@@ -45,6 +47,31 @@ def _run_window(run: Path | None) -> dict:
         if "window" in info:
             return info["window"]
     return parse_window(DEFAULT_WINDOW)
+
+
+def _run_channel_windows(run: Path | None) -> list:
+    """The HU windows a ``windows`` run was trained with (run.json ``channel_windows``), else today's."""
+    info = json.loads((run / "run.json").read_text()) if run and (run / "run.json").is_file() else {}
+    return info.get("channel_windows", list(WINDOWS))
+
+
+def model_inputs(slices: np.ndarray, gray: np.ndarray, *, channels: str, windows) -> np.ndarray:
+    """A new CT's model inputs, built like the run's training inputs.
+
+    Args:
+        slices: (Z, H, W) the CT's slices in HU (prepared slice convention).
+        gray: the same slices windowed to uint8 with the run's window.
+        channels: the run's input_channels mode.
+        windows: the HU windows of the ``windows`` mode (:func:`_run_channel_windows`).
+
+    Returns:
+        (Z, H, W) uint8 for ``gray``, (Z, 3, H, W) uint8 otherwise.
+    """
+    if not needs_hu(channels):
+        return channel_images(np.arange(len(gray)), mode=channels, gray=gray)
+    return channel_images(
+        np.arange(len(gray)), mode=channels, gray=gray, hu=hu_slices(slices), windows=windows
+    )
 
 
 def _save_nifti(array: np.ndarray, like: nib.Nifti1Image | None, affine: np.ndarray, out: Path) -> None:
@@ -65,11 +92,14 @@ def _save_nifti(array: np.ndarray, like: nib.Nifti1Image | None, affine: np.ndar
 
 @dataclass
 class Model:
-    """What every CT is segmented with: the segmenter, its organs and the run's intensity window."""
+    """What every CT is segmented with: the segmenter, its organs, and the run's preprocessing (its
+    intensity window, input channels and, for ``windows``, the HU windows)."""
 
     segmenter: Segmenter
     organs: list[Organ]
     window: dict
+    channels: str = "gray"
+    channel_windows: list | None = None
 
 
 def load_model(*, run=None, model=None, strategy=None, organs: str | None = None, device=None) -> Model:
@@ -83,7 +113,9 @@ def load_model(*, run=None, model=None, strategy=None, organs: str | None = None
     if organs:
         _keep_organs(trained, organs)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return Model(trained.segmenter(dev), list(trained.organs), window)
+    channels = trained.cfg.input_channels
+    windows = _run_channel_windows(Path(run) if run else None) if needs_hu(channels) else None
+    return Model(trained.segmenter(dev), list(trained.organs), window, channels, windows)
 
 
 def _keep_organs(trained: TrainedRun, organs: str) -> None:
@@ -130,9 +162,21 @@ class Outputs:
 
 
 def predict_volume(
-    model: Model, ct: Path, *, threshold: float, batch_size: int, probabilities: bool, progress: bool = True
+    model: Model,
+    ct: Path,
+    *,
+    threshold: float,
+    batch_size: int,
+    probabilities: bool,
+    progress: bool = True,
+    postprocess_mode: str = "none",
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Segment one CT on its own grid.
+
+    Args:
+        postprocess_mode: ``none``, or ``lcc`` to keep each organ's largest 3D component (paired
+            organs on their own side of the midline; evaluation.postprocess). Probabilities stay
+            as predicted.
 
     Returns:
         labels: uint8 (I, J, K) FLARE22 ids; probs: float32 (I, J, K, n_organs) or None; affine:
@@ -141,11 +185,12 @@ def predict_volume(
     volume, affine, _ = read_volume(ct)
     slices, meta = volume_to_slices(volume, affine)
     images = normalize(slices, model.window)
+    inputs = model_inputs(slices, images, channels=model.channels, windows=model.channel_windows)
     organ_ids = [o.id for o in model.organs]
     labels = np.zeros(images.shape, dtype=np.uint8)
     probs_out = np.zeros((*images.shape, len(organ_ids)), dtype=np.float32) if probabilities else None
     bar = tqdm(total=len(images), desc=f"segment {ct.name}", unit="slice", leave=False, disable=not progress)
-    for start, probs in model.segmenter.iter_probabilities(images, batch_size=batch_size):
+    for start, probs in model.segmenter.iter_probabilities(inputs, batch_size=batch_size):
         stop = start + len(probs)
         labels[start:stop] = probabilities_to_labels(probs, organ_ids, threshold=threshold).numpy()
         if probs_out is not None:
@@ -157,7 +202,7 @@ def predict_volume(
         probs_vol = np.stack(
             [slices_to_volume(probs_out[..., k], meta) for k in range(len(organ_ids))], axis=-1
         )
-    return slices_to_volume(labels, meta), probs_vol, affine
+    return postprocess(slices_to_volume(labels, meta), affine, postprocess_mode), probs_vol, affine
 
 
 def write_outputs(
@@ -177,7 +222,9 @@ def write_outputs(
         _save_nifti(labels, like, affine, outputs.labels)
 
 
-def _segment_one(model: Model, ct: Path, outputs: Outputs, *, threshold, batch_size, progress) -> list[str]:
+def _segment_one(
+    model: Model, ct: Path, outputs: Outputs, *, threshold, batch_size, progress, postprocess_mode="none"
+) -> list[str]:
     """Segment and write one CT; returns the keys of the organs found."""
     labels, probs, affine = predict_volume(
         model,
@@ -186,6 +233,7 @@ def _segment_one(model: Model, ct: Path, outputs: Outputs, *, threshold, batch_s
         batch_size=batch_size,
         probabilities=outputs.probabilities is not None,
         progress=progress,
+        postprocess_mode=postprocess_mode,
     )
     write_outputs(outputs, labels, probs, affine, ct=ct, organs=model.organs)
     found = {int(v) for v in np.unique(labels)} - {0}
@@ -228,6 +276,7 @@ def segment(
     batch_size: int = 8,
     device: str | None = None,
     per_organ: str | None = None,
+    postprocess_mode: str = "none",
 ) -> Path:
     """Segment one CT, or every CT of a folder, and write FLARE22 masks on each CT's grid.
 
@@ -242,6 +291,7 @@ def segment(
         threshold: a pixel is background unless its most probable organ is above it.
         per_organ: "also" or "only": write ``<mask without .nii.gz>/segmentations/<organ_key>.nii.gz``
             (uint8 0/1, one per segmented organ) beside, or instead of, the multi-label mask.
+        postprocess_mode: ``none`` or ``lcc`` (see :func:`predict_volume`).
 
     Returns:
         the mask written (one CT) or the output folder.
@@ -250,6 +300,8 @@ def segment(
         InputError: bad arguments or a CT that cannot be read; over a folder, raised at the end
             naming every CT that failed, after all the others were written.
     """
+    if postprocess_mode not in POSTPROCESS_MODES:
+        raise InputError("--postprocess", f"unknown mode {postprocess_mode!r}; choose from none, lcc")
     if per_organ is not None and per_organ not in PER_ORGAN_MODES:
         raise InputError("--per-organ", f"must be one of {', '.join(PER_ORGAN_MODES)}, got {per_organ!r}")
     ct, out = Path(ct), Path(out)
@@ -267,7 +319,13 @@ def segment(
         (source,) = sources.values()
         outputs = Outputs.at(out, loaded.organs, **options)
         names = _segment_one(
-            loaded, source, outputs, threshold=threshold, batch_size=batch_size, progress=True
+            loaded,
+            source,
+            outputs,
+            threshold=threshold,
+            batch_size=batch_size,
+            progress=True,
+            postprocess_mode=postprocess_mode,
         )
         print(f"segmented {source.name}: {', '.join(names) or 'no organ'} -> {out}")
         return out
@@ -275,12 +333,27 @@ def segment(
         case: (src, Outputs.at(out / f"{case}.nii.gz", loaded.organs, **options))
         for case, src in sources.items()
     }
-    segment_cases(loaded, cases, out=out, threshold=threshold, batch_size=batch_size, ct=ct)
+    segment_cases(
+        loaded,
+        cases,
+        out=out,
+        threshold=threshold,
+        batch_size=batch_size,
+        ct=ct,
+        postprocess_mode=postprocess_mode,
+    )
     return out
 
 
 def segment_cases(
-    model: Model, cases: dict[str, tuple[Path, Outputs]], *, out: Path, threshold, batch_size, ct
+    model: Model,
+    cases: dict[str, tuple[Path, Outputs]],
+    *,
+    out: Path,
+    threshold,
+    batch_size,
+    ct,
+    postprocess_mode: str = "none",
 ) -> dict:
     """Segment every case whose outputs are not all there yet; one bad CT does not stop the others.
 
@@ -298,7 +371,15 @@ def segment_cases(
             result["skipped"].append(case)
             continue
         try:
-            _segment_one(model, source, outputs, threshold=threshold, batch_size=batch_size, progress=False)
+            _segment_one(
+                model,
+                source,
+                outputs,
+                threshold=threshold,
+                batch_size=batch_size,
+                progress=False,
+                postprocess_mode=postprocess_mode,
+            )
             result["written"].append(case)
         except InputError as exc:
             result["failed"][case] = exc.message

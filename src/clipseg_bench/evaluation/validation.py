@@ -92,6 +92,7 @@ def validation_dice(
     feature_index: np.ndarray | None = None,
     threshold=0.5,
     batch_size=16,
+    channels="gray",
 ) -> float:
     """Mean 2D Dice over the (slice, organ) pairs of ``rows`` where the organ is present.
 
@@ -104,13 +105,14 @@ def validation_dice(
         features: cached vision activations when the encoder is frozen: row ``feature_index[i]``
             (default ``i``) belongs to ``rows.iloc[i]``. Read batch by batch.
         feature_index: see ``features``.
+        channels: the run's input_channels mode (what the model's R, G, B hold).
 
     Returns:
         The mean Dice, NaN when no scored slice holds a prompted organ (or ``rows`` is empty).
     """
     if len(rows) == 0:
         return float("nan")
-    imgs = np.stack([data.array(c, "image")[z] for c, z in zip(rows["case"], rows["z"])])
+    imgs = np.concatenate([data.inputs(c, [z], channels) for c, z in zip(rows["case"], rows["z"])])
     labs = np.stack([data.array(c, "label")[z] for c, z in zip(rows["case"], rows["z"])])
     if features is not None:
         features = _Take(features, np.arange(len(rows)) if feature_index is None else feature_index)

@@ -6,8 +6,8 @@ step on cached activations is an order of magnitude faster (benchmarks/README.md
 memory-mapped under ``PREPARED/feature_cache/<key>/``, in fp16 (half the disk and page cache; the
 default) or fp32 (the activations exactly): ``TrainConfig.feature_cache_dtype``. The key hashes
 everything the cached values depend on: the vision weights, the preprocessing (window, size,
-mean/std), the prepared data and the dtype, so any change builds a new cache instead of silently
-reusing a stale one.
+mean/std, input channels), the prepared data and the dtype, so any change builds a new cache
+instead of silently reusing a stale one.
 No library caches HF encoder activations to disk, so this is our own (small) code.
 """
 
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from clipseg_bench.data.channels import WINDOWS, needs_hu
 from clipseg_bench.data.dataset import PreparedData, resize_slices
 from clipseg_bench.model.forward import encode_images, preprocess
 
@@ -41,7 +42,9 @@ def vision_fingerprint(model) -> str:
 DTYPES = {"fp16": np.float16, "fp32": np.float32}  # TrainConfig.feature_cache_dtype -> stored dtype
 
 
-def cache_key(model, *, data: PreparedData, size: int, mean, std, dtype: str = "fp16") -> str:
+def cache_key(
+    model, *, data: PreparedData, size: int, mean, std, dtype: str = "fp16", channels: str = "gray"
+) -> str:
     """The cache folder's name: a hash of everything the cached values depend on."""
     h = hashlib.blake2b(digest_size=8)
     h.update(vision_fingerprint(model).encode())
@@ -49,7 +52,17 @@ def cache_key(model, *, data: PreparedData, size: int, mean, std, dtype: str = "
     h.update(json.dumps({"size": size, "mean": list(mean), "std": list(std)}).encode())
     if dtype != "fp16":  # fp16 caches keep the keys they had before the dtype became a choice
         h.update(dtype.encode())
+    h.update(_channels_key(channels))
     return h.hexdigest()
+
+
+def _channels_key(channels: str) -> bytes:
+    """The input_channels part of the key; empty for ``gray``, so caches built before the field
+    existed (all gray) keep their key and are reused."""
+    if channels == "gray":
+        return b""
+    doc = {"input_channels": channels, "windows": list(WINDOWS) if needs_hu(channels) else None}
+    return json.dumps(doc, sort_keys=True).encode()
 
 
 @dataclass
@@ -75,6 +88,7 @@ def build_feature_cache(
     show_progress: bool = True,
     key: str | None = None,
     dtype: str = "fp16",
+    channels: str = "gray",
 ) -> tuple[np.ndarray, CacheInfo]:
     """Compute (or reuse) the activations for the slices listed in ``rows``.
 
@@ -86,11 +100,12 @@ def build_feature_cache(
         key: :func:`cache_key` of these arguments, when the caller already has it (it hashes the
             whole vision encoder, so callers building several row sets compute it once).
         dtype: ``fp16`` or ``fp32`` (:data:`DTYPES`), what is stored.
+        channels: the input_channels mode the images are built with (part of the key).
 
     Returns:
         (memmap of shape (N, L, T, D) in ``dtype``, CacheInfo). Row i belongs to ``rows.iloc[i]``.
     """
-    key = key or cache_key(model, data=data, size=size, mean=mean, std=std, dtype=dtype)
+    key = key or cache_key(model, data=data, size=size, mean=mean, std=std, dtype=dtype, channels=channels)
     np_dtype = DTYPES[dtype]
     folder = data.root / "feature_cache" / key
     path = folder / f"{name}.npy"
@@ -108,7 +123,7 @@ def build_feature_cache(
     with torch.no_grad():
         for start in range(0, len(wanted), batch_size):
             chunk = wanted[start : start + batch_size]
-            imgs = torch.stack([torch.from_numpy(np.array(data.array(c, "image")[z])) for c, z in chunk])
+            imgs = torch.from_numpy(np.concatenate([data.inputs(c, [z], channels) for c, z in chunk]))
             imgs = resize_slices(imgs, size)
             pv = preprocess(imgs, size=size, mean=mean, std=std).to(device)
             acts = torch.stack(encode_images(model, pv), dim=1).to("cpu")  # (b, L, T, D)

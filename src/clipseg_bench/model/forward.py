@@ -116,24 +116,30 @@ def set_gradient_checkpointing(model: CLIPSegForImageSegmentation, enabled: bool
 
 
 def preprocess(images: Tensor, *, size: int, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """Grayscale CT slices -> normalised 3-channel model input.
+    """CT slices -> normalised 3-channel model input.
 
     Args:
-        images: (B, H, W) uint8 (already intensity-windowed slices), any device.
+        images: (B, H, W) uint8 gray slices (already intensity-windowed), copied into R, G and B;
+            or (B, 3, H, W) uint8 images whose channels differ (``input_channels`` neighbors /
+            windows, :mod:`clipseg_bench.data.channels`). Any device.
         size: square output side in px.
-        mean, std: per-channel normalisation of values in [0, 1] (the model's image processor's).
+        mean, std: per-channel normalisation of values in [0, 1] (the model's image processor's),
+            applied to R, G, B alike in every mode.
 
     Returns:
         (B, 3, size, size) float32: bilinear resize (antialiased, like PIL's), /255, normalised.
     """
-    if images.ndim != 3:
-        raise ValueError(f"expected (B, H, W) slices, got shape {tuple(images.shape)}")
-    x = images.to(torch.float32).unsqueeze(1) / 255.0
+    if images.ndim == 4 and images.shape[1] == 3:
+        x = images.to(torch.float32) / 255.0
+    elif images.ndim == 3:
+        x = images.to(torch.float32).unsqueeze(1) / 255.0
+    else:
+        raise ValueError(f"expected (B, H, W) or (B, 3, H, W) slices, got shape {tuple(images.shape)}")
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x - m) / s  # broadcasting the single gray channel to 3 channels
+    return (x - m) / s  # a single gray channel broadcasts to 3 channels
 
 
 def tokenize(loaded_or_tokenizer: Any, prompts: Sequence[str]) -> dict[str, Tensor]:

@@ -124,6 +124,7 @@ def _val_dice(setup: TrainingSetup) -> float:
         organ_ids=setup.organ_ids,
         features=setup.val_features,
         threshold=setup.cfg.threshold,
+        channels=setup.cfg.input_channels,
     )
 
 
@@ -137,6 +138,7 @@ def _train_check_dice(setup: TrainingSetup) -> float:
         features=setup.features,
         feature_index=setup.train_check,
         threshold=setup.cfg.threshold,
+        channels=setup.cfg.input_channels,
     )
 
 

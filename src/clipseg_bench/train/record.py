@@ -43,7 +43,23 @@ def start_record(setup) -> dict:
             "train": f"cache {setup.cfg.feature_cache_dtype}" if setup.features is not None else "live",
             "val": f"cache {setup.cfg.feature_cache_dtype}" if setup.val_features is not None else "live",
         },
+        **channels_record(setup),
     }
+
+
+def channels_record(setup) -> dict:
+    """run.json's input channels: the mode, the HU windows of ``windows`` (segment reads them),
+    and for ``neighbors`` how far apart neighbouring training slices were (min/median/max, mm)."""
+    from clipseg_bench.data.channels import WINDOWS
+
+    mode = setup.cfg.input_channels
+    doc: dict = {"input_channels": mode}
+    if mode == "windows":
+        doc["channel_windows"] = list(WINDOWS)
+    if mode == "neighbors":
+        dz = setup.data.manifest["spacing_z"].astype(float)
+        doc["neighbor_spacing_mm"] = [float(dz.min()), float(dz.median()), float(dz.max())]
+    return doc
 
 
 def write_start(setup, out: Path, record: dict) -> None:

@@ -178,6 +178,7 @@ def build_training(
         train_rows: train on these manifest rows instead of the split's kept slices.
     """
     data = PreparedData(cfg.data)
+    data.check_channels(cfg.input_channels)
     if loaded is None:
         loaded = load_model(cfg.model, image_size=cfg.image_size)
         apply_strategy(loaded.model, cfg.strategy, cfg.strategy_options)
@@ -204,7 +205,9 @@ def build_training(
     if not vision_trainable(model) and cfg.feature_cache:
         features, val_features, infos = _cache_frozen_vision(cfg, acc, data, loaded, train_rows, val_rows)
 
-    dataset = SliceDataset(data, "train", size=loaded.image_size, features=features, rows=train_rows)
+    dataset = SliceDataset(
+        data, "train", size=loaded.image_size, features=features, rows=train_rows, channels=cfg.input_channels
+    )
     sampler = EpochSampler(len(dataset), cfg.seed)
     loader = DataLoader(
         dataset,
@@ -283,7 +286,15 @@ def _cache_frozen_vision(
     """Vision activations of the train rows and the val sample, built once (main process first)."""
     model, size, mean, std = loaded.model, loaded.image_size, loaded.mean, loaded.std
     # One key for both row sets: it hashes the whole vision encoder (344 MB for rd64).
-    key = cache_key(model, data=data, size=size, mean=mean, std=std, dtype=cfg.feature_cache_dtype)
+    key = cache_key(
+        model,
+        data=data,
+        size=size,
+        mean=mean,
+        std=std,
+        dtype=cfg.feature_cache_dtype,
+        channels=cfg.input_channels,
+    )
     build = functools.partial(
         build_feature_cache,
         model,
@@ -295,6 +306,7 @@ def _cache_frozen_vision(
         show_progress=acc.is_main_process,
         key=key,
         dtype=cfg.feature_cache_dtype,
+        channels=cfg.input_channels,
     )
     features = val_features = None
     infos: dict[str, CacheInfo] = {}
