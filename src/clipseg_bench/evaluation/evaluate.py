@@ -6,6 +6,9 @@ Per case, every slice of the split is predicted once for all organs. Two reading
   ``empty_specificity`` over pairs where it is absent;
 - 3D: per pixel the most probable organ above threshold, slices re-stacked onto the case's
   original grid and spacing, then scored with the FLARE22 rules (evaluation.metrics).
+
+The same slices are also decoded with wrong and reworded prompts (evaluation.reliance): does the
+model still read its prompt, and how much does the wording matter.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from clipseg_bench.errors import InputError
 from clipseg_bench.evaluation.loading import load_run
 from clipseg_bench.evaluation.metrics import present_pairs_dice, score_case, summarize
 from clipseg_bench.evaluation.predict import probabilities_to_labels
+from clipseg_bench.evaluation.reliance import RIGHT, PromptCheck
 from clipseg_bench.provenance import write_json_atomic
 
 N_SAMPLES = 4  # slices kept for the report's qualitative overlays
@@ -58,6 +62,7 @@ def evaluate_run(
     seg = trained.segmenter(dev)
     organ_ids = [o.id for o in trained.organs]
     features = _frozen_features(trained, prepared, cases, split, dev, show_progress)
+    check = PromptCheck(seg, organs=trained.organs, template=cfg.prompt_template, threshold=cfg.threshold)
 
     per_case, dice_pairs, absent_total, absent_empty = {}, [], 0, 0
     samples: dict[str, list] = {"image": [], "gt": [], "pred": [], "case": [], "z": []}
@@ -67,7 +72,10 @@ def evaluate_run(
         pred = np.zeros_like(gt)
         feats = None if features is None else features[offset : offset + len(images)]
         offset += len(images)
-        for start, probs in seg.iter_probabilities(images, batch_size=16, features=feats):
+        for start, prompt_sets in seg.iter_prompt_sets(
+            images, prompt_embs=check.embeddings, batch_size=16, features=feats
+        ):
+            probs = prompt_sets[RIGHT]
             stop = start + len(probs)
             pred[start:stop] = probabilities_to_labels(probs, organ_ids, threshold=cfg.threshold).numpy()
             binary = (probs > cfg.threshold).numpy()  # (b, K, H, W): each prompt on its own
@@ -79,6 +87,7 @@ def evaluate_run(
             )
             absent_total += int((~present).sum())
             absent_empty += int((~present & ~binary.any((2, 3))).sum())
+            check.add(prompt_sets, target)
         meta = prepared.cases_meta[case]
         per_case[case] = score_case(
             slices_to_volume(pred, meta), slices_to_volume(gt, meta), meta["spacing"], trained.organs
@@ -102,6 +111,7 @@ def evaluate_run(
         "empty_specificity": absent_empty / absent_total if absent_total else float("nan"),
         "per_case": per_case,
         "summary": summarize(per_case),
+        **check.metrics(),
         "threshold": cfg.threshold,
         "eval_time_s": time.perf_counter() - t0,
     }
