@@ -36,6 +36,7 @@ def start_record(setup) -> dict:
         "params": {"trainable": setup.counts.trainable, "total": setup.counts.total},
         "lr": resolve_lr(cfg),
         "window": setup.data.window,  # segment needs it to preprocess a new CT like the training data
+        "train_case_ids": setup.train_cases,  # the cases trained on (a subset with `train_cases`)
     }
 
 
