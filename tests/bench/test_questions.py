@@ -107,9 +107,9 @@ def test_reliance_table_equals_the_metrics_json(study):
 
 def test_data_efficiency_table_and_plot(study):
     table = md_table((study / "results.md").read_text(), "Data efficiency (val 3D DSC)").set_index("Strategy")
-    assert list(table.columns) == ["1 cases", "all (6) cases"]
+    assert list(table.columns) == ["1 case", "all (6) cases"]
     for strategy, column, pattern in (
-        ("full", "1 cases", "full-s?-n1"),
+        ("full", "1 case", "full-s?-n1"),
         ("decoder", "all (6) cases", "decoder-s?"),
     ):
         values = [m["summary"]["dsc"] for m in _metrics(study, pattern)]

@@ -184,8 +184,8 @@ def efficiency_display(efficiency: pd.DataFrame) -> pd.DataFrame:
         row = {"Strategy": strategy}
         for label in labels:
             n = efficiency.loc[efficiency["train_cases"] == label, "n_train_cases"].max()
-            head = f"all ({n:.0f})" if label == ALL_CASES and _finite(n) else label
-            row[f"{head} cases"] = (
+            head = f"all ({n:.0f}) cases" if label == ALL_CASES and _finite(n) else f"{label} cases"
+            row["1 case" if label == "1" else head] = (
                 fmt_pm(g.at[label, "mean"], g.at[label, "std"], 3) if label in g.index else "–"
             )
         out.append(row)

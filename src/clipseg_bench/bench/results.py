@@ -470,11 +470,14 @@ def paired_differences(table: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFram
         scores: :func:`case_scores` of the same runs.
 
     Returns:
-        :data:`PAIRED_COLUMNS`; ``reference_kind`` is "untrained", "best" or both.
+        :data:`PAIRED_COLUMNS`, the full training set's rows first; ``reference_kind`` is
+        "untrained", "best" or both.
     """
     done = table[table["status"] == FINISHED]
     rows = []
-    for cases, level in done.groupby("train_cases", sort=False):
+    levels = sorted(set(done["train_cases"]), key=lambda c: (c != ALL_CASES, int(c) if c != ALL_CASES else 0))
+    for cases in levels:  # the full training set first, then from the fewest cases up
+        level = done[done["train_cases"] == cases]
         means = level.groupby("strategy")["val_dsc3d"].mean().dropna()
         if means.empty:
             continue
