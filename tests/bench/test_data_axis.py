@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import shlex
 import signal
 import subprocess
 import sys
@@ -54,63 +54,43 @@ def test_cells_and_names_with_the_axis():
     assert run_name("lora", 2, 5) == "lora-s2-n5" and run_name("lora", 2) == "lora-s2"
 
 
-def _cmd(prepared, out):
-    return [
-        sys.executable,
-        "-m",
-        "clipseg_bench.cli",
-        "benchmark",
-        "--data",
-        str(prepared),
-        "--model",
-        "tiny",
-        "--strategies",
-        "adapter",
-        "--seeds",
-        "0",
-        "--train-cases",
-        "1,2",
-        "--epochs",
-        "4",
-        "--batch-size",
-        "8",
-        "--out",
-        str(out),
-        "--no-evaluate",
-    ]
+def _wait_for(path, timeout_s: float = 300) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and not path.is_file():
+        time.sleep(0.05)
 
 
 def test_matrix_with_train_cases_resumes_after_a_kill(prepared_dir, tmp_path):
     out = tmp_path / "B"
-    cfg = tmp_path / "common.yaml"
-    cfg.write_text("image_size: 64\nval_max_slices: 4\nval_every: 0\n")
-    cmd = [*_cmd(prepared_dir, out), "--config", str(cfg)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    common = tmp_path / "common.yaml"
+    common.write_text("image_size: 64\nval_max_slices: 4\nval_every: 0\n")
+    args = f"--data {shlex.quote(str(prepared_dir))} --out {shlex.quote(str(out))} --config {shlex.quote(str(common))}"
+    args += " --strategies adapter --seeds 0 --train-cases 1,2 --epochs 4 --batch-size 8 --no-evaluate"
+    cmd = [sys.executable, "-m", "clipseg_bench.cli", "benchmark", *shlex.split(args)]
     first = out / "runs" / "adapter-s0-n1"  # the first cell: fewest cases first
     state = first / "checkpoints" / "last" / "state.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and not state.is_file():
-        time.sleep(0.05)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    _wait_for(state)
     os.killpg(proc.pid, signal.SIGKILL)  # the benchmark and its training subprocess, mid-run
     proc.wait()
-    assert run_status(first) == "running"
-    assert json.loads(state.read_text())["epoch"] < 4
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "adapter-s0-n1: resuming" in r.stdout and "adapter-s0-n2: training" in r.stdout
+    assert run_status(first) == "running" and json.loads(state.read_text())["epoch"] < 4
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "adapter-s0-n1: resuming" in rerun.stdout and "adapter-s0-n2: training" in rerun.stdout
     train_cases = PreparedData(prepared_dir).cases("train")
     for n in (1, 2):
         run = out / "runs" / f"adapter-s0-n{n}"
-        assert run_status(run) == "finished"
-        assert len(pd.read_csv(run / "history.csv")) == 4
         info = json.loads((run / "run.json").read_text())
+        assert info["status"] == "finished" and len(pd.read_csv(run / "history.csv")) == 4
         assert info["train_case_ids"] == train_case_subset(train_cases, n, seed=0)
     assert json.loads((out / "bench-shard0.json").read_text())["train_cases"] == [1, 2]
 
 
-def test_shards_with_train_cases_merge_like_one_benchmark(prepared_dir, tmp_path):
-    def bench(out, shard):
-        return run_matrix(
+def test_shards_with_train_cases_merge_in_the_report(prepared_dir, tmp_path):
+    shards = [tmp_path / f"shard{i}" for i in range(2)]
+    for i, shard in enumerate(shards):
+        run_matrix(
             data=prepared_dir,
             model="tiny",
             strategies=["decoder"],
@@ -118,27 +98,24 @@ def test_shards_with_train_cases_merge_like_one_benchmark(prepared_dir, tmp_path
             epochs=50,
             max_steps=2,
             batch_size=8,
-            out=out,
-            shard=shard,
+            out=shard,
+            shard=f"{i}/2",
             train_cases="1,all",
             extra={"image_size": 64, "val_max_slices": 8, "val_every": 0},
         )
+    assert [sorted(p.name for p in (s / "runs").iterdir()) for s in shards] == [
+        ["decoder-s0-n1"],
+        ["decoder-s0"],
+    ]
 
-    s0, s1 = tmp_path / "shard0", tmp_path / "shard1"
-    bench(s0, "0/2")
-    bench(s1, "1/2")
-    assert {p.name for p in (s0 / "runs").iterdir()} == {"decoder-s0-n1"}
-    assert {p.name for p in (s1 / "runs").iterdir()} == {"decoder-s0"}
-    whole = tmp_path / "whole"
-    for shard in (s0, s1):
-        shutil.copytree(shard / "runs", whole / "runs", dirs_exist_ok=True)
-    write_report([s0, s1], out=tmp_path / "merged")
-    write_report([whole])
-    merged, single = pd.read_csv(tmp_path / "merged" / "results.csv"), pd.read_csv(whole / "results.csv")
-    drop = ["bench_dir", "run_dir"]
-    pd.testing.assert_frame_equal(merged.drop(columns=drop), single.drop(columns=drop))
-    assert list(merged["train_cases"].astype(str)) == ["1", "all"]
+    def results(html):
+        return pd.read_csv(html.with_name("results.csv"), dtype={"train_cases": str})
+
+    each = [results(write_report([s])) for s in shards]  # one shard at a time
+    merged_dir = tmp_path / "merged"
+    merged = results(write_report(shards, out=merged_dir))
+    pd.testing.assert_frame_equal(merged, pd.concat(each, ignore_index=True))  # the union, in report order
+    assert list(merged["train_cases"]) == ["1", "all"]
     assert list(merged["n_train_cases"]) == [1, 3]  # prepared_dir has 3 training cases
-    md = (tmp_path / "merged" / "results.md").read_text()
-    assert "## Data efficiency (val 3D DSC)" in md and "all (3) cases" in md
-    assert (tmp_path / "merged" / "plots" / "data_efficiency.png").is_file()
+    assert "all (3) cases" in (merged_dir / "results.md").read_text()  # the data-efficiency table
+    assert (merged_dir / "plots" / "data_efficiency.png").is_file()
