@@ -43,7 +43,14 @@ class Segmenter:
 
     @contextlib.contextmanager
     def _eval_mode(self):
-        """Inference mode (no dropout) for the duration; a model being trained goes back to training."""
+        """Inference mode (no dropout) for the duration; a model being trained goes back to training.
+
+        A model already in eval mode is left alone: switching walks every module (about 10% of
+        `evaluate`'s time for the tiny model, which decodes each batch once per prompt set).
+        """
+        if not any(m.training for m in self.model.modules()):
+            yield
+            return
         was_training = self.model.training
         self.model.eval()
         try:
