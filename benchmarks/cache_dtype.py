@@ -15,7 +15,7 @@ its own features) per seed, mean ± sample std, and the per-seed differences to 
 default is kept only if its difference is within the seed-to-seed spread. Writes JSON with
 ``--json``. Run folders go under ``OUT/cache_dtype/`` and are reused when finished. Usage::
 
-    python benchmarks/cache_dtype.py --out demo_out --seeds 0,1,2,3,4 --json cache_dtype.json
+    python benchmarks/cache_dtype.py --out study_out --seeds 0,1,2,3,4 --json cache_dtype.json
 """
 
 from __future__ import annotations
@@ -69,16 +69,21 @@ def _pm(values: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("demo_out"), help="the demo's folder (made if absent)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("study_out"),
+        help="study folder: the demo's stages at its earlier size are made here",
+    )
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--steps", type=int, default=300, help="fine-tuning steps (the demo's: 300)")
     p.add_argument("--json", type=Path, help="write the results here")
     a = p.parse_args(argv)
 
-    from clipseg_bench.bench.demo import prepare_demo
+    from clipseg_bench.bench.demo import SIZES, prepare_demo
 
     load_start = os.getloadavg()
-    pretrained = prepare_demo(a.out)
+    pretrained = prepare_demo(a.out, size=SIZES["study"])  # the size benchmarks/README.md was measured at
     seeds = [int(s) for s in a.seeds.split(",")]
     results = {v: {} for v in VARIANTS}
     for seed in seeds:

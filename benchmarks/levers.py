@@ -126,9 +126,10 @@ def main() -> None:
     a = ap.parse_args()
     out = Path(a.out)
     t0, load_start = time.perf_counter(), loadavg()
-    pretrained = prepare_demo(out, quick=a.quick)
+    size = SIZES["quick" if a.quick else "study"]  # "study": the size the README's table was measured at
+    pretrained = prepare_demo(out, size=size)
     prepared_b = out / "prepared_B"
-    steps = SIZES["quick" if a.quick else "full"][3]
+    steps = size.steps
     rows, per_mode_s = [], {}
     for mode in a.modes.split(","):
         t_mode = time.perf_counter()

@@ -163,6 +163,7 @@ def _cmd_benchmark(a: argparse.Namespace) -> None:
         evaluate=not a.no_evaluate,
         launcher=a.launcher,
         strategy_lr=_parse_lrs(a.lrs),
+        train_cases=a.train_cases,
     )
 
 
@@ -328,6 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--lrs", help="per-strategy learning rates, e.g. full=1e-5,decoder=1e-3 (default: configs)"
     )
     s.add_argument("--launcher", help='training launcher, e.g. "accelerate launch --num_processes 4"')
+    s.add_argument(
+        "--train-cases",
+        help="data-efficiency axis: training-case counts, fractions or 'all', e.g. 1,5,all or 0.25,0.5,1.0 "
+        "(nested subsets fixed by the seed; the val split stays the same)",
+    )
     s.set_defaults(func=_cmd_benchmark)
 
     s = sub.add_parser("report", help="tables, plots and report.html from one or more BENCH folders")

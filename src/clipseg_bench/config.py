@@ -48,6 +48,12 @@ class TrainConfig(BaseModel):
     image_size: int | None = Field(None, ge=16, description="Square input side; None takes the model's.")
     prompt_template: str = Field("name", description="`name`, `photo`, `ct` or a template with {organ}.")
     organs: list[str] | None = Field(None, description="Organ keys to train on; None means all 13.")
+    train_cases: int | None = Field(
+        None,
+        ge=1,
+        description="Train on this many of the train split's cases (a subset fixed by the seed; a "
+        "larger count contains a smaller one); None: all of them. The val split never changes.",
+    )
     seed: int = 0
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
         "no", description="Autocast on GPU via Accelerate."

@@ -102,6 +102,34 @@ def prompts(template: str = "{organ}", organs: list[Organ] | None = None) -> lis
     return [o.prompt(template) for o in (organs or ORGANS)]
 
 
+# --- prompt synonyms: another wording of each organ, to test how brittle a model is to it ---------
+
+# One synonym per organ, keyed by organ key: a radiologist's or an anatomy atlas's wording, never
+# the organ's own name. `evaluate` prompts with them (through the run's template) to see whether a
+# tuned model still understands the organ or only the exact words it was trained on.
+PROMPT_SYNONYMS = {
+    "liver": "hepatic parenchyma",
+    "right_kidney": "kidney, right",
+    "spleen": "splenic parenchyma",
+    "pancreas": "pancreatic gland",
+    "aorta": "abdominal aorta",
+    "inferior_vena_cava": "IVC",
+    "right_adrenal_gland": "suprarenal gland, right",
+    "left_adrenal_gland": "suprarenal gland, left",
+    "gallbladder": "gall bladder",
+    "esophagus": "oesophagus",
+    "stomach": "gaster",
+    "duodenum": "proximal small intestine",
+    "left_kidney": "kidney, left",
+}
+
+
+def synonym_prompts(template: str = "{organ}", organs: list[Organ] | None = None) -> list[str]:
+    """Like :func:`prompts`, with each organ's :data:`PROMPT_SYNONYMS` entry in place of its name."""
+    template = PROMPT_TEMPLATES.get(template, template)
+    return [template.format(organ=PROMPT_SYNONYMS[o.key]) for o in (organs or ORGANS)]
+
+
 # --- gray encoding of label images (the original study's PNG export) -----------------------
 
 _GRAY_LUT = np.zeros(256, dtype=np.uint8)

@@ -1,16 +1,22 @@
 """`clipseg-bench demo` (`make demo`): the whole study at smoke scale, with nothing downloaded.
 
 phantoms (style A) -> prepare -> pretrain a tiny CLIPSeg on A   (stands in for CLIP's pretraining)
-phantoms (style B) -> prepare -> benchmark all strategies from that checkpoint -> report
+phantoms (style B) -> prepare -> benchmark all strategies x 2 seeds from that checkpoint
+                              -> the data-efficiency axis: a few strategies on 1 and 3 of the
+                                 training cases (the full set comes from the benchmark)
+                              -> report (strategies, prompt reliance, data efficiency, paired differences)
 
 Style B shifts contrast, noise and organ shapes, so fine-tuning has a real domain gap to close and
 zero-shot has a real handicap. Every stage writes files and is skipped when its files exist, so an
-interrupted demo continues where it stopped.
+interrupted demo continues where it stopped. Each stage prints its wall and CPU time: with one
+thread per run, CPU time is what the stage takes on an idle machine.
 """
 
 from __future__ import annotations
 
+import resource
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipseg_bench.bench.matrix import run_matrix
@@ -21,51 +27,121 @@ from clipseg_bench.strategies import available
 # Learning rates for a tiny model trained from scratch on phantoms: far higher than the real-model
 # defaults in configs/strategies.yaml (1e-5 for full fine-tuning of pretrained CLIP).
 DEMO_LRS = {"full": 3e-4, "decoder": 1e-3, "adapter": 1e-3, "lora": 1e-3, "bitfit": 1e-3}
-SIZES = {  # (cases A, cases B, pretrain steps, fine-tune steps, seeds)
-    "full": (8, 8, 1500, 300, [0]),
-    "quick": (4, 4, 60, 10, [0]),
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    """How big the demo is. The full size fits `make demo` into 10 minutes on 2 cores (README)."""
+
+    cases_a: int  # phantom cases of style A (pretraining; a quarter of them are val cases)
+    cases_b: int  # phantom cases of style B (the benchmark)
+    val_fraction_b: float  # of the style-B cases: val cases x seeds are the pairs of the paired tests
+    pretrain_steps: int
+    steps: int  # fine-tuning steps of every benchmark run, on any number of training cases
+    seeds: list[int]
+    # The data-efficiency axis: these strategies also train on these training-case counts.
+    axis_strategies: list[str] = field(default_factory=list)
+    axis_cases: str = ""
+
+
+SIZES = {
+    "full": DemoSize(
+        cases_a=8,
+        cases_b=10,
+        val_fraction_b=0.3,  # 3 val cases: 6 (case, seed) pairs, so a Wilcoxon p can fall to 0.031
+        pretrain_steps=1000,
+        steps=60,
+        seeds=[0, 1],
+        axis_strategies=["full", "lora"],
+        axis_cases="1,3",
+    ),
+    "quick": DemoSize(
+        cases_a=4,
+        cases_b=4,
+        val_fraction_b=0.25,
+        pretrain_steps=60,
+        steps=10,
+        seeds=[0],
+        axis_strategies=["lora"],
+        axis_cases="1",
+    ),
+    # The demo's earlier size, which the measurements of benchmarks/cache_dtype.py and
+    # benchmarks/levers.py (benchmarks/README.md, README) were made with: they keep using it.
+    "study": DemoSize(
+        cases_a=8,
+        cases_b=8,
+        val_fraction_b=0.25,
+        pretrain_steps=1500,
+        steps=300,
+        seeds=[0],
+    ),
 }
-
-
-def _stage(name: str) -> float:
-    print(f"\n=== demo: {name}", flush=True)
-    return time.perf_counter()
-
 
 # One thread: a 250k-parameter model gains little from a second core, and OpenMP threads that
 # spin-wait slow training by 10x or more whenever anything else on the machine wants a core.
 COMMON = {"image_size": 128, "batch_size": 8, "warmup_steps": 20, "weight_decay": 1e-4, "threads": 1}
 
 
+class _Stages:
+    """Prints each stage's name, then its wall and CPU time (this process and its subprocesses)."""
+
+    def __init__(self):
+        self.name, self.t0, self.cpu0 = None, 0.0, 0.0
+
+    @staticmethod
+    def _cpu() -> float:
+        return sum(
+            u.ru_utime + u.ru_stime
+            for u in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+        )
+
+    def start(self, name: str) -> None:
+        self.end()
+        print(f"\n=== demo: {name}", flush=True)
+        self.name, self.t0, self.cpu0 = name, time.perf_counter(), self._cpu()
+
+    def end(self) -> None:
+        if self.name is not None:
+            wall, cpu = time.perf_counter() - self.t0, self._cpu() - self.cpu0
+            print(f"=== demo: {self.name}: {wall:.0f} s wall, {cpu:.0f} s CPU", flush=True)
+        self.name = None
+
+
 def run_demo(*, out: Path, quick: bool = False, strategies: list[str] | None = None) -> Path:
     """Run the demo into ``out``; returns the report path."""
     out = Path(out)
-    _, _, _, ft_steps, seeds = SIZES["quick" if quick else "full"]
+    size = SIZES["quick" if quick else "full"]
     t_start = time.perf_counter()
-    pretrained = prepare_demo(out, quick=quick)
+    stages = _Stages()
+    pretrained = prepare_demo(out, size=size, stages=stages)
+    matrix = {
+        "data": out / "prepared_B",
+        "model": str(pretrained),
+        "seeds": size.seeds,
+        "epochs": 1000,
+        "max_steps": size.steps,
+        "strategy_lr": DEMO_LRS,
+        "extra": {**COMMON, "val_every": 0},
+    }
+    stages.start(f"benchmark on style B ({size.steps} steps per run, seeds {size.seeds})")
+    run_matrix(strategies=strategies or available(), out=out / "bench", **matrix)
+    benches = [out / "bench"]
+    axis = [s for s in size.axis_strategies if s in (strategies or available())]
+    if axis:
+        stages.start(f"data efficiency: {', '.join(axis)} on {size.axis_cases} of the training cases")
+        run_matrix(strategies=axis, out=out / "bench_data", train_cases=size.axis_cases, **matrix)
+        benches.append(out / "bench_data")
 
-    _stage(f"benchmark on style B ({ft_steps} steps per strategy)")
-    run_matrix(
-        data=out / "prepared_B",
-        model=str(pretrained),
-        strategies=strategies or available(),
-        seeds=seeds,
-        epochs=1000,
-        max_steps=ft_steps,
-        out=out / "bench",
-        strategy_lr=DEMO_LRS,
-        extra={**COMMON, "val_every": 0},
-    )
-
-    _stage("report")
-    html = write_report([out / "bench"])
+    stages.start("report")
+    html = write_report(benches, out=out / "bench")
+    stages.end()
     print(f"\ndemo finished in {time.perf_counter() - t_start:.0f} s")
     print(f"report: {html}")
     print(f"table:  {out / 'bench' / 'results.md'}")
     return html
 
 
-def prepare_demo(out: Path, *, quick: bool = False) -> Path:
+def prepare_demo(out: Path, *, size: DemoSize, stages: _Stages | None = None) -> Path:
     """The demo's data and base model: phantoms of styles A and B prepared into ``out/prepared_A``
     and ``out/prepared_B``, and the tiny model pretrained on A; each skipped when its files exist.
 
@@ -76,27 +152,30 @@ def prepare_demo(out: Path, *, quick: bool = False) -> Path:
     from clipseg_bench.data.prepare import prepare
 
     out.mkdir(parents=True, exist_ok=True)
-    n_a, n_b, pre_steps, _, _ = SIZES["quick" if quick else "full"]
-    _stage("phantoms and prepare")
-    for style, n, seed in (("A", n_a, 100), ("B", n_b, 200)):
+    stages = stages or _Stages()
+    stages.start("phantoms and prepare")
+    for style, n, seed, val in (
+        ("A", size.cases_a, 100, 0.25),
+        ("B", size.cases_b, 200, size.val_fraction_b),
+    ):
         if not (out / f"prepared_{style}" / "dataset.json").is_file():
             write_phantoms(out / f"phantoms_{style}", cases=n, seed=seed, style=style, size=96)
             prepare(
                 images=out / f"phantoms_{style}" / "images",
                 labels=out / f"phantoms_{style}" / "labels",
                 out=out / f"prepared_{style}",
-                val_fraction=0.25,
+                val_fraction=val,
                 seed=0,
                 png=False,
             )
     pretrained = out / "pretrained-tiny"
     if not (pretrained / "config.json").is_file():
-        _stage(f"pretrain the tiny CLIPSeg on style A ({pre_steps} steps)")
-        _pretrain(out, pretrained, steps=pre_steps, common=COMMON)
+        stages.start(f"pretrain the tiny CLIPSeg on style A ({size.pretrain_steps} steps)")
+        _pretrain(out, pretrained, steps=size.pretrain_steps)
     return pretrained
 
 
-def _pretrain(out: Path, pretrained: Path, *, steps: int, common: dict) -> None:
+def _pretrain(out: Path, pretrained: Path, *, steps: int) -> None:
     """Train every parameter of a fresh tiny model on style A, then save it as a local model folder."""
     from clipseg_bench.evaluation.loading import load_run
     from clipseg_bench.model.load import save_model
@@ -106,7 +185,7 @@ def _pretrain(out: Path, pretrained: Path, *, steps: int, common: dict) -> None:
     cfg = load_config(
         None,
         {
-            **common,
+            **COMMON,
             "data": str(out / "prepared_A"),
             "out": str(run),
             "model": "tiny",

@@ -18,7 +18,14 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from clipseg_bench.bench.results import BREAKDOWN_ORDER, STRATEGY_ORDER, Run, strategy_order
+from clipseg_bench.bench.results import (
+    ALL_CASES,
+    BREAKDOWN_ORDER,
+    STRATEGY_ORDER,
+    VARIANT_PREFIX,
+    Run,
+    strategy_order,
+)
 from clipseg_bench.errors import InputError
 from clipseg_bench.organs import ORGANS
 
@@ -501,4 +508,109 @@ def plot_overlays(runs: list[Run], path: Path, max_slices: int = 4) -> Path | No
         )
     top = 1 - (0.25 + 0.22 * math.ceil(len(handles) / 5)) / fig.get_figheight()
     fig.subplots_adjust(wspace=0.04, hspace=0.04, top=top, left=0.06, right=0.99, bottom=0.01)
+    return _save(fig, path)
+
+
+def plot_reliance(summary: pd.DataFrame, path: Path) -> Path | None:
+    """Val 2D Dice per strategy with the right prompt, a wrong organ's name, and each rewording.
+
+    Bars are means over seeds with sample-std error bars; the gap between the first two bars is the
+    prompt reliance. Strategies without reliance scores (runs evaluated before it existed) are left out.
+
+    Args:
+        summary: :func:`~clipseg_bench.bench.results.summary_table` output.
+        path: PNG to write.
+    """
+    if summary.empty or "prompt_reliance_mean" not in summary:
+        return None
+    rows = summary[summary["dice2d_wrong_prompt_mean"].notna()]
+    if rows.empty:
+        return None
+    variants = [
+        c[: -len("_mean")] for c in rows.columns if c.startswith(VARIANT_PREFIX) and c.endswith("_mean")
+    ]
+    bars = [("val_dice", "right prompt", "#4e79a7"), ("dice2d_wrong_prompt", "wrong organ's name", "#e15759")]
+    grays = ("#bab0ac", "#9c9c9c", "#d7d7d7", "#7f7f7f", "#c7c7c7")
+    bars += [
+        (c, f"wording: {c[len(VARIANT_PREFIX) :]}", grays[i % len(grays)]) for i, c in enumerate(variants)
+    ]
+    names = list(rows["strategy"])
+    xs = np.arange(len(names))
+    width = 0.8 / len(bars)
+    fig = Figure(figsize=(max(6.0, 1.3 * len(names) + 2.5), 4.2))
+    ax = fig.subplots()
+    for k, (col, label, color) in enumerate(bars):
+        ax.bar(
+            xs + (k - (len(bars) - 1) / 2) * width,
+            rows[f"{col}_mean"].fillna(0),
+            width,
+            yerr=rows[f"{col}_std"].fillna(0),
+            color=color,
+            label=label,
+            error_kw={"lw": 0.8, "capsize": 1.5},
+        )
+    for x, r in zip(xs, rows["prompt_reliance_mean"]):
+        if math.isfinite(r):
+            ax.annotate(
+                f"{r:+.2f}",
+                (x, 1.0),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                xycoords=("data", "axes fraction"),
+            )
+    ax.set_xticks(xs, names)
+    ax.set_ylabel("val 2D Dice")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(
+        "Does the model read its prompt? (above each group: reliance = right − wrong)", fontsize=10, pad=16
+    )
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return _save(fig, path)
+
+
+def plot_data_efficiency(efficiency: pd.DataFrame, path: Path) -> Path | None:
+    """Val 3D DSC against the number of training cases: one line per strategy, a band of ± 1 sample
+    std over seeds around the mean. A strategy that trains nothing is a dashed horizontal line at its
+    mean (its score cannot depend on the training cases).
+
+    Args:
+        efficiency: :func:`~clipseg_bench.bench.results.efficiency_table` output.
+        path: PNG to write. Nothing is drawn (None) with fewer than two training-case counts.
+    """
+    data = efficiency[efficiency["n_train_cases"].notna() & efficiency["mean"].notna()]
+    if data.empty or data["n_train_cases"].nunique() < 2:
+        return None
+    names = strategy_order(set(data["strategy"]))
+    xs = sorted(data["n_train_cases"].unique())
+    labels = {
+        float(n): f"{n:.0f} (all)"
+        if (data.loc[data["n_train_cases"] == n, "train_cases"] == ALL_CASES).any()
+        else f"{n:.0f}"
+        for n in xs
+    }
+    fig = Figure(figsize=(7.5, 4.5))
+    ax = fig.subplots()
+    for name in names:
+        g = data[data["strategy"] == name].sort_values("n_train_cases")
+        c = strategy_color(name, names)
+        if (g["trainable_params"] == 0).all():
+            ax.axhline(g["mean"].mean(), color=c, ls="--", lw=1.2, label=f"{name} (trains nothing)")
+            continue
+        x, m, sd = (
+            g["n_train_cases"].to_numpy(float),
+            g["mean"].to_numpy(float),
+            g["std"].fillna(0).to_numpy(float),
+        )
+        ax.plot(x, m, color=c, marker="o", ms=4, lw=1.5, label=name)
+        ax.fill_between(x, m - sd, m + sd, color=c, alpha=0.18, lw=0)
+    ax.set_xscale("log")
+    ax.set_xticks(xs, [labels[float(n)] for n in xs])
+    ax.minorticks_off()
+    ax.set_xlabel("training cases (log scale; the same val cases throughout)")
+    ax.set_ylabel("val 3D DSC")
+    ax.set_title("Data efficiency (line: mean over seeds; band: ± 1 sample std)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return _save(fig, path)

@@ -20,12 +20,18 @@ from pandas.io.formats.style import Styler
 
 from clipseg_bench.bench import plots
 from clipseg_bench.bench.results import (
+    ALL_CASES,
     FINISHED,
+    VARIANT_PREFIX,
     Run,
     audit_cells,
     breakdown_keys,
+    case_scores,
     cleanup_gain_table,
+    efficiency_table,
+    full_data_runs,
     load_bench,
+    paired_differences,
     per_organ_table,
     runs_table,
     summary_table,
@@ -144,10 +150,12 @@ def runs_display(table: pd.DataFrame) -> pd.DataFrame:
     def num(x, d):
         return f"{x:.{d}f}" if _finite(x) else "–"
 
+    cases = {"Training cases": table["train_cases"]} if _has_data_axis(table) else {}
     return pd.DataFrame(
         {
             "Strategy": table["strategy"],
             "Seed": table["seed"],
+            **cases,
             "Status": table["status"],
             "Val Dice": [num(x, 4) for x in table["val_dice"]],
             "Val 3D DSC": [num(x, 4) for x in table["val_dsc3d"]],
@@ -166,6 +174,89 @@ def audit_display(runs: list[Run]) -> pd.DataFrame:
     that part trains), frozen tensors changed, and the verdict."""
     cells = pd.DataFrame([{"Strategy": r.strategy, "Seed": r.seed, **audit_cells(r.info)} for r in runs])
     return cells.fillna("–")
+
+
+def _has_data_axis(table: pd.DataFrame) -> bool:
+    return "train_cases" in table and bool((table["train_cases"] != ALL_CASES).any())
+
+
+def _cases_order(labels) -> list[str]:
+    """Training-case labels from fewest cases to all."""
+    return sorted(set(labels), key=lambda c: (c == ALL_CASES, int(c) if c != ALL_CASES else 0))
+
+
+def reliance_display(summary: pd.DataFrame) -> pd.DataFrame:
+    """Per strategy: val 2D Dice with the right prompt, with a wrong organ's name, their difference
+    (the prompt reliance) and under each rewording; mean ± std over seeds (3 decimals). Strategies
+    evaluated before the reliance scores existed are left out."""
+    if summary.empty or "dice2d_wrong_prompt_mean" not in summary:
+        return pd.DataFrame()
+    rows = summary[summary["dice2d_wrong_prompt_mean"].notna()]
+    variants = [
+        c[: -len("_mean")] for c in rows.columns if c.startswith(VARIANT_PREFIX) and c.endswith("_mean")
+    ]
+    out = []
+    for _, r in rows.iterrows():
+        row = {
+            "Strategy": r["strategy"],
+            "Seeds": r["n_seeds"],
+            "Right prompt": fmt_pm(r["val_dice_mean"], r["val_dice_std"], 3),
+            "Wrong organ's name": fmt_pm(r["dice2d_wrong_prompt_mean"], r["dice2d_wrong_prompt_std"], 3),
+            "Prompt reliance": fmt_pm(r["prompt_reliance_mean"], r["prompt_reliance_std"], 3),
+        }
+        for v in variants:
+            row[f"Wording: {v[len(VARIANT_PREFIX) :]}"] = fmt_pm(r[f"{v}_mean"], r[f"{v}_std"], 3)
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def efficiency_display(efficiency: pd.DataFrame) -> pd.DataFrame:
+    """Strategies as rows, training-case counts as columns, val 3D DSC mean ± std over seeds."""
+    labels = _cases_order(efficiency["train_cases"])
+    out = []
+    for strategy in dict.fromkeys(efficiency["strategy"]):
+        g = efficiency[efficiency["strategy"] == strategy].set_index("train_cases")
+        row = {"Strategy": strategy}
+        for label in labels:
+            n = efficiency.loc[efficiency["train_cases"] == label, "n_train_cases"].max()
+            head = f"all ({n:.0f}) cases" if label == ALL_CASES and _finite(n) else f"{label} cases"
+            row["1 case" if label == "1" else head] = (
+                fmt_pm(g.at[label, "mean"], g.at[label, "std"], 3) if label in g.index else "–"
+            )
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def paired_display(paired: pd.DataFrame) -> pd.DataFrame:
+    """The paired differences as text: mean, 95% bootstrap interval, Wilcoxon p and the verdict."""
+
+    def verdict(r) -> str:
+        if r["n"] < 2:
+            return "too few (case, seed) pairs to tell"
+        if r["within_noise"]:
+            return "within noise"
+        return "higher" if r["mean"] > 0 else "lower"
+
+    def num(x, fmt):
+        return format(x, fmt) if _finite(x) else "–"
+
+    cases = {"Training cases": paired["train_cases"]} if (paired["train_cases"] != ALL_CASES).any() else {}
+    return pd.DataFrame(
+        {
+            **cases,
+            "Strategy": paired["strategy"],
+            "Reference": [f"{r} ({k})" for r, k in zip(paired["reference"], paired["reference_kind"])],
+            "Metric": paired["metric"].map({"dsc": "val 3D DSC", "nsd": "val NSD"}),
+            "Pairs": paired["n"],
+            "Mean difference": [num(x, "+.4f") for x in paired["mean"]],
+            "95% CI": [
+                f"[{num(lo, '+.4f')}, {num(hi, '+.4f')}]"
+                for lo, hi in zip(paired["ci_low"], paired["ci_high"])
+            ],
+            "Wilcoxon p": [num(x, ".3g") for x in paired["p_value"]],
+            "Verdict": [verdict(r) for _, r in paired.iterrows()],
+        }
+    )
 
 
 # --- explanations ----------------------------------------------------------------------------
@@ -278,10 +369,10 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def config_tables(runs: list[Run]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(settings that differ between runs: one row per run; settings all runs share: key, value).
 
-    ``out``, ``strategy`` and ``seed`` are left out: the run's name already says them.
+    ``out``, ``strategy``, ``seed`` and ``train_cases`` are left out: the run's name already says them.
     """
     flat = [_flatten(r.config) for r in runs]
-    keys = sorted({k for f in flat for k in f} - {"out", "strategy", "seed"})
+    keys = sorted({k for f in flat for k in f} - {"out", "strategy", "seed", "train_cases"})
     varying = [k for k in keys if len({repr(f.get(k)) for f in flat}) > 1]
     diff = pd.DataFrame(
         [{"run": r.path.name, **{k: f.get(k, "–") for k in varying}} for r, f in zip(runs, flat)]
@@ -339,8 +430,10 @@ def _excluded_note(table: pd.DataFrame) -> str:
     bad = table[table["status"] != FINISHED]
     if bad.empty:
         return ""
+    cases = bad["train_cases"] if "train_cases" in bad else [ALL_CASES] * len(bad)
     listed = ", ".join(
-        f"{s} seed {d} ({st})" for s, d, st in zip(bad["strategy"], bad["seed"], bad["status"])
+        f"{s} seed {d}{'' if c == ALL_CASES else f' on {c} cases'} ({st})"
+        for s, d, c, st in zip(bad["strategy"], bad["seed"], cases, bad["status"])
     )
     return f"{len(bad)} unfinished run(s) are listed below but excluded from every mean, table and plot: {listed}."
 
@@ -376,8 +469,15 @@ def write_markdown(
     nsd: pd.DataFrame,
     table: pd.DataFrame,
     runs: list[Run] | None = None,
+    *,
+    sections: dict[str, pd.DataFrame] | None = None,
 ) -> Path:
-    """results.md: the aggregate table and the per-organ tables, in Markdown."""
+    """results.md: the aggregate table and the per-organ tables, in Markdown.
+
+    Args:
+        sections: more tables (heading -> display table) placed before the list of runs; empty
+            tables are left out.
+    """
     lines = [
         "# clipseg-bench results",
         "",
@@ -394,6 +494,9 @@ def write_markdown(
         lines += ["## Per-organ val 3D DSC", "", per_organ_display(dsc).to_markdown(index=False), ""]
         lines += ["## Per-organ val NSD", "", per_organ_display(nsd).to_markdown(index=False), ""]
         lines += cleanup_markdown(runs)
+    for heading, df in (sections or {}).items():
+        if not df.empty:
+            lines += [f"## {heading}", "", df.to_markdown(index=False), ""]
     lines += ["## Runs", "", runs_display(table).to_markdown(index=False), ""]
     path.write_text("\n".join(lines))
     return path
@@ -417,10 +520,63 @@ def make_plots(
         "curves": plots.plot_curves(runs, folder / "curves.png"),
         "overlays": plots.plot_overlays(runs, folder / "overlays.png"),
     }
+    return _drop_stale(pngs, folder)
+
+
+def _drop_stale(pngs: dict[str, Path | None], folder: Path) -> dict[str, Path | None]:
     for name, path in pngs.items():
         if path is None:  # a plot from an earlier report must not outlive the data it showed
             (folder / f"{name}.png").unlink(missing_ok=True)
     return pngs
+
+
+def question_tables(every: list[Run], table: pd.DataFrame, summary: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The tables behind the study's three questions (the raw numbers, not yet formatted).
+
+    Args:
+        every: all runs, every training-case level.
+        table: :func:`~clipseg_bench.bench.results.runs_table` of ``every``.
+        summary: :func:`~clipseg_bench.bench.results.summary_table` of the full-data runs.
+
+    Returns:
+        ``{"summary": summary (prompt reliance), "efficiency": val 3D DSC per strategy and training
+        cases, "paired": paired differences}``.
+    """
+    return {
+        "summary": summary,
+        "efficiency": efficiency_table(table),
+        "paired": paired_differences(table, case_scores(every)),
+    }
+
+
+def make_question_plots(questions: dict[str, pd.DataFrame], folder: Path) -> dict[str, Path | None]:
+    """The prompt-reliance and data-efficiency plots (None where there is nothing to draw)."""
+    pngs = {
+        "reliance": plots.plot_reliance(questions["summary"], folder / "reliance.png"),
+        "data_efficiency": plots.plot_data_efficiency(
+            questions["efficiency"], folder / "data_efficiency.png"
+        ),
+    }
+    return _drop_stale(pngs, folder)
+
+
+def question_sections(questions: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """The question tables as display tables, by heading (results.md and report.html)."""
+    efficiency = questions["efficiency"]
+    return {
+        "Prompt reliance (val 2D Dice)": reliance_display(questions["summary"]),
+        "Data efficiency (val 3D DSC)": efficiency_display(efficiency)
+        if efficiency["train_cases"].nunique() > 1
+        else pd.DataFrame(),
+        "Paired differences (over val case and seed)": paired_display(questions["paired"]),
+    }
+
+
+def _questions_context(questions: dict[str, pd.DataFrame]) -> dict:
+    """Each question's HTML table, or None when it has no data."""
+    sections = list(question_sections(questions).values())
+    names = ("reliance", "efficiency", "paired")
+    return {n: _table(df, n) if not df.empty else None for n, df in zip(names, sections)}
 
 
 def _results_context(
@@ -435,7 +591,7 @@ def _results_context(
         "summary": _table(summary_display(summary), "summary"),
         "dsc": _table(per_organ_display(dsc), "dsc"),
         "nsd": _table(per_organ_display(nsd), "nsd"),
-        **cleanup_context(runs),
+        **cleanup_context(full_data_runs(runs)),  # the clean-up's gain on the largest training set
         "mem_kinds": sorted({str(k) for k in table.loc[finished, "peak_mem_kind"].dropna()}),
         "gap": explain_gap(summary, parts),
         "strategies": [
@@ -476,8 +632,15 @@ def render_html(
     nsd: pd.DataFrame,
     pngs: dict[str, Path | None],
     sources: list[Path],
+    questions: dict[str, pd.DataFrame] | None = None,
 ) -> str:
-    """The whole report as one HTML string (images inline), from ``templates/report.html.j2``."""
+    """The whole report as one HTML string (images inline), from ``templates/report.html.j2``.
+
+    Args:
+        runs, table: every run (listed, provenance); ``summary``, ``dsc`` and ``nsd`` describe
+            the runs on the largest training set.
+        questions: :func:`question_tables`, for the reliance, data-efficiency and paired sections.
+    """
     unfinished = ["" if s == FINISHED else "unfinished" for s in table["status"]]
     return _TEMPLATES.get_template("report.html.j2").render(
         n_runs=len(table),
@@ -491,6 +654,8 @@ def render_html(
         all_runs=_table(runs_display(table), "runs", unfinished),
         audit=_table(audit_display(runs), "audit"),
         provenance=_provenance_context(runs),
+        questions=None if questions is None or summary.empty else _questions_context(questions),
+        data_axis=_has_data_axis(table),
     )
 
 
@@ -510,19 +675,33 @@ def write_report(bench_dirs: list[Path], out: Path | None = None) -> Path:
             disagree about the same finished run.
     """
     bench_dirs = [Path(b) for b in bench_dirs]
-    runs = load_bench(bench_dirs)
+    every = load_bench(bench_dirs)
     out = Path(out) if out is not None else bench_dirs[0]
     out.mkdir(parents=True, exist_ok=True)
-    table = runs_table(runs)
+    table = runs_table(every)
     table.to_csv(out / "results.csv", index=False)
-    summary = summary_table(table)
+    # The strategy tables and plots describe the largest training set; the data axis has its own.
+    runs = full_data_runs(every)
+    main = runs_table(runs)
+    summary = summary_table(main)
     summary.to_csv(out / "results_summary.csv", index=False)
-    dsc, nsd = per_organ_table(table, "dsc"), per_organ_table(table, "nsd")
-    write_markdown(out / "results.md", summary, dsc, nsd, table, runs)
-    pngs = make_plots(runs, table, summary, dsc, nsd, out / "plots")
+    dsc, nsd = per_organ_table(main, "dsc"), per_organ_table(main, "nsd")
+    questions = question_tables(every, table, summary)
+    write_markdown(out / "results.md", summary, dsc, nsd, table, runs, sections=question_sections(questions))
+    pngs = make_plots(runs, main, summary, dsc, nsd, out / "plots")
+    pngs.update(make_question_plots(questions, out / "plots"))
     report = out / "report.html"
     report.write_text(
-        render_html(runs=runs, table=table, summary=summary, dsc=dsc, nsd=nsd, pngs=pngs, sources=bench_dirs),
+        render_html(
+            runs=every,
+            table=table,
+            summary=summary,
+            dsc=dsc,
+            nsd=nsd,
+            pngs=pngs,
+            sources=bench_dirs,
+            questions=questions,
+        ),
         encoding="utf-8",
     )
     return report

@@ -1,7 +1,8 @@
 """Load BENCH run folders, merge shards, and turn them into tables (one row per run, mean ± std).
 
-A BENCH folder holds ``runs/<strategy>-s<seed>/`` with the files ``train`` and ``evaluate`` write
-(see docs/architecture.md): ``run.json``, ``config.yaml``, ``history.csv``, ``metrics.json`` and
+A BENCH folder holds ``runs/<strategy>-s<seed>/`` (``runs/<strategy>-s<seed>-n<cases>/`` for a run
+on a subset of the training cases) with the files ``train`` and ``evaluate`` write (see
+docs/architecture.md): ``run.json``, ``config.yaml``, ``history.csv``, ``metrics.json`` and
 ``samples.npz``. Several BENCH folders are shards of one benchmark; their runs are unioned here.
 Everything in this module is pure data handling: no plotting, no HTML.
 """
@@ -10,16 +11,22 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
+from clipseg_bench.bench import stats
 from clipseg_bench.errors import InputError
 from clipseg_bench.organs import ORGANS
 
 FINISHED = "finished"
+# results.csv's train_cases of a run on the whole train split (and of runs from before that axis).
+ALL_CASES = "all"
+# Run folder names: <strategy>-s<seed>, or <strategy>-s<seed>-n<training cases>.
+_RUN_NAME = re.compile(r"^(?P<strategy>.+)-s(?P<seed>[^-]+)(?:-n(?P<cases>\d+))?$")
 # Strategies appear in this order in every table and plot; unknown ones follow alphabetically.
 STRATEGY_ORDER = ("zeroshot", "full", "decoder", "adapter", "lora", "bitfit")
 # The trainer's timing breakdown keys, in the order the time flows through a step.
@@ -40,7 +47,11 @@ METRICS = (
     "peak_mem_mb",
     "masks_per_s",
     "cache_build_s",
+    "prompt_reliance",
+    "dice2d_wrong_prompt",
 )
+# Prefix of the results.csv columns holding evaluate's dice2d under each prompt wording.
+VARIANT_PREFIX = "prompt_variant_"
 
 
 @dataclass(frozen=True)
@@ -54,6 +65,7 @@ class Run:
         config: ``config.yaml`` as a dict (empty when the file is missing).
         metrics: ``metrics.json`` as a dict, or None when evaluate has not run.
         history: ``history.csv`` (one row per epoch), or None when absent or empty.
+        train_cases: how many training cases the run trained on; None for the whole train split.
     """
 
     bench: Path
@@ -65,6 +77,12 @@ class Run:
     config: dict
     metrics: dict | None
     history: pd.DataFrame | None
+    train_cases: int | None = None
+
+    @property
+    def train_cases_label(self) -> str:
+        """``all``, or the number of training cases as text (results.csv's ``train_cases``)."""
+        return ALL_CASES if self.train_cases is None else str(self.train_cases)
 
     @property
     def finished(self) -> bool:
@@ -104,13 +122,15 @@ def _read_history(path: Path) -> pd.DataFrame | None:
 
 
 def load_run(path: Path, bench: Path) -> Run:
-    """Read one run folder. The folder name ``<strategy>-s<seed>`` is used when run.json lacks them.
+    """Read one run folder. The folder name ``<strategy>-s<seed>[-n<cases>]`` is used when run.json
+    and config.yaml lack them; a run with no training-case count trained on all cases.
 
     A folder without ``run.json`` (a run that never started writing) is kept with status ``missing``
     so that the report can list it.
     """
     info = _read_json(path / "run.json") if (path / "run.json").is_file() else {"status": "missing"}
-    name_strategy, _, name_seed = path.name.rpartition("-s")
+    named = _RUN_NAME.match(path.name)
+    name_strategy, name_seed, name_cases = named.groups() if named else ("", None, None)
     strategy = info.get("strategy") or name_strategy
     seed = info.get("seed", name_seed)
     try:
@@ -126,6 +146,8 @@ def load_run(path: Path, bench: Path) -> Run:
         config = (yaml.safe_load(cfg_path.read_text()) or {}) if cfg_path.is_file() else {}
     except yaml.YAMLError as exc:
         raise InputError(cfg_path, f"not valid YAML ({str(exc).splitlines()[0]})") from None
+    config = config if isinstance(config, dict) else {}
+    train_cases = config.get("train_cases", name_cases)
     metrics_path = path / "metrics.json"
     return Run(
         bench=bench,
@@ -134,9 +156,10 @@ def load_run(path: Path, bench: Path) -> Run:
         seed=seed,
         status=str(info.get("status", "unknown")),
         info=info,
-        config=config if isinstance(config, dict) else {},
+        config=config,
         metrics=_read_json(metrics_path) if metrics_path.is_file() else None,
         history=_read_history(path / "history.csv"),
+        train_cases=None if train_cases is None else int(train_cases),
     )
 
 
@@ -166,32 +189,39 @@ def _same_numbers(a: dict, b: dict) -> bool:
 
 
 def merge_runs(runs: list[Run]) -> list[Run]:
-    """Union of runs from several shards, one per (strategy, seed), in report order.
+    """Union of runs from several shards, one per (strategy, training cases, seed), in report order
+    (strategy, then training cases from fewest to all, then seed).
 
     A duplicate keeps the more complete status (finished > interrupted > running > failed).
 
     Raises:
-        InputError: the same (strategy, seed) finished in two folders with different numbers.
+        InputError: the same (strategy, training cases, seed) finished in two folders with different numbers.
     """
-    chosen: dict[tuple[str, int], Run] = {}
+    chosen: dict[tuple[str, int | None, int], Run] = {}
     for run in runs:
-        key = (run.strategy, run.seed)
+        key = (run.strategy, run.train_cases, run.seed)
         other = chosen.get(key)
         if other is None:
             chosen[key] = run
             continue
         if run.finished and other.finished:
             if not _same_numbers(run_row(run), run_row(other)):
+                cases = "" if run.train_cases is None else f" on {run.train_cases} training cases"
                 raise InputError(
                     run.path,
-                    f"{run.strategy} seed {run.seed} finished in both {other.path} and {run.path} "
+                    f"{run.strategy} seed {run.seed}{cases} finished in both {other.path} and {run.path} "
                     "with different numbers; remove one of them",
                 )
             continue
         if _STATUS_RANK.get(run.status, 9) < _STATUS_RANK.get(other.status, 9):
             chosen[key] = run
     order = {s: i for i, s in enumerate(strategy_order({k[0] for k in chosen}))}
-    return [chosen[k] for k in sorted(chosen, key=lambda k: (order[k[0]], k[1]))]
+
+    def report_order(k):
+        strategy, cases, seed = k
+        return order[strategy], cases is None, cases or 0, seed
+
+    return [chosen[k] for k in sorted(chosen, key=report_order)]
 
 
 def load_bench(bench_dirs: list[Path]) -> list[Run]:
@@ -265,9 +295,12 @@ def run_row(run: Run, breakdown: list[str] | None = None) -> dict:
     summary = metrics.get("summary") or {}
     parts = timing.get("breakdown_s") or {}
     git, hw = info.get("git") or {}, info.get("hardware") or {}
+    case_ids = info.get("train_case_ids")  # run.json: the cases trained on (runs since the data axis)
     row = {
         "strategy": run.strategy,
         "seed": run.seed,
+        "train_cases": run.train_cases_label,  # config.yaml train_cases, "all" without one
+        "n_train_cases": _num(len(case_ids) if case_ids is not None else run.train_cases),
         "status": run.status,
         "model": info.get("model", run.config.get("model")),
         "trainable_params": _num(params.get("trainable")),  # run.json params
@@ -278,6 +311,10 @@ def run_row(run: Run, breakdown: list[str] | None = None) -> dict:
         "val_dsc3d": _num(summary.get("dsc")),  # metrics.json summary (FLARE22 3D scores)
         "val_nsd3d": _num(summary.get("nsd")),
         "empty_specificity": _num(metrics.get("empty_specificity")),
+        # metrics.json prompt reliance (evaluation.reliance): dice2d with a wrong organ's name
+        "prompt_reliance": _num(metrics.get("prompt_reliance")),
+        "dice2d_wrong_prompt": _num(metrics.get("dice2d_wrong_prompt")),
+        **{f"{VARIANT_PREFIX}{k}": _num(v) for k, v in (metrics.get("prompt_variants") or {}).items()},
         "train_time_s": _num(timing.get("train_time_s")),  # run.json timing
         "s_per_epoch": _num(timing.get("s_per_epoch")),
         "epochs": _num(timing.get("epochs")),
@@ -327,6 +364,7 @@ def summary_table(table: pd.DataFrame) -> pd.DataFrame:
     """
     done = table[table["status"] == FINISHED]
     cols = [c for c in (*METRICS, *(c for c in table.columns if c.startswith("time_"))) if c in done]
+    cols += [c for c in table.columns if c.startswith(VARIANT_PREFIX)]
     rows = []
     for strategy in strategy_order(set(done["strategy"])):
         g = done[done["strategy"] == strategy]
@@ -415,3 +453,151 @@ def cleanup_gain_table(runs: list[Run], metric: str) -> pd.DataFrame:
                 }
             )
     return pd.DataFrame(rows, columns=["strategy", "organ", "name", "mean", "std", "n"])
+
+
+# --- the study's questions: how much data, and which differences are real --------------------
+
+
+def full_data_runs(runs: list[Run]) -> list[Run]:
+    """The runs on the benchmark's largest training set: all cases if any run had them, else the
+    largest count. The strategy tables and plots describe these; the data-efficiency section all."""
+    if not runs:
+        return []
+    counts = {r.train_cases for r in runs}
+    level = None if None in counts else max(counts)
+    return [r for r in runs if r.train_cases == level]
+
+
+def efficiency_table(table: pd.DataFrame, metric: str = "val_dsc3d") -> pd.DataFrame:
+    """One metric against the number of training cases: mean and sample std over finished seeds.
+
+    Args:
+        table: :func:`runs_table` output (every training-case level).
+        metric: a results.csv column.
+
+    Returns:
+        Columns ``strategy, train_cases, n_train_cases, mean, std, n, trainable_params``, one row per
+        (strategy, training cases) in report order. ``n_train_cases`` is the number of cases the
+        runs trained on (NaN for runs from before it was recorded); ``trainable_params`` is 0 for a
+        strategy that trains nothing, whose score cannot depend on the training cases.
+    """
+    done = table[table["status"] == FINISHED]
+    rows = []
+    for (strategy, cases), g in done.groupby(["strategy", "train_cases"], sort=False):
+        rows.append(
+            {
+                "strategy": strategy,
+                "train_cases": cases,
+                "n_train_cases": g["n_train_cases"].max(),
+                "mean": g[metric].mean(),
+                "std": g[metric].std(ddof=1),
+                "n": int(g[metric].notna().sum()),
+                "trainable_params": g["trainable_params"].mean(),
+            }
+        )
+    return pd.DataFrame(
+        rows, columns=["strategy", "train_cases", "n_train_cases", "mean", "std", "n", "trainable_params"]
+    )
+
+
+def case_scores(runs: list[Run]) -> pd.DataFrame:
+    """Per (run, val case) scores: the pairing unit of :func:`paired_differences`.
+
+    Returns:
+        Columns ``strategy, train_cases, seed, case, dsc, nsd`` for every finished, evaluated run:
+        a case's 3D DSC/NSD is the mean over its organs in metrics.json ``per_case``, the rule by
+        which ``evaluation.metrics.summarize`` makes the run's own summary (not imported: it
+        brings MONAI, seconds of start-up a report does not otherwise need).
+    """
+    rows = []
+    for r in runs:
+        per_case = (r.metrics or {}).get("per_case") or {}
+        if not r.finished:
+            continue
+        for case, organs in per_case.items():
+            if not organs:
+                continue
+            rows.append(
+                {
+                    "strategy": r.strategy,
+                    "train_cases": r.train_cases_label,
+                    "seed": r.seed,
+                    "case": str(case),
+                    **{
+                        m: math.fsum(_num(o.get(m)) for o in organs.values()) / len(organs)
+                        for m in ("dsc", "nsd")
+                    },
+                }
+            )
+    return pd.DataFrame(rows, columns=["strategy", "train_cases", "seed", "case", "dsc", "nsd"])
+
+
+PAIRED_COLUMNS = [
+    "train_cases",
+    "strategy",
+    "reference",
+    "reference_kind",
+    "metric",
+    "n",
+    "mean",
+    "ci_low",
+    "ci_high",
+    "p_value",
+    "within_noise",
+]
+
+
+def paired_differences(table: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
+    """Each strategy against the references, paired over (val case, seed), per training-case level.
+
+    The references, found from the numbers and never by name: every strategy that trains nothing
+    (``trainable_params`` 0, the zero-shot baseline), and the best strategy (highest mean val 3D
+    DSC over finished seeds at that level). Differences are strategy minus reference, for val 3D
+    DSC and NSD; see :mod:`clipseg_bench.bench.stats` for the interval and the p-value.
+
+    Args:
+        table: :func:`runs_table` output.
+        scores: :func:`case_scores` of the same runs.
+
+    Returns:
+        :data:`PAIRED_COLUMNS`, the full training set's rows first; ``reference_kind`` is
+        "untrained", "best" or both.
+    """
+    done = table[table["status"] == FINISHED]
+    rows = []
+    levels = sorted(set(done["train_cases"]), key=lambda c: (c != ALL_CASES, int(c) if c != ALL_CASES else 0))
+    for cases in levels:  # the full training set first, then from the fewest cases up
+        level = done[done["train_cases"] == cases]
+        means = level.groupby("strategy")["val_dsc3d"].mean().dropna()
+        if means.empty:
+            continue
+        untrained = level.groupby("strategy")["trainable_params"].max() == 0
+        kinds: dict[str, list[str]] = {s: ["untrained"] for s in untrained[untrained].index}
+        kinds.setdefault(str(means.idxmax()), []).append("best")
+        at_level = scores[scores["train_cases"] == cases]
+        compared: set[frozenset[str]] = set()
+        for reference in strategy_order(set(kinds)):
+            for strategy in strategy_order(set(level["strategy"]) - {reference}):
+                if frozenset((strategy, reference)) in compared:  # a reference against another
+                    continue
+                compared.add(frozenset((strategy, reference)))
+                for metric in ("dsc", "nsd"):
+                    diffs = stats.paired(
+                        _by_pair(at_level, strategy, metric), _by_pair(at_level, reference, metric)
+                    )
+                    rows.append(
+                        {
+                            "train_cases": cases,
+                            "strategy": strategy,
+                            "reference": reference,
+                            "reference_kind": ", ".join(kinds[reference]),
+                            "metric": metric,
+                            **stats.compare(diffs),
+                        }
+                    )
+    return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
+
+
+def _by_pair(scores: pd.DataFrame, strategy: str, metric: str) -> dict[tuple[str, int], float]:
+    g = scores[scores["strategy"] == strategy]
+    return {(c, int(s)): float(v) for c, s, v in zip(g["case"], g["seed"], g[metric])}

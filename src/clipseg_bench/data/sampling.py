@@ -6,8 +6,11 @@ would have seen.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
+
+from clipseg_bench.errors import InputError
 
 
 class EpochSampler(Sampler[int]):
@@ -47,3 +50,27 @@ def select_pairs(
     if not select.any():
         select[0, 0] = True
     return select.nonzero()
+
+
+def train_case_subset(cases: list[str], n: int, *, seed: int) -> list[str]:
+    """The ``n`` training cases a run with ``seed`` trains on, out of the split's ``cases``.
+
+    The cases are put in one order drawn from ``seed`` alone and the first ``n`` are taken, so the
+    subsets of one seed are nested (the 5-case set contains the 1-case set) and fixed by the seed
+    and the split.
+
+    Args:
+        cases: the train split's case ids (any order; they are sorted first).
+        n: how many to keep, 1 <= n <= len(cases).
+        seed: the run's seed.
+
+    Returns:
+        The chosen case ids, sorted.
+
+    Raises:
+        InputError: ``n`` is not between 1 and the number of cases.
+    """
+    if not 1 <= n <= len(cases):
+        raise InputError("train_cases", f"asks for {n} training cases; the train split has {len(cases)}")
+    order = np.random.default_rng([seed, 0x7CA5E5]).permutation(sorted(cases))
+    return sorted(str(c) for c in order[:n])

@@ -8,6 +8,9 @@ Per case, every slice of the split is predicted once for all organs. Two reading
   original grid and spacing, then scored with the FLARE22 rules (evaluation.metrics), both as
   predicted and after each 3D clean-up (evaluation.postprocess), so one run shows what the clean-up
   gains; ``--postprocess`` picks which of them is the headline ``per_case``/``summary``.
+
+The same slices are also decoded with wrong and reworded prompts (evaluation.reliance): does the
+model still read its prompt, and how much does the wording matter.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from clipseg_bench.evaluation.loading import load_run
 from clipseg_bench.evaluation.metrics import present_pairs_dice, score_case, summarize
 from clipseg_bench.evaluation.postprocess import POSTPROCESS_MODES, postprocess
 from clipseg_bench.evaluation.predict import probabilities_to_labels
+from clipseg_bench.evaluation.reliance import RIGHT, PromptCheck
 from clipseg_bench.provenance import write_json_atomic
 
 N_SAMPLES = 4  # slices kept for the report's qualitative overlays
@@ -71,6 +75,7 @@ def evaluate_run(
     seg = trained.segmenter(dev)
     organ_ids = [o.id for o in trained.organs]
     features = _frozen_features(trained, prepared, cases, split, dev, show_progress)
+    check = PromptCheck(seg, organs=trained.organs, template=cfg.prompt_template, threshold=cfg.threshold)
 
     per_mode: dict[str, dict] = {m: {} for m in POSTPROCESS_MODES}
     dice_pairs, absent_total, absent_empty = [], 0, 0
@@ -82,7 +87,10 @@ def evaluate_run(
         pred = np.zeros_like(gt)
         feats = None if features is None else features[offset : offset + len(images)]
         offset += len(images)
-        for start, probs in seg.iter_probabilities(inputs, batch_size=16, features=feats):
+        for start, prompt_sets in seg.iter_prompt_sets(
+            inputs, prompt_embs=check.embeddings, batch_size=16, features=feats
+        ):
+            probs = prompt_sets[RIGHT]
             stop = start + len(probs)
             pred[start:stop] = probabilities_to_labels(probs, organ_ids, threshold=cfg.threshold).numpy()
             binary = (probs > cfg.threshold).numpy()  # (b, K, H, W): each prompt on its own
@@ -94,6 +102,7 @@ def evaluate_run(
             )
             absent_total += int((~present).sum())
             absent_empty += int((~present & ~binary.any((2, 3))).sum())
+            check.add(prompt_sets, target)
         for mode, scores in score_postprocessed(pred, gt, prepared.cases_meta[case], trained.organs).items():
             per_mode[mode][case] = scores
         if not samples["case"]:  # overlays: the first case only, the same slices for every run
@@ -119,6 +128,7 @@ def evaluate_run(
         "postprocess": postprocess_mode,
         "postprocess_3d": {m: {"per_case": pc, "summary": summarize(pc)} for m, pc in per_mode.items()},
         "input_channels": cfg.input_channels,
+        **check.metrics(),
         "threshold": cfg.threshold,
         "eval_time_s": time.perf_counter() - t0,
     }

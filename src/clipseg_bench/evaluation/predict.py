@@ -6,6 +6,7 @@ can never disagree about preprocessing, prompts or thresholds.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -33,17 +34,55 @@ class Segmenter:
         self, model, tokenizer, *, organs: list[Organ], prompts: list[str], size: int, mean, std, device
     ):
         self.model, self.organs, self.size, self.mean, self.std = model, organs, size, mean, std
+        self.tokenizer = tokenizer
         self.device = torch.device(device)
-        self.tokens = {k: v.to(self.device) for k, v in tokenize(tokenizer, prompts).items()}
+        self.tokens = self._tokens(prompts)
+
+    def _tokens(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in tokenize(self.tokenizer, prompts).items()}
+
+    @contextlib.contextmanager
+    def _eval_mode(self):
+        """Inference mode (no dropout) for the duration; a model being trained goes back to training.
+
+        A model already in eval mode is left alone: switching walks every module (about 10% of
+        `evaluate`'s time for the tiny model, which decodes each batch once per prompt set).
+        """
+        if not any(m.training for m in self.model.modules()):
+            yield
+            return
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train(was_training)
 
     @torch.no_grad()
-    def prompt_embeddings(self) -> torch.Tensor:
+    def prompt_embeddings(self, prompts: list[str] | None = None) -> torch.Tensor:
         """(K, D) prompt embeddings from the text encoder as it is *now*.
 
         Never computed once at construction: during training the text encoder may be learning,
         and stale embeddings would validate a model that no longer exists.
+
+        Args:
+            prompts: K other texts to embed (e.g. wrong or reworded organ prompts); default: the
+                segmenter's own prompts.
         """
-        return encode_prompts(self.model, self.tokens["input_ids"], self.tokens["attention_mask"])
+        tokens = self.tokens if prompts is None else self._tokens(prompts)
+        with self._eval_mode():
+            return encode_prompts(self.model, tokens["input_ids"], tokens["attention_mask"])
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(b, H, W) uint8 slices -> (b, L, T, D) vision activations, the layout the feature cache stores.
+
+        Encode a batch once with this, then decode it for several prompt sets through
+        :meth:`probabilities` (``features=``) without running the vision encoder again.
+        """
+        x = preprocess(resize_slices(images, self.size), size=self.size, mean=self.mean, std=self.std)
+        with self._eval_mode():
+            return torch.stack(encode_images(self.model, x.to(self.device)), dim=1)
 
     @torch.no_grad()
     def probabilities(
@@ -58,40 +97,58 @@ class Segmenter:
         ``features`` are cached vision activations (b, L, T, D) for these slices, if any;
         ``prompt_emb`` the current :meth:`prompt_embeddings`, to skip recomputing them per batch.
         """
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            if prompt_emb is None:
-                prompt_emb = self.prompt_embeddings()
-            h, w = images.shape[-2:]
-            if features is not None:
-                acts = [a.to(self.device, torch.float32) for a in features.unbind(1)]
-            else:
-                x = resize_slices(images, self.size)
-                acts = encode_images(
-                    self.model, preprocess(x, size=self.size, mean=self.mean, std=self.std).to(self.device)
-                )
+        if prompt_emb is None:
+            prompt_emb = self.prompt_embeddings()
+        if features is None:
+            features = self.encode(images)
+        acts = [a.to(self.device, torch.float32) for a in features.unbind(1)]
+        with self._eval_mode():
             logits = decode(self.model, acts, prompt_emb)  # (b, K, S, S)
-            if logits.shape[-2:] != (h, w):
-                logits = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
-            return torch.sigmoid(logits.float()).cpu()
-        finally:
-            self.model.train(was_training)
+        h, w = images.shape[-2:]
+        if logits.shape[-2:] != (h, w):
+            logits = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
+        return torch.sigmoid(logits.float()).cpu()
 
     def iter_probabilities(
         self, slices: np.ndarray, *, batch_size: int = 16, features: np.ndarray | None = None
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield (start index, (b, K, H, W) probabilities) over an (N, H, W) uint8 stack."""
-        was_training = self.model.training
-        self.model.eval()
         prompt_emb = self.prompt_embeddings()  # once per pass: the model does not change within it
-        self.model.train(was_training)
+        for start, probs in self.iter_prompt_sets(
+            slices, prompt_embs={"": prompt_emb}, batch_size=batch_size, features=features
+        ):
+            yield start, probs[""]
+
+    def iter_prompt_sets(
+        self,
+        slices: np.ndarray,
+        *,
+        prompt_embs: dict[str, torch.Tensor],
+        batch_size: int = 16,
+        features: np.ndarray | None = None,
+    ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """Yield (start index, {set name: (b, K, H, W) probabilities}) over an (N, H, W) uint8 stack.
+
+        Each batch goes through the vision encoder once (or comes from ``features``, cached
+        activations aligned with ``slices``) and is decoded once per prompt set.
+
+        Args:
+            prompt_embs: name -> (K, D) embeddings from :meth:`prompt_embeddings`; every set must
+                have the segmenter's K prompts, in its organ order.
+        """
         for start in range(0, len(slices), batch_size):
             imgs = torch.from_numpy(np.array(slices[start : start + batch_size]))
-            feats = (
-                None if features is None else torch.from_numpy(np.array(features[start : start + batch_size]))
+            if features is None:
+                feats = self.encode(imgs)
+            else:
+                feats = torch.from_numpy(np.array(features[start : start + batch_size]))
+            yield (
+                start,
+                {
+                    name: self.probabilities(imgs, features=feats, prompt_emb=emb)
+                    for name, emb in prompt_embs.items()
+                },
             )
-            yield start, self.probabilities(imgs, features=feats, prompt_emb=prompt_emb)
 
 
 def probabilities_to_labels(

@@ -44,6 +44,7 @@ def start_record(setup) -> dict:
             "val": f"cache {setup.cfg.feature_cache_dtype}" if setup.val_features is not None else "live",
         },
         **channels_record(setup),
+        "train_case_ids": setup.train_cases,  # the cases trained on (a subset with `train_cases`)
     }
 
 

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from clipseg_bench.config import TrainConfig, resolve_lr
 from clipseg_bench.data.dataset import PreparedData, SliceDataset
-from clipseg_bench.data.sampling import EpochSampler
+from clipseg_bench.data.sampling import EpochSampler, train_case_subset
 from clipseg_bench.evaluation.predict import Segmenter
 from clipseg_bench.evaluation.validation import even_sample, sample_record
 from clipseg_bench.model.feature_cache import CacheInfo, build_feature_cache, cache_key
@@ -119,6 +119,11 @@ class TrainingSetup:
         }
 
     @property
+    def train_cases(self) -> list[str]:
+        """The ids of the cases whose slices the run trains on, sorted."""
+        return sorted(set(self.train_rows["case"]))
+
+    @property
     def trains(self) -> bool:
         """Whether any parameter trains (False for zero-shot)."""
         return self.optimizer is not None
@@ -198,6 +203,9 @@ def build_training(
             prompt_emb = encode_prompts(model, tokens["input_ids"], tokens["attention_mask"])
     if train_rows is None:
         train_rows = data.slices("train", kept_only=True)
+        if cfg.train_cases is not None:  # the data-efficiency axis: a nested subset of the cases
+            keep = train_case_subset(data.cases("train"), cfg.train_cases, seed=cfg.seed)
+            train_rows = train_rows[train_rows["case"].isin(keep)]
     train_rows = train_rows.reset_index(drop=True)
     val_rows = data.slices("val", kept_only=True)
     val_rows = val_rows.iloc[even_sample(val_rows, cfg.val_max_slices)].reset_index(drop=True)
@@ -312,7 +320,9 @@ def _cache_frozen_vision(
     infos: dict[str, CacheInfo] = {}
     with acc.main_process_first():
         if not cfg.augment:  # augmented images change every epoch: their encodings cannot be cached
-            features, infos["train_kept"] = build(rows=train_rows, name="train_kept")
+            # A subset of the cases gets a file of its own: it must not replace the full set's.
+            name = "train_kept" if cfg.train_cases is None else f"train_kept_n{cfg.train_cases}_s{cfg.seed}"
+            features, infos["train_kept"] = build(rows=train_rows, name=name)
         if len(val_rows):
             val_features, infos["val_kept"] = build(rows=val_rows, name="val_kept")
     return features, val_features, infos
