@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from clipseg_bench.config import TrainConfig, resolve_lr
 from clipseg_bench.data.dataset import PreparedData, SliceDataset
 from clipseg_bench.data.sampling import EpochSampler
+from clipseg_bench.errors import InputError
 from clipseg_bench.evaluation.predict import Segmenter
 from clipseg_bench.model.feature_cache import CacheInfo, build_feature_cache, cache_key
 from clipseg_bench.model.forward import (
@@ -172,6 +173,10 @@ def build_training(
             prompt_emb = encode_prompts(model, tokens["input_ids"], tokens["attention_mask"])
     if train_rows is None:
         train_rows = data.slices("train", kept_only=True)
+    if len(train_rows) == 0:  # before the feature cache, which cannot cache nothing
+        raise InputError(
+            data.root, "no slice to train on: the train split has no case, or none of its slices was kept"
+        )
     features, val_features, infos = None, None, {}
     if not vision_trainable(model) and cfg.feature_cache:
         features, val_features, infos = _cache_frozen_vision(cfg, acc, data, loaded, train_rows)
