@@ -23,7 +23,7 @@ from clipseg_bench.errors import InputError
 from clipseg_bench.evaluation.loading import load_run
 from clipseg_bench.evaluation.metrics import present_pairs_dice, score_case, summarize
 from clipseg_bench.evaluation.predict import probabilities_to_labels
-from clipseg_bench.provenance import write_json_atomic
+from clipseg_bench.provenance import replacing, write_json_atomic
 
 N_SAMPLES = 4  # slices kept for the report's qualitative overlays
 
@@ -48,6 +48,8 @@ def evaluate_run(
 ) -> dict:
     """Evaluate a run folder on a prepared split and write ``RUN/metrics.json`` and ``RUN/samples.npz``."""
     t0 = time.perf_counter()
+    if max_cases is not None and max_cases < 1:
+        raise InputError("--max-cases", f"must be >= 1, got {max_cases}")
     trained = load_run(run)
     cfg = trained.cfg
     prepared = PreparedData(data or cfg.data)
@@ -107,7 +109,8 @@ def evaluate_run(
     }
     write_json_atomic(Path(run) / "metrics.json", metrics)
     if samples["case"]:
-        np.savez_compressed(Path(run) / "samples.npz", **{k: np.asarray(v) for k, v in samples.items()})
+        with replacing(Path(run) / "samples.npz") as tmp:
+            np.savez_compressed(tmp, **{k: np.asarray(v) for k, v in samples.items()})
     return metrics
 
 
