@@ -126,7 +126,7 @@ _TRAIN_FLAGS = (
 
 
 def _cmd_train(a: argparse.Namespace) -> None:
-    from clipseg_bench.config import load_config
+    from clipseg_bench.config import load_config, read_yaml_config
     from clipseg_bench.train.loop import train
     from clipseg_bench.train.record import resume_config
 
@@ -144,9 +144,10 @@ def _cmd_train(a: argparse.Namespace) -> None:
             raise InputError(f"--set {key}", f"not a YAML value ({str(exc).splitlines()[0]})") from None
         sources[key] = f"--set {key}"
     if a.resume:
-        if not a.out:
+        out = a.out or (read_yaml_config(a.config).get("out") if a.config else None)
+        if not out:
             raise InputError("--out", "required with --resume: the run folder to continue")
-        cfg = resume_config(Path(a.out), path=a.config, overrides=overrides, sources=sources)
+        cfg = resume_config(Path(out), path=a.config, overrides=overrides, sources=sources)
     else:
         cfg = load_config(a.config, overrides, sources=sources)
     run = train(cfg, resume=a.resume)

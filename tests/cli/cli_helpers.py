@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 from clipseg_bench.cli import main
@@ -57,3 +58,17 @@ def edit_json(path: Path, change) -> None:
     doc = json.loads(path.read_text())
     change(doc)
     path.write_text(json.dumps(doc))
+
+
+def data_copy(prepared: Path, tmp: Path) -> Path:
+    """A copy of a PREPARED folder to break, without its feature cache (``tmp/prepared``)."""
+    copy = tmp / "prepared"
+    shutil.copytree(prepared, copy, ignore=shutil.ignore_patterns("feature_cache"))
+    return copy
+
+
+def truncate_array(prepared: Path, kind: str = "image") -> Path:
+    """Cut the first ``cache/*_<kind>.npy`` of a PREPARED folder short (header kept); returns it."""
+    npy = sorted((prepared / "cache").glob(f"*_{kind}.npy"))[0]
+    npy.write_bytes(npy.read_bytes()[:200])
+    return npy

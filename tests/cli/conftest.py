@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from cli_helpers import set_status
+from cli_helpers import data_copy, set_status
 
 from clipseg_bench.config import load_config
 from clipseg_bench.train.loop import train
@@ -35,9 +35,7 @@ def unfinished_run(tiny_run, tmp_path) -> Path:
 @pytest.fixture
 def prepared_copy(prepared_dir, tmp_path) -> Path:
     """A copy of the prepared phantoms to break (without the feature cache, which is not needed)."""
-    out = tmp_path / "prepared"
-    shutil.copytree(prepared_dir, out, ignore=shutil.ignore_patterns("feature_cache"))
-    return out
+    return data_copy(prepared_dir, tmp_path)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from cli_helpers import assert_one_line_error, digest, edit_json, run_cli
+from cli_helpers import assert_one_line_error, data_copy, digest, edit_json, run_cli, truncate_array
 
 from clipseg_bench.bench.matrix import plan, run_matrix
 
@@ -62,17 +62,9 @@ def _rerun(data, bench, tmp: Path, *extra) -> list:
     return _args(data, bench, *extra, settings=[*SETTINGS, "--config", config])
 
 
-def _data_copy(data: Path, tmp: Path) -> Path:
-    copy = tmp / "prepared"
-    shutil.copytree(data, copy, ignore=shutil.ignore_patterns("feature_cache"))
-    return copy
-
-
 def _truncated_data(d, b, t):
-    copy = _data_copy(d, t)
-    npy = sorted((copy / "cache").glob("*_image.npy"))[0]
-    npy.write_bytes(npy.read_bytes()[:200])
-    return _args(copy, t / "B"), npy
+    copy = data_copy(d, t)
+    return _args(copy, t / "B"), truncate_array(copy)
 
 
 def _foreign_out(d, b, t):
@@ -195,7 +187,7 @@ def test_same_settings_extend_the_folder(prepared_dir, bench):
 
 def test_failed_run_fails_the_command_and_names_it(prepared_dir, tmp_path):
     """Issue 12: a failed run used to print its failure and exit 0. Real process: the exit code."""
-    data = _data_copy(prepared_dir, tmp_path)
+    data = data_copy(prepared_dir, tmp_path)
     edit_json(data / "dataset.json", lambda d: [c.update(split="val") for c in d["cases"].values()])
     manifest = pd.read_csv(data / "manifest.csv")
     manifest["split"] = "val"

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from cli_helpers import assert_one_line_error, digest, edit_json, run_cli
+from cli_helpers import assert_one_line_error, data_copy, digest, edit_json, run_cli, truncate_array
 
 
 def _run_copy(run: Path, tmp: Path) -> Path:
@@ -41,33 +41,25 @@ def _unfinished(run, data, tmp):
     return ["evaluate", "--run", r], r
 
 
-def _data_copy(data: Path, tmp: Path) -> Path:
-    copy = tmp / "prepared"
-    shutil.copytree(data, copy, ignore=shutil.ignore_patterns("feature_cache"))
-    return copy
-
-
 def _truncated_data(run, data, tmp):
-    d = _data_copy(data, tmp)
-    npy = sorted((d / "cache").glob("*_label.npy"))[0]
-    npy.write_bytes(npy.read_bytes()[:300])
-    return ["evaluate", "--run", run, "--data", d], npy
+    d = data_copy(data, tmp)
+    return ["evaluate", "--run", run, "--data", d], truncate_array(d, "label")
 
 
 def _future_data(run, data, tmp):
-    d = _data_copy(data, tmp)
+    d = data_copy(data, tmp)
     edit_json(d / "dataset.json", lambda doc: doc.update(format="clipseg-bench-prepared/9"))
     return ["evaluate", "--run", run, "--data", d], d
 
 
 def _no_val_case(run, data, tmp):
-    d = _data_copy(data, tmp)
+    d = data_copy(data, tmp)
     edit_json(d / "dataset.json", lambda doc: [c.update(split="train") for c in doc["cases"].values()])
     return ["evaluate", "--run", run, "--data", d], d
 
 
 def _case_without_entry(run, data, tmp):
-    d = _data_copy(data, tmp)
+    d = data_copy(data, tmp)
     edit_json(d / "dataset.json", lambda doc: next(iter(doc["cases"].values())).pop("n_slices"))
     return ["evaluate", "--run", run, "--data", d], d / "dataset.json"
 

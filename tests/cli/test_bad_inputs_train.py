@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from cli_helpers import assert_one_line_error, digest, edit_json, run_cli
+from cli_helpers import assert_one_line_error, digest, edit_json, run_cli, truncate_array
 
 from clipseg_bench.config import load_config
 
@@ -43,9 +43,7 @@ class Ctx:
 
 
 def _truncated_array(c: Ctx):
-    npy = sorted((c.copy / "cache").glob("*_image.npy"))[0]
-    npy.write_bytes(npy.read_bytes()[:500])
-    return c.args(data=c.copy), npy
+    return c.args(data=c.copy), truncate_array(c.copy)
 
 
 def _no_cases(c: Ctx):
@@ -165,6 +163,12 @@ def _finished(run: Path, tmp: Path):
     return ["train", "--out", run, "--resume"], run
 
 
+def _finished_other_strategy(run: Path, tmp: Path):
+    """The issue's case: a finished decoder run resumed as lora used to lose its config.yaml."""
+    _finished(run, tmp)
+    return ["train", "--out", run, "--resume", "--strategy", "lora"], "--strategy"
+
+
 def _other_config_file(run: Path, tmp: Path):
     cfg = tmp / "other.yaml"
     cfg.write_text("lr: 0.5\n")
@@ -188,6 +192,7 @@ RESUME = {
     "other --config": _other_config_file,
     "no --out": lambda r, t: (["train", "--resume", "--strategy", "decoder"], "--out"),
     "finished run": _finished,
+    "finished run, other --strategy": _finished_other_strategy,
     "no run.json": _never_ran,
     "not a run folder": lambda r, t: (["train", "--out", t, "--resume"], t),
     "corrupt run.json": _corrupt("run.json", b"{oops"),

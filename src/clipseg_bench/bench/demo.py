@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from clipseg_bench.bench.matrix import run_matrix
+from clipseg_bench.bench.matrix import raise_failed, run_matrix
 from clipseg_bench.bench.report import write_report
 from clipseg_bench.config import load_config
 from clipseg_bench.strategies import available
@@ -64,7 +64,7 @@ def run_demo(*, out: Path, quick: bool = False, strategies: list[str] | None = N
         _pretrain(out, pretrained, steps=pre_steps, common=common)
 
     _stage(f"benchmark on style B ({ft_steps} steps per strategy)")
-    run_matrix(
+    results = run_matrix(
         data=out / "prepared_B",
         model=str(pretrained),
         strategies=strategies or available(),
@@ -81,6 +81,7 @@ def run_demo(*, out: Path, quick: bool = False, strategies: list[str] | None = N
     print(f"\ndemo finished in {time.perf_counter() - t_start:.0f} s")
     print(f"report: {html}")
     print(f"table:  {out / 'bench' / 'results.md'}")
+    raise_failed(results, out / "bench")  # the report lists them; the exit code must say so too
     return html
 
 

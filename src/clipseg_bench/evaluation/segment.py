@@ -136,7 +136,7 @@ def segment(
     elif model and strategy == "zeroshot":
         trained, window = zeroshot_run(model), parse_window(DEFAULT_WINDOW)
     elif model:
-        raise InputError("--strategy", f"without --run only zeroshot segments (got {strategy!r})")
+        raise InputError("--strategy", f"--model without --run needs --strategy zeroshot (got {strategy!r})")
     else:
         raise InputError("--run", "give --run RUN, or --model M --strategy zeroshot")
     if organs:
