@@ -154,6 +154,16 @@ def test_rerun_with_other_settings_is_refused(extra, prepared_dir, bench, tmp_pa
     assert digest(bench) == before
 
 
+def test_unreadable_run_json_refuses_before_the_record_changes(prepared_dir, bench, tmp_path, capsys):
+    copy = tmp_path / "B"
+    shutil.copytree(bench, copy)
+    (copy / "runs" / "zeroshot-s0" / "run.json").write_text("{")
+    before = digest(copy)
+    rc, _, err = run_cli(_rerun(prepared_dir, copy, tmp_path, "--no-evaluate"), capsys)
+    assert_one_line_error(rc, err, copy / "runs" / "zeroshot-s0" / "run.json")
+    assert digest(copy) == before
+
+
 def test_the_same_call_again_is_accepted(prepared_dir, bench, tmp_path, capsys):
     """The control for the refusals above: the fixture's own call skips its finished run."""
     copy = tmp_path / "B"

@@ -84,6 +84,8 @@ CASES = {
     "run.json not an object": _corrupt("run.json", "[]"),
     "corrupt metrics.json": _corrupt("metrics.json", "nan nan"),
     "corrupt config.yaml": _corrupt("config.yaml", "a: [b"),
+    "corrupt history.csv": _corrupt("history.csv", 'a,b\n1,2,3\n"unclosed\n'),
+    "corrupt samples.npz": _corrupt("samples.npz", "not a zip"),
     "corrupt record": _corrupt_record,
     "record cell not [strategy, seed]": _bad_cell,
 }

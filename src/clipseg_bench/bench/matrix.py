@@ -166,6 +166,7 @@ def _refuse_other_settings(out: Path, cfgs: dict[tuple[str, int], TrainConfig]) 
                     f"{key}={value!r}: a BENCH folder holds one set of settings; choose another --out",
                 )
     for (strategy, seed), cfg in cfgs.items():
+        run_status(out / "runs" / f"{strategy}-s{seed}")  # an unreadable run.json refuses here
         saved_path = out / "runs" / f"{strategy}-s{seed}" / "config.yaml"
         if not saved_path.is_file():
             continue

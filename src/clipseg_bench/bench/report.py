@@ -466,6 +466,9 @@ def write_report(bench_dirs: list[Path], out: Path | None = None, *, overwrite: 
     """
     bench_dirs = [Path(b) for b in bench_dirs]
     runs = load_bench(bench_dirs)
+    for run in runs:  # the plots read these later: a bad one must refuse before the first write
+        if run.finished and run.samples is not None:
+            plots.load_samples(run.samples)
     out = Path(out) if out is not None else bench_dirs[0]
     check_output_folder(out, command="report", ours=_ours, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)

@@ -96,6 +96,8 @@ def _read_history(path: Path) -> pd.DataFrame | None:
         df = pd.read_csv(path)
     except pd.errors.EmptyDataError:
         return None
+    except (ValueError, OSError, UnicodeDecodeError) as exc:  # pandas' ParserError is a ValueError
+        raise InputError(path, f"not a readable CSV ({str(exc).splitlines()[0]})") from None
     return df if len(df) else None
 
 
