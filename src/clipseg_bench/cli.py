@@ -71,7 +71,9 @@ def _ints(text: str) -> list[int]:
 def _cmd_phantom(a: argparse.Namespace) -> None:
     from clipseg_bench.data.phantom import write_phantoms
 
-    paths = write_phantoms(Path(a.out), cases=a.cases, seed=a.seed, style=a.style, size=a.size)
+    paths = write_phantoms(
+        Path(a.out), cases=a.cases, seed=a.seed, style=a.style, size=a.size, overwrite=a.overwrite
+    )
     print(f"wrote {len(paths)} phantom cases to {a.out}")
 
 
@@ -261,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--style", default="A", choices=["A", "B"], help="A: pretraining look; B: shifted look")
     s.add_argument("--size", type=int, default=96, help="in-plane voxels (default 96)")
+    s.add_argument(
+        "--overwrite", action="store_true", help="write into a folder that holds more than phantoms"
+    )
     s.set_defaults(func=_cmd_phantom)
 
     s = sub.add_parser("prepare", help="CT volumes -> axial slices, manifest, array cache, dataset.json")

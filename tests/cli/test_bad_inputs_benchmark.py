@@ -116,6 +116,14 @@ NEW = {
     "--out is a file": _out_is_a_file,
     "--out someone else's folder": _foreign_out,
     "unknown flag": lambda d, b, t: (_args(d, t / "B", "--set", "epochs=3"), "--set"),
+    "--launcher not a command": lambda d, b, t: (
+        _args(d, t / "B", "--launcher", "no-such-launcher -x"),
+        "--launcher",
+    ),
+    "--launcher unbalanced quote": lambda d, b, t: (
+        _args(d, t / "B", "--launcher", "accelerate 'launch"),
+        "--launcher",
+    ),
 }
 
 

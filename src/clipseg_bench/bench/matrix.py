@@ -98,6 +98,23 @@ def _record_path(out: Path, shard: str | None) -> Path:
     return out / f"bench-shard{parse_shard(shard)[0]}.json"
 
 
+def launcher_command(launcher: str | None) -> list[str]:
+    """``--launcher`` as the words that start a training process (``python`` itself without one).
+
+    Raises:
+        InputError: unbalanced quotes, or a first word that is not a command on PATH.
+    """
+    if not launcher:
+        return [sys.executable]
+    try:
+        words = shlex.split(launcher)
+    except ValueError as exc:
+        raise InputError("--launcher", f"cannot split {launcher!r} into words ({exc})") from None
+    if not words or shutil.which(words[0]) is None:
+        raise InputError("--launcher", f"{(words or [''])[0]!r} is not a command on PATH")
+    return words
+
+
 def plan(
     *,
     data,
@@ -237,6 +254,7 @@ def run_matrix(
     """
     out = Path(out)
     todo = cells(strategies, seeds, shard)
+    launcher_command(launcher)
     strategy_lr = strategy_lr or {}
     overrides = {**(extra or {}), "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size}
     cfgs = plan(
@@ -254,7 +272,7 @@ def run_matrix(
         out, shard, todo=todo, model=model, data=data, epochs=epochs, cfgs=cfgs, strategy_lr=strategy_lr
     )
     base = [sys.executable, "-m", "clipseg_bench.cli"]
-    train_cmd = shlex.split(launcher) + ["-m", "clipseg_bench.cli"] if launcher else base
+    train_cmd = launcher_command(launcher) + ["-m", "clipseg_bench.cli"]
     results = []
     for strategy, seed in todo:
         run = out / "runs" / f"{strategy}-s{seed}"

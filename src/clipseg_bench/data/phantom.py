@@ -371,7 +371,9 @@ def _is_phantom_folder(folder: Path) -> bool:
     return all(f.name.startswith("phantom") for sub in subs for f in sub.iterdir())
 
 
-def write_phantoms(out: Path, *, cases: int, seed: int = 0, style: str = "A", size: int = 96) -> list[str]:
+def write_phantoms(
+    out: Path, *, cases: int, seed: int = 0, style: str = "A", size: int = 96, overwrite: bool = False
+) -> list[str]:
     """Write phantom cases in FLARE22 layout: ``out/images/<case>_0000.nii.gz``, ``out/labels/<case>.nii.gz``.
 
     Args:
@@ -380,6 +382,7 @@ def write_phantoms(out: Path, *, cases: int, seed: int = 0, style: str = "A", si
         seed: dataset seed.
         style: "A" or "B".
         size: in-plane voxels.
+        overwrite: write into a non-empty folder that holds more than phantoms.
 
     Returns:
         The case ids written, e.g. ``["phantomA_0000", "phantomA_0001"]``.
@@ -390,7 +393,7 @@ def write_phantoms(out: Path, *, cases: int, seed: int = 0, style: str = "A", si
         raise InputError("--style", f"unknown phantom style {style!r}; choose from {', '.join(STYLES)}")
     if not 32 <= size <= 256:
         raise InputError("--size", f"phantom size must be 32..256 voxels, got {size}")
-    out = check_output_folder(out, command="phantom", ours=_is_phantom_folder)
+    out = check_output_folder(out, command="phantom", ours=_is_phantom_folder, overwrite=overwrite)
     try:
         (out / "images").mkdir(parents=True, exist_ok=True)
         (out / "labels").mkdir(parents=True, exist_ok=True)
