@@ -15,6 +15,7 @@ import pytest
 from cli_helpers import assert_one_line_error, data_copy, digest, edit_json, run_cli, truncate_array
 
 from clipseg_bench.bench.matrix import plan, run_matrix
+from clipseg_bench.provenance import process_record
 
 SETTINGS = ["--model", "tiny", "--epochs", "1", "--max-steps", "1", "--batch-size", "8"]
 
@@ -169,6 +170,18 @@ def test_unreadable_run_json_refuses_before_the_record_changes(prepared_dir, ben
     before = digest(copy)
     rc, _, err = run_cli(_rerun(prepared_dir, copy, tmp_path, "--no-evaluate"), capsys)
     assert_one_line_error(rc, err, copy / "runs" / "zeroshot-s0" / "run.json")
+    assert digest(copy) == before
+
+
+def test_a_run_being_trained_right_now_is_not_started_twice(prepared_dir, bench, tmp_path, capsys):
+    """Two benchmark calls on one folder would train the same run twice at once: the second refuses."""
+    copy = tmp_path / "B"
+    shutil.copytree(bench, copy)
+    run = copy / "runs" / "zeroshot-s0"
+    edit_json(run / "run.json", lambda d: d.update(status="running", process=process_record()))
+    before = digest(copy)
+    rc, _, err = run_cli(_rerun(prepared_dir, copy, tmp_path, "--no-evaluate"), capsys)
+    assert_one_line_error(rc, err, run)
     assert digest(copy) == before
 
 

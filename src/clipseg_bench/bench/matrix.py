@@ -28,6 +28,7 @@ from clipseg_bench.provenance import (
     check_output_folder,
     git_info,
     hardware_info,
+    process_alive,
     read_json_object,
     write_json_atomic,
 )
@@ -183,8 +184,14 @@ def _refuse_other_settings(out: Path, cfgs: dict[tuple[str, int], TrainConfig]) 
                     f"{key}={value!r}: a BENCH folder holds one set of settings; choose another --out",
                 )
     for (strategy, seed), cfg in cfgs.items():
-        run_status(out / "runs" / f"{strategy}-s{seed}")  # an unreadable run.json refuses here
-        saved_path = out / "runs" / f"{strategy}-s{seed}" / "config.yaml"
+        run = out / "runs" / f"{strategy}-s{seed}"
+        if run_status(run) == "running":  # an unreadable run.json refuses here too
+            process = read_json_object(run / "run.json").get("process")
+            if process_alive(process):
+                raise InputError(
+                    run, f"is being trained right now (process {process['pid']}); wait for it to end"
+                )
+        saved_path = run / "config.yaml"
         if not saved_path.is_file():
             continue
         diffs = config_differences(load_config(saved_path), cfg)
