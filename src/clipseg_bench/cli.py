@@ -1,7 +1,9 @@
 """The `clipseg-bench` command: thin subcommands that parse, call one function, and report.
 
-Every subcommand turns an :class:`~clipseg_bench.errors.InputError` into one line on stderr and exit
-code 2. Heavy imports (torch, transformers) happen inside the handlers so `--help` stays quick.
+Every subcommand turns an :class:`~clipseg_bench.errors.InputError` (and a usage mistake argparse
+finds) into one line on stderr naming the flag or file, and exit code 2; a
+:class:`~clipseg_bench.errors.RunFailed` (a benchmark run that failed) into one line and exit code 1.
+Heavy imports (torch, transformers) happen inside the handlers so `--help` stays quick.
 """
 
 from __future__ import annotations
@@ -12,13 +14,66 @@ import os
 import sys
 from pathlib import Path
 
-from clipseg_bench.errors import GradientAuditError, InputError
+from clipseg_bench.errors import GradientAuditError, InputError, ReportedError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line naming the flag (an InputError), not a usage block."""
+
+    def error(self, message: str):
+        raise InputError(None, f"{message.removeprefix('argument ')} (see `{self.prog} --help`)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {value}")
+    return value
+
+
+def _names(text: str) -> list[str]:
+    """ "a,b" -> ["a", "b"]: no empty item and no repeat (a repeat would run or count twice)."""
+    items = [s.strip() for s in text.split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"expected comma-separated names such as a,b, got {text!r}")
+    repeated = sorted({s for s in items if items.count(s) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"{repeated[0]!r} is given twice")
+    return items
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers such as 0,1,2, got {text!r}"
+        ) from None
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"{repeated[0]} is given twice")
+    return values
 
 
 def _cmd_phantom(a: argparse.Namespace) -> None:
     from clipseg_bench.data.phantom import write_phantoms
 
-    paths = write_phantoms(Path(a.out), cases=a.cases, seed=a.seed, style=a.style, size=a.size)
+    paths = write_phantoms(
+        Path(a.out), cases=a.cases, seed=a.seed, style=a.style, size=a.size, overwrite=a.overwrite
+    )
     print(f"wrote {len(paths)} phantom cases to {a.out}")
 
 
@@ -75,18 +130,30 @@ _TRAIN_FLAGS = (
 
 
 def _cmd_train(a: argparse.Namespace) -> None:
-    from clipseg_bench.config import load_config
+    from clipseg_bench.config import load_config, read_yaml_config
     from clipseg_bench.train.loop import train
+    from clipseg_bench.train.record import resume_config
 
     overrides = {k: getattr(a, k) for k in _TRAIN_FLAGS}
+    sources = {k: "--" + k.replace("_", "-") for k in _TRAIN_FLAGS}
     for kv in a.set or []:
         if "=" not in kv:
             raise InputError("--set", f"expected key=value, got {kv!r}")
         import yaml
 
         key, value = kv.split("=", 1)
-        overrides[key] = yaml.safe_load(value)
-    cfg = load_config(a.config, overrides)
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise InputError(f"--set {key}", f"not a YAML value ({str(exc).splitlines()[0]})") from None
+        sources[key] = f"--set {key}"
+    if a.resume:
+        out = a.out or (read_yaml_config(a.config).get("out") if a.config else None)
+        if not out:
+            raise InputError("--out", "required with --resume: the run folder to continue")
+        cfg = resume_config(Path(out), path=a.config, overrides=overrides, sources=sources)
+    else:
+        cfg = load_config(a.config, overrides, sources=sources)
     run = train(cfg, resume=a.resume)
     if a.evaluate and int(os.environ.get("RANK", "0")) == 0:  # once, not on every data-parallel rank
         from clipseg_bench.evaluation.evaluate import evaluate_run
@@ -126,6 +193,7 @@ def _cmd_score(a: argparse.Namespace) -> None:
         out=Path(a.out) if a.out else None,
         missing_as_empty=a.missing_as_empty,
         postprocess_mode=a.postprocess,
+        overwrite=a.overwrite,
     )
 
 
@@ -143,19 +211,21 @@ def _cmd_segment(a: argparse.Namespace) -> None:
         threshold=a.threshold,
         per_organ=a.per_organ,
         postprocess_mode=a.postprocess,
+        overwrite=a.overwrite,
     )
 
 
 def _cmd_benchmark(a: argparse.Namespace) -> None:
-    from clipseg_bench.bench.matrix import run_matrix
+    from clipseg_bench.bench.matrix import raise_failed, run_matrix
 
-    run_matrix(
+    out = Path(a.out)
+    results = run_matrix(
         data=a.data,
         model=a.model,
-        strategies=a.strategies.split(","),
-        seeds=[int(s) for s in a.seeds.split(",")],
+        strategies=a.strategies,
+        seeds=a.seeds,
         epochs=a.epochs,
-        out=Path(a.out),
+        out=out,
         shard=a.shard,
         config=a.config,
         max_steps=a.max_steps,
@@ -164,7 +234,9 @@ def _cmd_benchmark(a: argparse.Namespace) -> None:
         launcher=a.launcher,
         strategy_lr=_parse_lrs(a.lrs),
         train_cases=a.train_cases,
+        overwrite=a.overwrite,
     )
+    raise_failed(results, out)
 
 
 def _parse_lrs(spec: str | None) -> dict[str, float]:
@@ -184,7 +256,7 @@ def _parse_lrs(spec: str | None) -> dict[str, float]:
 def _cmd_report(a: argparse.Namespace) -> None:
     from clipseg_bench.bench.report import write_report
 
-    html = write_report([Path(p) for p in a.bench], out=Path(a.out) if a.out else None)
+    html = write_report([Path(p) for p in a.bench], out=Path(a.out) if a.out else None, overwrite=a.overwrite)
     print(f"report: {html}")
 
 
@@ -204,7 +276,7 @@ def _add_postprocess_flag(s: argparse.ArgumentParser, what: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clipseg-bench", description=__doc__.splitlines()[0])
+    p = _Parser(prog="clipseg-bench", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("phantom", help="write synthetic abdominal CT volumes + labels (FLARE22 layout)")
@@ -213,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--style", default="A", choices=["A", "B"], help="A: pretraining look; B: shifted look")
     s.add_argument("--size", type=int, default=96, help="in-plane voxels (default 96)")
+    s.add_argument(
+        "--overwrite", action="store_true", help="write into a folder that holds more than phantoms"
+    )
     s.set_defaults(func=_cmd_phantom)
 
     s = sub.add_parser("prepare", help="CT volumes -> axial slices, manifest, array cache, dataset.json")
@@ -261,9 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="run folder")
     s.add_argument("--model", help="hub id, local folder, or 'tiny' (default tiny)")
     s.add_argument("--strategy", help="zeroshot | full | decoder | adapter | lora | bitfit | ...")
-    s.add_argument("--epochs", type=int, help="default 20")
-    s.add_argument("--max-steps", type=int, help="stop after N optimizer steps")
-    s.add_argument("--batch-size", type=int, help="slices per step (default 8)")
+    s.add_argument("--epochs", type=_positive_int, help="default 20")
+    s.add_argument("--max-steps", type=_positive_int, help="stop after N optimizer steps")
+    s.add_argument("--batch-size", type=_positive_int, help="slices per step (default 8)")
     s.add_argument("--lr", type=float, help="peak learning rate (default: per strategy)")
     s.add_argument("--seed", type=int)
     s.add_argument("--image-size", type=int)
@@ -278,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run", required=True)
     s.add_argument("--data", help="PREPARED folder (default: the one the run trained on)")
     s.add_argument("--split", default="val", choices=["train", "val"])
-    s.add_argument("--max-cases", type=int, help="evaluate only the first N cases")
+    s.add_argument("--max-cases", type=_positive_int, help="evaluate only the first N cases")
     _add_postprocess_flag(s, "which 3D scores are the headline (both are always written)")
     s.set_defaults(func=_cmd_evaluate)
 
@@ -288,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="CSV to write (case, organ, dsc, nsd)")
     s.add_argument("--missing-as-empty", action="store_true", help="score a missing prediction as empty")
     _add_postprocess_flag(s, "clean each prediction before scoring it")
+    s.add_argument(
+        "--overwrite", action="store_true", help="replace an --out file that `score` did not write"
+    )
     s.set_defaults(func=_cmd_score)
 
     s = sub.add_parser("segment", help="segment a CT with a tuned run (or zero-shot) -> NIfTI mask")
@@ -302,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="mask to write (.nii.gz), or a folder of <case>.nii.gz")
     s.add_argument("--organs", help="comma-separated organ keys (default all 13)")
     s.add_argument("--probabilities", action="store_true", help="also write per-organ probabilities")
-    s.add_argument("--threshold", type=float, default=0.5)
+    s.add_argument("--threshold", type=_probability, default=0.5, help="between 0 and 1 (default 0.5)")
     s.add_argument(
         "--per-organ",
         nargs="?",
@@ -311,16 +389,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="also (or only) write <case>/segmentations/<organ_key>.nii.gz, one binary mask per organ",
     )
     _add_postprocess_flag(s, "clean the mask before writing it")
+    s.add_argument(
+        "--overwrite", action="store_true", help="replace an --out file that `segment` did not write"
+    )
     s.set_defaults(func=_cmd_segment)
 
     s = sub.add_parser("benchmark", help="run strategies x seeds, one run folder each")
     s.add_argument("--data", required=True)
     s.add_argument("--model", default="tiny")
-    s.add_argument("--strategies", default="zeroshot,full,decoder,adapter,lora,bitfit")
-    s.add_argument("--seeds", default="0,1,2")
-    s.add_argument("--epochs", type=int, default=20)
-    s.add_argument("--max-steps", type=int)
-    s.add_argument("--batch-size", type=int)
+    s.add_argument("--strategies", type=_names, default="zeroshot,full,decoder,adapter,lora,bitfit")
+    s.add_argument("--seeds", type=_ints, default="0,1,2")
+    s.add_argument("--epochs", type=_positive_int, default=20)
+    s.add_argument("--max-steps", type=_positive_int)
+    s.add_argument("--batch-size", type=_positive_int)
     s.add_argument("--config", help="YAML of TrainConfig fields shared by every run")
     s.add_argument("--out", required=True, help="BENCH folder")
     s.add_argument("--shard", help="i/n: run only shard i of n (e.g. a SLURM array task)")
@@ -334,11 +415,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="data-efficiency axis: training-case counts, fractions or 'all', e.g. 1,5,all or 0.25,0.5,1.0 "
         "(nested subsets fixed by the seed; the val split stays the same)",
     )
+    s.add_argument(
+        "--overwrite", action="store_true", help="write into a non-empty folder that is not a BENCH folder"
+    )
     s.set_defaults(func=_cmd_benchmark)
 
     s = sub.add_parser("report", help="tables, plots and report.html from one or more BENCH folders")
     s.add_argument("bench", nargs="+", help="BENCH folder(s); shards are merged")
     s.add_argument("--out", help="where to write (default: the first BENCH folder)")
+    s.add_argument(
+        "--overwrite", action="store_true", help="write into a non-empty --out folder that is not ours"
+    )
     s.set_defaults(func=_cmd_report)
 
     s = sub.add_parser("demo", help="the whole study at smoke scale, nothing downloaded")
@@ -349,12 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         args.func(args)
-    except InputError as exc:
+    except ReportedError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except GradientAuditError as exc:  # a failed run (run.json says so), not a bad input: exit 1
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -6,6 +6,7 @@ traces back to the exact settings (and, via ``run.json``, the exact commit).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from clipseg_bench.errors import InputError
+from clipseg_bench.provenance import write_text_atomic
 
 
 class TrainConfig(BaseModel):
@@ -102,6 +104,33 @@ class TrainConfig(BaseModel):
             raise ValueError(f"unknown strategy {v!r}; available: {', '.join(available())}")
         return v
 
+    @field_validator("organs")
+    @classmethod
+    def _known_organs(cls, v: list[str] | None) -> list[str] | None:
+        from clipseg_bench.organs import organ
+
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("needs at least one organ (leave it unset for all 13)")
+        for ref in v:
+            try:
+                organ(ref)
+            except InputError as exc:
+                raise ValueError(exc.problem) from None
+        return v
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_has_organ(cls, v: str) -> str:
+        from clipseg_bench.organs import PROMPT_TEMPLATES
+
+        if v not in PROMPT_TEMPLATES and "{organ}" not in v:
+            raise ValueError(
+                f"{v!r} is neither {', '.join(PROMPT_TEMPLATES)} nor a template with an {{organ}} placeholder"
+            )
+        return v
+
     @model_validator(mode="after")
     def _strategy_options_fit(self) -> TrainConfig:
         # Fail at config time, not minutes later after the model has loaded.
@@ -109,6 +138,28 @@ class TrainConfig(BaseModel):
 
         get(self.strategy).parse_options(self.strategy_options)
         return self
+
+
+# How a run is carried out, not what it computes: a resumed or re-run run may change these.
+RUNTIME_FIELDS = ("out", "num_workers", "threads")
+
+
+def config_differences(saved: TrainConfig, other: TrainConfig, fields=None) -> list[tuple[str, Any, Any]]:
+    """The fields (of ``fields``, default all) where two configs would train differently.
+
+    Returns:
+        ``(field, saved value, other value)`` in field order; :data:`RUNTIME_FIELDS` never count, and
+        ``data`` compares the folders, not how their paths are spelled.
+    """
+    diffs = []
+    for field in TrainConfig.model_fields:
+        if field in RUNTIME_FIELDS or (fields is not None and field not in fields):
+            continue
+        a, b = getattr(saved, field), getattr(other, field)
+        same = Path(a).resolve() == Path(b).resolve() if field == "data" else a == b
+        if not same:
+            diffs.append((field, a, b))
+    return diffs
 
 
 def strategy_defaults() -> dict[str, dict[str, Any]]:
@@ -123,30 +174,71 @@ def resolve_lr(cfg: TrainConfig) -> float:
     return float(strategy_defaults().get(cfg.strategy, {}).get("lr", 1e-4))
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Build a TrainConfig from an optional YAML file plus overrides (CLI flags win; None is 'unset')."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except FileNotFoundError:
-            raise InputError(p, "config file not found") from None
-        except yaml.YAMLError as exc:
-            raise InputError(p, f"not valid YAML ({str(exc).splitlines()[0]})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise InputError(p, "config must be a YAML mapping of field: value")
-        values.update(loaded or {})
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+def read_yaml_config(path: str | Path) -> dict[str, Any]:
+    """The field: value mapping of a YAML config file (not yet validated)."""
+    p = Path(path)
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise InputError(p, "config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(p, f"cannot read the config file ({exc.__class__.__name__}: {exc})") from None
+    except yaml.YAMLError as exc:
+        raise InputError(p, f"not valid YAML ({str(exc).splitlines()[0]})") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise InputError(p, "config must be a YAML mapping of field: value")
+    return loaded or {}
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    sources: Mapping[str, str] | None = None,
+    base: Mapping[str, Any] | None = None,
+) -> TrainConfig:
+    """Build a TrainConfig from an optional YAML file plus overrides (CLI flags win; None is 'unset').
+
+    Args:
+        path: YAML file of TrainConfig fields.
+        overrides: field values that win over the file's; None values are ignored.
+        sources: where each override comes from (``{"epochs": "--epochs"}``): an error in that value,
+            or a required field that is missing, names it rather than the file it was merged into.
+        base: values beneath the file's (a run's saved config, for ``--resume``).
+
+    Raises:
+        InputError: naming the flag, the file or ``config`` that holds the bad value.
+    """
+    values: dict[str, Any] = dict(base or {})
+    from_file = read_yaml_config(path) if path is not None else {}
+    values.update(from_file)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    values.update(given)
     try:
         return TrainConfig(**values)
-    except InputError as exc:
-        raise InputError(path or exc.path, exc.problem) from None
+    except InputError as exc:  # raised by a strategy's option parser, naming the field
+        raise InputError(*_blame((exc.path,), exc.problem, path, from_file, given, sources)) from None
     except ValidationError as exc:
         err = exc.errors()[0]
-        where = ".".join(str(x) for x in err["loc"]) or "config"
-        raise InputError(path or "config", f"{where}: {err['msg']}") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "missing":
+            msg = f"required: {TrainConfig.model_fields[str(err['loc'][0])].description}"
+        raise InputError(*_blame(err["loc"], msg, path, from_file, given, sources)) from None
+
+
+def _blame(loc, msg: str, path, from_file: dict, given: dict, sources) -> tuple[str, str]:
+    """(what to name, problem): the flag a bad value came from, else the file, else ``config``."""
+    field = str(loc[0]) if loc else ""
+    where = ".".join(str(x) for x in loc) or "config"
+    sources = sources or {}
+    if field in sources and (field in given or field not in from_file):
+        rest = ".".join(str(x) for x in loc[1:])
+        return sources[field], f"{rest}: {msg}" if rest else msg
+    if path is not None and field in from_file:
+        return str(path), f"{where}: {msg}"
+    return "config", f"{where}: {msg}"
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    """Write the resolved config as YAML, atomically."""
+    write_text_atomic(Path(path), yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

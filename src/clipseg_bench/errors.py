@@ -1,8 +1,10 @@
-"""The one error type for bad input from a person, and the gradient audit's.
+"""The error types a person sees as one line: bad input, a command whose own work failed, and the
+gradient audit's.
 
-The CLI turns an :class:`InputError` into a single line ``error: <path>: <problem>`` on stderr and
-exit code 2, a :class:`GradientAuditError` into one line and exit code 1. Everything else is a bug
-and keeps its traceback.
+The CLI turns any :class:`ReportedError` into a single line ``error: <path>: <problem>`` on stderr and
+its exit code: 2 for an :class:`InputError` (bad input), 1 for a :class:`RunFailed` (e.g. a benchmark
+run that crashed). A :class:`GradientAuditError` is one line and exit code 1 too (a failed run).
+Everything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -10,13 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 
 
-class InputError(Exception):
-    """Bad input: a file, folder, option or value a user gave us that we cannot use.
+class ReportedError(Exception):
+    """An error the CLI reports as one line naming a file, folder or flag, with :attr:`exit_code`.
 
     Args:
         path: the file, folder or option at fault (``None`` when there is none to name).
         problem: what is wrong with it, in one line.
     """
+
+    exit_code = 1
 
     def __init__(self, path: str | Path | None, problem: str):
         self.path = None if path is None else str(path)
@@ -26,6 +30,18 @@ class InputError(Exception):
     @property
     def message(self) -> str:
         return f"{self.path}: {self.problem}" if self.path else self.problem
+
+
+class InputError(ReportedError):
+    """Bad input: a file, folder, option or value a user gave us that we cannot use (exit code 2)."""
+
+    exit_code = 2
+
+
+class RunFailed(ReportedError):
+    """The input was fine but some of the work failed, e.g. a benchmark run crashed (exit code 1)."""
+
+    exit_code = 1
 
 
 class GradientAuditError(RuntimeError):

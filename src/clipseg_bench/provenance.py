@@ -1,18 +1,26 @@
 """What every result file records so its numbers can be trusted, and how it is written.
 
 Training, evaluation and the benchmark all write their records through this module: the commit and
-dirty flag, the hardware, peak memory, and JSON written atomically (a reader never sees half a file).
-It sits at the package's top level so no stage imports another stage for it.
+dirty flag, the hardware, peak memory, the process that writes a run, and files written atomically
+(a reader never sees half a file). The output guards live here too: every command that writes checks
+its output with :func:`check_output_file` or :func:`check_output_folder` before it writes anything,
+so no command replaces one of its inputs or a file it did not write. It sits at the package's top
+level so no stage imports another stage for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import resource
+import socket
 import subprocess
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+
+from clipseg_bench.errors import InputError
 
 
 def git_info(path: Path | None = None) -> dict:
@@ -106,14 +114,239 @@ def peak_memory_mb(device) -> tuple[float, str]:
     return peak_rss_mb(), "rss"
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """Write ``path`` atomically: yield a temporary name beside it, rename it over ``path`` on success.
+
+    The temporary name is hidden and keeps the file's extension (``.tmp-<pid>-mask.nii.gz``), so
+    writers that pick the format from the name (nibabel) work, and folder listings skip it. On an
+    error the temporary file is removed and ``path`` keeps what it held before.
+
+    Raises:
+        InputError: naming ``path`` when the file system refuses the write (full, read-only).
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as exc:  # a full disk, a read-only or special file system: the user's to fix
+        _remove(tmp)
+        raise InputError(path, f"cannot write it ({exc.strerror or exc})") from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(tmp: Path) -> None:
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file in the same folder and a rename."""
+    with replacing(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json_atomic(path: Path, obj) -> None:
     """``obj`` as indented JSON, written atomically (see :func:`write_text_atomic`)."""
     write_text_atomic(path, json.dumps(obj, indent=2, default=str))
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding an object (run.json, metrics.json, a benchmark record), checked.
+
+    Raises:
+        InputError: naming ``path`` when it cannot be read, is not valid JSON, or is not an object.
+    """
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(path, "file not found") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(path, f"not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(path, f"cannot read it ({exc.__class__.__name__}: {exc})") from None
+    if not isinstance(doc, dict):
+        raise InputError(path, "expected a JSON object")
+    return doc
+
+
+# --- output guards ----------------------------------------------------------------------------
+
+
+def marker_name(fmt: str) -> str:
+    """The marker file of a folder kind: ``"clipseg-bench-prepared/1"`` -> ``.clipseg-bench-prepared``."""
+    return "." + fmt.split("/")[0]
+
+
+def mark_folder(folder: Path, fmt: str) -> None:
+    """Say "this folder was written by us, in format ``fmt``" (written before anything else)."""
+    (Path(folder) / marker_name(fmt)).write_text(fmt + "\n")
+
+
+def folder_format(folder: Path, fmt: str) -> str | None:
+    """The format the folder's marker of ``fmt``'s kind names (any version), or None without one."""
+    try:
+        return (Path(folder) / marker_name(fmt)).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name the same file or folder (links and relative parts resolved)."""
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+    except OSError:
+        return False
+
+
+def _refuse_inputs(path: Path, inputs: Iterable[Path], flag: str) -> None:
+    for inp in inputs:
+        if _same_file(path, Path(inp)):
+            also = f" ({inp})" if str(inp) != str(path) else ""
+            raise InputError(path, f"is an input of this command{also}; choose another {flag}")
+
+
+def _check_creatable(path: Path, what: str) -> None:
+    """The nearest existing ancestor of a path that does not exist yet must be a writable folder."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(path, f"cannot create the output {what}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(path, f"cannot create the output {what}: {parent} is not writable")
+
+
+def check_output_file(
+    path: str | Path,
+    *,
+    command: str,
+    ours: Callable[[Path], bool],
+    inputs: Iterable[Path] = (),
+    overwrite: bool = False,
+    flag: str = "--out",
+) -> Path:
+    """Refuse an output file that would destroy something, before anything is written.
+
+    Args:
+        path: the file the command will write.
+        command: the command's name, for the message.
+        ours: whether an existing file at ``path`` was written by this command (then it may be replaced).
+        inputs: the files and folders the command reads; ``path`` may be none of them.
+        overwrite: replace an existing file even when it is not ours.
+        flag: the option that gave ``path``.
+
+    Returns:
+        ``path`` as a Path.
+
+    Raises:
+        InputError: ``path`` is an input, a folder, a file this command did not write (without
+            ``overwrite``), or cannot be created.
+    """
+    path = Path(path)
+    _refuse_inputs(path, inputs, flag)
+    if path.is_dir():
+        raise InputError(path, f"is a folder; {flag} takes a file name")
+    if path.exists():
+        if not overwrite and not ours(path):
+            raise InputError(
+                path, f"exists and was not written by `{command}`; pass --overwrite to replace it"
+            )
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            raise InputError(path, f"cannot replace it: {path.parent} is not writable")
+        return path
+    _check_creatable(path, "file")
+    return path
+
+
+def check_output_folder(
+    path: str | Path,
+    *,
+    command: str,
+    ours: Callable[[Path], bool],
+    inputs: Iterable[Path] = (),
+    overwrite: bool = False,
+    flag: str = "--out",
+) -> Path:
+    """Refuse an output folder that would mix our files into someone else's, before anything is written.
+
+    An empty or new folder is fine; a non-empty one must be ours (``ours(path)``, e.g. a marker file
+    or the command's own record) unless ``overwrite``.
+
+    Raises:
+        InputError: ``path`` is an input, a file, a non-empty folder that is not ours (without
+            ``overwrite``), not writable, or cannot be created.
+    """
+    path = Path(path)
+    _refuse_inputs(path, inputs, flag)
+    if path.exists() and not path.is_dir():
+        raise InputError(path, f"output path exists and is not a folder; {flag} takes a folder")
+    if path.is_dir():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise InputError(path, "output folder is not writable")
+        if not overwrite and any(path.iterdir()) and not ours(path):
+            raise InputError(
+                path,
+                f"output folder is not empty and was not written by {command} "
+                f"(use --overwrite, or choose another {flag})",
+            )
+        return path
+    _check_creatable(path, "folder")
+    return path
+
+
+# --- the process that writes a run ------------------------------------------------------------
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, /proc/<pid>/stat field 22); None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])  # fields after "(comm)" start at field 3
+
+
+def process_record() -> dict:
+    """Who writes a run: pid, host, boot id and the process's start time (to recognise pid reuse)."""
+    pid = os.getpid()
+    return {"pid": pid, "host": socket.gethostname(), "boot_id": _boot_id(), "start_ticks": _start_ticks(pid)}
+
+
+def process_alive(record: dict | None) -> bool | None:
+    """Whether the process of a :func:`process_record` still runs.
+
+    Returns:
+        True or False when this machine can tell; None when it cannot (no record, or the run was
+        written on another host: a cluster node's processes are not visible here).
+    """
+    if not isinstance(record, dict) or record.get("host") != socket.gethostname():
+        return None
+    pid = record.get("pid")
+    if not isinstance(pid, int):
+        return None
+    if record.get("boot_id") and _boot_id() and record["boot_id"] != _boot_id():
+        return False  # the machine rebooted since
+    if Path("/proc/self/stat").exists():
+        ticks = _start_ticks(pid)
+        return ticks is not None and (record.get("start_ticks") in (None, ticks))
+    try:  # no /proc (macOS): signal 0 only asks whether the pid exists
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clipseg_bench.bench.matrix import run_matrix
+from clipseg_bench.bench.matrix import raise_failed, run_matrix
 from clipseg_bench.bench.report import write_report
 from clipseg_bench.config import load_config
 from clipseg_bench.strategies import available
@@ -124,12 +124,15 @@ def run_demo(*, out: Path, quick: bool = False, strategies: list[str] | None = N
         "extra": {**COMMON, "val_every": 0},
     }
     stages.start(f"benchmark on style B ({size.steps} steps per run, seeds {size.seeds})")
-    run_matrix(strategies=strategies or available(), out=out / "bench", **matrix)
+    outcomes = [
+        (run_matrix(strategies=strategies or available(), out=out / "bench", **matrix), out / "bench")
+    ]
     benches = [out / "bench"]
     axis = [s for s in size.axis_strategies if s in (strategies or available())]
     if axis:
         stages.start(f"data efficiency: {', '.join(axis)} on {size.axis_cases} of the training cases")
-        run_matrix(strategies=axis, out=out / "bench_data", train_cases=size.axis_cases, **matrix)
+        results = run_matrix(strategies=axis, out=out / "bench_data", train_cases=size.axis_cases, **matrix)
+        outcomes.append((results, out / "bench_data"))
         benches.append(out / "bench_data")
 
     stages.start("report")
@@ -138,6 +141,8 @@ def run_demo(*, out: Path, quick: bool = False, strategies: list[str] | None = N
     print(f"\ndemo finished in {time.perf_counter() - t_start:.0f} s")
     print(f"report: {html}")
     print(f"table:  {out / 'bench' / 'results.md'}")
+    for results, bench in outcomes:  # the report lists them; the exit code must say so too
+        raise_failed(results, bench)
     return html
 
 

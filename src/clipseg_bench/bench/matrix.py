@@ -9,21 +9,49 @@ array) split the matrix deterministically and `report` merges their folders.
 `--train-cases 1,5,all` adds the data-efficiency axis: every strategy x seed also trains on nested
 subsets of the training cases (TrainConfig.train_cases); its runs are named
 ``<strategy>-s<seed>-n<cases>``, while the full training set keeps the plain ``<strategy>-s<seed>``.
+
+Before anything is written, every input is checked (the data, the model, each cell's config, the
+output folder), and a call whose settings differ from those the folder was run with is refused:
+a BENCH folder holds one benchmark, so its old runs never pass for new ones. More strategies,
+seeds or training-case counts with the same settings extend it. A failed run makes the command
+fail too (exit code 1), naming the run and its log.
 """
 
 from __future__ import annotations
 
-import json
 import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from clipseg_bench.config import load_config, save_config
-from clipseg_bench.errors import InputError
-from clipseg_bench.provenance import git_info, hardware_info, write_json_atomic
+from clipseg_bench.bench.results import is_bench_folder
+from clipseg_bench.config import RUNTIME_FIELDS, TrainConfig, config_differences, load_config, save_config
+from clipseg_bench.errors import InputError, RunFailed
+from clipseg_bench.provenance import (
+    check_output_folder,
+    git_info,
+    hardware_info,
+    process_alive,
+    read_json_object,
+    write_json_atomic,
+)
 from clipseg_bench.strategies import available
+
+# The flag behind each TrainConfig field the matrix sets, for error messages.
+SOURCES = {
+    "data": "--data",
+    "model": "--model",
+    "strategy": "--strategies",
+    "seed": "--seeds",
+    "epochs": "--epochs",
+    "max_steps": "--max-steps",
+    "batch_size": "--batch-size",
+    "lr": "--lrs",
+    "train_cases": "--train-cases",
+}
+# What a run's config holds besides the benchmark's shared settings.
+PER_CELL = ("strategy", "seed", "lr", "train_cases", *RUNTIME_FIELDS)
 
 
 def parse_shard(spec: str | None) -> tuple[int, int]:
@@ -116,7 +144,7 @@ def run_status(run: Path) -> str:
     info = run / "run.json"
     if not info.is_file():
         return "missing"
-    status = json.loads(info.read_text()).get("status", "unknown")
+    status = read_json_object(info).get("status", "unknown")
     if status == "finished" and (run / "metrics.json").is_file():
         return "evaluated"
     return status
@@ -132,6 +160,142 @@ def _call(cmd: list[str], log: Path) -> int:
             sys.stdout.write(line)
             fh.write(line)
         return proc.wait()
+
+
+def _record_path(out: Path, shard: str | None) -> Path:
+    return out / f"bench-shard{parse_shard(shard)[0]}.json"
+
+
+def launcher_command(launcher: str | None) -> list[str]:
+    """``--launcher`` as the words that start a training process (``python`` itself without one).
+
+    Raises:
+        InputError: unbalanced quotes, or a first word that is not a command on PATH.
+    """
+    if not launcher:
+        return [sys.executable]
+    try:
+        words = shlex.split(launcher)
+    except ValueError as exc:
+        raise InputError("--launcher", f"cannot split {launcher!r} into words ({exc})") from None
+    if not words or shutil.which(words[0]) is None:
+        raise InputError("--launcher", f"{(words or [''])[0]!r} is not a command on PATH")
+    return words
+
+
+def plan(
+    *,
+    data,
+    model: str,
+    todo: list[tuple[str, int, int | None]],
+    out: Path,
+    config: str | None,
+    overrides: dict,
+    strategy_lr: dict[str, float],
+    overwrite: bool,
+) -> dict[tuple[str, int, int | None], TrainConfig]:
+    """Check everything a benchmark call needs, writing nothing; return each cell's config.
+
+    Raises:
+        InputError: a bad flag, config file, data folder, model or output folder, or settings that
+            differ from those the BENCH folder was run with.
+    """
+    from clipseg_bench.data.dataset import PreparedData
+    from clipseg_bench.model.load import check_model
+
+    stray = sorted(set(strategy_lr) - set(available()))
+    if stray:
+        raise InputError("--lrs", f"unknown strategy {stray[0]!r}; available: {', '.join(available())}")
+    check_output_folder(
+        out, command="benchmark", ours=is_bench_folder, inputs=[Path(data)], overwrite=overwrite
+    )
+    PreparedData(data)
+    check_model(model)
+    cfgs = {}
+    for strategy, seed, n_cases in todo:
+        cell = {
+            **overrides,
+            "data": str(data),
+            "model": model,
+            "strategy": strategy,
+            "seed": seed,
+            "out": str(out / "runs" / run_name(strategy, seed, n_cases)),
+            "lr": strategy_lr.get(strategy),
+            "train_cases": n_cases,
+        }
+        cfgs[(strategy, seed, n_cases)] = load_config(config, cell, sources=SOURCES)
+    _refuse_other_settings(out, cfgs)
+    return cfgs
+
+
+def shared_settings(cfg: TrainConfig) -> dict:
+    """A cell's config without what differs from cell to cell: the benchmark's settings."""
+    return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in PER_CELL}
+
+
+def _refuse_other_settings(out: Path, cfgs: dict[tuple[str, int, int | None], TrainConfig]) -> None:
+    """A BENCH folder holds one benchmark: refuse a call whose runs would train differently from the
+    runs already there (recorded settings, and each existing run's config.yaml)."""
+    first = next(iter(cfgs.values()), None)
+    for record in sorted(out.glob("bench-shard*.json")):
+        recorded = read_json_object(record).get("settings")
+        if first is None or not isinstance(recorded, dict):
+            continue
+        for key, value in shared_settings(first).items():
+            old = recorded.get(key, value)
+            if key == "data" and old is not None and Path(old).resolve() == Path(value).resolve():
+                continue
+            if old != value:
+                raise InputError(
+                    out,
+                    f"this benchmark folder was run with {key}={old!r} ({record.name}), this call asks "
+                    f"{key}={value!r}: a BENCH folder holds one set of settings; choose another --out",
+                )
+    for cell, cfg in cfgs.items():
+        run = out / "runs" / run_name(*cell)
+        if run_status(run) == "running":  # an unreadable run.json refuses here too
+            process = read_json_object(run / "run.json").get("process")
+            if process_alive(process):
+                raise InputError(
+                    run, f"is being trained right now (process {process['pid']}); wait for it to end"
+                )
+        saved_path = run / "config.yaml"
+        if not saved_path.is_file():
+            continue
+        diffs = config_differences(load_config(saved_path), cfg)
+        if diffs:
+            field, old, new = diffs[0]
+            raise InputError(
+                saved_path.parent,
+                f"was run with {field}={old!r}, this call asks {field}={new!r}: a BENCH folder holds "
+                "one set of settings; choose another --out (or delete that run to redo it)",
+            )
+
+
+def _write_record(out: Path, shard: str | None, *, todo, model, data, epochs, cfgs, strategy_lr) -> None:
+    """bench-shard<i>.json: the cells of every call into this shard, the settings, commit and hardware."""
+    path = _record_path(out, shard)
+    old = read_json_object(path) if path.is_file() else {}
+    cells_done = [tuple(c) for c in old.get("cells", [])]
+    cells_all = cells_done + [c for c in todo if c not in cells_done]
+    first = next(iter(cfgs.values()), None)
+    write_json_atomic(
+        path,
+        {
+            "strategies": list(dict.fromkeys(c[0] for c in cells_all)),
+            "seeds": list(dict.fromkeys(c[1] for c in cells_all)),
+            "train_cases": list(dict.fromkeys(ALL_CASES if c[2] is None else c[2] for c in cells_all)),
+            "cells": [list(c) for c in cells_all],  # what `report` lists as never started if absent
+            "shard": shard or "0/1",
+            "model": model,
+            "data": str(data),
+            "epochs": epochs,
+            "settings": shared_settings(first) if first is not None else {},
+            "lrs": strategy_lr,
+            "git": git_info(),
+            "hardware": hardware_info(),
+        },
+    )
 
 
 def run_matrix(
@@ -151,6 +315,7 @@ def run_matrix(
     extra: dict | None = None,
     strategy_lr: dict[str, float] | None = None,
     train_cases: str | None = None,
+    overwrite: bool = False,
 ) -> list[dict]:
     """Train (and evaluate) every cell of this shard; returns one status dict per cell.
 
@@ -161,72 +326,71 @@ def run_matrix(
         extra: more TrainConfig fields shared by every run.
         train_cases: the data-efficiency axis, e.g. "1,5,all" (see :func:`parse_train_cases`);
             None trains every run on all training cases.
+        overwrite: write into a non-empty folder that is not a BENCH folder.
+
+    Raises:
+        InputError: see :func:`plan`; nothing is written then.
     """
     out = Path(out)
     counts = [None] if train_cases is None else parse_train_cases(train_cases, _n_train_cases(data))
     todo = cells(strategies, seeds, shard, counts)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "runs").mkdir(exist_ok=True)
-    write_json_atomic(
-        out / f"bench-shard{parse_shard(shard)[0]}.json",
-        {
-            "strategies": strategies,
-            "seeds": seeds,
-            "shard": shard or "0/1",
-            "model": model,
-            "data": str(data),
-            "epochs": epochs,
-            "train_cases": [ALL_CASES if c is None else c for c in counts],
-            "git": git_info(),
-            "hardware": hardware_info(),
-        },
+    launcher_command(launcher)
+    strategy_lr = strategy_lr or {}
+    overrides = {**(extra or {}), "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size}
+    cfgs = plan(
+        data=data,
+        model=model,
+        todo=todo,
+        out=out,
+        config=config,
+        overrides=overrides,
+        strategy_lr=strategy_lr,
+        overwrite=overwrite,
+    )
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    _write_record(
+        out, shard, todo=todo, model=model, data=data, epochs=epochs, cfgs=cfgs, strategy_lr=strategy_lr
     )
     base = [sys.executable, "-m", "clipseg_bench.cli"]
-    train_cmd = shlex.split(launcher) + ["-m", "clipseg_bench.cli"] if launcher else base
+    train_cmd = launcher_command(launcher) + ["-m", "clipseg_bench.cli"]
     results = []
-    for strategy, seed, n_cases in todo:
-        run = out / "runs" / run_name(strategy, seed, n_cases)
+    for cell in todo:
+        run = out / "runs" / run_name(*cell)
+        log = out / "logs" / f"{run.name}.log"
         status = run_status(run)
         if status == "evaluated" or (status == "finished" and not evaluate):
             print(f"[benchmark] {run.name}: done, skipped")
             results.append({"run": str(run), "status": "skipped"})
             continue
         if status != "finished":
-            resume = status != "missing"
+            resume = status != "missing" and (run / "config.yaml").is_file()
             if not resume and run.exists():
-                shutil.rmtree(run)  # a folder without run.json never started training
+                shutil.rmtree(run)  # without run.json and config.yaml it never started training
             (out / "configs").mkdir(exist_ok=True)
             (out / "logs").mkdir(exist_ok=True)
             cfg_path = out / "configs" / f"{run.name}.yaml"
-            overrides = {
-                **(extra or {}),
-                "data": str(data),
-                "model": model,
-                "strategy": strategy,
-                "seed": seed,
-                "epochs": epochs,
-                "out": str(run),
-                "max_steps": max_steps,
-                "batch_size": batch_size,
-                "lr": (strategy_lr or {}).get(strategy),
-                "train_cases": n_cases,
-            }
-            cfg = load_config(config, overrides)
-            save_config(cfg, cfg_path)
+            save_config(cfgs[cell], cfg_path)
             print(f"[benchmark] {run.name}: {'resuming' if resume else 'training'}")
             # Train and evaluate in one process: a second Python + torch start-up per run is waste.
             flags = (["--resume"] if resume else []) + (["--evaluate"] if evaluate else [])
-            rc = _call(
-                train_cmd + ["train", "--config", str(cfg_path), *flags], out / "logs" / f"{run.name}.log"
-            )
+            rc = _call(train_cmd + ["train", "--config", str(cfg_path), *flags], log)
             if rc != 0:
                 _mark_failed(run, f"train exited with {rc}")
-                results.append({"run": str(run), "status": "failed"})
+                results.append(
+                    {"run": str(run), "status": "failed", "why": f"train exited with {rc}", "log": str(log)}
+                )
                 continue
         if evaluate and run_status(run) != "evaluated":
-            rc = _call(base + ["evaluate", "--run", str(run)], out / "logs" / f"{run.name}.log")
+            rc = _call(base + ["evaluate", "--run", str(run)], log)
             if rc != 0:
-                results.append({"run": str(run), "status": "failed"})
+                results.append(
+                    {
+                        "run": str(run),
+                        "status": "failed",
+                        "why": f"evaluate exited with {rc}",
+                        "log": str(log),
+                    }
+                )
                 continue
         results.append({"run": str(run), "status": "done"})
     failed = [r["run"] for r in results if r["status"] == "failed"]
@@ -246,9 +410,30 @@ def _n_train_cases(data) -> int:
     return n
 
 
+def raise_failed(results: list[dict], out: Path) -> None:
+    """Fail the command when any run failed, naming them (exit code 1 through the CLI).
+
+    Raises:
+        RunFailed: naming the failed runs and the first one's log.
+    """
+    failed = [r for r in results if r["status"] == "failed"]
+    if failed:
+        names = ", ".join(Path(r["run"]).name for r in failed)
+        raise RunFailed(
+            out,
+            f"{len(failed)} of {len(results)} runs failed: {names} ({failed[0]['why']}; "
+            f"see {failed[0]['log']}); re-run the same command to retry them",
+        )
+
+
 def _mark_failed(run: Path, why: str) -> None:
+    """Record a failure in run.json (created when training refused before writing anything)."""
     info = run / "run.json"
-    doc = json.loads(info.read_text()) if info.is_file() else {}
+    try:
+        doc = read_json_object(info) if info.is_file() else {}
+    except InputError:  # unreadable: replaced by the failure record
+        doc = {}
     if doc.get("status") in (None, "running"):
         doc.update(status="failed", error=why)
+        run.mkdir(parents=True, exist_ok=True)
         write_json_atomic(info, doc)

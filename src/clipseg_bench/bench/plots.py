@@ -28,6 +28,7 @@ from clipseg_bench.bench.results import (
 )
 from clipseg_bench.errors import InputError
 from clipseg_bench.organs import ORGANS
+from clipseg_bench.provenance import replacing
 
 DPI = 110
 # One fixed colour per FLARE22 organ (index = id - 1), from Trubetskoy's 20 distinct colours.
@@ -92,7 +93,8 @@ def pareto_front(cost: np.ndarray, quality: np.ndarray) -> np.ndarray:
 
 def _save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=DPI, bbox_inches="tight")
     return path
 
 

@@ -30,6 +30,7 @@ from clipseg_bench.bench.results import (
     cleanup_gain_table,
     efficiency_table,
     full_data_runs,
+    is_bench_folder,
     load_bench,
     paired_differences,
     per_organ_table,
@@ -38,6 +39,13 @@ from clipseg_bench.bench.results import (
 )
 from clipseg_bench.errors import InputError
 from clipseg_bench.organs import ORGANS
+from clipseg_bench.provenance import (
+    check_output_folder,
+    folder_format,
+    mark_folder,
+    replacing,
+    write_text_atomic,
+)
 
 # The original study (FLARE22, 20 epochs), as it reported its results; shown for reference only.
 ORIGINAL_STUDY = pd.DataFrame(
@@ -498,7 +506,7 @@ def write_markdown(
         if not df.empty:
             lines += [f"## {heading}", "", df.to_markdown(index=False), ""]
     lines += ["## Runs", "", runs_display(table).to_markdown(index=False), ""]
-    path.write_text("\n".join(lines))
+    write_text_atomic(path, "\n".join(lines))
     return path
 
 
@@ -659,49 +667,70 @@ def render_html(
     )
 
 
-def write_report(bench_dirs: list[Path], out: Path | None = None) -> Path:
+REPORT_FORMAT = "clipseg-bench-report/1"  # marks an --out folder the report wrote into
+
+
+def _ours(folder: Path) -> bool:
+    """A folder the report may write into: a BENCH folder (or its runs/), or one a report marked."""
+    return (
+        is_bench_folder(folder)
+        or (folder / "runs").is_dir()
+        or any((d / "run.json").is_file() for d in folder.iterdir() if d.is_dir())
+        or folder_format(folder, REPORT_FORMAT) == REPORT_FORMAT
+    )
+
+
+def write_report(bench_dirs: list[Path], out: Path | None = None, *, overwrite: bool = False) -> Path:
     """Write results.csv, results.md, plots/*.png and report.html for one benchmark.
 
     Args:
         bench_dirs: BENCH folders; several are shards of one benchmark and are merged
             (see :func:`clipseg_bench.bench.results.merge_runs`).
-        out: folder to write into (default: the first BENCH folder).
+        out: folder to write into (default: the first BENCH folder). Another folder must be new,
+            empty, or one an earlier report wrote into, unless ``overwrite``.
+        overwrite: write into a non-empty ``out`` that is not ours.
 
     Returns:
         Path of report.html.
 
     Raises:
-        InputError: a folder is absent or has no runs, a run file is unreadable, or two shards
-            disagree about the same finished run.
+        InputError: a folder is absent or has no runs, a run file is unreadable, two shards
+            disagree about the same finished run, or ``out`` cannot or may not be written.
     """
     bench_dirs = [Path(b) for b in bench_dirs]
     every = load_bench(bench_dirs)
+    for run in every:  # the plots read these later: a bad one must refuse before the first write
+        if run.finished and run.samples is not None:
+            plots.load_samples(run.samples)
     out = Path(out) if out is not None else bench_dirs[0]
+    check_output_folder(out, command="report", ours=_ours, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
+    if not _ours(out):
+        mark_folder(out, REPORT_FORMAT)
     table = runs_table(every)
-    table.to_csv(out / "results.csv", index=False)
+    with replacing(out / "results.csv") as tmp:
+        table.to_csv(tmp, index=False)
     # The strategy tables and plots describe the largest training set; the data axis has its own.
     runs = full_data_runs(every)
     main = runs_table(runs)
     summary = summary_table(main)
-    summary.to_csv(out / "results_summary.csv", index=False)
+    with replacing(out / "results_summary.csv") as tmp:
+        summary.to_csv(tmp, index=False)
     dsc, nsd = per_organ_table(main, "dsc"), per_organ_table(main, "nsd")
     questions = question_tables(every, table, summary)
     write_markdown(out / "results.md", summary, dsc, nsd, table, runs, sections=question_sections(questions))
     pngs = make_plots(runs, main, summary, dsc, nsd, out / "plots")
     pngs.update(make_question_plots(questions, out / "plots"))
     report = out / "report.html"
-    report.write_text(
-        render_html(
-            runs=every,
-            table=table,
-            summary=summary,
-            dsc=dsc,
-            nsd=nsd,
-            pngs=pngs,
-            sources=bench_dirs,
-            questions=questions,
-        ),
-        encoding="utf-8",
+    html = render_html(
+        runs=every,
+        table=table,
+        summary=summary,
+        dsc=dsc,
+        nsd=nsd,
+        pngs=pngs,
+        sources=bench_dirs,
+        questions=questions,
     )
+    write_text_atomic(report, html)
     return report

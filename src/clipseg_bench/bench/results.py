@@ -9,7 +9,6 @@ Everything in this module is pure data handling: no plotting, no HTML.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -21,18 +20,25 @@ import yaml
 from clipseg_bench.bench import stats
 from clipseg_bench.errors import InputError
 from clipseg_bench.organs import ORGANS
+from clipseg_bench.provenance import process_alive, read_json_object
 
 FINISHED = "finished"
 # results.csv's train_cases of a run on the whole train split (and of runs from before that axis).
 ALL_CASES = "all"
 # Run folder names: <strategy>-s<seed>, or <strategy>-s<seed>-n<training cases>.
 _RUN_NAME = re.compile(r"^(?P<strategy>.+)-s(?P<seed>[^-]+)(?:-n(?P<cases>\d+))?$")
+# A run whose run.json says "running" but whose process is gone (SIGKILL, the OOM killer, a reboot):
+# train records its pid, host, boot id and start time, and this machine checks them. A run written
+# on another host cannot be checked from here and stays "running".
+KILLED = "killed"
+# A cell the benchmark's record (bench-shard<i>.json) lists but that has no run folder.
+NOT_STARTED = "not started"
 # Strategies appear in this order in every table and plot; unknown ones follow alphabetically.
 STRATEGY_ORDER = ("zeroshot", "full", "decoder", "adapter", "lora", "bitfit")
 # The trainer's timing breakdown keys, in the order the time flows through a step.
 BREAKDOWN_ORDER = ("data", "forward", "backward", "optimizer", "eval")
 # When the same (strategy, seed) appears in two shards, keep the most complete one.
-_STATUS_RANK = {FINISHED: 0, "interrupted": 1, "running": 2, "failed": 3}
+_STATUS_RANK = {FINISHED: 0, "interrupted": 1, "running": 2, KILLED: 2, "failed": 3, NOT_STARTED: 10}
 
 # results.csv columns that the aggregate tables average over seeds.
 METRICS = (
@@ -101,16 +107,6 @@ def strategy_order(names: list[str] | set[str]) -> list[str]:
     return known + sorted(set(names) - set(STRATEGY_ORDER))
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(path, f"not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(doc, dict):
-        raise InputError(path, "expected a JSON object")
-    return doc
-
-
 def _read_history(path: Path) -> pd.DataFrame | None:
     if not path.is_file():
         return None
@@ -118,6 +114,8 @@ def _read_history(path: Path) -> pd.DataFrame | None:
         df = pd.read_csv(path)
     except pd.errors.EmptyDataError:
         return None
+    except (ValueError, OSError, UnicodeDecodeError) as exc:  # pandas' ParserError is a ValueError
+        raise InputError(path, f"not a readable CSV ({str(exc).splitlines()[0]})") from None
     return df if len(df) else None
 
 
@@ -128,7 +126,7 @@ def load_run(path: Path, bench: Path) -> Run:
     A folder without ``run.json`` (a run that never started writing) is kept with status ``missing``
     so that the report can list it.
     """
-    info = _read_json(path / "run.json") if (path / "run.json").is_file() else {"status": "missing"}
+    info = read_json_object(path / "run.json") if (path / "run.json").is_file() else {"status": "missing"}
     named = _RUN_NAME.match(path.name)
     name_strategy, name_seed, name_cases = named.groups() if named else ("", None, None)
     strategy = info.get("strategy") or name_strategy
@@ -154,29 +152,67 @@ def load_run(path: Path, bench: Path) -> Run:
         path=path,
         strategy=str(strategy),
         seed=seed,
-        status=str(info.get("status", "unknown")),
+        status=_status(info),
         info=info,
         config=config,
-        metrics=_read_json(metrics_path) if metrics_path.is_file() else None,
+        metrics=read_json_object(metrics_path) if metrics_path.is_file() else None,
         history=_read_history(path / "history.csv"),
         train_cases=None if train_cases is None else int(train_cases),
     )
 
 
+def is_bench_folder(path: Path) -> bool:
+    """Whether ``path`` is a BENCH folder (a ``benchmark`` call recorded itself there)."""
+    return any(Path(path).glob("bench-shard*.json"))
+
+
+def _status(info: dict) -> str:
+    """run.json's status, with "running" turned into :data:`KILLED` when its process is gone."""
+    status = str(info.get("status", "unknown"))
+    if status == "running" and process_alive(info.get("process")) is False:
+        return KILLED
+    return status
+
+
+def _not_started(bench: Path, root: Path, present: set[tuple[str, int, int | None]]) -> list[Run]:
+    """The cells the BENCH folder's records list that have no run folder.
+
+    A cell is ``[strategy, seed, training cases or null]`` (``[strategy, seed]`` before the data axis).
+    """
+    runs = []
+    for record in sorted(bench.glob("bench-shard*.json")):
+        for cell in read_json_object(record).get("cells") or []:
+            try:
+                strategy, seed = str(cell[0]), int(cell[1])
+                cases = None if len(cell) < 3 or cell[2] is None else int(cell[2])
+            except (TypeError, ValueError, IndexError):
+                raise InputError(
+                    record, f"'cells' entry {cell!r} is not [strategy, seed, training cases]"
+                ) from None
+            if (strategy, seed, cases) not in present:
+                present.add((strategy, seed, cases))
+                path = root / (f"{strategy}-s{seed}" + ("" if cases is None else f"-n{cases}"))
+                runs.append(Run(bench, path, strategy, seed, NOT_STARTED, {}, {}, None, None, cases))
+    return runs
+
+
 def find_runs(bench: Path) -> list[Run]:
-    """All run folders of one BENCH folder (``BENCH/runs/*``; BENCH/runs itself is accepted too).
+    """All runs of one BENCH folder: its run folders (``BENCH/runs/*``; BENCH/runs itself is
+    accepted too), and, as :data:`NOT_STARTED`, the cells its records list without a folder.
 
     Raises:
-        InputError: the folder is absent or holds no run folders.
+        InputError: the folder is absent or holds no runs.
     """
     bench = Path(bench)
     if not bench.is_dir():
         raise InputError(bench, "BENCH folder not found")
     root = bench / "runs" if (bench / "runs").is_dir() else bench
     dirs = sorted(d for d in root.iterdir() if d.is_dir() and ((d / "run.json").is_file() or "-s" in d.name))
-    if not dirs:
+    runs = [load_run(d, bench) for d in dirs]
+    runs += _not_started(bench, root, {(r.strategy, r.seed, r.train_cases) for r in runs})
+    if not runs:
         raise InputError(bench, "no run folders (expected runs/<strategy>-s<seed>/run.json)")
-    return [load_run(d, bench) for d in dirs]
+    return runs
 
 
 def _same_numbers(a: dict, b: dict) -> bool:

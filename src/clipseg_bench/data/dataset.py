@@ -20,6 +20,9 @@ from clipseg_bench.data.channels import CHANNEL_MODES, channel_images, needs_hu
 from clipseg_bench.data.prepare import FORMAT
 from clipseg_bench.errors import InputError
 
+# The dtype of each cached array kind: windowed images and labels uint8, the HU slices int16.
+ARRAY_DTYPES = {"image": np.uint8, "label": np.uint8, "hu": np.int16}
+
 
 class PreparedData:
     """The files `prepare` wrote: dataset.json, manifest.csv and the per-case uint8 arrays.
@@ -37,15 +40,23 @@ class PreparedData:
             )
         try:
             self.meta = json.loads(meta_path.read_text())
-            self.manifest = pd.read_csv(self.root / "manifest.csv", dtype={"case": str})
         except (OSError, ValueError) as exc:
             raise InputError(meta_path, f"unreadable prepared dataset ({exc})") from None
+        manifest_path = self.root / "manifest.csv"
+        try:
+            self.manifest = pd.read_csv(manifest_path, dtype={"case": str})
+        except (OSError, ValueError) as exc:
+            raise InputError(manifest_path, f"unreadable manifest ({exc}); re-run `prepare`") from None
         found = self.meta.get("format") if isinstance(self.meta, dict) else None
         if found != FORMAT:
             raise InputError(
                 self.root, f"prepared with format {found!r}, this version reads {FORMAT!r}; re-run `prepare`"
             )
+        _check_contents(self.meta, self.manifest, meta_path, manifest_path)
         self._arrays: dict[tuple[str, str], np.ndarray] = {}
+        for case in self.cases_meta:  # a truncated array fails here, not mid-training
+            for kind in ("image", "label"):
+                self.array(case, kind)
 
     @property
     def cases_meta(self) -> dict[str, dict]:
@@ -73,7 +84,20 @@ class PreparedData:
             path = self.root / "cache" / f"{case}_{kind}.npy"
             if not path.is_file():
                 raise InputError(path, "missing from the prepared array cache; re-run `prepare`")
-            self._arrays[key] = np.load(path, mmap_mode="r")
+            try:
+                array = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as exc:  # numpy's words for a truncated or foreign file
+                raise InputError(path, f"corrupt or truncated array ({exc}); re-run `prepare`") from None
+            meta = self.cases_meta[case]
+            expected = (meta["n_slices"], *meta["slice_shape"])
+            dtype = ARRAY_DTYPES.get(kind, np.uint8)
+            if array.dtype != dtype or tuple(array.shape) != tuple(expected):
+                raise InputError(
+                    path,
+                    f"holds {array.dtype} {tuple(array.shape)}, dataset.json says "
+                    f"{np.dtype(dtype)} {tuple(expected)}; re-run `prepare`",
+                )
+            self._arrays[key] = array
         return self._arrays[key]
 
     def check_channels(self, mode: str) -> None:
@@ -99,6 +123,31 @@ class PreparedData:
         state = self.__dict__.copy()
         state["_arrays"] = {}
         return state
+
+
+CASE_KEYS = ("split", "n_slices", "slice_shape", "spacing")
+MANIFEST_KEYS = ("case", "z", "split", "kept")
+
+
+def _check_contents(meta: dict, manifest: pd.DataFrame, meta_path: Path, manifest_path: Path) -> None:
+    """What readers rely on: dataset.json's window and per-case entries, and the manifest's columns."""
+    cases = meta.get("cases")
+    if not isinstance(cases, dict) or not cases:
+        raise InputError(meta_path, "has no 'cases' (a mapping of case id to its entry); re-run `prepare`")
+    if not isinstance(meta.get("window"), dict):
+        raise InputError(meta_path, "has no 'window'; re-run `prepare`")
+    for case, entry in cases.items():
+        missing = [k for k in CASE_KEYS if not isinstance(entry, dict) or k not in entry]
+        if missing:
+            raise InputError(meta_path, f"case {case!r} lacks {', '.join(missing)}; re-run `prepare`")
+        if entry["split"] not in ("train", "val"):
+            raise InputError(meta_path, f"case {case!r} has split {entry['split']!r}, not train or val")
+    missing = [c for c in MANIFEST_KEYS if c not in manifest.columns]
+    if missing:
+        raise InputError(manifest_path, f"lacks the column(s) {', '.join(missing)}; re-run `prepare`")
+    unknown = sorted(set(manifest["case"]) - set(cases))
+    if unknown:
+        raise InputError(manifest_path, f"lists case {unknown[0]!r}, which dataset.json does not have")
 
 
 def resize_slices(images: torch.Tensor, size: int, *, labels: bool = False) -> torch.Tensor:

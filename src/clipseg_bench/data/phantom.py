@@ -28,6 +28,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from clipseg_bench.errors import InputError
+from clipseg_bench.provenance import check_output_folder
 
 STYLES = ("A", "B")
 _STYLE_CODE = {"A": 0, "B": 1}
@@ -362,7 +363,17 @@ def make_phantom(*, seed: int = 0, index: int = 0, style: str = "A", size: int =
     return image, labels, affine
 
 
-def write_phantoms(out: Path, *, cases: int, seed: int = 0, style: str = "A", size: int = 96) -> list[str]:
+def _is_phantom_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds nothing but phantoms (images/, labels/ of phantom*.nii.gz files)."""
+    subs = list(folder.iterdir())
+    if not all(sub.name in ("images", "labels") and sub.is_dir() for sub in subs):
+        return False
+    return all(f.name.startswith("phantom") for sub in subs for f in sub.iterdir())
+
+
+def write_phantoms(
+    out: Path, *, cases: int, seed: int = 0, style: str = "A", size: int = 96, overwrite: bool = False
+) -> list[str]:
     """Write phantom cases in FLARE22 layout: ``out/images/<case>_0000.nii.gz``, ``out/labels/<case>.nii.gz``.
 
     Args:
@@ -371,6 +382,7 @@ def write_phantoms(out: Path, *, cases: int, seed: int = 0, style: str = "A", si
         seed: dataset seed.
         style: "A" or "B".
         size: in-plane voxels.
+        overwrite: write into a non-empty folder that holds more than phantoms.
 
     Returns:
         The case ids written, e.g. ``["phantomA_0000", "phantomA_0001"]``.
@@ -379,7 +391,9 @@ def write_phantoms(out: Path, *, cases: int, seed: int = 0, style: str = "A", si
         raise InputError("--cases", f"need at least 1 case, got {cases}")
     if style not in STYLES:
         raise InputError("--style", f"unknown phantom style {style!r}; choose from {', '.join(STYLES)}")
-    out = Path(out)
+    if not 32 <= size <= 256:
+        raise InputError("--size", f"phantom size must be 32..256 voxels, got {size}")
+    out = check_output_folder(out, command="phantom", ours=_is_phantom_folder, overwrite=overwrite)
     try:
         (out / "images").mkdir(parents=True, exist_ok=True)
         (out / "labels").mkdir(parents=True, exist_ok=True)

@@ -61,10 +61,16 @@ from clipseg_bench.organs import (
     organ_id_for_name,
     organ_table,
 )
-from clipseg_bench.provenance import write_text_atomic
+from clipseg_bench.provenance import (
+    check_output_folder,
+    folder_format,
+    mark_folder,
+    marker_name,
+    write_text_atomic,
+)
 
 FORMAT = "clipseg-bench-prepared/1"
-MARKER = ".clipseg-bench-prepared"  # says "this folder is ours" from the first write on
+MARKER = marker_name(FORMAT)  # ".clipseg-bench-prepared": "this folder is ours" from the first write on
 WORK = ".work"
 DONE = ".done"
 LAYOUTS = ("msd", "per-organ")  # what --layout says a --dataset folder is
@@ -436,34 +442,28 @@ def _check_headers(sources: list[CaseSource]) -> None:
 
 
 def is_prepared_folder(out: Path) -> bool:
-    """True if ``out`` was written by `prepare` (a finished run or an interrupted one)."""
-    if (out / MARKER).is_file():
-        return True
+    """True if ``out`` was written by this version of `prepare` (a finished run or an interrupted one).
+
+    A folder marked by another format version is not ours: its files may mean something else.
+    """
+    marked = folder_format(out, FORMAT)
+    if marked is not None:
+        return marked == FORMAT
     try:
         return json.loads((out / "dataset.json").read_text()).get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
         return False
 
 
-def _check_output(out: Path, overwrite: bool) -> None:
-    """Refuse an output that cannot be written, or a non-empty folder that is not ours."""
-    if out.exists() and not out.is_dir():
-        raise InputError(out, "output path exists and is not a folder")
-    if out.is_dir():
-        if not os.access(out, os.W_OK | os.X_OK):
-            raise InputError(out, "output folder is not writable")
-        if any(out.iterdir()) and not is_prepared_folder(out) and not overwrite:
-            raise InputError(
-                out, "output folder is not empty and was not written by prepare (use --overwrite)"
-            )
-        return
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise InputError(out, f"cannot create the output folder: {parent} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(out, f"cannot create the output folder: {parent} is not writable")
+def _check_output(out: Path, overwrite: bool, inputs: list) -> None:
+    """Refuse an output that is an input, cannot be written, or is a non-empty folder not ours."""
+    check_output_folder(
+        out,
+        command="prepare",
+        ours=is_prepared_folder,
+        overwrite=overwrite,
+        inputs=[Path(p) for p in inputs if p is not None],
+    )
 
 
 # --- step 2: one case (runs in a worker process) --------------------------------------------
@@ -754,7 +754,7 @@ def prepare(
     splits = split_cases(
         case_ids, val_fraction=val_fraction, seed=seed, split_file=split_file, groups=patients
     )
-    _check_output(out, overwrite)
+    _check_output(out, overwrite, [images, labels, dataset])
     _check_headers(sources)
 
     options = Options(window=window_dict, label_map=lmap, keep_empty=bool(keep_empty), png=bool(png))
@@ -788,7 +788,7 @@ def _open_output(out: Path, had_marker: bool) -> None:
     try:
         (out / WORK).mkdir(parents=True, exist_ok=True)
         if not had_marker:
-            (out / MARKER).write_text(FORMAT + "\n")
+            mark_folder(out, FORMAT)
         for stale in (out / WORK).glob("*.tmp-*"):  # half-written cases of an interrupted run
             shutil.rmtree(stale, ignore_errors=True)
     except OSError as exc:

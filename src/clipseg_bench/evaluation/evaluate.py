@@ -30,7 +30,7 @@ from clipseg_bench.evaluation.metrics import present_pairs_dice, score_case, sum
 from clipseg_bench.evaluation.postprocess import POSTPROCESS_MODES, postprocess
 from clipseg_bench.evaluation.predict import probabilities_to_labels
 from clipseg_bench.evaluation.reliance import RIGHT, PromptCheck
-from clipseg_bench.provenance import write_json_atomic
+from clipseg_bench.provenance import replacing, write_json_atomic
 
 N_SAMPLES = 4  # slices kept for the report's qualitative overlays
 
@@ -62,6 +62,8 @@ def evaluate_run(
     t0 = time.perf_counter()
     if postprocess_mode not in POSTPROCESS_MODES:
         raise InputError("--postprocess", f"unknown mode {postprocess_mode!r}; choose from none, lcc")
+    if max_cases is not None and max_cases < 1:
+        raise InputError("--max-cases", f"must be >= 1, got {max_cases}")
     trained = load_run(run)
     cfg = trained.cfg
     prepared = PreparedData(data or cfg.data)
@@ -134,7 +136,8 @@ def evaluate_run(
     }
     write_json_atomic(Path(run) / "metrics.json", metrics)
     if samples["case"]:
-        np.savez_compressed(Path(run) / "samples.npz", **{k: np.asarray(v) for k, v in samples.items()})
+        with replacing(Path(run) / "samples.npz") as tmp:
+            np.savez_compressed(tmp, **{k: np.asarray(v) for k, v in samples.items()})
     return metrics
 
 

@@ -12,10 +12,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from clipseg_bench.data.io import Header, check_same_grid, nifti_files, read_label_volume
+from clipseg_bench.data.io import Header, check_same_grid, map_labels, nifti_files, read_label_volume
 from clipseg_bench.errors import InputError
 from clipseg_bench.evaluation.metrics import score_case, summarize
 from clipseg_bench.evaluation.postprocess import POSTPROCESS_MODES, postprocess
+from clipseg_bench.organs import load_label_map
+from clipseg_bench.provenance import check_output_file, replacing
+
+FLARE22_IDS = load_label_map("flare22")  # identity on 0-13; anything else is refused
 
 
 def list_cases(folder: Path) -> dict[str, Path]:
@@ -23,12 +27,26 @@ def list_cases(folder: Path) -> dict[str, Path]:
     return nifti_files(folder, ignore_other_files=True)
 
 
+CSV_HEADER = "case,organ,dsc,nsd"
+
+
 def read_labels(path: Path) -> tuple[np.ndarray, Header]:
     """A label volume as stored, like the official FLARE22 evaluation reads it: the file's own array
     order (not reoriented) and its header (zooms give the spacing), through the one reader of
-    :mod:`clipseg_bench.data.io` and its rules (integer values, 3D, readable)."""
+    :mod:`clipseg_bench.data.io` and its rules (integer values, 3D, readable), holding FLARE22 ids
+    only (0-13: an unknown id would silently score as background)."""
     labels, affine, zooms = read_label_volume(path)
+    labels = map_labels(labels, FLARE22_IDS, path)
     return labels, Header(path=Path(path), shape=labels.shape, affine=affine, zooms=zooms)
+
+
+def _written_by_score(path: Path) -> bool:
+    """Whether ``path`` is a CSV this command wrote (its header line is ours)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.readline().strip() == CSV_HEADER
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def score_folder(
@@ -38,6 +56,7 @@ def score_folder(
     out: Path | None = None,
     missing_as_empty: bool = False,
     postprocess_mode: str = "none",
+    overwrite: bool = False,
 ) -> pd.DataFrame:
     """Score every ground-truth case against its prediction with the FLARE22 rules.
 
@@ -50,6 +69,7 @@ def score_folder(
         postprocess_mode: ``none``, or ``lcc``: clean each prediction (per organ the largest 3D
             component, paired organs on their side; evaluation.postprocess) before scoring it, so
             any tool's masks are cleaned the way ``evaluate`` and ``segment`` clean ours.
+        overwrite: replace an existing ``out`` that score did not write.
 
     Returns:
         DataFrame with columns ``case, organ, dsc, nsd``: one row per case and organ (all 13, organ
@@ -58,13 +78,21 @@ def score_folder(
 
     Raises:
         InputError: a folder is missing, there are no labels, a case has no prediction (without
-            ``missing_as_empty``), a prediction has no ground truth, or a prediction's grid differs
-            from its ground truth's.
+            ``missing_as_empty``), a prediction has no ground truth, a prediction's grid differs
+            from its ground truth's, a volume holds an id outside 0-13, or ``out`` is one of the
+            inputs, a folder, or a file score did not write (without ``overwrite``).
     """
     if postprocess_mode not in POSTPROCESS_MODES:
         raise InputError("--postprocess", f"unknown mode {postprocess_mode!r}; choose from none, lcc")
     pred, labels = Path(pred), Path(labels)
     gt_files, pred_files = list_cases(labels), list_cases(pred)
+    if pred.resolve() == labels.resolve():
+        raise InputError(
+            pred, "--pred and --labels are the same folder: predictions would score against themselves"
+        )
+    if out is not None:
+        inputs = [pred, labels, *gt_files.values(), *pred_files.values()]
+        check_output_file(out, command="score", ours=_written_by_score, inputs=inputs, overwrite=overwrite)
     if not gt_files:
         raise InputError(labels, "no <case>.nii.gz label volumes here")
     extra = sorted(set(pred_files) - set(gt_files))
@@ -103,7 +131,8 @@ def score_folder(
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(out, index=False)
+        with replacing(out) as tmp:
+            table.to_csv(tmp, index=False)
     _print_means(summarize(per_case), n_cases=len(per_case), n_missing=len(missing), out=out)
     return table
 

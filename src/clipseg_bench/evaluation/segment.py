@@ -11,8 +11,6 @@ renamed, and a CT that cannot be read is reported at the end without stopping th
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,15 +33,17 @@ from clipseg_bench.evaluation.loading import TrainedRun, load_run, zeroshot_run
 from clipseg_bench.evaluation.postprocess import POSTPROCESS_MODES, postprocess
 from clipseg_bench.evaluation.predict import Segmenter, probabilities_to_labels
 from clipseg_bench.organs import Organ, parse_organs
+from clipseg_bench.provenance import check_output_file, read_json_object, replacing
 
 PER_ORGAN_MODES = ("also", "only")  # --per-organ: beside the multi-label file, or instead of it
 MAX_FAILURES_SHOWN = 5
+MASK_DESCRIPTION = b"clipseg-bench segment"  # in the NIfTI header: "this file is ours, may be replaced"
 
 
 def _run_window(run: Path | None) -> dict:
     """The intensity window the run was trained with (from its prepared data), else the default."""
     if run is not None:
-        info = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
+        info = read_json_object(run / "run.json") if (run / "run.json").is_file() else {}
         if "window" in info:
             return info["window"]
     return parse_window(DEFAULT_WINDOW)
@@ -51,7 +51,7 @@ def _run_window(run: Path | None) -> dict:
 
 def _run_channel_windows(run: Path | None) -> list:
     """The HU windows a ``windows`` run was trained with (run.json ``channel_windows``), else today's."""
-    info = json.loads((run / "run.json").read_text()) if run and (run / "run.json").is_file() else {}
+    info = read_json_object(run / "run.json") if run and (run / "run.json").is_file() else {}
     return info.get("channel_windows", list(WINDOWS))
 
 
@@ -79,12 +79,17 @@ def _save_nifti(array: np.ndarray, like: nib.Nifti1Image | None, affine: np.ndar
     img = nib.Nifti1Image(array, affine, header)
     img.set_data_dtype(array.dtype)
     img.header.set_slope_inter(None, None)  # the CT's HU rescale must not touch label values
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}{''.join(out.suffixes)}")
-    try:
+    img.header["descrip"] = MASK_DESCRIPTION
+    with replacing(out) as tmp:  # never a half-written mask under the real name
         nib.save(img, tmp)
-        os.replace(tmp, out)  # never a half-written mask under the real name
-    finally:
-        tmp.unlink(missing_ok=True)
+
+
+def _written_by_segment(path: Path) -> bool:
+    """Whether ``path`` is a NIfTI file this command wrote (its header description says so)."""
+    try:
+        return bytes(nib.load(str(path)).header["descrip"]).startswith(MASK_DESCRIPTION)
+    except Exception:  # not NIfTI, unreadable: not ours
+        return False
 
 
 # --- the model, loaded once -------------------------------------------------------------------
@@ -108,6 +113,8 @@ def load_model(*, run=None, model=None, strategy=None, organs: str | None = None
         trained, window = load_run(run), _run_window(Path(run))
     elif model and strategy == "zeroshot":
         trained, window = zeroshot_run(model), parse_window(DEFAULT_WINDOW)
+    elif model:
+        raise InputError("--strategy", f"--model without --run needs --strategy zeroshot (got {strategy!r})")
     else:
         raise InputError("--run", "give --run RUN, or --model M --strategy zeroshot")
     if organs:
@@ -119,7 +126,15 @@ def load_model(*, run=None, model=None, strategy=None, organs: str | None = None
 
 
 def _keep_organs(trained: TrainedRun, organs: str) -> None:
-    wanted = {o.id for o in parse_organs(organs)}
+    chosen = _organ_list(organs)
+    untrained = [o.key for o in chosen if o not in trained.organs]
+    if untrained:
+        raise InputError(
+            "--organs",
+            f"the run was not trained on {','.join(untrained)}; "
+            f"it segments {','.join(o.key for o in trained.organs)}",
+        )
+    wanted = {o.id for o in chosen}
     keep = [i for i, o in enumerate(trained.organs) if o.id in wanted]
     trained.organs = [trained.organs[i] for i in keep]
     trained.prompts = [trained.prompts[i] for i in keep]
@@ -158,7 +173,8 @@ class Outputs:
         return [p for p in (self.labels, self.probabilities) if p is not None] + organ_files
 
     def done(self) -> bool:
-        return all(p.is_file() for p in self.files())
+        """All written by an earlier call (a file segment did not write is redone with --overwrite)."""
+        return all(p.is_file() and _written_by_segment(p) for p in self.files())
 
 
 def predict_volume(
@@ -263,6 +279,26 @@ def _check_out_folder(out: Path, ct: Path) -> None:
         raise InputError(out, "with a folder of CTs, --out must be a folder, not a .nii/.nii.gz name")
 
 
+def _organ_list(organs: str) -> list[Organ]:
+    """``--organs``: known organ keys, at least one."""
+    try:
+        chosen = parse_organs(organs)
+    except InputError as exc:
+        raise InputError("--organs", exc.problem) from None
+    if not chosen:
+        raise InputError("--organs", f"names no organ ({organs!r}); give keys such as liver,spleen")
+    return chosen
+
+
+def _check_outputs(files: list[Path], *, inputs: list[Path], overwrite: bool) -> None:
+    """Every file segment will write: not an input, not a folder, not a file segment did not write
+    (unless ``overwrite``), creatable. Checked for every CT before the first write."""
+    for path in files:
+        check_output_file(
+            path, command="segment", ours=_written_by_segment, inputs=inputs, overwrite=overwrite
+        )
+
+
 def segment(
     *,
     run=None,
@@ -277,6 +313,7 @@ def segment(
     device: str | None = None,
     per_organ: str | None = None,
     postprocess_mode: str = "none",
+    overwrite: bool = False,
 ) -> Path:
     """Segment one CT, or every CT of a folder, and write FLARE22 masks on each CT's grid.
 
@@ -292,20 +329,29 @@ def segment(
         per_organ: "also" or "only": write ``<mask without .nii.gz>/segmentations/<organ_key>.nii.gz``
             (uint8 0/1, one per segmented organ) beside, or instead of, the multi-label mask.
         postprocess_mode: ``none`` or ``lcc`` (see :func:`predict_volume`).
+        overwrite: replace existing outputs that segment did not write.
 
     Returns:
         the mask written (one CT) or the output folder.
 
     Raises:
-        InputError: bad arguments or a CT that cannot be read; over a folder, raised at the end
-            naming every CT that failed, after all the others were written.
+        InputError: bad arguments, an output that is an input or a file segment did not write
+            (without ``overwrite``), or a CT that cannot be read; over a folder, a CT that cannot
+            be read is raised at the end naming every CT that failed, after all the others were
+            written. Everything but unreadable CTs is refused before the first write.
     """
+    if not 0 < threshold < 1:
+        raise InputError("--threshold", f"must be between 0 and 1 (exclusive), got {threshold}")
+    if organs is not None:
+        _organ_list(organs)
     if postprocess_mode not in POSTPROCESS_MODES:
         raise InputError("--postprocess", f"unknown mode {postprocess_mode!r}; choose from none, lcc")
     if per_organ is not None and per_organ not in PER_ORGAN_MODES:
         raise InputError("--per-organ", f"must be one of {', '.join(PER_ORGAN_MODES)}, got {per_organ!r}")
     ct, out = Path(ct), Path(out)
     sources = ct_sources(ct)
+    if list(sources.values()) == [ct] and not out.is_dir():  # one CT (a file or a series) -> a mask file
+        _check_mask_path(out)
     single = len(sources) == 1 and _is_mask_path(out)
     if single:
         _check_mask_path(out)
@@ -315,9 +361,11 @@ def segment(
         _check_out_folder(out, ct)
     loaded = load_model(run=run, model=model, strategy=strategy, organs=organs, device=device)
     options = {"per_organ": per_organ, "probabilities": probabilities}
+    inputs = [ct, *sources.values()] + (sorted(Path(run).iterdir()) if run and Path(run).is_dir() else [])
     if single:
         (source,) = sources.values()
         outputs = Outputs.at(out, loaded.organs, **options)
+        _check_outputs(outputs.files(), inputs=inputs, overwrite=overwrite)
         names = _segment_one(
             loaded,
             source,
@@ -333,6 +381,9 @@ def segment(
         case: (src, Outputs.at(out / f"{case}.nii.gz", loaded.organs, **options))
         for case, src in sources.items()
     }
+    _check_outputs(
+        [f for _, outputs in cases.values() for f in outputs.files()], inputs=inputs, overwrite=overwrite
+    )
     segment_cases(
         loaded,
         cases,

@@ -148,7 +148,8 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec
 
 
-def _from_pretrained(spec: str) -> tuple[CLIPSegForImageSegmentation, CLIPSegProcessor]:
+def _model_source(spec: str) -> tuple[str, bool]:
+    """(where to load ``spec`` from, whether it is a local folder), checked by reading its config only."""
     path = Path(spec).expanduser()
     local = path.exists() or _looks_like_path(spec)
     if local and not (path / "config.json").is_file():
@@ -156,19 +157,42 @@ def _from_pretrained(spec: str) -> tuple[CLIPSegForImageSegmentation, CLIPSegPro
     source = str(path) if local else spec
     try:
         model_type = PretrainedConfig.get_config_dict(source)[0].get("model_type")
-        if model_type != "clipseg":
-            raise InputError(spec, f"is a {model_type!r} model, not CLIPSeg")
+    except (OSError, ValueError) as exc:
+        _load_error(spec, source, local, exc)
+    if model_type != "clipseg":
+        raise InputError(spec, f"is a {model_type!r} model, not CLIPSeg")
+    return source, local
+
+
+def _load_error(spec: str, source: str, local: bool, exc: Exception):
+    if local or not isinstance(exc, OSError):  # missing or broken files
+        raise InputError(source, f"cannot load the model ({str(exc).splitlines()[0]})") from None
+    raise InputError(  # no network (OSError)
+        spec,
+        f"cannot load this model: no such folder, and the Hugging Face hub gave nothing "
+        f"({str(exc).splitlines()[0]}). Without network, download it elsewhere "
+        f"(`hf download {spec} --local-dir DIR`), copy DIR here and pass --model DIR",
+    ) from None
+
+
+def check_model(spec: str) -> None:
+    """Check that ``--model`` names a CLIPSeg we can load (``tiny``, a folder, a cached hub id),
+    reading its config only, not its weights.
+
+    Raises:
+        InputError: as :func:`load_model` would.
+    """
+    if spec != TINY:
+        _model_source(spec)
+
+
+def _from_pretrained(spec: str) -> tuple[CLIPSegForImageSegmentation, CLIPSegProcessor]:
+    source, local = _model_source(spec)
+    try:
         model = CLIPSegForImageSegmentation.from_pretrained(source)
         processor = CLIPSegProcessor.from_pretrained(source)
-    except (OSError, ValueError) as exc:  # missing or broken files; no network (OSError)
-        if local or not isinstance(exc, OSError):
-            raise InputError(source, f"cannot load the model ({str(exc).splitlines()[0]})") from None
-        raise InputError(
-            spec,
-            f"cannot load this model: no such folder, and the Hugging Face hub gave nothing "
-            f"({str(exc).splitlines()[0]}). Without network, download it elsewhere "
-            f"(`hf download {spec} --local-dir DIR`), copy DIR here and pass --model DIR",
-        ) from None
+    except (OSError, ValueError) as exc:
+        _load_error(spec, source, local, exc)
     return model.eval(), processor
 
 

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
+from clipseg_bench.errors import InputError
 from clipseg_bench.model.checkpoint import load_trained, save_trained
+from clipseg_bench.provenance import read_json_object
 
 
 def save_resume_state(folder: Path, *, model, optimizer, scheduler, state: dict) -> None:
@@ -39,10 +41,24 @@ def save_resume_state(folder: Path, *, model, optimizer, scheduler, state: dict)
 
 
 def load_resume_state(folder: Path, *, model, optimizer=None, scheduler=None) -> dict:
-    """Restore what :func:`save_resume_state` wrote; returns the bookkeeping dict."""
+    """Restore what :func:`save_resume_state` wrote; returns the bookkeeping dict.
+
+    Raises:
+        InputError: naming the checkpoint file that is missing, corrupt or does not fit the run.
+    """
+    state_path, optim_path = folder / "state.json", folder / "optim.pt"
+    state = read_json_object(state_path)  # the cheapest check first
+    if not isinstance(state.get("epoch"), int) or not isinstance(state.get("global_step"), int):
+        raise InputError(state_path, "not a resume checkpoint state (no integer epoch and global_step)")
     load_trained(model, folder / "trainable.safetensors")
-    if optimizer is not None and (folder / "optim.pt").is_file():
-        blob = torch.load(folder / "optim.pt", map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(blob["optimizer"])
-        scheduler.load_state_dict(blob["scheduler"])
-    return json.loads((folder / "state.json").read_text())
+    if optimizer is not None and optim_path.is_file():
+        try:
+            blob = torch.load(optim_path, map_location="cpu", weights_only=True)
+            optimizer.load_state_dict(blob["optimizer"])
+            scheduler.load_state_dict(blob["scheduler"])
+        except Exception as exc:  # torch raises pickle, zip and key errors for a bad file
+            raise InputError(
+                optim_path,
+                f"corrupt or foreign optimizer state ({exc.__class__.__name__}: {str(exc).splitlines()[0][:80]})",
+            ) from None
+    return state

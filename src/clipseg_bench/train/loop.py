@@ -321,14 +321,15 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     acc = make_accelerator(cfg)
     main = acc.is_main_process
     if main:
-        record.open_run_folder(out, resume)
+        record.check_run_folder(out, resume, cfg)
     acc.wait_for_everyone()
     set_seed(cfg.seed)
+    # Everything that can refuse (data, model, strategy, checkpoint) runs before the first write.
     setup = build_training(cfg, acc)
+    state = restore(setup, out) if resume else initial_state(setup)
     run_record = record.start_record(setup)
     if main:
         record.write_start(setup, out, run_record)
-    state = restore(setup, out) if resume else initial_state(setup)
     release_frozen_vision(setup)
 
     def _interrupted(signum, frame):  # SIGTERM (e.g. SLURM preemption) -> marked interrupted, resumable

@@ -1,26 +1,108 @@
-"""The run folder's write-up: where it may be written, and what ``run.json`` says at start and end."""
+"""The run folder's write-up: where it may be written, what ``run.json`` says at start and end, and
+which config a resumed run continues with."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from clipseg_bench.config import resolve_lr, save_config
+from clipseg_bench.config import (
+    TrainConfig,
+    config_differences,
+    load_config,
+    read_yaml_config,
+    resolve_lr,
+    save_config,
+)
 from clipseg_bench.errors import InputError
-from clipseg_bench.provenance import git_info, hardware_info, peak_memory_mb, write_json_atomic
+from clipseg_bench.provenance import (
+    check_output_folder,
+    git_info,
+    hardware_info,
+    peak_memory_mb,
+    process_record,
+    read_json_object,
+    write_json_atomic,
+)
 
 
-def open_run_folder(out: Path, resume: bool) -> None:
-    """Check that ``out`` may be written (empty or new; an existing run with ``resume``) and create it."""
+def check_run_folder(out: Path, resume: bool, cfg: TrainConfig | None = None) -> None:
+    """Check, writing nothing, that ``out`` may be written.
+
+    Without ``resume`` it must be new or empty (and not one of the run's inputs); with ``resume`` it
+    must hold an unfinished run whose saved config ``cfg`` agrees with (see :func:`resume_config`).
+
+    Raises:
+        InputError: naming ``out`` (or the file in it) and what stands in the way.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "exists and is not a folder; --out takes a run folder")
     if resume:
         if not (out / "run.json").is_file():
             raise InputError(out, "nothing to resume (no run.json); start without --resume")
+        status = read_json_object(out / "run.json").get("status")
+        if status == "finished":
+            raise InputError(
+                out, "the run has finished: nothing to resume (evaluate it, or train into another --out)"
+            )
+        if cfg is not None:
+            _refuse_changes(saved_config(out), cfg, set(TrainConfig.model_fields), blame={}, default="config")
         return
-    if out.exists() and any(out.iterdir()):
+    if out.is_dir() and any(out.iterdir()):
         raise InputError(out, "run folder is not empty; pass --resume to continue it or choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(out, f"cannot create run folder ({exc.strerror})") from None
+    inputs = [Path(cfg.data)] if cfg is not None and cfg.data else []
+    check_output_folder(out, command="train", ours=lambda _: False, inputs=inputs)
+
+
+def saved_config(out: Path) -> TrainConfig:
+    """The config a run folder was trained with (its config.yaml), validated."""
+    path = Path(out) / "config.yaml"
+    if not path.is_file():
+        raise InputError(out, "not a run folder (no config.yaml); train one with `clipseg-bench train`")
+    return load_config(path)
+
+
+def resume_config(
+    out: Path,
+    *,
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    sources: Mapping[str, str] | None = None,
+) -> TrainConfig:
+    """The config to continue the run in ``out`` with: the run's own config.yaml.
+
+    Values given again (flags, ``--config``) must agree with it: a resumed run continues exactly
+    what was started. Only :data:`~clipseg_bench.config.RUNTIME_FIELDS` may change.
+
+    Raises:
+        InputError: naming the flag (or the file) whose value contradicts the saved config.
+    """
+    if not (Path(out) / "config.yaml").is_file():
+        raise InputError(out, "nothing to resume (no config.yaml); start without --resume")
+    saved = saved_config(out)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    cfg = load_config(path, {**given, "out": str(out)}, sources=sources, base=saved.model_dump())
+    from_file = read_yaml_config(path) if path is not None else {}
+    blame = {k: v for k, v in (sources or {}).items() if k in given}
+    _refuse_changes(saved, cfg, set(from_file) | set(given), blame=blame, default=str(path or "config"))
+    return cfg
+
+
+def _refuse_changes(
+    saved: TrainConfig, cfg: TrainConfig, fields: set[str], *, blame: Mapping[str, str], default: str
+) -> None:
+    """Refuse the first of ``fields`` where ``cfg`` would train differently from ``saved``, naming
+    where that value came from (``blame[field]``, e.g. its flag, else ``default``)."""
+    diffs = config_differences(saved, cfg, fields)
+    if diffs:
+        field, old, new = diffs[0]
+        raise InputError(
+            blame.get(field, default),
+            f"{field} {new!r} contradicts the run's config.yaml ({field}: {old!r}): --resume "
+            f"continues the run as it was started (leave it out, or train a new run into another --out)",
+        )
 
 
 def start_record(setup) -> dict:
@@ -45,6 +127,7 @@ def start_record(setup) -> dict:
         },
         **channels_record(setup),
         "train_case_ids": setup.train_cases,  # the cases trained on (a subset with `train_cases`)
+        "process": process_record(),  # lets `report` tell a killed run from a running one
     }
 
 
@@ -64,7 +147,11 @@ def channels_record(setup) -> dict:
 
 
 def write_start(setup, out: Path, record: dict) -> None:
-    """config.yaml and the running run.json (main process only)."""
+    """Create the run folder; config.yaml and the running run.json (main process only)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(out, f"cannot create run folder ({exc.strerror})") from None
     save_config(setup.cfg, out / "config.yaml")
     write_json_atomic(out / "run.json", record)
 

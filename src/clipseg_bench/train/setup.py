@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from clipseg_bench.config import TrainConfig, resolve_lr
 from clipseg_bench.data.dataset import PreparedData, SliceDataset
 from clipseg_bench.data.sampling import EpochSampler, train_case_subset
+from clipseg_bench.errors import InputError
 from clipseg_bench.evaluation.predict import Segmenter
 from clipseg_bench.evaluation.validation import even_sample, sample_record
 from clipseg_bench.model.feature_cache import CacheInfo, build_feature_cache, cache_key
@@ -204,8 +205,15 @@ def build_training(
     if train_rows is None:
         train_rows = data.slices("train", kept_only=True)
         if cfg.train_cases is not None:  # the data-efficiency axis: a nested subset of the cases
-            keep = train_case_subset(data.cases("train"), cfg.train_cases, seed=cfg.seed)
+            try:
+                keep = train_case_subset(data.cases("train"), cfg.train_cases, seed=cfg.seed)
+            except InputError as exc:  # the count is fine as a number; it is this folder that is short
+                raise InputError(data.root, f"train_cases: {exc.problem}") from None
             train_rows = train_rows[train_rows["case"].isin(keep)]
+    if len(train_rows) == 0:  # before the feature cache, which cannot cache nothing
+        raise InputError(
+            data.root, "no slice to train on: the train split has no case, or none of its slices was kept"
+        )
     train_rows = train_rows.reset_index(drop=True)
     val_rows = data.slices("val", kept_only=True)
     val_rows = val_rows.iloc[even_sample(val_rows, cfg.val_max_slices)].reset_index(drop=True)
@@ -292,29 +300,24 @@ def _cache_frozen_vision(
     cfg: TrainConfig, acc, data: PreparedData, loaded: LoadedModel, train_rows, val_rows
 ):
     """Vision activations of the train rows and the val sample, built once (main process first)."""
-    model, size, mean, std = loaded.model, loaded.image_size, loaded.mean, loaded.std
+    # What the activations depend on: the cache key hashes the same inputs the builder uses.
+    inputs = {
+        "data": data,
+        "size": loaded.image_size,
+        "mean": loaded.mean,
+        "std": loaded.std,
+        "dtype": cfg.feature_cache_dtype,
+        "channels": cfg.input_channels,
+    }
     # One key for both row sets: it hashes the whole vision encoder (344 MB for rd64).
-    key = cache_key(
-        model,
-        data=data,
-        size=size,
-        mean=mean,
-        std=std,
-        dtype=cfg.feature_cache_dtype,
-        channels=cfg.input_channels,
-    )
+    key = cache_key(loaded.model, **inputs)
     build = functools.partial(
         build_feature_cache,
-        model,
-        data=data,
-        size=size,
-        mean=mean,
-        std=std,
+        loaded.model,
+        **inputs,
         device=acc.device,
         show_progress=acc.is_main_process,
         key=key,
-        dtype=cfg.feature_cache_dtype,
-        channels=cfg.input_channels,
     )
     features = val_features = None
     infos: dict[str, CacheInfo] = {}

@@ -1,0 +1,55 @@
+"""`prepare` cases beyond tests/data/test_prepare_errors.py: an output that is an input, and a folder
+written by another format version of prepare (not ours: refused unless --overwrite)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cli_helpers import assert_one_line_error, digest, run_cli
+
+from clipseg_bench.data.phantom import write_phantoms
+from clipseg_bench.data.prepare import FORMAT, MARKER
+
+
+@dataclass
+class Layout:
+    images: Path
+    labels: Path
+
+    def args(self, out, *extra) -> list:
+        return ["prepare", "--images", self.images, "--labels", self.labels, "--out", out, *extra]
+
+
+@pytest.fixture
+def layout(tmp_path) -> Layout:
+    write_phantoms(tmp_path / "in", cases=1, size=32)
+    return Layout(tmp_path / "in" / "images", tmp_path / "in" / "labels")
+
+
+def _future_version(lay: Layout, tmp: Path):
+    out = tmp / "out"
+    out.mkdir()
+    (out / MARKER).write_text(FORMAT.replace("/1", "/2") + "\n")
+    (out / "dataset.json").write_text('{"format": "clipseg-bench-prepared/2"}')
+    return lay.args(out), out
+
+
+CASES = {
+    "--out is --images": lambda lay, t: (lay.args(lay.images), lay.images),
+    "--out is --images, --overwrite": lambda lay, t: (lay.args(lay.images, "--overwrite"), lay.images),
+    "--out is --labels": lambda lay, t: (lay.args(lay.labels), lay.labels),
+    "--out written by another version": _future_version,
+    "--workers x": lambda lay, t: (lay.args(t / "out", "--workers", "x"), "--workers"),
+    "--val-fraction x": lambda lay, t: (lay.args(t / "out", "--val-fraction", "x"), "--val-fraction"),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_prepare_refuses_and_changes_nothing(case, layout, tmp_path, capsys):
+    args, names = case(layout, tmp_path)
+    before = digest(tmp_path)
+    rc, _, err = run_cli(args, capsys)
+    assert_one_line_error(rc, err, names)
+    assert digest(tmp_path) == before
