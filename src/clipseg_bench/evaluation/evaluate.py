@@ -26,8 +26,8 @@ from clipseg_bench.data.dataset import PreparedData
 from clipseg_bench.data.volumes import slices_to_volume
 from clipseg_bench.errors import InputError
 from clipseg_bench.evaluation.loading import load_run
-from clipseg_bench.evaluation.metrics import present_pairs_dice, score_case, summarize
-from clipseg_bench.evaluation.postprocess import POSTPROCESS_MODES, postprocess
+from clipseg_bench.evaluation.metrics import score_case, summarize
+from clipseg_bench.evaluation.postprocess import POSTPROCESS_MODES, check_postprocess_mode, postprocess
 from clipseg_bench.evaluation.predict import probabilities_to_labels
 from clipseg_bench.evaluation.reliance import RIGHT, PromptCheck
 from clipseg_bench.provenance import replacing, write_json_atomic
@@ -60,19 +60,17 @@ def evaluate_run(
     ``summary``; ``postprocess_3d`` holds those of every mode.
     """
     t0 = time.perf_counter()
-    if postprocess_mode not in POSTPROCESS_MODES:
-        raise InputError("--postprocess", f"unknown mode {postprocess_mode!r}; choose from none, lcc")
+    check_postprocess_mode(postprocess_mode)
     if max_cases is not None and max_cases < 1:
         raise InputError("--max-cases", f"must be >= 1, got {max_cases}")
     trained = load_run(run)
     cfg = trained.cfg
     prepared = PreparedData(data or cfg.data)
     prepared.check_channels(cfg.input_channels)
-    if not prepared.cases(split):  # e.g. prepared with --val-fraction 0: say so, score nothing
+    cases = prepared.cases(split)
+    if not cases:  # e.g. prepared with --val-fraction 0: say so, score nothing
         return _no_split(run, split, t0)
-    cases = prepared.cases(split)[:max_cases]
-    if not cases:
-        raise InputError("--max-cases", f"{max_cases} cases leaves nothing to evaluate")
+    cases = cases[:max_cases]
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     seg = trained.segmenter(dev)
     organ_ids = [o.id for o in trained.organs]
@@ -80,7 +78,7 @@ def evaluate_run(
     check = PromptCheck(seg, organs=trained.organs, template=cfg.prompt_template, threshold=cfg.threshold)
 
     per_mode: dict[str, dict] = {m: {} for m in POSTPROCESS_MODES}
-    dice_pairs, absent_total, absent_empty = [], 0, 0
+    absent_total, absent_empty = 0, 0
     samples: dict[str, list] = {"image": [], "gt": [], "pred": [], "case": [], "z": []}
     offset = 0
     for case in tqdm(cases, desc=f"evaluate {split}", unit="case", disable=not show_progress):
@@ -98,13 +96,9 @@ def evaluate_run(
             binary = (probs > cfg.threshold).numpy()  # (b, K, H, W): each prompt on its own
             target = gt[start:stop, None] == np.asarray(organ_ids)[None, :, None, None]
             present = target.any((2, 3))
-            pairs_shape = (-1, *binary.shape[2:])  # (b * K, H, W): one row per (slice, organ) pair
-            dice_pairs.extend(
-                present_pairs_dice(binary.reshape(pairs_shape), target.reshape(pairs_shape)).tolist()
-            )
             absent_total += int((~present).sum())
             absent_empty += int((~present & ~binary.any((2, 3))).sum())
-            check.add(prompt_sets, target)
+            check.add(prompt_sets, target)  # also the right prompts' dice2d
         for mode, scores in score_postprocessed(pred, gt, prepared.cases_meta[case], trained.organs).items():
             per_mode[mode][case] = scores
         if not samples["case"]:  # overlays: the first case only, the same slices for every run
@@ -122,8 +116,6 @@ def evaluate_run(
     metrics = {
         "split": split,
         "cases": cases,
-        "dice2d": float(np.mean(dice_pairs)) if dice_pairs else float("nan"),
-        "dice2d_pairs": len(dice_pairs),
         "empty_specificity": absent_empty / absent_total if absent_total else float("nan"),
         "per_case": per_case,
         "summary": summarize(per_case),

@@ -141,7 +141,9 @@ class Segmenter:
             if features is None:
                 feats = self.encode(imgs)
             else:
+                # on the device in float32 once per batch, not once per prompt set
                 feats = torch.from_numpy(np.array(features[start : start + batch_size]))
+                feats = feats.to(self.device, torch.float32)
             yield (
                 start,
                 {

@@ -125,8 +125,9 @@ class PromptCheck:
         """The metrics.json entries.
 
         Returns:
-            ``prompt_reliance``: dice2d with the right prompt minus with the wrong one (all present
-            pairs); ``dice2d_wrong_prompt``; ``prompt_reliance_per_organ``: organ key ->
+            ``dice2d``: the right prompts' mean Dice over the (slice, organ) pairs where the organ is
+            present, and ``dice2d_pairs`` their number; ``prompt_reliance``: dice2d with the right
+            prompt minus with the wrong one (all present pairs); ``dice2d_wrong_prompt``; ``prompt_reliance_per_organ``: organ key ->
             ``{dice2d, dice2d_wrong_prompt, prompt_reliance, pairs, wrong_prompt}`` (NaN scores for
             an organ never present); ``prompt_variants``: variant -> dice2d;
             ``prompt_variant_texts``: variant -> its K prompts. Empty splits give NaN.
@@ -143,6 +144,8 @@ class PromptCheck:
             }
         variants = [n for n in self.texts if n not in (RIGHT, WRONG)]
         return {
+            "dice2d": self._mean(RIGHT),
+            "dice2d_pairs": int(self._pairs.sum()),
             "prompt_reliance": self._mean(RIGHT) - self._mean(WRONG),
             "dice2d_wrong_prompt": self._mean(WRONG),
             "prompt_reliance_per_organ": per_organ,

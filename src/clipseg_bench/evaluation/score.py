@@ -15,16 +15,11 @@ import pandas as pd
 from clipseg_bench.data.io import Header, check_same_grid, map_labels, nifti_files, read_label_volume
 from clipseg_bench.errors import InputError
 from clipseg_bench.evaluation.metrics import score_case, summarize
-from clipseg_bench.evaluation.postprocess import POSTPROCESS_MODES, postprocess
+from clipseg_bench.evaluation.postprocess import check_postprocess_mode, postprocess
 from clipseg_bench.organs import load_label_map
 from clipseg_bench.provenance import check_output_file, replacing
 
 FLARE22_IDS = load_label_map("flare22")  # identity on 0-13; anything else is refused
-
-
-def list_cases(folder: Path) -> dict[str, Path]:
-    """``{case_id: path}`` of the ``<case>.nii.gz`` / ``<case>.nii`` files in a folder (other files ignored)."""
-    return nifti_files(folder, ignore_other_files=True)
 
 
 CSV_HEADER = "case,organ,dsc,nsd"
@@ -82,10 +77,10 @@ def score_folder(
             from its ground truth's, a volume holds an id outside 0-13, or ``out`` is one of the
             inputs, a folder, or a file score did not write (without ``overwrite``).
     """
-    if postprocess_mode not in POSTPROCESS_MODES:
-        raise InputError("--postprocess", f"unknown mode {postprocess_mode!r}; choose from none, lcc")
+    check_postprocess_mode(postprocess_mode)
     pred, labels = Path(pred), Path(labels)
-    gt_files, pred_files = list_cases(labels), list_cases(pred)
+    gt_files = nifti_files(labels, ignore_other_files=True)
+    pred_files = nifti_files(pred, ignore_other_files=True)
     if pred.resolve() == labels.resolve():
         raise InputError(
             pred, "--pred and --labels are the same folder: predictions would score against themselves"

@@ -30,7 +30,7 @@ from clipseg_bench.data.volumes import (
 )
 from clipseg_bench.errors import InputError
 from clipseg_bench.evaluation.loading import TrainedRun, load_run, zeroshot_run
-from clipseg_bench.evaluation.postprocess import POSTPROCESS_MODES, postprocess
+from clipseg_bench.evaluation.postprocess import check_postprocess_mode, postprocess
 from clipseg_bench.evaluation.predict import Segmenter, probabilities_to_labels
 from clipseg_bench.organs import Organ, parse_organs
 from clipseg_bench.provenance import check_output_file, read_json_object, replacing
@@ -67,11 +67,8 @@ def model_inputs(slices: np.ndarray, gray: np.ndarray, *, channels: str, windows
     Returns:
         (Z, H, W) uint8 for ``gray``, (Z, 3, H, W) uint8 otherwise.
     """
-    if not needs_hu(channels):
-        return channel_images(np.arange(len(gray)), mode=channels, gray=gray)
-    return channel_images(
-        np.arange(len(gray)), mode=channels, gray=gray, hu=hu_slices(slices), windows=windows
-    )
+    hu = hu_slices(slices) if needs_hu(channels) else None
+    return channel_images(np.arange(len(gray)), mode=channels, gray=gray, hu=hu, windows=windows)
 
 
 def _save_nifti(array: np.ndarray, like: nib.Nifti1Image | None, affine: np.ndarray, out: Path) -> None:
@@ -344,15 +341,13 @@ def segment(
         raise InputError("--threshold", f"must be between 0 and 1 (exclusive), got {threshold}")
     if organs is not None:
         _organ_list(organs)
-    if postprocess_mode not in POSTPROCESS_MODES:
-        raise InputError("--postprocess", f"unknown mode {postprocess_mode!r}; choose from none, lcc")
+    check_postprocess_mode(postprocess_mode)
     if per_organ is not None and per_organ not in PER_ORGAN_MODES:
         raise InputError("--per-organ", f"must be one of {', '.join(PER_ORGAN_MODES)}, got {per_organ!r}")
     ct, out = Path(ct), Path(out)
     sources = ct_sources(ct)
-    if list(sources.values()) == [ct] and not out.is_dir():  # one CT (a file or a series) -> a mask file
-        _check_mask_path(out)
-    single = len(sources) == 1 and _is_mask_path(out)
+    one_ct = list(sources.values()) == [ct] and not out.is_dir()  # a file or a series -> a mask file
+    single = len(sources) == 1 and (one_ct or _is_mask_path(out))
     if single:
         _check_mask_path(out)
     elif len(sources) > 1 and _is_mask_path(out):
