@@ -737,15 +737,15 @@ def probe_memory(
     from clipseg_bench.data.dataset import PreparedData
     from clipseg_bench.model.forward import set_gradient_checkpointing
     from clipseg_bench.strategies import apply_strategy
+    from clipseg_bench.train.setup import release_frozen_vision
 
     out: dict = {"torch_import_rss_mb": rss_mb(), "batch": batch}
     arch = build_arch(arch_name)
     out["model_rss_mb"] = rss_mb()
     data = PreparedData(data_root)
     apply_strategy(arch.model, "decoder")
-    run = EngineRun(
-        arch, data, strategy="decoder", batch=batch, use_cache=True
-    )  # releases the vision weights
+    run = EngineRun(arch, data, strategy="decoder", batch=batch, use_cache=True)
+    release_frozen_vision(run.setup)  # as train() does once the features are cached
     run.step()  # warm-up
     out["decoder_step_s"] = min(_time_once(run.step) for _ in range(steps))
     out["decoder_masks"] = run.last_masks

@@ -124,16 +124,14 @@ def run_demo(*, out: Path, quick: bool = False, strategies: list[str] | None = N
         "extra": {**COMMON, "val_every": 0},
     }
     stages.start(f"benchmark on style B ({size.steps} steps per run, seeds {size.seeds})")
-    outcomes = [
-        (run_matrix(strategies=strategies or available(), out=out / "bench", **matrix), out / "bench")
-    ]
-    benches = [out / "bench"]
-    axis = [s for s in size.axis_strategies if s in (strategies or available())]
+    strategies = strategies or available()
+    outcomes = [(run_matrix(strategies=strategies, out=out / "bench", **matrix), out / "bench")]
+    axis = [s for s in size.axis_strategies if s in strategies]
     if axis:
         stages.start(f"data efficiency: {', '.join(axis)} on {size.axis_cases} of the training cases")
         results = run_matrix(strategies=axis, out=out / "bench_data", train_cases=size.axis_cases, **matrix)
         outcomes.append((results, out / "bench_data"))
-        benches.append(out / "bench_data")
+    benches = [bench for _, bench in outcomes]
 
     stages.start("report")
     html = write_report(benches, out=out / "bench")

@@ -25,7 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from clipseg_bench.bench.results import is_bench_folder
+from clipseg_bench.bench.results import ALL_CASES, is_bench_folder, run_name
 from clipseg_bench.config import RUNTIME_FIELDS, TrainConfig, config_differences, load_config, save_config
 from clipseg_bench.errors import InputError, RunFailed
 from clipseg_bench.provenance import (
@@ -65,9 +65,6 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
     if not (n >= 1 and 0 <= i < n):
         raise InputError("--shard", f"need 0 <= i < n, got {spec!r}")
     return i, n
-
-
-ALL_CASES = "all"
 
 
 def parse_train_cases(spec: str | None, n_train: int) -> list[int | None]:
@@ -110,11 +107,6 @@ def parse_train_cases(spec: str | None, n_train: int) -> list[int | None]:
         out.append(None if count == n_train else count)
     counts = sorted({c for c in out if c is not None})
     return counts + ([None] if None in out else [])
-
-
-def run_name(strategy: str, seed: int, train_cases: int | None = None) -> str:
-    """``<strategy>-s<seed>``, with ``-n<cases>`` for a run on a subset of the training cases."""
-    return f"{strategy}-s{seed}" + ("" if train_cases is None else f"-n{train_cases}")
 
 
 def cells(
@@ -334,7 +326,7 @@ def run_matrix(
     out = Path(out)
     counts = [None] if train_cases is None else parse_train_cases(train_cases, _n_train_cases(data))
     todo = cells(strategies, seeds, shard, counts)
-    launcher_command(launcher)
+    train_cmd = launcher_command(launcher) + ["-m", "clipseg_bench.cli"]
     strategy_lr = strategy_lr or {}
     overrides = {**(extra or {}), "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size}
     cfgs = plan(
@@ -352,7 +344,6 @@ def run_matrix(
         out, shard, todo=todo, model=model, data=data, epochs=epochs, cfgs=cfgs, strategy_lr=strategy_lr
     )
     base = [sys.executable, "-m", "clipseg_bench.cli"]
-    train_cmd = launcher_command(launcher) + ["-m", "clipseg_bench.cli"]
     results = []
     for cell in todo:
         run = out / "runs" / run_name(*cell)

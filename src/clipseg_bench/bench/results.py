@@ -27,6 +27,13 @@ FINISHED = "finished"
 ALL_CASES = "all"
 # Run folder names: <strategy>-s<seed>, or <strategy>-s<seed>-n<training cases>.
 _RUN_NAME = re.compile(r"^(?P<strategy>.+)-s(?P<seed>[^-]+)(?:-n(?P<cases>\d+))?$")
+
+
+def run_name(strategy: str, seed: int, train_cases: int | None = None) -> str:
+    """``<strategy>-s<seed>``, with ``-n<cases>`` for a run on a subset of the training cases."""
+    return f"{strategy}-s{seed}" + ("" if train_cases is None else f"-n{train_cases}")
+
+
 # A run whose run.json says "running" but whose process is gone (SIGKILL, the OOM killer, a reboot):
 # train records its pid, host, boot id and start time, and this machine checks them. A run written
 # on another host cannot be checked from here and stays "running".
@@ -191,7 +198,7 @@ def _not_started(bench: Path, root: Path, present: set[tuple[str, int, int | Non
                 ) from None
             if (strategy, seed, cases) not in present:
                 present.add((strategy, seed, cases))
-                path = root / (f"{strategy}-s{seed}" + ("" if cases is None else f"-n{cases}"))
+                path = root / run_name(strategy, seed, cases)
                 runs.append(Run(bench, path, strategy, seed, NOT_STARTED, {}, {}, None, None, cases))
     return runs
 
@@ -281,21 +288,26 @@ def breakdown_keys(runs: list[Run]) -> list[str]:
     return [k for k in BREAKDOWN_ORDER if k in seen] + sorted(seen - set(BREAKDOWN_ORDER))
 
 
+def _audit_parts(audit: dict) -> tuple[dict[str, str], list, int, bool]:
+    """run.json's ``gradient_audit`` counted: ``reached/trainable`` per part that trains, each part's
+    ``frozen_changed`` (None where unknown), the number of frozen tensors, and whether it failed."""
+    trained = {p: a for p, a in audit.items() if a.get("trainable")}
+    reached = {
+        p: f"{'?' if a.get('reached') is None else a['reached']}/{a['trainable']}" for p, a in trained.items()
+    }
+    changed = [a.get("frozen_changed") for a in audit.values()]
+    frozen = sum(a.get("frozen") or 0 for a in audit.values())
+    failed = any(a.get("reached") is not None and a["reached"] < a["trainable"] for a in trained.values())
+    return reached, changed, frozen, failed or any(c for c in changed)
+
+
 def audit_summary(audit: dict | None) -> str:
     """run.json's ``gradient_audit`` in a few words: tensors reached of trainable per trained part,
     frozen tensors that changed, and ``ok`` or ``FAILED`` in front; ``–`` for a run without one."""
     if not audit:
         return "–"
-    trained = {p: a for p, a in audit.items() if a.get("trainable")}
-    reached = ", ".join(
-        f"{p} {'?' if a.get('reached') is None else a['reached']}/{a['trainable']}"
-        for p, a in trained.items()
-    )
-    changed = [a.get("frozen_changed") for a in audit.values()]
-    frozen = sum(a.get("frozen") or 0 for a in audit.values())
-    failed = any(a.get("reached") is not None and a["reached"] < a["trainable"] for a in trained.values())
-    failed = failed or any(c for c in changed)
-    parts = [f"{reached} reached" if trained else "nothing trains"]
+    reached, changed, frozen, failed = _audit_parts(audit)
+    parts = [", ".join(f"{p} {r}" for p, r in reached.items()) + " reached" if reached else "nothing trains"]
     if all(c is not None for c in changed):
         parts.append(f"{sum(changed)}/{frozen} frozen changed")
     return ("FAILED: " if failed else "ok: ") + "; ".join(parts)
@@ -303,19 +315,16 @@ def audit_summary(audit: dict | None) -> str:
 
 def audit_cells(info: dict) -> dict[str, str]:
     """A run's gradient audit as table cells: ``reached/trainable`` per part that trains, then
-    ``Frozen changed`` and ``Audit`` (:func:`audit_summary`'s verdict). Empty for a run without one."""
+    ``Frozen changed`` and ``Audit`` (``ok``, ``FAILED``, or ``–`` for a run without an audit)."""
     audit = info.get("gradient_audit") or {}
-    cells = {
-        part: f"{'?' if a.get('reached') is None else a['reached']}/{a['trainable']}"
-        for part, a in audit.items()
-        if a.get("trainable")
+    if not audit:
+        return {"Audit": "–"}
+    reached, changed, frozen, failed = _audit_parts(audit)
+    return {
+        **reached,
+        "Frozen changed": "?" if None in changed else f"{sum(changed)} of {frozen}",
+        "Audit": "FAILED" if failed else "ok",
     }
-    if audit:
-        changed = [a.get("frozen_changed") for a in audit.values()]
-        frozen = sum(a.get("frozen") or 0 for a in audit.values())
-        cells["Frozen changed"] = "?" if None in changed else f"{sum(changed)} of {frozen}"
-    cells["Audit"] = audit_summary(audit).split(":")[0]
-    return cells
 
 
 def run_row(run: Run, breakdown: list[str] | None = None) -> dict:

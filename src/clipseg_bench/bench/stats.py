@@ -19,7 +19,6 @@ import math
 from collections.abc import Hashable, Mapping
 
 import numpy as np
-from scipy.stats import wilcoxon
 
 N_RESAMPLES = 10_000
 LEVEL = 0.95
@@ -78,6 +77,8 @@ def wilcoxon_p(diffs: np.ndarray) -> float:
         return math.nan
     if not np.any(diffs):  # scipy answers this case with a division-by-zero warning
         return 1.0
+    from scipy.stats import wilcoxon  # here: scipy.stats costs ~1 s of every `benchmark` start-up
+
     return float(wilcoxon(diffs, zero_method="wilcox", alternative="two-sided").pvalue)
 
 
