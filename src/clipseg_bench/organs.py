@@ -95,10 +95,16 @@ def parse_organs(spec: str | None) -> list[Organ]:
     return [o for o in ORGANS if o.id in chosen]
 
 
-def prompts(template: str = "{organ}", organs: list[Organ] | None = None) -> list[str]:
+def _template(template: str) -> str:
+    """A PROMPT_TEMPLATES name or a text with ``{organ}`` -> the template text (checked)."""
     template = PROMPT_TEMPLATES.get(template, template)
     if "{organ}" not in template:
         raise InputError(None, f"prompt template {template!r} has no {{organ}} placeholder")
+    return template
+
+
+def prompts(template: str = "{organ}", organs: list[Organ] | None = None) -> list[str]:
+    template = _template(template)
     return [o.prompt(template) for o in (organs or ORGANS)]
 
 
@@ -126,7 +132,7 @@ PROMPT_SYNONYMS = {
 
 def synonym_prompts(template: str = "{organ}", organs: list[Organ] | None = None) -> list[str]:
     """Like :func:`prompts`, with each organ's :data:`PROMPT_SYNONYMS` entry in place of its name."""
-    template = PROMPT_TEMPLATES.get(template, template)
+    template = _template(template)
     return [template.format(organ=PROMPT_SYNONYMS[o.key]) for o in (organs or ORGANS)]
 
 

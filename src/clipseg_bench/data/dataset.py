@@ -54,9 +54,11 @@ class PreparedData:
             )
         _check_contents(self.meta, self.manifest, meta_path, manifest_path)
         self._arrays: dict[tuple[str, str], np.ndarray] = {}
-        for case in self.cases_meta:  # a truncated array fails here, not mid-training
+        # A truncated array fails here, not mid-training. Checked and let go: a memmap holds a file
+        # descriptor, and keeping every case's two would hit the open-file limit on large datasets.
+        for case in self.cases_meta:
             for kind in ("image", "label"):
-                self.array(case, kind)
+                self._open(case, kind)
 
     @property
     def cases_meta(self) -> dict[str, dict]:
@@ -81,24 +83,28 @@ class PreparedData:
         """Memory-mapped (Z, H, W) array; kind is "image" (uint8), "label" (uint8) or "hu" (int16)."""
         key = (case, kind)
         if key not in self._arrays:
-            path = self.root / "cache" / f"{case}_{kind}.npy"
-            if not path.is_file():
-                raise InputError(path, "missing from the prepared array cache; re-run `prepare`")
-            try:
-                array = np.load(path, mmap_mode="r")
-            except (OSError, ValueError) as exc:  # numpy's words for a truncated or foreign file
-                raise InputError(path, f"corrupt or truncated array ({exc}); re-run `prepare`") from None
-            meta = self.cases_meta[case]
-            expected = (meta["n_slices"], *meta["slice_shape"])
-            dtype = ARRAY_DTYPES.get(kind, np.uint8)
-            if array.dtype != dtype or tuple(array.shape) != tuple(expected):
-                raise InputError(
-                    path,
-                    f"holds {array.dtype} {tuple(array.shape)}, dataset.json says "
-                    f"{np.dtype(dtype)} {tuple(expected)}; re-run `prepare`",
-                )
-            self._arrays[key] = array
+            self._arrays[key] = self._open(case, kind)
         return self._arrays[key]
+
+    def _open(self, case: str, kind: str) -> np.ndarray:
+        """Memory-map one cached array, checked against dataset.json (dtype and shape)."""
+        path = self.root / "cache" / f"{case}_{kind}.npy"
+        if not path.is_file():
+            raise InputError(path, "missing from the prepared array cache; re-run `prepare`")
+        try:
+            array = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as exc:  # numpy's words for a truncated or foreign file
+            raise InputError(path, f"corrupt or truncated array ({exc}); re-run `prepare`") from None
+        meta = self.cases_meta[case]
+        expected = (meta["n_slices"], *meta["slice_shape"])
+        dtype = ARRAY_DTYPES[kind]
+        if array.dtype != dtype or tuple(array.shape) != tuple(expected):
+            raise InputError(
+                path,
+                f"holds {array.dtype} {tuple(array.shape)}, dataset.json says "
+                f"{np.dtype(dtype)} {tuple(expected)}; re-run `prepare`",
+            )
+        return array
 
     def check_channels(self, mode: str) -> None:
         """Refuse an input_channels mode this folder cannot feed (``windows`` needs the HU cache)."""
