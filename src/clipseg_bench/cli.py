@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from clipseg_bench.errors import GradientAuditError, InputError, ReportedError
+from clipseg_bench.errors import InputError, ReportedError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -442,9 +442,6 @@ def main(argv: list[str] | None = None) -> int:
     except ReportedError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return exc.exit_code
-    except GradientAuditError as exc:  # a failed run (run.json says so), not a bad input: exit 1
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -3,7 +3,7 @@ gradient audit's.
 
 The CLI turns any :class:`ReportedError` into a single line ``error: <path>: <problem>`` on stderr and
 its exit code: 2 for an :class:`InputError` (bad input), 1 for a :class:`RunFailed` (e.g. a benchmark
-run that crashed). A :class:`GradientAuditError` is one line and exit code 1 too (a failed run).
+run that crashed, or a :class:`GradientAuditError`).
 Everything else is a bug and keeps its traceback.
 """
 
@@ -44,7 +44,7 @@ class RunFailed(ReportedError):
     exit_code = 1
 
 
-class GradientAuditError(RuntimeError):
+class GradientAuditError(RunFailed):
     """A run trained something other than it says: a trainable tensor autograd never reached, or a
     frozen tensor that changed (:mod:`clipseg_bench.train.audit`).
 
@@ -53,4 +53,4 @@ class GradientAuditError(RuntimeError):
     """
 
     def __init__(self, problem: str):
-        super().__init__("gradient audit: " + " ".join(str(problem).split()))
+        super().__init__(None, "gradient audit: " + str(problem))

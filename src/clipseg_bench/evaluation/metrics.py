@@ -38,6 +38,10 @@ def _as_bool(x) -> np.ndarray:
     return np.asarray(x).astype(bool, copy=False)
 
 
+def _both_tensors(pred, gt) -> bool:
+    return isinstance(pred, torch.Tensor) and isinstance(gt, torch.Tensor)
+
+
 def dice_2d_pairs(pred, gt) -> np.ndarray:
     """Dice ``2|P∩G| / (|P| + |G|)`` of each pair of binary masks: the project's one Dice.
 
@@ -53,12 +57,21 @@ def dice_2d_pairs(pred, gt) -> np.ndarray:
         find and nothing found, the FLARE22 convention); a pair empty in exactly one scores 0.0.
         Callers that want "Dice where the organ is present" use :func:`present_pairs_dice`.
     """
-    p, g = _as_bool(pred), _as_bool(gt)
+    if _both_tensors(pred, gt):  # count on their device: only two integers per pair come back
+        p, g = pred.detach() != 0, gt.detach().to(pred.device) != 0
+    else:
+        p, g = _as_bool(pred), _as_bool(gt)
     if p.shape != g.shape or p.ndim < 1:
-        raise ValueError(f"expected two (N, ...) arrays of one shape, got {p.shape} and {g.shape}")
+        raise ValueError(
+            f"expected two (N, ...) arrays of one shape, got {tuple(p.shape)} and {tuple(g.shape)}"
+        )
     axes = tuple(range(1, p.ndim))
-    inter = np.logical_and(p, g).sum(axis=axes, dtype=np.int64)
-    total = p.sum(axis=axes, dtype=np.int64) + g.sum(axis=axes, dtype=np.int64)
+    if isinstance(p, torch.Tensor):
+        inter = (p & g).sum(dim=axes, dtype=torch.int64).cpu().numpy()
+        total = (p.sum(dim=axes, dtype=torch.int64) + g.sum(dim=axes, dtype=torch.int64)).cpu().numpy()
+    else:
+        inter = np.logical_and(p, g).sum(axis=axes, dtype=np.int64)
+        total = p.sum(axis=axes, dtype=np.int64) + g.sum(axis=axes, dtype=np.int64)
     return np.where(total == 0, 1.0, 2.0 * inter / np.maximum(total, 1))
 
 
@@ -68,6 +81,10 @@ def present_pairs_dice(pred, gt) -> np.ndarray:
     This is what ``dice2d`` averages (the original study's number): pairs where the organ is absent
     from the ground truth are left out, so empty-both pairs (Dice 1 by convention) cannot inflate it.
     """
+    if _both_tensors(pred, gt):  # select on the device: the training step's masks stay there
+        g = gt.detach().to(pred.device) != 0
+        present = g.reshape(len(g), -1).any(1)
+        return dice_2d_pairs(pred.detach()[present], g[present])
     g = _as_bool(gt)
     present = g.reshape(len(g), -1).any(1)
     return dice_2d_pairs(_as_bool(pred)[present], g[present])

@@ -327,7 +327,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     # Everything that can refuse (data, model, strategy, checkpoint) runs before the first write.
     setup = build_training(cfg, acc)
     state = restore(setup, out) if resume else initial_state(setup)
-    run_record = record.start_record(setup)
+    run_record = record.start_record(setup) if main else {}  # only the main process writes it
     if main:
         record.write_start(setup, out, run_record)
     release_frozen_vision(setup)

@@ -51,7 +51,7 @@ class TrainingSetup:
         accelerator: the ``accelerate.Accelerator`` (device, precision, processes).
         data: the prepared dataset.
         loaded: the model with its strategy applied, tokenizer and preprocessing.
-        organs, prompts: the K prompted organs and their prompt texts, in output order.
+        organs: the K prompted organs, in output order (their prompt texts: ``segmenter.prompts``).
         counts: trainable and total parameters.
         module: the :class:`PromptedSegmenter`, as prepared by Accelerate.
         optimizer, scheduler: None when nothing trains (zero-shot).
@@ -68,7 +68,7 @@ class TrainingSetup:
         segmenter: predicts with the model as it is now (validation).
         timer: time per phase.
         audit: the gradient audit (:mod:`clipseg_bench.train.audit`), started on the built model.
-        steps_per_epoch, total_steps, n_epochs: the schedule's length.
+        total_steps, n_epochs: the schedule's length.
     """
 
     cfg: TrainConfig
@@ -76,7 +76,6 @@ class TrainingSetup:
     data: PreparedData
     loaded: LoadedModel
     organs: list[Organ]
-    prompts: list[str]
     counts: ParamCounts
     module: nn.Module
     optimizer: torch.optim.Optimizer | None
@@ -93,7 +92,6 @@ class TrainingSetup:
     segmenter: Segmenter
     timer: StepTimer
     audit: GradientAudit
-    steps_per_epoch: int
     total_steps: int
     n_epochs: int
 
@@ -273,7 +271,6 @@ def build_training(
         data=data,
         loaded=loaded,
         organs=organ_list,
-        prompts=prompt_texts,
         counts=counts,
         module=module,
         optimizer=optimizer,
@@ -290,7 +287,6 @@ def build_training(
         segmenter=segmenter,
         timer=StepTimer(acc.device),
         audit=GradientAudit.start(model),
-        steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         n_epochs=n_epochs,
     )
