@@ -89,30 +89,29 @@ def test_score_of_segment_output_equals_evaluate(trained_run, phantom_dir, tmp_p
         assert row.nsd == pytest.approx(ev["nsd"], abs=1e-6), (row.case, row.organ)
 
 
+ZEROSHOT_SEGMENT = ["segment", "--model", "tiny", "--strategy", "zeroshot"]
+
+
+def _segment_process(ct, out, *extra) -> subprocess.CompletedProcess:
+    """`clipseg-bench segment` zero-shot in its own process (exit code and stderr as a user sees them)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "clipseg_bench.cli",
+        *ZEROSHOT_SEGMENT,
+        "--ct",
+        str(ct),
+        "--out",
+        str(out),
+        *extra,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
 def test_segment_real_ct_keeps_grid_affine_and_shape(shared_ct, tmp_path):
     ct = shared_ct / "images" / "TS_0001_0000.nii.gz"
     out = tmp_path / "mask.nii.gz"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "clipseg_bench.cli",
-            "segment",
-            "--model",
-            "tiny",
-            "--strategy",
-            "zeroshot",
-            "--ct",
-            str(ct),
-            "--out",
-            str(out),
-            "--organs",
-            "liver,spleen",
-            "--probabilities",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    r = _segment_process(ct, out, "--organs", "liver,spleen", "--probabilities")
     assert r.returncode == 0, r.stderr[-2000:]
     src, mask = nib.load(ct), nib.load(out)
     assert mask.shape == src.shape
@@ -151,24 +150,7 @@ def test_segment_bad_ct_is_one_line_and_writes_nothing(tmp_path, bad):
     else:
         nib.save(nib.Nifti1Image(np.zeros((8, 8), np.int16), np.eye(4)), ct)
     out = tmp_path / "mask.nii.gz"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "clipseg_bench.cli",
-            "segment",
-            "--model",
-            "tiny",
-            "--strategy",
-            "zeroshot",
-            "--ct",
-            str(ct),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    r = _segment_process(ct, out)
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and str(ct) in r.stderr and "Traceback" not in r.stderr
     assert not out.exists() and not any(p.name.startswith(".mask") for p in tmp_path.iterdir())
@@ -190,9 +172,7 @@ def test_train_evaluate_segment_for_every_strategy(strategy, prepared_dir, phant
 def _segment_cli(ct, out, *extra):
     from clipseg_bench.cli import main
 
-    return main(
-        ["segment", "--model", "tiny", "--strategy", "zeroshot", "--ct", str(ct), "--out", str(out), *extra]
-    )
+    return main([*ZEROSHOT_SEGMENT, "--ct", str(ct), "--out", str(out), *extra])
 
 
 def test_segment_folder_skips_done_cases_and_reports_a_corrupt_one(phantom_dir, tmp_path, capsys):

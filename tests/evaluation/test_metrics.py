@@ -316,3 +316,21 @@ def test_score_case_agrees_with_official_flare22(seed, spacing):
     for key in ref:
         for m in ("dsc", "nsd"):
             assert math.isclose(ours[key][m], ref[key][m], abs_tol=1e-4), (key, m, ours[key][m], ref[key][m])
+
+
+def test_device_counting_path_equals_numpy(monkeypatch):
+    """On a GPU the training Dice counts with torch on the device (only counts come back); forced on
+    here, it must give exactly the numpy path's numbers, empty-mask rules included."""
+    from clipseg_bench.evaluation import metrics
+
+    gen = torch.Generator().manual_seed(0)
+    pred = torch.rand(24, 16, 16, generator=gen) > 0.6
+    gt = (torch.rand(24, 16, 16, generator=gen) > 0.85).float()
+    gt[:6] = 0  # absent organs: left out by present_pairs_dice, Dice 1 or 0 by the rules
+    pred[:3] = False
+    expected_pairs = dice_2d_pairs(pred.numpy(), gt.numpy())
+    expected_present = present_pairs_dice(pred.numpy(), gt.numpy())
+    monkeypatch.setattr(metrics, "_on_accelerator", lambda p, g: True)
+    np.testing.assert_array_equal(dice_2d_pairs(pred, gt), expected_pairs)
+    np.testing.assert_array_equal(present_pairs_dice(pred, gt), expected_present)
+    assert len(expected_present) == 18 and expected_pairs[:3].tolist() == [1.0, 1.0, 1.0]

@@ -38,8 +38,12 @@ def _as_bool(x) -> np.ndarray:
     return np.asarray(x).astype(bool, copy=False)
 
 
-def _both_tensors(pred, gt) -> bool:
-    return isinstance(pred, torch.Tensor) and isinstance(gt, torch.Tensor)
+def _on_accelerator(pred, gt) -> bool:
+    """Both are tensors on a GPU (or another accelerator): count there, and copy back only the counts.
+
+    On the CPU numpy's view of the same memory counts several times faster than torch's reductions.
+    """
+    return isinstance(pred, torch.Tensor) and isinstance(gt, torch.Tensor) and pred.device.type != "cpu"
 
 
 def dice_2d_pairs(pred, gt) -> np.ndarray:
@@ -57,7 +61,7 @@ def dice_2d_pairs(pred, gt) -> np.ndarray:
         find and nothing found, the FLARE22 convention); a pair empty in exactly one scores 0.0.
         Callers that want "Dice where the organ is present" use :func:`present_pairs_dice`.
     """
-    if _both_tensors(pred, gt):  # count on their device: only two integers per pair come back
+    if _on_accelerator(pred, gt):  # count on the device: only two integers per pair come back
         p, g = pred.detach() != 0, gt.detach().to(pred.device) != 0
     else:
         p, g = _as_bool(pred), _as_bool(gt)
@@ -81,7 +85,7 @@ def present_pairs_dice(pred, gt) -> np.ndarray:
     This is what ``dice2d`` averages (the original study's number): pairs where the organ is absent
     from the ground truth are left out, so empty-both pairs (Dice 1 by convention) cannot inflate it.
     """
-    if _both_tensors(pred, gt):  # select on the device: the training step's masks stay there
+    if _on_accelerator(pred, gt):  # select on the device: the training step's masks stay there
         g = gt.detach().to(pred.device) != 0
         present = g.reshape(len(g), -1).any(1)
         return dice_2d_pairs(pred.detach()[present], g[present])
