@@ -36,8 +36,8 @@ VARIANTS = {  # name -> TrainConfig fields
 
 def _run(out: Path, *, data: Path, model: Path, seed: int, steps: int, fields: dict) -> dict:
     """Train one decoder run (or reuse a finished one); returns its run.json."""
-    from clipseg_bench.bench.demo import COMMON, DEMO_LRS
     from clipseg_bench.config import load_config
+    from clipseg_bench.study.demo import COMMON, DEMO_LRS
     from clipseg_bench.train.loop import train
 
     info = out / "run.json"
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="write the results here")
     a = p.parse_args(argv)
 
-    from clipseg_bench.bench.demo import SIZES, prepare_demo
+    from clipseg_bench.study.demo import SIZES, prepare_demo
 
     load_start = os.getloadavg()
     pretrained = prepare_demo(a.out, size=SIZES["study"])  # the size benchmarks/README.md was measured at

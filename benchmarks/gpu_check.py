@@ -54,7 +54,7 @@ def _autocast(device: torch.device, precision: str):
 
 def base_model(arch: str, image_size: int):
     """A randomly initialised CLIPSeg (decoder with PyTorch's default init, as ``build_tiny`` gives it)."""
-    from clipseg_bench.model.load import build_tiny, reference_config, tiny_config
+    from clipseg_bench.model.families.clipseg import build_tiny, reference_config, tiny_config
 
     config = reference_config() if arch == "real" else tiny_config(image_size=image_size)
     return build_tiny(config)

@@ -1,6 +1,6 @@
 """The quality levers study (issue 14): input channels x 3D clean-up, on the demo's study.
 
-The demo's set-up (``clipseg_bench.bench.demo``): a tiny CLIPSeg pretrained on phantom style A
+The demo's set-up (``clipseg_bench.study.demo``): a tiny CLIPSeg pretrained on phantom style A
 (gray input), fine-tuned per strategy on the shifted style B. Here every strategy x seed runs once
 per ``input_channels`` mode (gray, neighbors, windows), each from the same gray-pretrained
 checkpoint, as a real study would start every mode from the one pretrained CLIP. ``evaluate``
@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from clipseg_bench.bench.demo import COMMON, DEMO_LRS, SIZES, prepare_demo
-from clipseg_bench.bench.matrix import run_matrix
-from clipseg_bench.bench.report import write_report
-from clipseg_bench.bench.results import find_runs, strategy_order
 from clipseg_bench.data.channels import CHANNEL_MODES
 from clipseg_bench.evaluation.postprocess import POSTPROCESS_MODES
 from clipseg_bench.provenance import write_json_atomic, write_text_atomic
+from clipseg_bench.study.demo import COMMON, DEMO_LRS, SIZES, prepare_demo
+from clipseg_bench.study.matrix import run_matrix
+from clipseg_bench.study.report import write_report
+from clipseg_bench.study.results import find_runs, strategy_order
 
 
 def run_rows(bench: Path, mode: str) -> list[dict]:

@@ -265,7 +265,7 @@ def build_arch(name: str) -> Arch:
     from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
     from clipseg_bench.model.forward import tokenize
-    from clipseg_bench.model.load import build_tiny, reference_config
+    from clipseg_bench.model.families.clipseg import build_tiny, reference_config
     from clipseg_bench.model.tokenizer import build_tiny_tokenizer
     from clipseg_bench.organs import prompts
 

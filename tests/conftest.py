@@ -16,8 +16,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 # Imported after the offline switches: huggingface_hub reads them at import time.
+from clipseg_bench.model.families.clipseg import build_tiny, tiny_config  # noqa: E402
 from clipseg_bench.model.forward import preprocess, tokenize  # noqa: E402
-from clipseg_bench.model.load import build_tiny, tiny_config  # noqa: E402
 from clipseg_bench.model.tokenizer import build_tiny_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

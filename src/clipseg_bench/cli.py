@@ -216,7 +216,7 @@ def _cmd_segment(a: argparse.Namespace) -> None:
 
 
 def _cmd_benchmark(a: argparse.Namespace) -> None:
-    from clipseg_bench.bench.matrix import raise_failed, run_matrix
+    from clipseg_bench.study.matrix import raise_failed, run_matrix
 
     out = Path(a.out)
     results = run_matrix(
@@ -254,14 +254,14 @@ def _parse_lrs(spec: str | None) -> dict[str, float]:
 
 
 def _cmd_report(a: argparse.Namespace) -> None:
-    from clipseg_bench.bench.report import write_report
+    from clipseg_bench.study.report import write_report
 
     html = write_report([Path(p) for p in a.bench], out=Path(a.out) if a.out else None, overwrite=a.overwrite)
     print(f"report: {html}")
 
 
 def _cmd_demo(a: argparse.Namespace) -> None:
-    from clipseg_bench.bench.demo import run_demo
+    from clipseg_bench.study.demo import run_demo
 
     run_demo(out=Path(a.out), quick=a.quick)
 

@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 from cli_helpers import assert_one_line_error, data_copy, digest, edit_json, run_cli, truncate_array
 
-from clipseg_bench.bench.matrix import plan, run_matrix
 from clipseg_bench.provenance import process_record
+from clipseg_bench.study.matrix import plan, run_matrix
 
 SETTINGS = ["--model", "tiny", "--epochs", "1", "--max-steps", "1", "--batch-size", "8"]
 

@@ -67,7 +67,7 @@ def golden_model():
     """The tiny CLIPSeg of :data:`CONFIG` with :func:`fill_deterministic` weights."""
     from transformers import CLIPSegForImageSegmentation
 
-    from clipseg_bench.model.load import tiny_config
+    from clipseg_bench.model.families.clipseg import tiny_config
 
     return fill_deterministic(CLIPSegForImageSegmentation(tiny_config(**CONFIG)))
 

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from clipseg_bench.errors import InputError
 from clipseg_bench.model import forward as fw
 from clipseg_bench.model.checkpoint import load_trained, read_metadata, save_trained
-from clipseg_bench.model.load import build_tiny, tiny_config
+from clipseg_bench.model.families.clipseg import build_tiny, tiny_config
 from clipseg_bench.strategies import apply_strategy, available
 
 

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from clipseg_bench.model import forward as fw
-from clipseg_bench.model.load import build_tiny, tiny_config
+from clipseg_bench.model import ops
+from clipseg_bench.model.families import clipseg as clip
+from clipseg_bench.model.families.clipseg import build_tiny, tiny_config
 from clipseg_bench.strategies import apply_strategy
 
 
@@ -80,7 +82,7 @@ def test_each_image_is_encoded_once_and_truncated(model, inputs):
         layer.register_forward_hook(lambda m, a, o, i=i: seen[i].append(a[0].shape[0]))
     with torch.no_grad():
         ours(model, inputs)
-    assert fw.vision_depth(model) == 4 and len(layers) == 5
+    assert clip.CLIPSeg().vision_depth(model) == 4 and len(layers) == 5
     assert all(seen[i] == [3] for i in range(4)), seen  # B=3 images once, not B*K=9
     assert seen[4] == []  # the layer after the decoder's deepest tap never runs
 
@@ -216,9 +218,9 @@ def test_blocked_mlp_equals_the_eager_mlp(model, frozen):
     x = torch.randn(
         2, 300, mlp.fc1.in_features, generator=torch.Generator().manual_seed(1), requires_grad=True
     )
-    assert fw._blocked_mlp_applies(mlp, x)
+    assert clip.blocked_mlp_applies(mlp, x)
     y_ref, g_ref = _mlp_grads(mlp, x, lambda m, v: m(v))
-    y, g = _mlp_grads(mlp, x, fw.decoder_mlp)
+    y, g = _mlp_grads(mlp, x, clip.decoder_mlp)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     for got, want in zip(g, g_ref):
         assert (got is None) == (want is None)
@@ -243,12 +245,12 @@ def test_decode_takes_the_blocked_mlp_and_matches_hf_layers(model, inputs, monke
         return logits.detach(), {n: p.grad.clone() for n, p in model.decoder.named_parameters()}
 
     calls = []
-    apply = fw._BlockedReluMLP.apply
-    monkeypatch.setattr(fw._BlockedReluMLP, "apply", lambda *a: calls.append(1) or apply(*a))
+    apply = ops.BlockedReluMLP.apply
+    monkeypatch.setattr(ops.BlockedReluMLP, "apply", lambda *a: calls.append(1) or apply(*a))
     fast, fast_grads = run()
     assert len(calls) == len(model.decoder.layers)
-    monkeypatch.setattr(fw, "_blocked_mlp_applies", lambda mlp, x: False)  # HF's own MLP
-    monkeypatch.setattr(fw, "_has_own_hooks", lambda m: True)  # HF's own layer forward
+    monkeypatch.setattr(clip, "blocked_mlp_applies", lambda mlp, x: False)  # HF's own MLP
+    monkeypatch.setattr(clip, "_has_own_hooks", lambda m: True)  # HF's own layer forward
     slow, slow_grads = run()
     assert len(calls) == len(model.decoder.layers)
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
@@ -259,13 +261,13 @@ def test_decode_takes_the_blocked_mlp_and_matches_hf_layers(model, inputs, monke
 def test_blocked_mlp_is_not_used_for_wrapped_or_hooked_mlps(model):
     mlp = model.decoder.layers[0].mlp
     x = torch.randn(4, mlp.fc1.in_features)
-    assert fw._blocked_mlp_applies(mlp, x)
-    assert not fw._blocked_mlp_applies(mlp, x.double())
+    assert clip.blocked_mlp_applies(mlp, x)
+    assert not clip.blocked_mlp_applies(mlp, x.double())
     handle = mlp.register_forward_hook(lambda m, i, o: o)  # a user's hook must still run
-    assert not fw._blocked_mlp_applies(mlp, x)
+    assert not clip.blocked_mlp_applies(mlp, x)
     handle.remove()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not fw._blocked_mlp_applies(mlp, x)
+        assert not clip.blocked_mlp_applies(mlp, x)
 
 
 @pytest.mark.parametrize("relu_between", [True, False])
@@ -290,7 +292,7 @@ def test_patch_deconv_chain_equals_the_layers(relu_between):
         return y.detach(), [t.grad.clone() for t in [x, *head.parameters()]]
 
     y_ref, g_ref = run(head)
-    y, grads = run(lambda v: fw.upsample_head(head, v))
+    y, grads = run(lambda v: ops.upsample_head(head, v))
     assert y.shape == (2, 3, 40, 56)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     for got, want in zip(grads, g_ref):
@@ -311,19 +313,19 @@ def test_blocked_mlp_saves_hidden_blocks_only_when_a_backward_follows(model, mon
     for keep in (False, True):
         ctx = Ctx()
         with torch.no_grad():
-            fw._BlockedReluMLP.forward(ctx, x, *params, keep)
+            ops.BlockedReluMLP.forward(ctx, x, *params, keep)
         if keep:  # x with its ones column, both weights, and every hidden block
-            assert len(ctx.saved) == 3 + -(-600 // fw.MLP_BLOCK)
-            assert ctx.saved[3] == (fw.MLP_BLOCK, mlp.fc1.out_features)
+            assert len(ctx.saved) == 3 + -(-600 // ops.MLP_BLOCK)
+            assert ctx.saved[3] == (ops.MLP_BLOCK, mlp.fc1.out_features)
         else:  # inference: nothing kept, one hidden block alive at a time
             assert ctx.saved is None
 
     keeps = []
-    apply = fw._BlockedReluMLP.apply
-    monkeypatch.setattr(fw._BlockedReluMLP, "apply", lambda *a: keeps.append(a[-1]) or apply(*a))
+    apply = ops.BlockedReluMLP.apply
+    monkeypatch.setattr(ops.BlockedReluMLP, "apply", lambda *a: keeps.append(a[-1]) or apply(*a))
     with torch.no_grad():  # evaluate, segment
-        fw.decoder_mlp(mlp, x)
-    fw.decoder_mlp(mlp, x)  # training
+        clip.decoder_mlp(mlp, x)
+    clip.decoder_mlp(mlp, x)  # training
     assert keeps == [False, True]
 
 
@@ -334,8 +336,8 @@ def test_bf16_autocast_on_cpu_falls_back_from_the_fp32_fast_paths(model, inputs,
     autocast; every trainable tensor gets a finite gradient."""
     apply_strategy(model, strategy)
     blocked = []
-    apply = fw._BlockedReluMLP.apply
-    monkeypatch.setattr(fw._BlockedReluMLP, "apply", lambda *a: blocked.append(1) or apply(*a))
+    apply = ops.BlockedReluMLP.apply
+    monkeypatch.setattr(ops.BlockedReluMLP, "apply", lambda *a: blocked.append(1) or apply(*a))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = ours(model, inputs)
         with torch.no_grad():

@@ -7,7 +7,8 @@ import torch
 
 from clipseg_bench.errors import InputError
 from clipseg_bench.model import forward as fw
-from clipseg_bench.model.load import build_tiny, load_model, reference_config, save_model, tiny_config
+from clipseg_bench.model.families.clipseg import CLIPSeg, build_tiny, reference_config, tiny_config
+from clipseg_bench.model.load import load_model, save_model
 from clipseg_bench.model.tokenizer import EOS, tiny_words
 from clipseg_bench.organs import ORGANS, prompts
 
@@ -98,7 +99,7 @@ def test_missing_or_foreign_folder(tmp_path):
         load_model(str(tmp_path / "nothing-here"))
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "config.json").write_text('{"model_type": "bert"}')
-    with pytest.raises(InputError, match="not CLIPSeg"):
+    with pytest.raises(InputError, match="is a .bert. model"):
         load_model(str(tmp_path / "cfg"))
 
 
@@ -109,4 +110,4 @@ def test_reference_config_has_the_published_size():
     with torch.device("meta"):
         model = CLIPSegForImageSegmentation(reference_config())
     assert round(sum(p.numel() for p in model.parameters()) / 1e6, 1) == 150.7
-    assert fw.vision_depth(model) == 10  # the decoder reads up to layer 9 of 12
+    assert CLIPSeg().vision_depth(model) == 10  # the decoder reads up to layer 9 of 12

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from clipseg_bench.errors import InputError
 from clipseg_bench.model import forward as fw
+from clipseg_bench.model.families import family_of
 from clipseg_bench.strategies import apply_strategy, available, count_parameters
 
 
@@ -72,7 +73,7 @@ def test_stock_forward_trap(model, inputs):
         attention_mask=inputs["attention_mask"].repeat(b, 1),
     ).logits
     loss_of(stock).backward()
-    encoders = [*fw.encoder_layers(model, "vision"), *fw.text_encoder_parts(model)]
+    encoders = [*family_of(model).encoder_layers(model, "vision"), *family_of(model).parts(model).text]
     assert all(p.grad is None for m in encoders for p in m.parameters())  # the trap
     assert all(p.grad is not None for p in model.decoder.parameters())
 
@@ -84,7 +85,7 @@ def test_stock_forward_trap(model, inputs):
 def test_counts_are_honest(model):
     base_total = count_parameters(model).total
     numel = lambda ps: sum(p.numel() for p in ps)  # noqa: E731
-    unused = numel(fw.unused_parameters(model))
+    unused = numel(family_of(model).unused_parameters(model))
     decoder = numel(model.decoder.parameters())
     assert unused > 0  # tiny with 5 vision layers: layer 4 is never read
     expected = {"zeroshot": 0, "full": base_total - unused, "decoder": decoder}
@@ -96,8 +97,8 @@ def test_counts_are_honest(model):
     biases = [
         p
         for part in (
-            *fw.encoder_layers(model, "vision"),
-            *fw.text_encoder_parts(model),
+            *family_of(model).encoder_layers(model, "vision"),
+            *family_of(model).parts(model).text,
             model.clip.vision_model.pre_layrnorm,
             model.clip.text_model.final_layer_norm,
         )

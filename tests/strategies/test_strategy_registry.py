@@ -8,7 +8,7 @@ import textwrap
 
 import clipseg_bench.strategies as strategies
 from clipseg_bench.cli import main
-from clipseg_bench.model import forward as fw
+from clipseg_bench.model.families import family_of
 from clipseg_bench.model.load import load_model
 from clipseg_bench.strategies import apply_strategy, available
 
@@ -52,7 +52,7 @@ def test_strategies_command_json(capsys):
 
     base = load_model("tiny").model  # 4 vision layers, all read: only CLIP's projections/scale unused
     total = sum(p.numel() for p in base.parameters())
-    unused = sum(p.numel() for p in fw.unused_parameters(base))
+    unused = sum(p.numel() for p in family_of(base).unused_parameters(base))
     assert by["zeroshot"] == {"strategy": "zeroshot", "trainable_params": 0, "total_params": total}
     assert by["full"]["trainable_params"] == total - unused and by["full"]["total_params"] == total
     assert by["decoder"]["trainable_params"] == sum(p.numel() for p in base.decoder.parameters())

@@ -11,12 +11,11 @@ import pytest
 import torch
 
 from clipseg_bench import cli
-from clipseg_bench.bench.report import write_report
 from clipseg_bench.errors import GradientAuditError
-from clipseg_bench.model import forward
-from clipseg_bench.model.load import build_tiny
+from clipseg_bench.model.families.clipseg import CLIPSeg, build_tiny
 from clipseg_bench.strategies import apply_strategy, available
 from clipseg_bench.strategies.base import _REGISTRY, Strategy, register
+from clipseg_bench.study.report import write_report
 from clipseg_bench.train.audit import GradientAudit, parameter_parts
 
 
@@ -66,10 +65,10 @@ def unreached_strategy(monkeypatch):
         description = "test only: the decoder and the vision pooled-output layer norm"
 
         def apply(self, model, options):
-            forward.decoder_module(model).requires_grad_(True)
+            model.decoder.requires_grad_(True)
             model.clip.vision_model.post_layernorm.requires_grad_(True)
 
-    monkeypatch.setattr(forward, "unused_parameters", lambda model: [])
+    monkeypatch.setattr(CLIPSeg, "unused_parameters", lambda self, model: [])
     yield
     _REGISTRY.pop(UNREACHED)
 

@@ -347,9 +347,9 @@ def test_two_processes_follow_the_schedule_of_one_with_the_global_batch(prepared
 
 def test_a_study_without_val_cases_completes(phantom_dir, tmp_path, capsys):
     """`prepare --val-fraction 0`: training skips validation, evaluate and report say there is no val split."""
-    from clipseg_bench.bench.matrix import run_matrix
-    from clipseg_bench.bench.report import write_report
     from clipseg_bench.data.prepare import prepare
+    from clipseg_bench.study.matrix import run_matrix
+    from clipseg_bench.study.report import write_report
 
     data = prepare(
         images=phantom_dir / "images", labels=phantom_dir / "labels", out=tmp_path / "p", val_fraction=0

@@ -14,7 +14,15 @@ import torch
 import torch.nn.functional as F
 
 from clipseg_bench.data.dataset import resize_slices
-from clipseg_bench.model.forward import decode, encode_images, encode_prompts, preprocess, tokenize
+from clipseg_bench.model.forward import (
+    decode,
+    encode_images,
+    encode_prompts,
+    preprocess,
+    stack_features,
+    tokenize,
+    unstack_features,
+)
 from clipseg_bench.organs import Organ
 
 
@@ -82,7 +90,7 @@ class Segmenter:
         """
         x = preprocess(resize_slices(images, self.size), size=self.size, mean=self.mean, std=self.std)
         with self._eval_mode():
-            return torch.stack(encode_images(self.model, x.to(self.device)), dim=1)
+            return stack_features(self.model, encode_images(self.model, x.to(self.device)))
 
     @torch.no_grad()
     def probabilities(
@@ -101,7 +109,7 @@ class Segmenter:
             prompt_emb = self.prompt_embeddings()
         if features is None:
             features = self.encode(images)
-        acts = [a.to(self.device, torch.float32) for a in features.unbind(1)]
+        acts = [a.to(self.device, torch.float32) for a in unstack_features(self.model, features)]
         with self._eval_mode():
             logits = decode(self.model, acts, prompt_emb)  # (b, K, S, S)
         h, w = images.shape[-2:]

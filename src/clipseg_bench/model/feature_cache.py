@@ -26,18 +26,8 @@ from tqdm.auto import tqdm
 
 from clipseg_bench.data.channels import WINDOWS, needs_hu
 from clipseg_bench.data.dataset import PreparedData, resize_slices
-from clipseg_bench.model.forward import encode_images, preprocess
-
-
-def vision_fingerprint(model) -> str:
-    """A hash of the vision encoder weights and the decoder's extract_layers."""
-    h = hashlib.blake2b(digest_size=12)
-    for name, t in sorted(model.clip.vision_model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-    h.update(json.dumps(list(model.config.extract_layers)).encode())
-    return h.hexdigest()
-
+from clipseg_bench.model.families import family_of
+from clipseg_bench.model.forward import encode_images, preprocess, stack_features
 
 DTYPES = {"fp16": np.float16, "fp32": np.float32}  # TrainConfig.feature_cache_dtype -> stored dtype
 
@@ -47,7 +37,7 @@ def cache_key(
 ) -> str:
     """The cache folder's name: a hash of everything the cached values depend on."""
     h = hashlib.blake2b(digest_size=8)
-    h.update(vision_fingerprint(model).encode())
+    h.update(family_of(model).vision_fingerprint(model).encode())
     h.update((data.root / "dataset.json").read_bytes())
     h.update(json.dumps({"size": size, "mean": list(mean), "std": list(std)}).encode())
     if dtype != "fp16":  # fp16 caches keep the keys they had before the dtype became a choice
@@ -126,7 +116,9 @@ def build_feature_cache(
             imgs = torch.from_numpy(np.concatenate([data.inputs(c, [z], channels) for c, z in chunk]))
             imgs = resize_slices(imgs, size)
             pv = preprocess(imgs, size=size, mean=mean, std=std).to(device)
-            acts = torch.stack(encode_images(model, pv), dim=1).to("cpu")  # (b, L, T, D)
+            acts = stack_features(model, encode_images(model, pv)).to(
+                "cpu"
+            )  # (b, ...): (b, L, T, D) for CLIPSeg
             if out is None:
                 out = np.lib.format.open_memmap(
                     tmp, mode="w+", dtype=np_dtype, shape=(len(wanted), *acts.shape[1:])

@@ -66,14 +66,14 @@ def apply_strategy(model: nn.Module, name: str, options: dict[str, Any] | None =
     """Freeze every parameter, apply strategy ``name``, then refreeze what the forward never reads.
 
     Args:
-        model: a ``CLIPSegForImageSegmentation``; changed in place (modules may be injected).
+        model: a model of a registered family; changed in place (modules may be injected).
         name: a registered strategy.
         options: the strategy's options (``TrainConfig.strategy_options``); validated first.
 
     Returns:
         Trainable and total parameters afterwards (injected modules included).
     """
-    from clipseg_bench.model.forward import unused_parameters
+    from clipseg_bench.model.families import family_of
 
     strategy = get(name)
     opts = strategy.parse_options(options)
@@ -83,7 +83,7 @@ def apply_strategy(model: nn.Module, name: str, options: dict[str, Any] | None =
     model.train(was_training)  # injected modules are created in training mode (LoRA dropout would stay on)
     # Parameters outside the text-prompted forward (vision layers after the deepest one the decoder
     # reads, CLIP's projections and logit scale) could never get a gradient: never count them as trained.
-    for p in unused_parameters(model):
+    for p in family_of(model).unused_parameters(model):
         p.requires_grad_(False)
     return count_parameters(model)
 

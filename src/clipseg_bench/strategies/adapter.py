@@ -26,10 +26,10 @@ import torch
 from torch import nn
 
 from clipseg_bench.errors import InputError
-from clipseg_bench.model.forward import decoder_module, encoder_layers
+from clipseg_bench.model.families import family_of
 from clipseg_bench.strategies.base import Strategy, option_field, register
 
-POSITIONS = {"attention": "self_attn", "mlp": "mlp"}  # option value -> sublayer attribute of a CLIP layer
+POSITIONS = ("attention", "mlp")  # where in an encoder layer; the model family names the sublayers
 REDUCTION = 12  # default width / bottleneck: 768 -> 64 in CLIP-B (Houlsby et al. tried sizes 8, 64 and 256)
 
 
@@ -112,8 +112,9 @@ class Adapter(Strategy):
     Options = AdapterOptions
 
     def apply(self, model: nn.Module, options: AdapterOptions) -> None:
-        vision = encoder_layers(model, "vision")
-        text = encoder_layers(model, "text")
+        family = family_of(model)
+        vision = family.encoder_layers(model, "vision")
+        text = family.encoder_layers(model, "text")
         layers = _chosen(
             vision, options.vision_layers, "vision", f"the decoder reads layers 0..{len(vision) - 1}"
         )
@@ -122,9 +123,10 @@ class Adapter(Strategy):
         )
         for layer in layers:
             for position in options.positions:
-                attr = POSITIONS[position]
-                width = layer.embed_dim
+                attr = family.positions[position]
+                width = family.layer_width(layer)
                 adapter = BottleneckAdapter(width, options.bottleneck or max(1, width // REDUCTION))
                 setattr(layer, attr, Adapted(getattr(layer, attr), adapter))  # new modules are trainable
         if options.train_decoder:
-            decoder_module(model).requires_grad_(True)
+            for module in family.parts(model).decoder:
+                module.requires_grad_(True)

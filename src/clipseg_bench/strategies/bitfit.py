@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from clipseg_bench.model.forward import decoder_module, text_encoder_parts, vision_encoder
+from clipseg_bench.model.families import family_of
 from clipseg_bench.strategies.base import Strategy, option_field, register
 
 
@@ -26,9 +26,11 @@ class BitFit(Strategy):
     Options = BitFitOptions
 
     def apply(self, model: nn.Module, options: BitFitOptions) -> None:
-        for part in [vision_encoder(model), *text_encoder_parts(model)]:
+        parts = family_of(model).parts(model)
+        for part in [*parts.vision, *parts.text]:
             for name, p in part.named_parameters():
                 if name.endswith("bias"):
                     p.requires_grad_(True)
         if options.train_decoder:
-            decoder_module(model).requires_grad_(True)
+            for module in parts.decoder:
+                module.requires_grad_(True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from clipseg_bench.model.forward import decoder_module
+from clipseg_bench.model.families import family_of
 from clipseg_bench.strategies.base import Strategy, register
 
 
@@ -16,4 +16,5 @@ class DecoderOnly(Strategy):
     )
 
     def apply(self, model: nn.Module, options) -> None:
-        decoder_module(model).requires_grad_(True)
+        for module in family_of(model).parts(model).decoder:
+            module.requires_grad_(True)

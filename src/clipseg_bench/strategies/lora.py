@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from clipseg_bench.model.forward import decoder_module, encoder_layers
+from clipseg_bench.model.families import family_of
 from clipseg_bench.strategies.base import Strategy, option_field, register
 
 # The Linear layers of a CLIP encoder layer (attention q/k/v/out, MLP fc1/fc2).
@@ -49,7 +49,8 @@ class LoraOptions:
 
 def target_names(model: nn.Module, options: LoraOptions) -> list[str]:
     """Full module names of the Linear layers LoRA adapts."""
-    layers = [layer for enc in options.encoders for layer in encoder_layers(model, enc)]
+    family = family_of(model)
+    layers = [layer for enc in options.encoders for layer in family.encoder_layers(model, enc)]
     inside = {id(m) for layer in layers for m in layer.modules()}
     return [
         n for n, m in model.named_modules() if id(m) in inside and n.rsplit(".", 1)[-1] in options.targets
@@ -74,4 +75,5 @@ class Lora(Strategy):
         )
         inject_adapter_in_model(config, model)  # in place; marks only the LoRA weights trainable
         if options.train_decoder:
-            decoder_module(model).requires_grad_(True)
+            for module in family_of(model).parts(model).decoder:
+                module.requires_grad_(True)

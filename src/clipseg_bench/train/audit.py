@@ -11,7 +11,7 @@ This module makes every run prove the opposite:
 
 Counts are kept per part of the model, and written to run.json as ``gradient_audit``. Parts come
 from parameter names: ``vision_encoder``, ``text_encoder``, ``decoder`` (by the modules
-:mod:`clipseg_bench.model.forward` names), ``other`` for the rest of CLIP, and, for tensors a strategy
+:mod:`clipseg_bench.model.families` names), ``other`` for the rest of CLIP, and, for tensors a strategy
 inserted, the name of the inserted module (``adapter``, ``lora`` from ``lora_A``/``lora_B``...),
 found by comparing the names with those of the stock architecture, never by strategy name.
 No library audits gradients like this (PEFT prints trainable counts only), so it is our own code.
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from clipseg_bench.errors import GradientAuditError
-from clipseg_bench.model.forward import decoder_module, text_encoder_parts, vision_encoder
+from clipseg_bench.model.families import family_of
 
 NAMED_IN_MESSAGE = 5  # unreached or changed tensors named in the error; the rest are counted
 
@@ -62,14 +62,10 @@ def _inserted_part(name: str, stock: set[str]) -> str | None:
 
 
 def parameter_parts(model: nn.Module) -> dict[str, str]:
-    """Parameter name -> part (see the module docstring), for every parameter of a CLIPSeg model."""
+    """Parameter name -> part (see the module docstring), for every parameter of the model."""
     stock = _stock_names(model)
     owners = {}
-    for part, modules in (
-        ("vision_encoder", [vision_encoder(model)]),
-        ("text_encoder", text_encoder_parts(model)),
-        ("decoder", [decoder_module(model)]),
-    ):
+    for part, modules in family_of(model).parts(model).items():
         owners.update({id(p): part for m in modules for p in m.parameters()})
     return {
         name: _inserted_part(name, stock) or owners.get(id(p), "other")

@@ -25,7 +25,7 @@ from clipseg_bench.errors import GradientAuditError, InputError
 from clipseg_bench.evaluation.metrics import present_pairs_dice
 from clipseg_bench.evaluation.validation import validation_dice
 from clipseg_bench.model.checkpoint import save_trained
-from clipseg_bench.model.forward import preprocess
+from clipseg_bench.model.forward import preprocess, unstack_features
 from clipseg_bench.provenance import write_json_atomic
 from clipseg_bench.train import record
 from clipseg_bench.train.checkpoint import load_resume_state, save_resume_state
@@ -39,7 +39,8 @@ def _step_inputs(setup: TrainingSetup, batch: dict, aug_gen: torch.Generator) ->
     """The module's inputs for a batch: cached activations, or preprocessed (augmented) images."""
     acc, loaded = setup.accelerator, setup.loaded
     if "features" in batch:
-        return {"activations": [a.to(acc.device, torch.float32) for a in batch["features"].unbind(1)]}
+        features = unstack_features(setup.model, batch["features"])
+        return {"activations": [a.to(acc.device, torch.float32) for a in features]}
     images = batch["image"].to(acc.device)
     if setup.cfg.augment:
         images = augment_intensity(images, aug_gen)

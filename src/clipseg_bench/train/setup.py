@@ -161,7 +161,7 @@ def release_frozen_vision(setup: TrainingSetup) -> None:
     """
     if setup.features is None or setup.accelerator.num_processes != 1:
         return
-    setup.model.clip.vision_model.to("meta")
+    setup.loaded.family.release_vision(setup.model)
     return_free_memory()  # weights freed inside glibc's heap would otherwise stay resident
 
 

@@ -15,9 +15,9 @@ import pytest
 import yaml
 from test_report import assert_pm, make_run, md_table
 
-from clipseg_bench.bench.report import write_report
-from clipseg_bench.bench.stats import compare
 from clipseg_bench.organs import ORGANS
+from clipseg_bench.study.report import write_report
+from clipseg_bench.study.stats import compare
 
 VARIANTS = ("name", "photo", "ct", "synonym")
 CASES = ("case_a", "case_b", "case_c")

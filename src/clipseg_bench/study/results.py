@@ -17,10 +17,10 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from clipseg_bench.bench import stats
 from clipseg_bench.errors import InputError
 from clipseg_bench.organs import ORGANS
 from clipseg_bench.provenance import process_alive, read_json_object
+from clipseg_bench.study import stats
 
 FINISHED = "finished"
 # results.csv's train_cases of a run on the whole train split (and of runs from before that axis).
@@ -598,7 +598,7 @@ def paired_differences(table: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFram
     The references, found from the numbers and never by name: every strategy that trains nothing
     (``trainable_params`` 0, the zero-shot baseline), and the best strategy (highest mean val 3D
     DSC over finished seeds at that level). Differences are strategy minus reference, for val 3D
-    DSC and NSD; see :mod:`clipseg_bench.bench.stats` for the interval and the p-value.
+    DSC and NSD; see :mod:`clipseg_bench.study.stats` for the interval and the p-value.
 
     Args:
         table: :func:`runs_table` output.

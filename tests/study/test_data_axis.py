@@ -13,11 +13,11 @@ import time
 import pandas as pd
 import pytest
 
-from clipseg_bench.bench.matrix import cells, parse_train_cases, run_matrix, run_name, run_status
-from clipseg_bench.bench.report import write_report
 from clipseg_bench.data.dataset import PreparedData
 from clipseg_bench.data.sampling import train_case_subset
 from clipseg_bench.errors import InputError
+from clipseg_bench.study.matrix import cells, parse_train_cases, run_matrix, run_name, run_status
+from clipseg_bench.study.report import write_report
 
 CASES = [f"case_{i:02d}" for i in range(10)]
 

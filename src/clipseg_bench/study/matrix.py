@@ -25,7 +25,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from clipseg_bench.bench.results import ALL_CASES, is_bench_folder, run_name
 from clipseg_bench.config import RUNTIME_FIELDS, TrainConfig, config_differences, load_config, save_config
 from clipseg_bench.errors import InputError, RunFailed
 from clipseg_bench.provenance import (
@@ -37,6 +36,7 @@ from clipseg_bench.provenance import (
     write_json_atomic,
 )
 from clipseg_bench.strategies import available
+from clipseg_bench.study.results import ALL_CASES, is_bench_folder, run_name
 
 # The flag behind each TrainConfig field the matrix sets, for error messages.
 SOURCES = {

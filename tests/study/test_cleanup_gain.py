@@ -8,9 +8,9 @@ import statistics
 import pytest
 from test_report import make_bench
 
-from clipseg_bench.bench.report import write_report
-from clipseg_bench.bench.results import cleanup_gain_table, load_bench
 from clipseg_bench.organs import ORGANS
+from clipseg_bench.study.report import write_report
+from clipseg_bench.study.results import cleanup_gain_table, load_bench
 
 
 def _add_postprocess_3d(run, shift: float) -> None:

@@ -1,7 +1,7 @@
 """The report's PNG plots: cost vs quality (with the Pareto front), per-organ bars, training curves,
 the time breakdown and a grid of qualitative overlays.
 
-Each ``plot_*`` function takes tables from :mod:`clipseg_bench.bench.results`, writes one PNG and
+Each ``plot_*`` function takes tables from :mod:`clipseg_bench.study.results`, writes one PNG and
 returns its path (or None when there is nothing to draw). Figures are built with the object API on
 matplotlib's Agg canvas, never through pyplot, so no GUI backend or global figure state is touched.
 """
@@ -18,7 +18,10 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from clipseg_bench.bench.results import (
+from clipseg_bench.errors import InputError
+from clipseg_bench.organs import ORGANS
+from clipseg_bench.provenance import replacing
+from clipseg_bench.study.results import (
     ALL_CASES,
     BREAKDOWN_ORDER,
     STRATEGY_ORDER,
@@ -26,9 +29,6 @@ from clipseg_bench.bench.results import (
     Run,
     strategy_order,
 )
-from clipseg_bench.errors import InputError
-from clipseg_bench.organs import ORGANS
-from clipseg_bench.provenance import replacing
 
 DPI = 110
 # One fixed colour per FLARE22 organ (index = id - 1), from Trubetskoy's 20 distinct colours.
@@ -108,8 +108,8 @@ def plot_pareto(summary: pd.DataFrame, table: pd.DataFrame, path: Path) -> Path 
     """Val Dice against training time per strategy (mean ± std), seeds as dots, Pareto front drawn.
 
     Args:
-        summary: :func:`~clipseg_bench.bench.results.summary_table` output.
-        table: :func:`~clipseg_bench.bench.results.runs_table` output (for the per-seed dots).
+        summary: :func:`~clipseg_bench.study.results.summary_table` output.
+        table: :func:`~clipseg_bench.study.results.runs_table` output (for the per-seed dots).
         path: PNG to write.
     """
     if summary.empty:
@@ -274,7 +274,7 @@ def plot_per_organ(dsc: pd.DataFrame, nsd: pd.DataFrame, path: Path) -> Path | N
     """Grouped bars of per-organ 3D DSC (top) and NSD (bottom), mean ± std over seeds.
 
     Args:
-        dsc, nsd: :func:`~clipseg_bench.bench.results.per_organ_table` outputs.
+        dsc, nsd: :func:`~clipseg_bench.study.results.per_organ_table` outputs.
         path: PNG to write.
     """
     if dsc.empty or dsc["mean"].isna().all():
@@ -520,7 +520,7 @@ def plot_reliance(summary: pd.DataFrame, path: Path) -> Path | None:
     prompt reliance. Strategies without reliance scores (runs evaluated before it existed) are left out.
 
     Args:
-        summary: :func:`~clipseg_bench.bench.results.summary_table` output.
+        summary: :func:`~clipseg_bench.study.results.summary_table` output.
         path: PNG to write.
     """
     if summary.empty or "prompt_reliance_mean" not in summary:
@@ -578,7 +578,7 @@ def plot_data_efficiency(efficiency: pd.DataFrame, path: Path) -> Path | None:
     mean (its score cannot depend on the training cases).
 
     Args:
-        efficiency: :func:`~clipseg_bench.bench.results.efficiency_table` output.
+        efficiency: :func:`~clipseg_bench.study.results.efficiency_table` output.
         path: PNG to write. Nothing is drawn (None) with fewer than two training-case counts.
     """
     data = efficiency[efficiency["n_train_cases"].notna() & efficiency["mean"].notna()]

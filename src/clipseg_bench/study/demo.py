@@ -19,10 +19,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clipseg_bench.bench.matrix import raise_failed, run_matrix
-from clipseg_bench.bench.report import write_report
 from clipseg_bench.config import load_config
 from clipseg_bench.strategies import available
+from clipseg_bench.study.matrix import raise_failed, run_matrix
+from clipseg_bench.study.report import write_report
 
 # Learning rates for a tiny model trained from scratch on phantoms: far higher than the real-model
 # defaults in configs/strategies.yaml (1e-5 for full fine-tuning of pretrained CLIP).

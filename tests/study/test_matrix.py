@@ -13,9 +13,9 @@ import time
 import pandas as pd
 import pytest
 
-from clipseg_bench.bench.matrix import cells, run_matrix, run_status
-from clipseg_bench.bench.report import write_report
 from clipseg_bench.errors import InputError
+from clipseg_bench.study.matrix import cells, run_matrix, run_status
+from clipseg_bench.study.report import write_report
 
 COMMON = {"image_size": 64, "val_max_slices": 8, "val_every": 0}
 

@@ -12,9 +12,9 @@ from matplotlib.figure import Figure
 from PIL import Image
 from test_report import make_bench, make_run
 
-from clipseg_bench.bench import plots
-from clipseg_bench.bench.report import write_report
-from clipseg_bench.bench.results import Run, load_bench
+from clipseg_bench.study import plots
+from clipseg_bench.study.report import write_report
+from clipseg_bench.study.results import Run, load_bench
 
 
 def _run(history: pd.DataFrame, strategy: str = "full") -> Run:

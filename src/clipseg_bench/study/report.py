@@ -1,7 +1,7 @@
 """`clipseg-bench report`: results.csv, results.md, plots/*.png and a self-contained report.html.
 
 Every number in the report is computed from the run folders' own files (run.json, metrics.json,
-history.csv) by :mod:`clipseg_bench.bench.results`; this module only formats and explains them.
+history.csv) by :mod:`clipseg_bench.study.results`; this module only formats and explains them.
 The HTML comes from ``templates/report.html.j2`` (CSS inline, PNGs as base64 data URIs), so the
 single file can be mailed or archived and still shows everything.
 """
@@ -18,8 +18,17 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 from pandas.io.formats.style import Styler
 
-from clipseg_bench.bench import plots
-from clipseg_bench.bench.results import (
+from clipseg_bench.errors import InputError
+from clipseg_bench.organs import ORGANS
+from clipseg_bench.provenance import (
+    check_output_folder,
+    folder_format,
+    mark_folder,
+    replacing,
+    write_text_atomic,
+)
+from clipseg_bench.study import plots
+from clipseg_bench.study.results import (
     ALL_CASES,
     FINISHED,
     VARIANT_PREFIX,
@@ -37,15 +46,6 @@ from clipseg_bench.bench.results import (
     runs_table,
     summary_table,
 )
-from clipseg_bench.errors import InputError
-from clipseg_bench.organs import ORGANS
-from clipseg_bench.provenance import (
-    check_output_folder,
-    folder_format,
-    mark_folder,
-    replacing,
-    write_text_atomic,
-)
 
 # The original study (FLARE22, 20 epochs), as it reported its results; shown for reference only.
 ORIGINAL_STUDY = pd.DataFrame(
@@ -57,7 +57,7 @@ ORIGINAL_STUDY = pd.DataFrame(
 )
 
 _TEMPLATES = Environment(
-    loader=PackageLoader("clipseg_bench.bench", "templates"),
+    loader=PackageLoader("clipseg_bench.study", "templates"),
     autoescape=True,  # run folders are user files: their text must show as text, never as markup
     undefined=StrictUndefined,  # a misspelt name fails the report instead of leaving a silent gap
     trim_blocks=True,
@@ -127,7 +127,7 @@ def per_organ_display(long: pd.DataFrame) -> pd.DataFrame:
 
 
 def gain_display(long: pd.DataFrame) -> pd.DataFrame:
-    """Clean-up gains (:func:`~clipseg_bench.bench.results.cleanup_gain_table`): organs (and the
+    """Clean-up gains (:func:`~clipseg_bench.study.results.cleanup_gain_table`): organs (and the
     mean over organs) as rows, strategies as columns, signed ``mean ± std`` over seeds."""
     names = dict(zip(long["organ"], long["name"]))
     keys = list(dict.fromkeys(long["organ"]))
@@ -291,7 +291,7 @@ def explain_strategy(row: pd.Series, parts: list[str], fastest: pd.Series | None
     """A few sentences on what a strategy trains and where its time went, from its measurements.
 
     Args:
-        row: one row of :func:`~clipseg_bench.bench.results.summary_table`.
+        row: one row of :func:`~clipseg_bench.study.results.summary_table`.
         parts: the timing-breakdown parts.
         fastest: the summary row of the trained strategy with the lowest s/epoch (None if none).
     """
@@ -543,8 +543,8 @@ def question_tables(every: list[Run], table: pd.DataFrame, summary: pd.DataFrame
 
     Args:
         every: all runs, every training-case level.
-        table: :func:`~clipseg_bench.bench.results.runs_table` of ``every``.
-        summary: :func:`~clipseg_bench.bench.results.summary_table` of the full-data runs.
+        table: :func:`~clipseg_bench.study.results.runs_table` of ``every``.
+        summary: :func:`~clipseg_bench.study.results.summary_table` of the full-data runs.
 
     Returns:
         ``{"summary": summary (prompt reliance), "efficiency": val 3D DSC per strategy and training
@@ -685,7 +685,7 @@ def write_report(bench_dirs: list[Path], out: Path | None = None, *, overwrite: 
 
     Args:
         bench_dirs: BENCH folders; several are shards of one benchmark and are merged
-            (see :func:`clipseg_bench.bench.results.merge_runs`).
+            (see :func:`clipseg_bench.study.results.merge_runs`).
         out: folder to write into (default: the first BENCH folder). Another folder must be new,
             empty, or one an earlier report wrote into, unless ``overwrite``.
         overwrite: write into a non-empty ``out`` that is not ours.

@@ -23,10 +23,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from clipseg_bench.bench.plots import pareto_front
-from clipseg_bench.bench.report import strategy_description, write_report
 from clipseg_bench.errors import InputError
 from clipseg_bench.organs import ORGANS
+from clipseg_bench.study.plots import pareto_front
+from clipseg_bench.study.report import strategy_description, write_report
 
 REQUIRED = [
     "strategy",
@@ -396,7 +396,7 @@ def test_config_values_and_keys_are_escaped(tmp_path):
 
 
 def test_the_template_ships_with_the_package():
-    template = resources.files("clipseg_bench.bench").joinpath("templates/report.html.j2")
+    template = resources.files("clipseg_bench.study").joinpath("templates/report.html.j2")
     assert template.is_file()
     # An editable install reads src/ directly, so check the wheel's rule too: package-data must list it.
     tomllib = pytest.importorskip("tomllib")

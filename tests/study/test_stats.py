@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from clipseg_bench.bench.results import paired_differences
-from clipseg_bench.bench.stats import bootstrap_ci, compare, paired, wilcoxon_p
+from clipseg_bench.study.results import paired_differences
+from clipseg_bench.study.stats import bootstrap_ci, compare, paired, wilcoxon_p
 
 
 def test_paired_keeps_common_keys_in_order_and_drops_nan():
