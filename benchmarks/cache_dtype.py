@@ -37,7 +37,8 @@ VARIANTS = {  # name -> TrainConfig fields
 def _run(out: Path, *, data: Path, model: Path, seed: int, steps: int, fields: dict) -> dict:
     """Train one decoder run (or reuse a finished one); returns its run.json."""
     from clipseg_bench.config import load_config
-    from clipseg_bench.study.demo import COMMON, DEMO_LRS
+    from clipseg_bench.strategies import get
+    from clipseg_bench.study.demo import COMMON
     from clipseg_bench.train.loop import train
 
     info = out / "run.json"
@@ -51,7 +52,7 @@ def _run(out: Path, *, data: Path, model: Path, seed: int, steps: int, fields: d
                 "model": str(model),
                 "out": str(out),
                 "strategy": "decoder",
-                "lr": DEMO_LRS["decoder"],
+                "lr": get("decoder").demo_lr,
                 "seed": seed,
                 "epochs": 1000,
                 "max_steps": steps,

@@ -4,7 +4,7 @@ On the architecture of ``CIDAS/clipseg-rd64-refined`` with random weights (``ref
 nothing is downloaded), for every registered strategy and for fp32 and bf16 (``torch.autocast``
 with bfloat16, which is what Accelerate's ``--mixed-precision bf16`` applies around the forward):
 
-- a few training steps: B slices x K organ prompts through ``PromptedSegmenter`` (the module the
+- a few training steps: B slices x K organ prompts through ``PromptedModule`` (the module the
   trainer optimises), the trainer's loss and fused AdamW; every loss must be finite, and the
   gradient audit (``train.audit``) must pass: every trainable tensor reached at the first step,
   no frozen tensor changed at the end;
@@ -85,12 +85,12 @@ def make_inputs(*, batch: int, prompts: int, size: int, device: torch.device, se
 def train_check(model, inputs: dict, *, device: torch.device, precision: str, steps: int) -> dict:
     """A few training steps of ``model`` (strategy applied): losses, audit, masks/s, peak memory."""
     from clipseg_bench.model.forward import encode_prompts, text_trainable
-    from clipseg_bench.model.prompted import PromptedSegmenter
+    from clipseg_bench.model.prompted import PromptedModule
     from clipseg_bench.train.audit import GradientAudit
     from clipseg_bench.train.losses import segmentation_loss
     from clipseg_bench.train.setup import make_optimizer
 
-    module = PromptedSegmenter(model, inputs["input_ids"], inputs["attention_mask"]).to(device).train()
+    module = PromptedModule(model, inputs["input_ids"], inputs["attention_mask"]).to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, lr=1e-4, weight_decay=1e-4) if params else None
     audit = GradientAudit.start(model)

@@ -29,7 +29,7 @@ import pandas as pd
 from clipseg_bench.data.channels import CHANNEL_MODES
 from clipseg_bench.evaluation.postprocess import POSTPROCESS_MODES
 from clipseg_bench.provenance import write_json_atomic, write_text_atomic
-from clipseg_bench.study.demo import COMMON, DEMO_LRS, SIZES, prepare_demo
+from clipseg_bench.study.demo import COMMON, SIZES, demo_lrs, prepare_demo
 from clipseg_bench.study.matrix import run_matrix
 from clipseg_bench.study.report import write_report
 from clipseg_bench.study.results import find_runs, strategy_order
@@ -142,7 +142,7 @@ def main() -> None:
             epochs=1000,
             max_steps=steps,
             out=bench,
-            strategy_lr=DEMO_LRS,
+            strategy_lr=demo_lrs(a.strategies.split(",")),
             extra={**COMMON, "val_every": 0, "input_channels": mode},
         )
         write_report([bench])

@@ -264,8 +264,8 @@ def build_arch(name: str) -> Arch:
     input; ``tiny``: the project's tiny model at 128 px. Both random, same weights in every process."""
     from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-    from clipseg_bench.model.forward import tokenize
     from clipseg_bench.model.families.clipseg import build_tiny, reference_config
+    from clipseg_bench.model.forward import tokenize
     from clipseg_bench.model.tokenizer import build_tiny_tokenizer
     from clipseg_bench.organs import prompts
 
@@ -681,7 +681,8 @@ def measure_segment(arch: Arch, data, plan: Plan, log) -> list[dict]:
 def measure_truncation(arch: Arch, plan: Plan, log) -> list[dict]:
     """Vision-encoder forward over all layers (as the stock forward runs it) vs up to the deepest layer
     the decoder reads (as ours runs it), at inference."""
-    from clipseg_bench.model.forward import encode_images, vision_depth
+    from clipseg_bench.model.families import family_of
+    from clipseg_bench.model.forward import encode_images
 
     model = arch.model.eval()
     vm = model.clip.vision_model
@@ -695,7 +696,7 @@ def measure_truncation(arch: Arch, plan: Plan, log) -> list[dict]:
     def truncated() -> None:
         encode_images(model, pv)
 
-    depth, total = vision_depth(model), len(vm.encoder.layers)
+    depth, total = family_of(model).vision_depth(model), len(vm.encoder.layers)
     log(
         f"  {arch.name} vision truncation: {depth} of {total} layers, {plan.trunc_batch} image(s), "
         f"{plan.trunc_reps} reps"

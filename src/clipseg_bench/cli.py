@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from clipseg_bench.errors import InputError, ReportedError
+from clipseg_bench.errors import FieldError, InputError, ReportedError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -129,31 +129,35 @@ _TRAIN_FLAGS = (
 )
 
 
+def _set_values(pairs: list[str] | None) -> dict:
+    """``--set key=value`` pairs -> {field: YAML value}."""
+    import yaml
+
+    values = {}
+    for kv in pairs or []:
+        if "=" not in kv:
+            raise InputError("--set", f"expected key=value, got {kv!r}")
+        key, value = kv.split("=", 1)
+        try:
+            values[key] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise InputError(f"--set {key}", f"not a YAML value ({str(exc).splitlines()[0]})") from None
+    return values
+
+
 def _cmd_train(a: argparse.Namespace) -> None:
     from clipseg_bench.config import load_config, read_yaml_config
     from clipseg_bench.train.loop import train
     from clipseg_bench.train.record import resume_config
 
-    overrides = {k: getattr(a, k) for k in _TRAIN_FLAGS}
-    sources = {k: "--" + k.replace("_", "-") for k in _TRAIN_FLAGS}
-    for kv in a.set or []:
-        if "=" not in kv:
-            raise InputError("--set", f"expected key=value, got {kv!r}")
-        import yaml
-
-        key, value = kv.split("=", 1)
-        try:
-            overrides[key] = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            raise InputError(f"--set {key}", f"not a YAML value ({str(exc).splitlines()[0]})") from None
-        sources[key] = f"--set {key}"
+    overrides = {**{k: getattr(a, k) for k in _TRAIN_FLAGS}, **_set_values(a.set)}
     if a.resume:
         out = a.out or (read_yaml_config(a.config).get("out") if a.config else None)
         if not out:
             raise InputError("--out", "required with --resume: the run folder to continue")
-        cfg = resume_config(Path(out), path=a.config, overrides=overrides, sources=sources)
+        cfg = resume_config(Path(out), path=a.config, overrides=overrides)
     else:
-        cfg = load_config(a.config, overrides, sources=sources)
+        cfg = load_config(a.config, overrides)
     run = train(cfg, resume=a.resume)
     if a.evaluate and int(os.environ.get("RANK", "0")) == 0:  # once, not on every data-parallel rank
         from clipseg_bench.evaluation.evaluate import evaluate_run
@@ -219,10 +223,12 @@ def _cmd_benchmark(a: argparse.Namespace) -> None:
     from clipseg_bench.study.matrix import raise_failed, run_matrix
 
     out = Path(a.out)
+    from clipseg_bench.strategies import available, display_order
+
     results = run_matrix(
         data=a.data,
         model=a.model,
-        strategies=a.strategies,
+        strategies=a.strategies or display_order(available()),
         seeds=a.seeds,
         epochs=a.epochs,
         out=out,
@@ -288,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--overwrite", action="store_true", help="write into a folder that holds more than phantoms"
     )
-    s.set_defaults(func=_cmd_phantom)
+    s.set_defaults(func=_cmd_phantom, parser=s)
 
     s = sub.add_parser("prepare", help="CT volumes -> axial slices, manifest, array cache, dataset.json")
     s.add_argument("--images", help="folder of <case>_0000.nii.gz or <case>/ DICOM series (FLARE22 layout)")
@@ -321,14 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=1, help="cases processed in parallel")
     s.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty foreign folder")
     s.add_argument("--no-png", action="store_true", help="skip the human-viewable PNG slices")
-    s.set_defaults(func=_cmd_prepare)
+    s.set_defaults(func=_cmd_prepare, parser=s)
 
     s = sub.add_parser("strategies", help="list fine-tuning strategies with parameter counts")
     s.add_argument("--model", default="tiny", help="hub id, local folder, or 'tiny'")
     s.add_argument(
         "--json", action="store_true", help="print JSON (strategy, trainable_params, total_params)"
     )
-    s.set_defaults(func=_cmd_strategies)
+    s.set_defaults(func=_cmd_strategies, parser=s)
 
     s = sub.add_parser("train", help="fine-tune one strategy on a PREPARED folder")
     s.add_argument("--config", help="YAML file of TrainConfig fields; flags override it")
@@ -347,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other config field (YAML value)")
     s.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     s.add_argument("--evaluate", action="store_true", help="run `evaluate` on the val split afterwards")
-    s.set_defaults(func=_cmd_train)
+    s.set_defaults(func=_cmd_train, parser=s)
 
     s = sub.add_parser("evaluate", help="2D Dice and FLARE22 3D DSC/NSD of a run -> RUN/metrics.json")
     s.add_argument("--run", required=True)
@@ -355,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="val", choices=["train", "val"])
     s.add_argument("--max-cases", type=_positive_int, help="evaluate only the first N cases")
     _add_postprocess_flag(s, "which 3D scores are the headline (both are always written)")
-    s.set_defaults(func=_cmd_evaluate)
+    s.set_defaults(func=_cmd_evaluate, parser=s)
 
     s = sub.add_parser("score", help="FLARE22 DSC/NSD of a folder of predicted NIfTI masks")
     s.add_argument("--pred", required=True, help="folder of <case>.nii.gz multi-label predictions")
@@ -366,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--overwrite", action="store_true", help="replace an --out file that `score` did not write"
     )
-    s.set_defaults(func=_cmd_score)
+    s.set_defaults(func=_cmd_score, parser=s)
 
     s = sub.add_parser("segment", help="segment a CT with a tuned run (or zero-shot) -> NIfTI mask")
     s.add_argument("--run", help="run folder from `train`")
@@ -392,12 +398,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--overwrite", action="store_true", help="replace an --out file that `segment` did not write"
     )
-    s.set_defaults(func=_cmd_segment)
+    s.set_defaults(func=_cmd_segment, parser=s)
 
     s = sub.add_parser("benchmark", help="run strategies x seeds, one run folder each")
     s.add_argument("--data", required=True)
     s.add_argument("--model", default="tiny")
-    s.add_argument("--strategies", type=_names, default="zeroshot,full,decoder,adapter,lora,bitfit")
+    s.add_argument(
+        "--strategies",
+        type=_names,
+        help="comma-separated strategies (default: every registered strategy, in report order)",
+    )
     s.add_argument("--seeds", type=_ints, default="0,1,2")
     s.add_argument("--epochs", type=_positive_int, default=20)
     s.add_argument("--max-steps", type=_positive_int)
@@ -418,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--overwrite", action="store_true", help="write into a non-empty folder that is not a BENCH folder"
     )
-    s.set_defaults(func=_cmd_benchmark)
+    s.set_defaults(func=_cmd_benchmark, parser=s)
 
     s = sub.add_parser("report", help="tables, plots and report.html from one or more BENCH folders")
     s.add_argument("bench", nargs="+", help="BENCH folder(s); shards are merged")
@@ -426,21 +436,55 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--overwrite", action="store_true", help="write into a non-empty --out folder that is not ours"
     )
-    s.set_defaults(func=_cmd_report)
+    s.set_defaults(func=_cmd_report, parser=s)
 
     s = sub.add_parser("demo", help="the whole study at smoke scale, nothing downloaded")
     s.add_argument("--out", default="demo_out")
     s.add_argument("--quick", action="store_true", help="fewer steps (tests)")
-    s.set_defaults(func=_cmd_demo)
+    s.set_defaults(func=_cmd_demo, parser=s)
     return p
 
 
+# Fields whose flag is not ``--<field>`` (the field a value sets is the flag's dest elsewhere).
+FIELD_ALIASES = {
+    "benchmark": {"strategy": "--strategies", "seed": "--seeds", "lr": "--lrs"},
+}
+
+
+def field_flags(args: argparse.Namespace) -> dict[str, str]:
+    """The one field -> flag table of the command that ran: each option's dest (``max_steps`` ->
+    ``--max-steps``), the fields whose flag has another name (:data:`FIELD_ALIASES`), and for ``train``
+    every field given with ``--set`` (``--set input_channels``)."""
+    parser = getattr(args, "parser", None)
+    table = {
+        action.dest: max(action.option_strings, key=len)
+        for action in (parser._actions if parser else [])
+        if action.option_strings and action.dest != "help"
+    }
+    table.update(FIELD_ALIASES.get(getattr(args, "command", ""), {}))
+    for kv in getattr(args, "set", None) or []:
+        key = kv.split("=", 1)[0]
+        table[key] = f"--set {key}"
+    return table
+
+
+def _message(exc: ReportedError, args: argparse.Namespace | None) -> str:
+    """The error's line, naming the flag behind a field (:class:`~clipseg_bench.errors.FieldError`)."""
+    if isinstance(exc, FieldError) and args is not None:
+        flag = field_flags(args).get(exc.field.split(".", 1)[0])
+        if flag is not None:
+            rest = exc.field.partition(".")[2]
+            return f"{flag}: {rest + ': ' if rest else ''}{exc.problem}"
+    return exc.message
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = None
     try:
         args = build_parser().parse_args(argv)
         args.func(args)
     except ReportedError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
+        print(f"error: {_message(exc, args)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -7,14 +7,13 @@ traces back to the exact settings (and, via ``run.json``, the exact commit).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from clipseg_bench.errors import InputError
+from clipseg_bench.errors import FieldError, InputError
 from clipseg_bench.provenance import write_text_atomic
 
 
@@ -151,6 +150,7 @@ def config_differences(saved: TrainConfig, other: TrainConfig, fields=None) -> l
         ``(field, saved value, other value)`` in field order; :data:`RUNTIME_FIELDS` never count, and
         ``data`` compares the folders, not how their paths are spelled.
     """
+    saved, other = resolved(saved), resolved(other)  # an unset rate means the strategy's default
     diffs = []
     for field in TrainConfig.model_fields:
         if field in RUNTIME_FIELDS or (fields is not None and field not in fields):
@@ -162,16 +162,17 @@ def config_differences(saved: TrainConfig, other: TrainConfig, fields=None) -> l
     return diffs
 
 
-def strategy_defaults() -> dict[str, dict[str, Any]]:
-    """Per-strategy defaults (learning rates) from ``configs/strategies.yaml``."""
-    text = resources.files("clipseg_bench.configs").joinpath("strategies.yaml").read_text()
-    return yaml.safe_load(text) or {}
-
-
 def resolve_lr(cfg: TrainConfig) -> float:
-    if cfg.lr is not None:
-        return cfg.lr
-    return float(strategy_defaults().get(cfg.strategy, {}).get("lr", 1e-4))
+    """The peak learning rate a run uses: its own, else its strategy's default (in the strategy's file)."""
+    from clipseg_bench.strategies import get
+
+    return float(cfg.lr) if cfg.lr is not None else float(get(cfg.strategy).lr)
+
+
+def resolved(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with every default that depends on other fields filled in (the learning rate): what a
+    run folder's config.yaml records, so that no value there stays ``null``."""
+    return cfg.model_copy(update={"lr": resolve_lr(cfg)})
 
 
 def read_yaml_config(path: str | Path) -> dict[str, Any]:
@@ -194,7 +195,6 @@ def load_config(
     path: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
     *,
-    sources: Mapping[str, str] | None = None,
     base: Mapping[str, Any] | None = None,
 ) -> TrainConfig:
     """Build a TrainConfig from an optional YAML file plus overrides (CLI flags win; None is 'unset').
@@ -202,12 +202,12 @@ def load_config(
     Args:
         path: YAML file of TrainConfig fields.
         overrides: field values that win over the file's; None values are ignored.
-        sources: where each override comes from (``{"epochs": "--epochs"}``): an error in that value,
-            or a required field that is missing, names it rather than the file it was merged into.
         base: values beneath the file's (a run's saved config, for ``--resume``).
 
     Raises:
-        InputError: naming the flag, the file or ``config`` that holds the bad value.
+        FieldError: a bad override, or a required field that is missing, naming the field (the CLI
+            names the flag it came from).
+        InputError: a bad value from the file, naming the file; from ``base``, naming ``config``.
     """
     values: dict[str, Any] = dict(base or {})
     from_file = read_yaml_config(path) if path is not None else {}
@@ -217,26 +217,27 @@ def load_config(
     try:
         return TrainConfig(**values)
     except InputError as exc:  # raised by a strategy's option parser, naming the field
-        raise InputError(*_blame((exc.path,), exc.problem, path, from_file, given, sources)) from None
+        raise _blame((exc.path,), exc.problem, path, from_file, given, base) from None
     except ValidationError as exc:
         err = exc.errors()[0]
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "missing":
             msg = f"required: {TrainConfig.model_fields[str(err['loc'][0])].description}"
-        raise InputError(*_blame(err["loc"], msg, path, from_file, given, sources)) from None
+        raise _blame(err["loc"], msg, path, from_file, given, base) from None
 
 
-def _blame(loc, msg: str, path, from_file: dict, given: dict, sources) -> tuple[str, str]:
-    """(what to name, problem): the flag a bad value came from, else the file, else ``config``."""
+def _blame(loc, msg: str, path, from_file: dict, given: dict, base) -> InputError:
+    """The error for a bad value: naming its field when it was given as an override (or is a missing
+    required field), else the file it came from, else ``config`` (a resumed run's saved value)."""
     field = str(loc[0]) if loc else ""
     where = ".".join(str(x) for x in loc) or "config"
-    sources = sources or {}
-    if field in sources and (field in given or field not in from_file):
+    from_base = field in (base or {}) and field not in from_file
+    if field in given or (field and field not in from_file and not from_base):
         rest = ".".join(str(x) for x in loc[1:])
-        return sources[field], f"{rest}: {msg}" if rest else msg
+        return FieldError(field, f"{rest}: {msg}" if rest else msg)
     if path is not None and field in from_file:
-        return str(path), f"{where}: {msg}"
-    return "config", f"{where}: {msg}"
+        return InputError(str(path), f"{where}: {msg}")
+    return InputError("config", f"{where}: {msg}")
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

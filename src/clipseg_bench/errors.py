@@ -3,7 +3,8 @@ gradient audit's.
 
 The CLI turns any :class:`ReportedError` into a single line ``error: <path>: <problem>`` on stderr and
 its exit code: 2 for an :class:`InputError` (bad input), 1 for a :class:`RunFailed` (e.g. a benchmark
-run that crashed, or a :class:`GradientAuditError`).
+run that crashed, or a :class:`GradientAuditError`). A :class:`FieldError` names a field below the
+CLI; the CLI replaces it with the flag the value came from.
 Everything else is a bug and keeps its traceback.
 """
 
@@ -36,6 +37,28 @@ class InputError(ReportedError):
     """Bad input: a file, folder, option or value a user gave us that we cannot use (exit code 2)."""
 
     exit_code = 2
+
+
+class FieldError(InputError):
+    """Bad input in a named field: a config field or a command's argument (``threshold``, ``organs``,
+    ``strategy_options``). The code below the CLI names the field; the CLI names the flag the value
+    came from (its one field -> flag table), e.g. ``error: --threshold: must be between 0 and 1``.
+
+    Args:
+        field: the field's name (a :class:`~clipseg_bench.config.TrainConfig` field or a function
+            argument; a nested field as ``field.sub``).
+        problem: what is wrong with its value, in one line.
+    """
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(field, problem)
+        self.field = field
+
+    def naming(self, name: str) -> FieldError:
+        """The same error naming ``name`` (a flag) instead of the field."""
+        renamed = FieldError(self.field, self.problem)
+        renamed.path = name
+        return renamed
 
 
 class RunFailed(ReportedError):

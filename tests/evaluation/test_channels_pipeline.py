@@ -98,10 +98,10 @@ def test_training_evaluate_and_segment_feed_the_same_channels(
     _spy(monkeypatch, predict_mod, seen_seg)
     segment(run=run, ct=phantom_dir / "images" / f"{case}_0000.nii.gz", out=tmp_path / "m.nii.gz")
     assert np.array_equal(torch.cat(seen_seg).numpy(), cached)
-    info = json.loads((run / "run.json").read_text())
-    assert info["input_channels"] == channels
-    assert ("channel_windows" in info) == (channels == "windows")
-    assert ("neighbor_spacing_mm" in info) == (channels == "neighbors")
+    pre = json.loads((run / "run.json").read_text())["preprocessing"]
+    assert pre["input_channels"] == channels
+    assert (pre.get("channel_windows") is not None) == (channels == "windows")
+    assert (pre.get("neighbor_spacing_mm") is not None) == (channels == "neighbors")
 
 
 @pytest.mark.parametrize(
@@ -113,7 +113,7 @@ def test_every_strategy_trains_and_validates_with_channels(strategy, channels, p
     (evaluate and segment read the same channel images: the tests above and below.)"""
     run = train(_cfg(prepared_dir, tmp_path / strategy, strategy, channels, steps=1))
     info = json.loads((run / "run.json").read_text())
-    assert info["status"] == "finished" and info["input_channels"] == channels
+    assert info["status"] == "finished" and info["preprocessing"]["input_channels"] == channels
     assert np.isfinite(info["final"]["val_dice"])
 
 
@@ -178,3 +178,27 @@ def test_score_and_segment_postprocess(neighbors_run, phantom_dir, tmp_path):
     raw_img = nib.load(raw_mask)
     want = keep_largest_components(np.asarray(raw_img.dataobj), raw_img.affine)
     assert np.array_equal(np.asarray(nib.load(lcc_mask).dataobj), want)
+
+
+def test_evaluate_and_segment_take_the_windows_the_run_recorded(
+    prepared_dir, phantom_dir, tmp_path, monkeypatch
+):
+    """A run's preprocessing lives in its run.json: evaluate and segment build ``windows`` inputs with
+    the HU windows recorded there, not with today's constant (a later version may change it)."""
+    run = train(_cfg(prepared_dir, tmp_path / "run", "full", "windows", steps=1))
+    record = json.loads((run / "run.json").read_text())
+    assert record["preprocessing"]["channel_windows"] == [dict(w) for w in WINDOWS]
+    recorded = [{"mode": "hu", "level": -600.0, "width": 1500.0}, WINDOWS[0], {"mode": "minmax"}]
+    record["preprocessing"]["channel_windows"] = recorded  # as if trained by another version
+    (run / "run.json").write_text(json.dumps(record))
+    data = PreparedData(prepared_dir)
+    seen_eval: list = []
+    _spy(monkeypatch, predict_mod, seen_eval)
+    case = evaluate_run(run=run, show_progress=False)["cases"][0]
+    hu = data.array(case, "hu")
+    want = np.stack([np.stack([normalize(hu[z], w) for w in recorded]) for z in range(len(hu))])
+    assert np.array_equal(torch.cat(seen_eval)[: len(hu)].numpy(), want)
+    seen_seg: list = []
+    _spy(monkeypatch, predict_mod, seen_seg)
+    segment(run=run, ct=phantom_dir / "images" / f"{case}_0000.nii.gz", out=tmp_path / "m.nii.gz")
+    assert np.array_equal(torch.cat(seen_seg).numpy(), want)

@@ -14,9 +14,9 @@ from clipseg_bench.config import load_config
 from clipseg_bench.data.dataset import PreparedData
 from clipseg_bench.evaluation import predict
 from clipseg_bench.evaluation.evaluate import evaluate_run
-from clipseg_bench.evaluation.loading import load_run
 from clipseg_bench.evaluation.reliance import RIGHT, WRONG, PromptCheck, prompt_sets, wrong_organs
-from clipseg_bench.model.checkpoint import save_trained
+from clipseg_bench.model.trained import load_run_model
+from clipseg_bench.model.weights import save_weights
 from clipseg_bench.organs import ORGANS, PROMPT_SYNONYMS, PROMPT_TEMPLATES, parse_organs
 from clipseg_bench.train.loop import train
 
@@ -55,14 +55,14 @@ def _ignore_the_prompt(run, out):
     zeroed and their mean effect over the run's prompts folded into the biases, so every prompt gets
     the same (average-organ) conditioning."""
     shutil.copytree(run, out)
-    trained = load_run(out)
+    trained = load_run_model(out)
     model = trained.loaded.model
     with torch.no_grad():
         cond = trained.segmenter().prompt_embeddings().mean(0)
         for film in (model.decoder.film_mul, model.decoder.film_add):
             film.bias += film.weight @ cond
             film.weight.zero_()
-    save_trained(model, out / "weights.safetensors", config=trained.cfg.model_dump(mode="json"))
+    save_weights(model, out / "weights.safetensors", config=trained.cfg.model_dump(mode="json"))
     return out
 
 
@@ -105,7 +105,7 @@ def test_each_slice_is_encoded_once_for_every_prompt_set(reading_run, monkeypatc
     monkeypatch.setattr(predict, "encode_images", counting)
     m = evaluate_run(run=reading_run, show_progress=False)  # full fine-tuning: no feature cache
     assert len(m["prompt_variants"]) >= 3  # several prompt sets were decoded...
-    prepared = PreparedData(load_run(reading_run).cfg.data)
+    prepared = PreparedData(load_run_model(reading_run).cfg.data)
     n_val_slices = sum(prepared.cases_meta[c]["n_slices"] for c in prepared.cases("val"))
     assert sum(encoded) == n_val_slices  # ...from one encoder pass per slice
 

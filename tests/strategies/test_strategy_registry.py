@@ -24,6 +24,7 @@ def test_a_new_strategy_file_is_picked_up(tmp_path, monkeypatch, model):
         class FilmOnly(Strategy):
             name = "film-only-probe"
             description = "Only the decoder's FiLM layers train."
+            lr = 1e-3
 
             def apply(self, model, options):
                 model.decoder.film_mul.requires_grad_(True)

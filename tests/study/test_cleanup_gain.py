@@ -10,7 +10,7 @@ from test_report import make_bench
 
 from clipseg_bench.organs import ORGANS
 from clipseg_bench.study.report import write_report
-from clipseg_bench.study.results import cleanup_gain_table, load_bench
+from clipseg_bench.study.results import cleanup_gain_table, read_bench
 
 
 def _add_postprocess_3d(run, shift: float) -> None:
@@ -35,7 +35,7 @@ def bench(tmp_path):
 
 
 def test_gain_is_lcc_minus_none_averaged_over_seeds(bench):
-    runs = load_bench([bench])
+    runs = read_bench([bench])
     dsc = cleanup_gain_table(runs, "dsc").set_index(["strategy", "organ"])
     shifts = {r.name: 0.001 * (i + 1) for i, r in enumerate(sorted((bench / "runs").iterdir()))}
     for strategy in ("zeroshot", "full"):
@@ -55,5 +55,5 @@ def test_report_shows_the_gain_tables_only_when_there_are_scores(bench, tmp_path
     md = (bench / "results.md").read_text()
     assert "3D clean-up" in html and "Val NSD gain" in html and "+0.002" in md
     plain = make_bench(tmp_path / "plain", strategies=("full",), seeds=(0,))
-    assert cleanup_gain_table(load_bench([plain]), "dsc").empty
+    assert cleanup_gain_table(read_bench([plain]), "dsc").empty
     assert "3D clean-up" not in write_report([plain]).read_text()

@@ -43,7 +43,7 @@ def test_parse_train_cases():
     assert parse_train_cases("8", 8) == [None]  # every case is "all": same run, same folder
     assert parse_train_cases(None, 8) == [None]
     for bad in ("0", "9", "1.5", "half", "-1"):
-        with pytest.raises(InputError, match="--train-cases"):
+        with pytest.raises(InputError, match="train_cases"):
             parse_train_cases(bad, 8)
 
 

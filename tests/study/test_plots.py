@@ -14,7 +14,7 @@ from test_report import make_bench, make_run
 
 from clipseg_bench.study import plots
 from clipseg_bench.study.report import write_report
-from clipseg_bench.study.results import Run, load_bench
+from clipseg_bench.study.results import Run, read_bench
 
 
 def _run(history: pd.DataFrame, strategy: str = "full") -> Run:
@@ -93,7 +93,7 @@ def test_pareto_labels_never_overlap_each_other_or_markers(spread):
 def test_overlay_tiles_are_large_and_cropped(tmp_path):
     """Four slices across: each tile about 300 px wide at the report's DPI; strategies as rows."""
     bench = make_bench(tmp_path / "B", strategies=("zeroshot", "full", "decoder"), seeds=(0,))
-    path = plots.plot_overlays(load_bench([bench]), tmp_path / "o.png", max_slices=3)
+    path = plots.plot_overlays(read_bench([bench]), tmp_path / "o.png", max_slices=3)
     with Image.open(path) as im:
         width, height = im.size
     assert width / 3 >= 250  # three slices (columns)

@@ -362,9 +362,9 @@ def test_no_runs_is_an_input_error_naming_the_folder(tmp_path, layout):
 
 
 def test_strategy_description_comes_from_the_registry(tmp_path, monkeypatch):
-    fake = types.ModuleType("clipseg_bench.strategies")
-    fake.get = lambda name: types.SimpleNamespace(description=f"Registry text for {name}.")
-    monkeypatch.setitem(sys.modules, "clipseg_bench.strategies", fake)
+    from clipseg_bench.strategies import get
+
+    monkeypatch.setattr(type(get("decoder")), "description", "Registry text for decoder.")
     b = make_bench(tmp_path / "b", strategies=("decoder",), seeds=(0,))
     page = write_report([b]).read_text()
     assert "Registry text for decoder." in page
@@ -383,16 +383,19 @@ def test_unfinished_runs_are_marked_in_the_html(bench):
     assert "td.unfinished{color:#a33}" in page
 
 
-def test_config_values_and_keys_are_escaped(tmp_path):
+def test_config_values_are_escaped(tmp_path):
+    # config.yaml is validated on reading (unknown keys are refused), so markup can only come in values
     b = make_bench(tmp_path / "b", strategies=("full",), seeds=(0, 1))
-    for seed, extra in ((0, {}), (1, {"<script>key</script>": "v"})):
+    for seed, template in ((0, "name"), (1, "<script>{organ}</script>")):
         cfg_path = b / "runs" / f"full-s{seed}" / "config.yaml"
         cfg = yaml.safe_load(cfg_path.read_text())
-        cfg_path.write_text(yaml.safe_dump({**cfg, "title": "<script>alert(1)</script>", **extra}))
+        cfg_path.write_text(
+            yaml.safe_dump({**cfg, "model": "<script>alert(1)</script>", "prompt_template": template})
+        )
     page = write_report([b]).read_text()
     assert "<script" not in page  # a config is shown as text, never run
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page  # the shared setting
-    assert "&lt;script&gt;key&lt;/script&gt;" in page  # a differing setting's column heading
+    assert "&lt;script&gt;{organ}&lt;/script&gt;" in page  # a differing setting's cell
 
 
 def test_the_template_ships_with_the_package():
@@ -402,7 +405,7 @@ def test_the_template_ships_with_the_package():
     tomllib = pytest.importorskip("tomllib")
     pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
     globs = pyproject["tool"]["setuptools"]["package-data"]["clipseg_bench"]
-    assert any(fnmatch.fnmatch("bench/templates/report.html.j2", g) for g in globs), globs
+    assert any(fnmatch.fnmatch("study/templates/report.html.j2", g) for g in globs), globs
 
 
 def test_pareto_front_keeps_only_undominated_points():

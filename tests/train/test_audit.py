@@ -63,6 +63,7 @@ def unreached_strategy(monkeypatch):
     class Unreached(Strategy):
         name = UNREACHED
         description = "test only: the decoder and the vision pooled-output layer norm"
+        lr = 1e-3
 
         def apply(self, model, options):
             model.decoder.requires_grad_(True)

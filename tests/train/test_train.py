@@ -18,6 +18,7 @@ from safetensors.numpy import load_file
 
 from clipseg_bench import cli
 from clipseg_bench.config import load_config
+from clipseg_bench.strategies import get
 from clipseg_bench.train.loop import train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -88,15 +89,19 @@ def test_full_strategy_learns_the_liver(learning_data, tmp_path):
 
 
 def test_run_folder_records_provenance(prepared_dir, tmp_path):
-    train(_cfg(prepared_dir, tmp_path / "r", strategy="decoder", max_steps=3))
+    train(_cfg(prepared_dir, tmp_path / "r", strategy="decoder", max_steps=3, lr=None))
     run = tmp_path / "r"
     info = json.loads((run / "run.json").read_text())
-    assert {"git", "hardware", "params", "timing", "final", "window"} <= set(info)
+    assert {"git", "hardware", "params", "timing", "final", "preprocessing"} <= set(info)
+    assert info["preprocessing"]["window"] == {"mode": "hu", "level": 40.0, "width": 400.0}
+    assert info["preprocessing"]["image_size"] == 64 and info["preprocessing"]["input_channels"] == "gray"
     assert info["params"]["trainable"] < info["params"]["total"]
     assert set(info["timing"]["breakdown_s"]) == {"data", "forward", "backward", "optimizer", "eval"}
     assert info["timing"]["peak_mem_mb"] > 0
     saved = load_config(run / "config.yaml")
     assert saved.strategy == "decoder" and saved.max_steps == 3
+    # every value resolved: the rate the run used (the strategy's default), never null
+    assert saved.lr == get("decoder").lr == info["lr"]
     hist = pd.read_csv(run / "history.csv")
     assert list(hist.columns) == ["epoch", "step", "loss", "train_dice", "val_dice", "epoch_time_s", "lr"]
     assert (run / "weights.safetensors").is_file() and any((run / "tb").iterdir())

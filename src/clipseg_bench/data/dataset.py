@@ -119,11 +119,17 @@ class PreparedData:
                 "was prepared without; re-run `prepare` into a new folder",
             )
 
-    def inputs(self, case: str, z, channels: str = "gray") -> np.ndarray:
+    def inputs(self, case: str, z, channels: str = "gray", windows=None) -> np.ndarray:
         """The model's uint8 input images of slices ``z`` of ``case``: (N, H, W) for ``gray``,
-        (N, 3, H, W) otherwise (see :func:`clipseg_bench.data.channels.channel_images`)."""
+        (N, 3, H, W) otherwise (see :func:`clipseg_bench.data.channels.channel_images`).
+
+        Args:
+            windows: the HU windows of ``windows`` mode, as the run recorded them
+                (``Preprocessing.windows``); None takes today's.
+        """
         hu = self.array(case, "hu") if needs_hu(channels) else None
-        return channel_images(z, mode=channels, gray=self.array(case, "image"), hu=hu)
+        extra = {} if windows is None else {"windows": windows}
+        return channel_images(z, mode=channels, gray=self.array(case, "image"), hu=hu, **extra)
 
     def __getstate__(self):  # DataLoader workers reopen the memmaps themselves
         state = self.__dict__.copy()
@@ -188,6 +194,7 @@ class SliceDataset(Dataset):
             when given, items also carry ``"features"`` (fp16) and the image encoder can be skipped.
         rows: manifest rows to serve instead of the split's (``split`` and ``kept_only`` then unused).
         channels: the input_channels mode: ``gray`` gives (S, S) images, the others (3, S, S).
+        windows: the run's HU windows of ``windows`` mode (None: today's).
     """
 
     def __init__(
@@ -200,12 +207,14 @@ class SliceDataset(Dataset):
         features=None,
         rows=None,
         channels: str = "gray",
+        windows=None,
     ):
         self.data = data
         self.rows = data.slices(split, kept_only=kept_only) if rows is None else rows.reset_index(drop=True)
         self.size = size
         self.features = features
         self.channels = channels
+        self.windows = windows
         if len(self.rows) == 0:
             raise InputError(data.root, f"split {split!r} has no slices to use")
 
@@ -222,7 +231,7 @@ class SliceDataset(Dataset):
         if self.features is not None:  # the encoder's output stands in for the image: skip loading it
             item["features"] = torch.from_numpy(np.array(self.features[i]))
         else:
-            image = self.data.inputs(case, [z], self.channels)
+            image = self.data.inputs(case, [z], self.channels, self.windows)
             item["image"] = resize_slices(torch.from_numpy(image), self.size)[0]
         return item
 

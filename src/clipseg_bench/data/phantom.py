@@ -27,7 +27,7 @@ import nibabel as nib
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from clipseg_bench.errors import InputError
+from clipseg_bench.errors import FieldError, InputError
 from clipseg_bench.provenance import check_output_folder
 
 STYLES = ("A", "B")
@@ -338,9 +338,9 @@ def make_phantom(*, seed: int = 0, index: int = 0, style: str = "A", size: int =
         affine: (4, 4) RAS+ affine, anisotropic spacing (in-plane ~(300-430 mm) / size, 2.5-5 mm in z).
     """
     if style not in STYLES:
-        raise InputError("--style", f"unknown phantom style {style!r}; choose from {', '.join(STYLES)}")
+        raise FieldError("style", f"unknown phantom style {style!r}; choose from {', '.join(STYLES)}")
     if not 32 <= size <= 256:
-        raise InputError("--size", f"phantom size must be 32..256 voxels, got {size}")
+        raise FieldError("size", f"phantom size must be 32..256 voxels, got {size}")
     for attempt in range(20):  # organs are sized never to vanish; the retry only guards the rare draw
         rng = np.random.default_rng([seed, index, _STYLE_CODE[style], attempt])
         n_slices = int(rng.integers(32, 49))
@@ -388,11 +388,11 @@ def write_phantoms(
         The case ids written, e.g. ``["phantomA_0000", "phantomA_0001"]``.
     """
     if cases < 1:
-        raise InputError("--cases", f"need at least 1 case, got {cases}")
+        raise FieldError("cases", f"need at least 1 case, got {cases}")
     if style not in STYLES:
-        raise InputError("--style", f"unknown phantom style {style!r}; choose from {', '.join(STYLES)}")
+        raise FieldError("style", f"unknown phantom style {style!r}; choose from {', '.join(STYLES)}")
     if not 32 <= size <= 256:
-        raise InputError("--size", f"phantom size must be 32..256 voxels, got {size}")
+        raise FieldError("size", f"phantom size must be 32..256 voxels, got {size}")
     out = check_output_folder(out, command="phantom", ours=_is_phantom_folder, overwrite=overwrite)
     try:
         (out / "images").mkdir(parents=True, exist_ok=True)

@@ -50,7 +50,7 @@ from clipseg_bench.data.io import (
     strip_nifti_suffix,
 )
 from clipseg_bench.data.volumes import CANONICAL, normalize, parse_window, volume_to_slices
-from clipseg_bench.errors import InputError
+from clipseg_bench.errors import FieldError, InputError
 from clipseg_bench.organs import (
     BY_ID,
     ORGANS,
@@ -226,8 +226,8 @@ def dataset_label_map(root: str | Path, explicit: LabelMap | None) -> LabelMap:
         if named is not None and given is not None and given != named:
             what = BY_ID[named].name if named else "background"
             got = BY_ID[given].name if given else "background"
-            raise InputError(
-                "--label-map",
+            raise FieldError(
+                "label_map",
                 f"{explicit.source} maps label {sid} to {given} ({got}), but {meta} names it {name!r} ({what})",
             )
     return explicit
@@ -312,18 +312,18 @@ def find_cases(
             per-organ masks that map to nothing.
     """
     if layout not in LAYOUTS:
-        raise InputError("--layout", f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
+        raise FieldError("layout", f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
     if dataset is not None:
         if images is not None or labels is not None:
-            raise InputError("--dataset", "give either --dataset or --images with --labels, not both")
+            raise FieldError("dataset", "give either --dataset or --images with --labels, not both")
         if layout == "per-organ":
             return _per_organ_layout(Path(dataset), label_map or load_label_map("flare22"))
         return _dataset_layout(Path(dataset))
     if layout != "msd":
-        raise InputError("--layout", f"--layout {layout} needs --dataset DIR")
+        raise FieldError("layout", f"--layout {layout} needs --dataset DIR")
     if images is None or labels is None:
-        raise InputError(
-            "--images" if images is None else "--labels", "needs --images and --labels (or --dataset)"
+        raise FieldError(
+            "images" if images is None else "labels", "needs --images and --labels (or --dataset)"
         )
     return _folder_layout(Path(images), Path(labels))
 
@@ -360,7 +360,7 @@ def split_cases(
         _check_patients_together(Path(split_file), splits, patient)
         return splits
     if not 0.0 <= val_fraction < 1.0:
-        raise InputError("--val-fraction", f"must be in [0, 1), got {val_fraction}")
+        raise FieldError("val_fraction", f"must be in [0, 1), got {val_fraction}")
     patients = sorted(set(patient.values()))
     n_val = int(round(val_fraction * len(patients)))
     if val_fraction > 0 and len(patients) >= 2:
@@ -740,10 +740,10 @@ def prepare(
     try:
         window_dict = parse_window(window)
     except ValueError as exc:
-        raise InputError("--window", str(exc)) from None
+        raise FieldError("window", str(exc)) from None
     explicit = None if label_map is None else load_label_map(label_map)
     if workers < 1:
-        raise InputError("--workers", f"must be >= 1, got {workers}")
+        raise FieldError("workers", f"must be >= 1, got {workers}")
     if dataset is not None and layout == "msd":
         lmap = dataset_label_map(dataset, explicit)
     else:

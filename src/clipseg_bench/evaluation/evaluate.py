@@ -16,6 +16,7 @@ model still read its prompt, and how much does the wording matter.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +26,13 @@ from tqdm.auto import tqdm
 from clipseg_bench.data.dataset import PreparedData
 from clipseg_bench.data.volumes import slices_to_volume
 from clipseg_bench.errors import InputError
-from clipseg_bench.evaluation.loading import load_run
 from clipseg_bench.evaluation.metrics import score_case, summarize
 from clipseg_bench.evaluation.postprocess import POSTPROCESS_MODES, check_postprocess_mode, postprocess
 from clipseg_bench.evaluation.predict import probabilities_to_labels
 from clipseg_bench.evaluation.reliance import RIGHT, PromptCheck
-from clipseg_bench.provenance import replacing, write_json_atomic
+from clipseg_bench.model.trained import load_run_model
+from clipseg_bench.provenance import check_output_file, replacing
+from clipseg_bench.run_folder import RunFolder
 
 N_SAMPLES = 4  # slices kept for the report's qualitative overlays
 
@@ -42,6 +44,27 @@ def sample_slices(labels: np.ndarray, n: int = N_SAMPLES) -> list[int]:
         return []
     picks = np.linspace(0, len(with_organs) - 1, num=min(n, len(with_organs))).round().astype(int)
     return sorted({int(with_organs[i]) for i in picks})
+
+
+@dataclass
+class _Tally:
+    """What evaluate accumulates over a split's cases: 3D scores per clean-up mode, the absent-organ
+    counts of ``empty_specificity``, and the overlay slices of the first case."""
+
+    per_mode: dict[str, dict] = field(default_factory=lambda: {m: {} for m in POSTPROCESS_MODES})
+    absent_total: int = 0
+    absent_empty: int = 0
+    samples: dict[str, list] = field(
+        default_factory=lambda: {k: [] for k in ("image", "gt", "pred", "case", "z")}
+    )
+
+    def add_samples(self, case: str, images, gt: np.ndarray, pred: np.ndarray) -> None:
+        """Overlays: the first case only, the same slices for every run."""
+        if self.samples["case"]:
+            return
+        for z in sample_slices(gt):
+            for k, v in (("image", images[z]), ("gt", gt[z]), ("pred", pred[z]), ("case", case), ("z", z)):
+                self.samples[k].append(v)
 
 
 def evaluate_run(
@@ -57,33 +80,64 @@ def evaluate_run(
     """Evaluate a run folder on a prepared split and write ``RUN/metrics.json`` and ``RUN/samples.npz``.
 
     ``postprocess_mode`` (``none`` | ``lcc``) picks the 3D scores reported as ``per_case`` and
-    ``summary``; ``postprocess_3d`` holds those of every mode.
+    ``summary``; ``postprocess_3d`` holds those of every mode. Inputs are built with the run's own
+    preprocessing (its recorded window, channels and HU windows).
+
+    Raises:
+        InputError: a bad argument, run folder or data folder, or a run folder evaluate cannot write
+            (checked before the work).
     """
     t0 = time.perf_counter()
     check_postprocess_mode(postprocess_mode)
     if max_cases is not None and max_cases < 1:
-        raise InputError("--max-cases", f"must be >= 1, got {max_cases}")
-    trained = load_run(run)
-    cfg = trained.cfg
-    prepared = PreparedData(data or cfg.data)
-    prepared.check_channels(cfg.input_channels)
+        raise InputError("max_cases", f"must be >= 1, got {max_cases}")
+    folder = RunFolder(run)
+    trained = load_run_model(folder)
+    for path in (folder.metrics_path, folder.samples_path):  # evaluate's own files, replaced on a re-run
+        check_output_file(path, command="evaluate", ours=lambda _: True)
+    prepared = PreparedData(data or trained.cfg.data)
+    prepared.check_channels(trained.preprocessing.input_channels)
     cases = prepared.cases(split)
     if not cases:  # e.g. prepared with --val-fraction 0: say so, score nothing
-        return _no_split(run, split, t0)
+        return _no_split(folder, split, t0)
     cases = cases[:max_cases]
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     seg = trained.segmenter(dev)
-    organ_ids = [o.id for o in trained.organs]
-    features = _frozen_features(trained, prepared, cases, split, dev, show_progress)
+    cfg = trained.cfg
     check = PromptCheck(seg, organs=trained.organs, template=cfg.prompt_template, threshold=cfg.threshold)
+    tally = _score_cases(trained, seg, check, prepared, cases, split=split, show_progress=show_progress)
+    per_case = tally.per_mode[postprocess_mode]
+    metrics = {
+        "split": split,
+        "cases": cases,
+        "empty_specificity": tally.absent_empty / tally.absent_total if tally.absent_total else float("nan"),
+        "per_case": per_case,
+        "summary": summarize(per_case),
+        "postprocess": postprocess_mode,
+        "postprocess_3d": {m: {"per_case": pc, "summary": summarize(pc)} for m, pc in tally.per_mode.items()},
+        "input_channels": trained.preprocessing.input_channels,
+        **check.metrics(),
+        "threshold": cfg.threshold,
+        "eval_time_s": time.perf_counter() - t0,
+    }
+    folder.write_metrics(metrics)
+    if tally.samples["case"]:
+        with replacing(folder.samples_path) as tmp:
+            np.savez_compressed(tmp, **{k: np.asarray(v) for k, v in tally.samples.items()})
+    return metrics
 
-    per_mode: dict[str, dict] = {m: {} for m in POSTPROCESS_MODES}
-    absent_total, absent_empty = 0, 0
-    samples: dict[str, list] = {"image": [], "gt": [], "pred": [], "case": [], "z": []}
-    offset = 0
+
+def _score_cases(
+    trained, seg, check, prepared: PreparedData, cases, *, split: str, show_progress: bool
+) -> _Tally:
+    """Predict every slice of ``cases`` once (for all prompt sets of ``check``) and score it in 2D and 3D."""
+    pre, threshold = trained.preprocessing, trained.cfg.threshold
+    organ_ids = [o.id for o in trained.organs]
+    features = _frozen_features(trained, prepared, cases, split, seg.device, show_progress)
+    tally, offset = _Tally(), 0
     for case in tqdm(cases, desc=f"evaluate {split}", unit="case", disable=not show_progress):
         images, gt = prepared.array(case, "image"), np.asarray(prepared.array(case, "label"))
-        inputs = prepared.inputs(case, np.arange(len(images)), cfg.input_channels)
+        inputs = prepared.inputs(case, np.arange(len(images)), pre.input_channels, pre.windows)
         pred = np.zeros_like(gt)
         feats = None if features is None else features[offset : offset + len(images)]
         offset += len(images)
@@ -92,48 +146,20 @@ def evaluate_run(
         ):
             probs = prompt_sets[RIGHT]
             stop = start + len(probs)
-            pred[start:stop] = probabilities_to_labels(probs, organ_ids, threshold=cfg.threshold).numpy()
-            binary = (probs > cfg.threshold).numpy()  # (b, K, H, W): each prompt on its own
+            pred[start:stop] = probabilities_to_labels(probs, organ_ids, threshold=threshold).numpy()
+            binary = (probs > threshold).numpy()  # (b, K, H, W): each prompt on its own
             target = gt[start:stop, None] == np.asarray(organ_ids)[None, :, None, None]
             present = target.any((2, 3))
-            absent_total += int((~present).sum())
-            absent_empty += int((~present & ~binary.any((2, 3))).sum())
+            tally.absent_total += int((~present).sum())
+            tally.absent_empty += int((~present & ~binary.any((2, 3))).sum())
             check.add(prompt_sets, target)  # also the right prompts' dice2d
         for mode, scores in score_postprocessed(pred, gt, prepared.cases_meta[case], trained.organs).items():
-            per_mode[mode][case] = scores
-        if not samples["case"]:  # overlays: the first case only, the same slices for every run
-            for z in sample_slices(gt):
-                for k, v in (
-                    ("image", images[z]),
-                    ("gt", gt[z]),
-                    ("pred", pred[z]),
-                    ("case", case),
-                    ("z", z),
-                ):
-                    samples[k].append(v)
-
-    per_case = per_mode[postprocess_mode]
-    metrics = {
-        "split": split,
-        "cases": cases,
-        "empty_specificity": absent_empty / absent_total if absent_total else float("nan"),
-        "per_case": per_case,
-        "summary": summarize(per_case),
-        "postprocess": postprocess_mode,
-        "postprocess_3d": {m: {"per_case": pc, "summary": summarize(pc)} for m, pc in per_mode.items()},
-        "input_channels": cfg.input_channels,
-        **check.metrics(),
-        "threshold": cfg.threshold,
-        "eval_time_s": time.perf_counter() - t0,
-    }
-    write_json_atomic(Path(run) / "metrics.json", metrics)
-    if samples["case"]:
-        with replacing(Path(run) / "samples.npz") as tmp:
-            np.savez_compressed(tmp, **{k: np.asarray(v) for k, v in samples.items()})
-    return metrics
+            tally.per_mode[mode][case] = scores
+        tally.add_samples(case, images, gt, pred)
+    return tally
 
 
-def _no_split(run: Path, split: str, t0: float) -> dict:
+def _no_split(folder: RunFolder, split: str, t0: float) -> dict:
     """metrics.json for data without a ``split`` case: no scores (null, never NaN), and why."""
     metrics = {
         "split": split,
@@ -146,7 +172,7 @@ def _no_split(run: Path, split: str, t0: float) -> dict:
         "summary": {},
         "eval_time_s": time.perf_counter() - t0,
     }
-    write_json_atomic(Path(run) / "metrics.json", metrics)
+    folder.write_metrics(metrics)
     return metrics
 
 
@@ -191,6 +217,7 @@ def _frozen_features(trained, prepared: PreparedData, cases, split, dev, show_pr
         device=dev,
         show_progress=show_progress,
         dtype=trained.cfg.feature_cache_dtype,
-        channels=trained.cfg.input_channels,
+        channels=trained.preprocessing.input_channels,
+        windows=trained.preprocessing.windows,
     )
     return feats

@@ -34,7 +34,7 @@ from collections.abc import Mapping
 import cc3d
 import numpy as np
 
-from clipseg_bench.errors import InputError
+from clipseg_bench.errors import FieldError
 
 POSTPROCESS_MODES = ("none", "lcc")
 
@@ -42,9 +42,7 @@ POSTPROCESS_MODES = ("none", "lcc")
 def check_postprocess_mode(mode: str) -> None:
     """``--postprocess`` of evaluate, segment and score: one of :data:`POSTPROCESS_MODES`."""
     if mode not in POSTPROCESS_MODES:
-        raise InputError(
-            "--postprocess", f"unknown mode {mode!r}; choose from {', '.join(POSTPROCESS_MODES)}"
-        )
+        raise FieldError("postprocess", f"unknown mode {mode!r}; choose from {', '.join(POSTPROCESS_MODES)}")
 
 
 # FLARE22 ids of paired organs -> the side they belong on (patient's side).

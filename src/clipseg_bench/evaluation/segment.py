@@ -19,40 +19,23 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from clipseg_bench.data.channels import WINDOWS, channel_images, hu_slices, needs_hu
+from clipseg_bench.data.channels import channel_images, hu_slices, needs_hu
 from clipseg_bench.data.io import ct_sources, read_volume, strip_nifti_suffix
 from clipseg_bench.data.volumes import (
-    DEFAULT_WINDOW,
     normalize,
-    parse_window,
     slices_to_volume,
     volume_to_slices,
 )
-from clipseg_bench.errors import InputError
-from clipseg_bench.evaluation.loading import TrainedRun, load_run, zeroshot_run
+from clipseg_bench.errors import FieldError, InputError
 from clipseg_bench.evaluation.postprocess import check_postprocess_mode, postprocess
 from clipseg_bench.evaluation.predict import Segmenter, probabilities_to_labels
+from clipseg_bench.model.trained import TrainedModel, load_run_model, zeroshot_model
 from clipseg_bench.organs import Organ, parse_organs
-from clipseg_bench.provenance import check_output_file, read_json_object, replacing
+from clipseg_bench.provenance import check_output_file, replacing
 
 PER_ORGAN_MODES = ("also", "only")  # --per-organ: beside the multi-label file, or instead of it
 MAX_FAILURES_SHOWN = 5
 MASK_DESCRIPTION = b"clipseg-bench segment"  # in the NIfTI header: "this file is ours, may be replaced"
-
-
-def _run_window(run: Path | None) -> dict:
-    """The intensity window the run was trained with (from its prepared data), else the default."""
-    if run is not None:
-        info = read_json_object(run / "run.json") if (run / "run.json").is_file() else {}
-        if "window" in info:
-            return info["window"]
-    return parse_window(DEFAULT_WINDOW)
-
-
-def _run_channel_windows(run: Path | None) -> list:
-    """The HU windows a ``windows`` run was trained with (run.json ``channel_windows``), else today's."""
-    info = read_json_object(run / "run.json") if run and (run / "run.json").is_file() else {}
-    return info.get("channel_windows", list(WINDOWS))
 
 
 def model_inputs(slices: np.ndarray, gray: np.ndarray, *, channels: str, windows) -> np.ndarray:
@@ -62,7 +45,7 @@ def model_inputs(slices: np.ndarray, gray: np.ndarray, *, channels: str, windows
         slices: (Z, H, W) the CT's slices in HU (prepared slice convention).
         gray: the same slices windowed to uint8 with the run's window.
         channels: the run's input_channels mode.
-        windows: the HU windows of the ``windows`` mode (:func:`_run_channel_windows`).
+        windows: the HU windows of the ``windows`` mode (the run's ``Preprocessing.windows``).
 
     Returns:
         (Z, H, W) uint8 for ``gray``, (Z, 3, H, W) uint8 otherwise.
@@ -93,48 +76,34 @@ def _written_by_segment(path: Path) -> bool:
 
 
 @dataclass
-class Model:
-    """What every CT is segmented with: the segmenter, its organs, and the run's preprocessing (its
-    intensity window, input channels and, for ``windows``, the HU windows)."""
+class SegmentModel:
+    """What every CT is segmented with: the run's model (its organs and preprocessing: window, input
+    channels, HU windows) and its segmenter on the device."""
 
+    trained: TrainedModel
     segmenter: Segmenter
-    organs: list[Organ]
-    window: dict
-    channels: str = "gray"
-    channel_windows: list | None = None
+
+    @property
+    def organs(self) -> list[Organ]:
+        return self.trained.organs
 
 
-def load_model(*, run=None, model=None, strategy=None, organs: str | None = None, device=None) -> Model:
+def load_for_segment(
+    *, run=None, model=None, strategy=None, organs: str | None = None, device=None
+) -> SegmentModel:
     """Load a run (or a zero-shot model) once, restricted to ``organs`` (comma-separated keys)."""
     if run:
-        trained, window = load_run(run), _run_window(Path(run))
+        trained = load_run_model(run)
     elif model and strategy == "zeroshot":
-        trained, window = zeroshot_run(model), parse_window(DEFAULT_WINDOW)
+        trained = zeroshot_model(model)
     elif model:
-        raise InputError("--strategy", f"--model without --run needs --strategy zeroshot (got {strategy!r})")
+        raise InputError("strategy", f"--model without --run needs --strategy zeroshot (got {strategy!r})")
     else:
-        raise InputError("--run", "give --run RUN, or --model M --strategy zeroshot")
+        raise InputError("run", "give --run RUN, or --model M --strategy zeroshot")
     if organs:
-        _keep_organs(trained, organs)
+        trained.keep_organs([o.key for o in _organ_list(organs)])
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    channels = trained.cfg.input_channels
-    windows = _run_channel_windows(Path(run) if run else None) if needs_hu(channels) else None
-    return Model(trained.segmenter(dev), list(trained.organs), window, channels, windows)
-
-
-def _keep_organs(trained: TrainedRun, organs: str) -> None:
-    chosen = _organ_list(organs)
-    untrained = [o.key for o in chosen if o not in trained.organs]
-    if untrained:
-        raise InputError(
-            "--organs",
-            f"the run was not trained on {','.join(untrained)}; "
-            f"it segments {','.join(o.key for o in trained.organs)}",
-        )
-    wanted = {o.id for o in chosen}
-    keep = [i for i, o in enumerate(trained.organs) if o.id in wanted]
-    trained.organs = [trained.organs[i] for i in keep]
-    trained.prompts = [trained.prompts[i] for i in keep]
+    return SegmentModel(trained, trained.segmenter(dev))
 
 
 # --- one CT -------------------------------------------------------------------------------------
@@ -175,7 +144,7 @@ class Outputs:
 
 
 def predict_volume(
-    model: Model,
+    model: SegmentModel,
     ct: Path,
     *,
     threshold: float,
@@ -195,10 +164,11 @@ def predict_volume(
         labels: uint8 (I, J, K) FLARE22 ids; probs: float32 (I, J, K, n_organs) or None; affine:
         the CT's (4, 4) RAS affine.
     """
+    pre = model.trained.preprocessing
     volume, affine, _ = read_volume(ct)
     slices, meta = volume_to_slices(volume, affine)
-    images = normalize(slices, model.window)
-    inputs = model_inputs(slices, images, channels=model.channels, windows=model.channel_windows)
+    images = normalize(slices, pre.window)
+    inputs = model_inputs(slices, images, channels=pre.input_channels, windows=pre.windows)
     organ_ids = [o.id for o in model.organs]
     labels = np.zeros(images.shape, dtype=np.uint8)
     probs_out = np.zeros((*images.shape, len(organ_ids)), dtype=np.float32) if probabilities else None
@@ -236,7 +206,14 @@ def write_outputs(
 
 
 def _segment_one(
-    model: Model, ct: Path, outputs: Outputs, *, threshold, batch_size, progress, postprocess_mode="none"
+    model: SegmentModel,
+    ct: Path,
+    outputs: Outputs,
+    *,
+    threshold,
+    batch_size,
+    progress,
+    postprocess_mode="none",
 ) -> list[str]:
     """Segment and write one CT; returns the keys of the organs found."""
     labels, probs, affine = predict_volume(
@@ -281,9 +258,9 @@ def _organ_list(organs: str) -> list[Organ]:
     try:
         chosen = parse_organs(organs)
     except InputError as exc:
-        raise InputError("--organs", exc.problem) from None
+        raise FieldError("organs", exc.problem) from None
     if not chosen:
-        raise InputError("--organs", f"names no organ ({organs!r}); give keys such as liver,spleen")
+        raise FieldError("organs", f"names no organ ({organs!r}); give keys such as liver,spleen")
     return chosen
 
 
@@ -338,12 +315,12 @@ def segment(
             written. Everything but unreadable CTs is refused before the first write.
     """
     if not 0 < threshold < 1:
-        raise InputError("--threshold", f"must be between 0 and 1 (exclusive), got {threshold}")
+        raise FieldError("threshold", f"must be between 0 and 1 (exclusive), got {threshold}")
     if organs is not None:
         _organ_list(organs)
     check_postprocess_mode(postprocess_mode)
     if per_organ is not None and per_organ not in PER_ORGAN_MODES:
-        raise InputError("--per-organ", f"must be one of {', '.join(PER_ORGAN_MODES)}, got {per_organ!r}")
+        raise FieldError("per_organ", f"must be one of {', '.join(PER_ORGAN_MODES)}, got {per_organ!r}")
     ct, out = Path(ct), Path(out)
     sources = ct_sources(ct)
     one_ct = list(sources.values()) == [ct] and not out.is_dir()  # a file or a series -> a mask file
@@ -354,7 +331,7 @@ def segment(
         raise InputError(out, f"--ct {ct} holds {len(sources)} CTs: --out must be a folder")
     else:
         _check_out_folder(out, ct)
-    loaded = load_model(run=run, model=model, strategy=strategy, organs=organs, device=device)
+    loaded = load_for_segment(run=run, model=model, strategy=strategy, organs=organs, device=device)
     options = {"per_organ": per_organ, "probabilities": probabilities}
     inputs = [ct, *sources.values()] + (sorted(Path(run).iterdir()) if run and Path(run).is_dir() else [])
     if single:
@@ -392,7 +369,7 @@ def segment(
 
 
 def segment_cases(
-    model: Model,
+    model: SegmentModel,
     cases: dict[str, tuple[Path, Outputs]],
     *,
     out: Path,

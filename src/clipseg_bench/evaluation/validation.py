@@ -93,6 +93,7 @@ def validation_dice(
     threshold=0.5,
     batch_size=16,
     channels="gray",
+    windows=None,
 ) -> float:
     """Mean 2D Dice over the (slice, organ) pairs of ``rows`` where the organ is present.
 
@@ -106,13 +107,14 @@ def validation_dice(
             (default ``i``) belongs to ``rows.iloc[i]``. Read batch by batch.
         feature_index: see ``features``.
         channels: the run's input_channels mode (what the model's R, G, B hold).
+        windows: the run's HU windows of ``windows`` mode (``Preprocessing.windows``).
 
     Returns:
         The mean Dice, NaN when no scored slice holds a prompted organ (or ``rows`` is empty).
     """
     if len(rows) == 0:
         return float("nan")
-    imgs = np.concatenate([data.inputs(c, [z], channels) for c, z in zip(rows["case"], rows["z"])])
+    imgs = np.concatenate([data.inputs(c, [z], channels, windows) for c, z in zip(rows["case"], rows["z"])])
     labs = np.stack([data.array(c, "label")[z] for c, z in zip(rows["case"], rows["z"])])
     if features is not None:
         features = _Take(features, np.arange(len(rows)) if feature_index is None else feature_index)

@@ -33,25 +33,38 @@ DTYPES = {"fp16": np.float16, "fp32": np.float32}  # TrainConfig.feature_cache_d
 
 
 def cache_key(
-    model, *, data: PreparedData, size: int, mean, std, dtype: str = "fp16", channels: str = "gray"
+    model,
+    *,
+    data: PreparedData,
+    size: int,
+    mean,
+    std,
+    dtype: str = "fp16",
+    channels: str = "gray",
+    windows=None,
 ) -> str:
-    """The cache folder's name: a hash of everything the cached values depend on."""
+    """The cache folder's name: a hash of everything the cached values depend on.
+
+    Args:
+        windows: the run's HU windows of ``windows`` mode (``Preprocessing.windows``; None: today's).
+    """
     h = hashlib.blake2b(digest_size=8)
     h.update(family_of(model).vision_fingerprint(model).encode())
     h.update((data.root / "dataset.json").read_bytes())
     h.update(json.dumps({"size": size, "mean": list(mean), "std": list(std)}).encode())
     if dtype != "fp16":  # fp16 caches keep the keys they had before the dtype became a choice
         h.update(dtype.encode())
-    h.update(_channels_key(channels))
+    h.update(_channels_key(channels, windows))
     return h.hexdigest()
 
 
-def _channels_key(channels: str) -> bytes:
+def _channels_key(channels: str, windows=None) -> bytes:
     """The input_channels part of the key; empty for ``gray``, so caches built before the field
     existed (all gray) keep their key and are reused."""
     if channels == "gray":
         return b""
-    doc = {"input_channels": channels, "windows": list(WINDOWS) if needs_hu(channels) else None}
+    hu_windows = [dict(w) for w in (WINDOWS if windows is None else windows)] if needs_hu(channels) else None
+    doc = {"input_channels": channels, "windows": hu_windows}
     return json.dumps(doc, sort_keys=True).encode()
 
 
@@ -79,11 +92,12 @@ def build_feature_cache(
     key: str | None = None,
     dtype: str = "fp16",
     channels: str = "gray",
+    windows=None,
 ) -> tuple[np.ndarray, CacheInfo]:
     """Compute (or reuse) the activations for the slices listed in ``rows``.
 
     Args:
-        model: CLIPSegForImageSegmentation whose vision encoder is frozen.
+        model: a model whose vision encoder is frozen (any family).
         data: the prepared dataset; rows: a manifest DataFrame (case, z) in the order items are read.
         name: file stem for this row set, e.g. "train_kept" or "val_all".
         size, mean, std: the model's preprocessing.
@@ -91,11 +105,15 @@ def build_feature_cache(
             whole vision encoder, so callers building several row sets compute it once).
         dtype: ``fp16`` or ``fp32`` (:data:`DTYPES`), what is stored.
         channels: the input_channels mode the images are built with (part of the key).
+        windows: the run's HU windows of ``windows`` mode (part of the key; None: today's).
 
     Returns:
-        (memmap of shape (N, L, T, D) in ``dtype``, CacheInfo). Row i belongs to ``rows.iloc[i]``.
+        (memmap of shape (N, ...) in ``dtype``: (N, L, T, D) for CLIPSeg, CacheInfo). Row i belongs
+        to ``rows.iloc[i]``.
     """
-    key = key or cache_key(model, data=data, size=size, mean=mean, std=std, dtype=dtype, channels=channels)
+    key = key or cache_key(
+        model, data=data, size=size, mean=mean, std=std, dtype=dtype, channels=channels, windows=windows
+    )
     np_dtype = DTYPES[dtype]
     folder = data.root / "feature_cache" / key
     path = folder / f"{name}.npy"
@@ -113,7 +131,9 @@ def build_feature_cache(
     with torch.no_grad():
         for start in range(0, len(wanted), batch_size):
             chunk = wanted[start : start + batch_size]
-            imgs = torch.from_numpy(np.concatenate([data.inputs(c, [z], channels) for c, z in chunk]))
+            imgs = torch.from_numpy(
+                np.concatenate([data.inputs(c, [z], channels, windows) for c, z in chunk])
+            )
             imgs = resize_slices(imgs, size)
             pv = preprocess(imgs, size=size, mean=mean, std=std).to(device)
             acts = stack_features(model, encode_images(model, pv)).to(

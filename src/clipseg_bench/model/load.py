@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clipseg_bench.errors import InputError
+from clipseg_bench.errors import FieldError, InputError
 from clipseg_bench.model.families import family_for_type, tiny_family
 
 
@@ -36,12 +36,18 @@ class LoadedModel:
     spec: str
     family: Any = None
 
+    def __post_init__(self):
+        if self.family is None:  # built by hand (benchmarks): the model's own family
+            from clipseg_bench.model.families import family_of
+
+            self.family = family_of(self.model)
+
 
 def check_size(image_size: int, patch: int, spec: str) -> int:
     """``image_size`` if it is a positive multiple of ``patch``, else an InputError naming the field."""
     if image_size < patch or image_size % patch:
-        raise InputError(
-            "--image-size",
+        raise FieldError(
+            "image_size",
             f"{image_size} px does not fit model {spec}: the side must be a multiple of {patch}",
         )
     return int(image_size)

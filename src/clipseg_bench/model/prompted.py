@@ -1,4 +1,4 @@
-"""CLIPSeg with its organ prompts behind one ``forward``: the module the trainer optimises."""
+"""A model with its organ prompts behind one ``forward``: the module the trainer optimises."""
 
 from __future__ import annotations
 
@@ -8,20 +8,20 @@ from torch import nn
 from clipseg_bench.model.forward import decode, encode_images, encode_prompts
 
 
-class PromptedSegmenter(nn.Module):
-    """CLIPSeg behind one ``forward`` so Accelerate/DDP see every trainable parameter used.
+class PromptedModule(nn.Module):
+    """A model of any family behind one ``forward`` so Accelerate/DDP see every trainable parameter used.
 
     Images go through the vision encoder once per step for all their prompts; prompts go through
     the text encoder only when it trains (otherwise their embeddings are passed in, computed once).
 
     Args:
-        clipseg: CLIPSegForImageSegmentation, strategy applied.
+        model: the model (any family), strategy applied.
         input_ids, attention_mask: (K, L) the tokenized organ prompts.
     """
 
-    def __init__(self, clipseg: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def __init__(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         super().__init__()
-        self.clipseg = clipseg
+        self.model = model
         self.register_buffer("input_ids", input_ids, persistent=False)
         self.register_buffer("attention_mask", attention_mask, persistent=False)
 
@@ -31,10 +31,10 @@ class PromptedSegmenter(nn.Module):
         Args:
             pixel_values: (B, 3, S, S) preprocessed images; or ``activations``, the cached
                 vision-encoder outputs the decoder reads (then the image encoder is skipped).
-            prompt_emb: (K, D) precomputed prompt embeddings (frozen text encoder), else computed.
+            prompt_emb: precomputed prompt features (frozen text encoder), else computed.
         """
         if prompt_emb is None:
-            prompt_emb = encode_prompts(self.clipseg, self.input_ids, self.attention_mask)
+            prompt_emb = encode_prompts(self.model, self.input_ids, self.attention_mask)
         if activations is None:
-            activations = encode_images(self.clipseg, pixel_values)
-        return decode(self.clipseg, activations, prompt_emb, pairs=pairs)
+            activations = encode_images(self.model, pixel_values)
+        return decode(self.model, activations, prompt_emb, pairs=pairs)

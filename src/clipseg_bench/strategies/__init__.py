@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from clipseg_bench.errors import InputError
+from clipseg_bench.errors import FieldError
 from clipseg_bench.strategies.base import _REGISTRY, ParamCounts, Strategy, register
 
 __all__ = [
@@ -22,7 +22,9 @@ __all__ = [
     "Strategy",
     "apply_strategy",
     "available",
+    "color",
     "count_parameters",
+    "display_order",
     "get",
     "parameter_table",
     "register",
@@ -43,13 +45,27 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def display_order(names) -> list[str]:
+    """Strategy names in the order tables and plots show them: registered strategies by their own
+    ``order``, then names this install does not know (runs of another version), alphabetically.
+    ``display_order(available())`` is the benchmark's default strategy list."""
+    _discover()
+    known = sorted((n for n in set(names) if n in _REGISTRY), key=lambda n: (_REGISTRY[n].order, n))
+    return known + sorted(set(names) - set(_REGISTRY))
+
+
+def color(name: str) -> str | None:
+    """A registered strategy's plot colour (its file's ``color``), None for others."""
+    _discover()
+    cls = _REGISTRY.get(name)
+    return cls.color if cls is not None else None
+
+
 def get(name: str) -> Strategy:
     """The strategy registered as ``name``. Raises InputError for an unknown name."""
     _discover()
     if name not in _REGISTRY:
-        raise InputError(
-            "--strategy", f"unknown strategy {name!r}; available: {', '.join(sorted(_REGISTRY))}"
-        )
+        raise FieldError("strategy", f"unknown strategy {name!r}; available: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]()
 
 

@@ -109,6 +109,11 @@ class Adapter(Strategy):
         "Bottleneck adapters (zero-initialised, after attention and MLP) in the CLIP vision and text layers, "
         "plus the decoder."
     )
+    # Freshly initialised bottlenecks train at ~1e-3 (Houlsby et al. 2019).
+    lr = 1e-3
+    demo_lr = 1e-3
+    order = 3
+    color = "#2ca02c"
     Options = AdapterOptions
 
     def apply(self, model: nn.Module, options: AdapterOptions) -> None:

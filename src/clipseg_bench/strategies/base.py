@@ -35,15 +35,27 @@ class NoOptions:
 
 
 class Strategy:
-    """Base class of a fine-tuning strategy.
+    """Base class of a fine-tuning strategy: what it trains and its defaults, in one file.
 
-    Subclasses set ``name``, ``description`` (one sentence, used in the README and report) and
-    optionally ``Options`` (a dataclass; each field's ``metadata["help"]`` documents it, and
-    ``__post_init__`` may raise ``ValueError`` for bad values), and implement :meth:`apply`.
+    Subclasses set:
+        name: the registered name (``--strategy``).
+        description: one sentence, used in the README, ``strategies`` and the report.
+        lr: the default peak learning rate for a pretrained checkpoint (the real study's).
+        demo_lr: the rate of the demo's tiny model (pretrained on phantoms, fine-tuned on another
+            style): a 250k-parameter model trained for a few dozen steps wants far higher rates.
+        order: where the strategy appears in every table and plot (lower first).
+        color: its colour in every plot (a matplotlib colour); None takes the next free one.
+        Options: optionally a dataclass of options; each field's ``metadata["help"]`` documents it,
+            and ``__post_init__`` may raise ``ValueError`` for bad values.
+    and implement :meth:`apply`.
     """
 
     name: ClassVar[str]
     description: ClassVar[str]
+    lr: ClassVar[float]
+    demo_lr: ClassVar[float | None] = None
+    order: ClassVar[float] = float("inf")
+    color: ClassVar[str | None] = None
     Options: ClassVar[type] = NoOptions
 
     def parse_options(self, options: dict[str, Any] | None) -> Any:
@@ -71,6 +83,9 @@ def register(cls: type[Strategy]) -> type[Strategy]:
     for attr in ("name", "description"):
         if not isinstance(getattr(cls, attr, None), str):
             raise TypeError(f"strategy {cls.__qualname__} needs a class attribute {attr!r} (str)")
+    lr = getattr(cls, "lr", None)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise TypeError(f"strategy {cls.__qualname__} needs a default learning rate 'lr' (a number > 0)")
     other = _REGISTRY.get(cls.name)
     if other is not None and other.__qualname__ != cls.__qualname__:
         raise ValueError(f"strategy name {cls.name!r} is taken by {other.__module__}.{other.__qualname__}")

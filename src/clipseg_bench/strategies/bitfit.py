@@ -23,6 +23,11 @@ class BitFit(Strategy):
     description = (
         "BitFit: every bias term of the CLIP encoders (attention, MLP, layer norms) plus the decoder train."
     )
+    # Bias-only tuning wants ~1e-3 (BitFit: Ben Zaken et al. 2022).
+    lr = 1e-3
+    demo_lr = 1e-3
+    order = 5
+    color = "#9467bd"
     Options = BitFitOptions
 
     def apply(self, model: nn.Module, options: BitFitOptions) -> None:

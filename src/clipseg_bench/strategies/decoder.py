@@ -14,6 +14,11 @@ class DecoderOnly(Strategy):
     description = (
         "Decoder only: CLIP's encoders stay frozen (their outputs can be cached); the decoder trains."
     )
+    # CLIPSeg's own decoder was trained with 1e-3 (Lüddecke & Ecker 2022).
+    lr = 1e-3
+    demo_lr = 1e-3
+    order = 2
+    color = "#ff7f0e"
 
     def apply(self, model: nn.Module, options) -> None:
         for module in family_of(model).parts(model).decoder:

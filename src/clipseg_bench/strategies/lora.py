@@ -61,6 +61,11 @@ def target_names(model: nn.Module, options: LoraOptions) -> list[str]:
 class Lora(Strategy):
     name = "lora"
     description = "LoRA (via peft) on q and v of the CLIP vision and text attention, plus the decoder."
+    # LoRA on attention: ~1e-4..3e-4 (Hu et al. 2022).
+    lr = 2e-4
+    demo_lr = 1e-3
+    order = 4
+    color = "#d62728"
     Options = LoraOptions
 
     def apply(self, model: nn.Module, options: LoraOptions) -> None:

@@ -20,13 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipseg_bench.config import load_config
-from clipseg_bench.strategies import available
+from clipseg_bench.run_folder import RunFolder, RunStatus
+from clipseg_bench.strategies import available, display_order, get
 from clipseg_bench.study.matrix import raise_failed, run_matrix
 from clipseg_bench.study.report import write_report
 
-# Learning rates for a tiny model trained from scratch on phantoms: far higher than the real-model
-# defaults in configs/strategies.yaml (1e-5 for full fine-tuning of pretrained CLIP).
-DEMO_LRS = {"full": 3e-4, "decoder": 1e-3, "adapter": 1e-3, "lora": 1e-3, "bitfit": 1e-3}
+
+def demo_lrs(strategies: list[str]) -> dict[str, float]:
+    """Each strategy's rate for the demo's tiny model (its file's ``demo_lr``): far higher than the
+    real-model defaults (1e-5 for full fine-tuning of pretrained CLIP)."""
+    return {s: get(s).demo_lr for s in strategies if get(s).demo_lr is not None}
 
 
 @dataclass(frozen=True)
@@ -114,17 +117,17 @@ def run_demo(*, out: Path, quick: bool = False, strategies: list[str] | None = N
     t_start = time.perf_counter()
     stages = _Stages()
     pretrained = prepare_demo(out, size=size, stages=stages)
+    strategies = strategies or display_order(available())
     matrix = {
         "data": out / "prepared_B",
         "model": str(pretrained),
         "seeds": size.seeds,
         "epochs": 1000,
         "max_steps": size.steps,
-        "strategy_lr": DEMO_LRS,
+        "strategy_lr": demo_lrs(strategies),
         "extra": {**COMMON, "val_every": 0},
     }
     stages.start(f"benchmark on style B ({size.steps} steps per run, seeds {size.seeds})")
-    strategies = strategies or available()
     outcomes = [(run_matrix(strategies=strategies, out=out / "bench", **matrix), out / "bench")]
     axis = [s for s in size.axis_strategies if s in strategies]
     if axis:
@@ -180,8 +183,8 @@ def prepare_demo(out: Path, *, size: DemoSize, stages: _Stages | None = None) ->
 
 def _pretrain(out: Path, pretrained: Path, *, steps: int) -> None:
     """Train every parameter of a fresh tiny model on style A, then save it as a local model folder."""
-    from clipseg_bench.evaluation.loading import load_run
     from clipseg_bench.model.load import save_model
+    from clipseg_bench.model.trained import load_run_model
     from clipseg_bench.train.loop import train
 
     run = out / "pretrain-run"
@@ -199,7 +202,7 @@ def _pretrain(out: Path, pretrained: Path, *, steps: int) -> None:
             "val_every": 0,
         },
     )
-    finished = (run / "run.json").is_file() and '"finished"' in (run / "run.json").read_text()
-    if not finished:
-        train(cfg, resume=(run / "run.json").is_file())
-    save_model(load_run(run).loaded, pretrained)
+    folder = RunFolder(run)
+    if folder.record().status != RunStatus.FINISHED:
+        train(cfg, resume=folder.has_record())
+    save_model(load_run_model(folder).loaded, pretrained)

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from clipseg_bench.config import RUNTIME_FIELDS, TrainConfig, config_differences, load_config, save_config
-from clipseg_bench.errors import InputError, RunFailed
+from clipseg_bench.errors import FieldError, InputError, RunFailed
 from clipseg_bench.provenance import (
     check_output_folder,
     git_info,
@@ -35,21 +35,10 @@ from clipseg_bench.provenance import (
     read_json_object,
     write_json_atomic,
 )
+from clipseg_bench.run_folder import RunFolder, RunRecord, RunStatus
 from clipseg_bench.strategies import available
 from clipseg_bench.study.results import ALL_CASES, is_bench_folder, run_name
 
-# The flag behind each TrainConfig field the matrix sets, for error messages.
-SOURCES = {
-    "data": "--data",
-    "model": "--model",
-    "strategy": "--strategies",
-    "seed": "--seeds",
-    "epochs": "--epochs",
-    "max_steps": "--max-steps",
-    "batch_size": "--batch-size",
-    "lr": "--lrs",
-    "train_cases": "--train-cases",
-}
 # What a run's config holds besides the benchmark's shared settings.
 PER_CELL = ("strategy", "seed", "lr", "train_cases", *RUNTIME_FIELDS)
 
@@ -61,9 +50,9 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in spec.split("/"))
     except ValueError:
-        raise InputError("--shard", f"expected i/n such as 0/4, got {spec!r}") from None
+        raise FieldError("shard", f"expected i/n such as 0/4, got {spec!r}") from None
     if not (n >= 1 and 0 <= i < n):
-        raise InputError("--shard", f"need 0 <= i < n, got {spec!r}")
+        raise FieldError("shard", f"need 0 <= i < n, got {spec!r}")
     return i, n
 
 
@@ -96,14 +85,12 @@ def parse_train_cases(spec: str | None, n_train: int) -> list[int | None]:
                     raise ValueError
                 count = max(1, round(fraction * n_train))
         except ValueError:
-            raise InputError(
-                "--train-cases",
+            raise FieldError(
+                "train_cases",
                 f"expected counts, fractions in (0, 1] or 'all', such as 1,5,all; got {item!r}",
             ) from None
         if not 1 <= count <= n_train:
-            raise InputError(
-                "--train-cases", f"{item} training cases asked for; the train split has {n_train}"
-            )
+            raise FieldError("train_cases", f"{item} training cases asked for; the train split has {n_train}")
         out.append(None if count == n_train else count)
     counts = sorted({c for c in out if c is not None})
     return counts + ([None] if None in out else [])
@@ -126,20 +113,14 @@ def cells(
     i, n = parse_shard(shard)
     unknown = [s for s in strategies if s not in available()]
     if unknown:
-        raise InputError("--strategies", f"unknown strategies {unknown}; available: {', '.join(available())}")
+        raise FieldError("strategies", f"unknown strategies {unknown}; available: {', '.join(available())}")
     every = [(s, seed, k) for s in strategies for k in (train_cases or [None]) for seed in seeds]
     return every[i::n]
 
 
-def run_status(run: Path) -> str:
-    """'missing' | 'finished' | 'evaluated' | a run.json status ('running', 'failed', 'interrupted')."""
-    info = run / "run.json"
-    if not info.is_file():
-        return "missing"
-    status = read_json_object(info).get("status", "unknown")
-    if status == "finished" and (run / "metrics.json").is_file():
-        return "evaluated"
-    return status
+def run_status(run: Path) -> RunStatus | str:
+    """The run's :class:`~clipseg_bench.run_folder.RunStatus` (``missing``, ``evaluated``...)."""
+    return RunFolder(run).status()
 
 
 def _call(cmd: list[str], log: Path) -> int:
@@ -169,9 +150,9 @@ def launcher_command(launcher: str | None) -> list[str]:
     try:
         words = shlex.split(launcher)
     except ValueError as exc:
-        raise InputError("--launcher", f"cannot split {launcher!r} into words ({exc})") from None
+        raise FieldError("launcher", f"cannot split {launcher!r} into words ({exc})") from None
     if not words or shutil.which(words[0]) is None:
-        raise InputError("--launcher", f"{(words or [''])[0]!r} is not a command on PATH")
+        raise FieldError("launcher", f"{(words or [''])[0]!r} is not a command on PATH")
     return words
 
 
@@ -197,7 +178,7 @@ def plan(
 
     stray = sorted(set(strategy_lr) - set(available()))
     if stray:
-        raise InputError("--lrs", f"unknown strategy {stray[0]!r}; available: {', '.join(available())}")
+        raise FieldError("lrs", f"unknown strategy {stray[0]!r}; available: {', '.join(available())}")
     check_output_folder(
         out, command="benchmark", ours=is_bench_folder, inputs=[Path(data)], overwrite=overwrite
     )
@@ -215,7 +196,7 @@ def plan(
             "lr": strategy_lr.get(strategy),
             "train_cases": n_cases,
         }
-        cfgs[(strategy, seed, n_cases)] = load_config(config, cell, sources=SOURCES)
+        cfgs[(strategy, seed, n_cases)] = load_config(config, cell)
     _refuse_other_settings(out, cfgs)
     return cfgs
 
@@ -244,21 +225,19 @@ def _refuse_other_settings(out: Path, cfgs: dict[tuple[str, int, int | None], Tr
                     f"{key}={value!r}: a BENCH folder holds one set of settings; choose another --out",
                 )
     for cell, cfg in cfgs.items():
-        run = out / "runs" / run_name(*cell)
-        if run_status(run) == "running":  # an unreadable run.json refuses here too
-            process = read_json_object(run / "run.json").get("process")
-            if process_alive(process):
-                raise InputError(
-                    run, f"is being trained right now (process {process['pid']}); wait for it to end"
-                )
-        saved_path = run / "config.yaml"
-        if not saved_path.is_file():
+        run = RunFolder(out / "runs" / run_name(*cell))
+        record = run.record()  # an unreadable run.json refuses here too
+        if record.status == RunStatus.RUNNING and process_alive(record.process):
+            raise InputError(
+                run.path, f"is being trained right now (process {record.process['pid']}); wait for it to end"
+            )
+        if not run.has_config():
             continue
-        diffs = config_differences(load_config(saved_path), cfg)
+        diffs = config_differences(run.config(), cfg)
         if diffs:
             field, old, new = diffs[0]
             raise InputError(
-                saved_path.parent,
+                run.path,
                 f"was run with {field}={old!r}, this call asks {field}={new!r}: a BENCH folder holds "
                 "one set of settings; choose another --out (or delete that run to redo it)",
             )
@@ -313,7 +292,7 @@ def run_matrix(
 
     Args:
         config: YAML of TrainConfig fields shared by every run; the matrix's own fields win.
-        strategy_lr: learning rate per strategy (unlisted strategies use configs/strategies.yaml).
+        strategy_lr: learning rate per strategy (unlisted strategies use their own default).
         launcher: command that runs Python for training, e.g. "accelerate launch --num_processes 4".
         extra: more TrainConfig fields shared by every run.
         train_cases: the data-efficiency axis, e.g. "1,5,all" (see :func:`parse_train_cases`);
@@ -343,53 +322,61 @@ def run_matrix(
     _write_record(
         out, shard, todo=todo, model=model, data=data, epochs=epochs, cfgs=cfgs, strategy_lr=strategy_lr
     )
-    base = [sys.executable, "-m", "clipseg_bench.cli"]
-    results = []
-    for cell in todo:
-        run = out / "runs" / run_name(*cell)
-        log = out / "logs" / f"{run.name}.log"
-        status = run_status(run)
-        if status == "evaluated" or (status == "finished" and not evaluate):
-            print(f"[benchmark] {run.name}: done, skipped")
-            results.append({"run": str(run), "status": "skipped"})
-            continue
-        if status != "finished":
-            resume = status != "missing" and (run / "config.yaml").is_file()
-            if not resume and run.exists():
-                shutil.rmtree(run)  # without run.json and config.yaml it never started training
-            (out / "configs").mkdir(exist_ok=True)
-            (out / "logs").mkdir(exist_ok=True)
-            cfg_path = out / "configs" / f"{run.name}.yaml"
-            save_config(cfgs[cell], cfg_path)
-            print(f"[benchmark] {run.name}: {'resuming' if resume else 'training'}")
-            # Train and evaluate in one process: a second Python + torch start-up per run is waste.
-            flags = (["--resume"] if resume else []) + (["--evaluate"] if evaluate else [])
-            rc = _call(train_cmd + ["train", "--config", str(cfg_path), *flags], log)
-            if rc != 0:
-                _mark_failed(run, f"train exited with {rc}")
-                results.append(
-                    {"run": str(run), "status": "failed", "why": f"train exited with {rc}", "log": str(log)}
-                )
-                continue
-        if evaluate and run_status(run) != "evaluated":
-            rc = _call(base + ["evaluate", "--run", str(run)], log)
-            if rc != 0:
-                results.append(
-                    {
-                        "run": str(run),
-                        "status": "failed",
-                        "why": f"evaluate exited with {rc}",
-                        "log": str(log),
-                    }
-                )
-                continue
-        results.append({"run": str(run), "status": "done"})
+    results = [
+        _run_cell(
+            RunFolder(out / "runs" / run_name(*cell)),
+            cfgs[cell],
+            out=out,
+            train_cmd=train_cmd,
+            evaluate=evaluate,
+        )
+        for cell in todo
+    ]
     failed = [r["run"] for r in results if r["status"] == "failed"]
     print(
         f"[benchmark] {len(results) - len(failed)}/{len(results)} runs done in {out}"
         + (f"; failed: {', '.join(failed)} (re-run the same command to retry)" if failed else "")
     )
     return results
+
+
+def _run_cell(run: RunFolder, cfg: TrainConfig, *, out: Path, train_cmd: list[str], evaluate: bool) -> dict:
+    """Train (or resume) and evaluate one cell unless it is done; its status dict for the summary."""
+    log = out / "logs" / f"{run.path.name}.log"
+    status = run.status()
+    if status == RunStatus.EVALUATED or (status == RunStatus.FINISHED and not evaluate):
+        print(f"[benchmark] {run.path.name}: done, skipped")
+        return {"run": str(run.path), "status": "skipped"}
+    if status != RunStatus.FINISHED:
+        resume = status != RunStatus.MISSING and run.has_config()
+        if not resume and run.path.exists():
+            shutil.rmtree(run.path)  # without run.json and config.yaml it never started training
+        (out / "configs").mkdir(exist_ok=True)
+        (out / "logs").mkdir(exist_ok=True)
+        cfg_path = out / "configs" / f"{run.path.name}.yaml"
+        save_config(cfg, cfg_path)
+        print(f"[benchmark] {run.path.name}: {'resuming' if resume else 'training'}")
+        # Train and evaluate in one process: a second Python + torch start-up per run is waste.
+        flags = (["--resume"] if resume else []) + (["--evaluate"] if evaluate else [])
+        rc = _call(train_cmd + ["train", "--config", str(cfg_path), *flags], log)
+        if rc != 0:
+            _mark_failed(run, f"train exited with {rc}")
+            return {
+                "run": str(run.path),
+                "status": "failed",
+                "why": f"train exited with {rc}",
+                "log": str(log),
+            }
+    if evaluate and run.status() != RunStatus.EVALUATED:
+        rc = _call([sys.executable, "-m", "clipseg_bench.cli", "evaluate", "--run", str(run.path)], log)
+        if rc != 0:
+            return {
+                "run": str(run.path),
+                "status": "failed",
+                "why": f"evaluate exited with {rc}",
+                "log": str(log),
+            }
+    return {"run": str(run.path), "status": "done"}
 
 
 def _n_train_cases(data) -> int:
@@ -417,14 +404,12 @@ def raise_failed(results: list[dict], out: Path) -> None:
         )
 
 
-def _mark_failed(run: Path, why: str) -> None:
+def _mark_failed(run: RunFolder, why: str) -> None:
     """Record a failure in run.json (created when training refused before writing anything)."""
-    info = run / "run.json"
     try:
-        doc = read_json_object(info) if info.is_file() else {}
+        record = run.record()
     except InputError:  # unreadable: replaced by the failure record
-        doc = {}
-    if doc.get("status") in (None, "running"):
-        doc.update(status="failed", error=why)
-        run.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(info, doc)
+        record = RunRecord(status=RunStatus.MISSING)
+    if record.status in (RunStatus.MISSING, RunStatus.RUNNING, "unknown"):
+        run.create()
+        run.write_record(record.with_status(RunStatus.FAILED, error=why))

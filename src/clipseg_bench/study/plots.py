@@ -24,7 +24,6 @@ from clipseg_bench.provenance import replacing
 from clipseg_bench.study.results import (
     ALL_CASES,
     BREAKDOWN_ORDER,
-    STRATEGY_ORDER,
     VARIANT_PREFIX,
     Run,
     strategy_order,
@@ -47,18 +46,17 @@ ORGAN_COLORS = (
     "#9a6324",  # duodenum: brown
     "#aaffc3",  # left kidney: mint
 )
-_STRATEGY_COLORS = dict(
-    zip(STRATEGY_ORDER, ("#7f7f7f", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"))
-)
 _EXTRA_COLORS = ("#8c564b", "#e377c2", "#bcbd22", "#17becf", "#393b79", "#637939")
 _PART_COLORS = dict(zip(BREAKDOWN_ORDER, ("#bab0ac", "#4e79a7", "#e15759", "#f28e2b", "#59a14f")))
 
 
 def strategy_color(name: str, names: list[str]) -> str:
-    """A fixed colour for the study's strategies; others get the next free colour in report order."""
-    if name in _STRATEGY_COLORS:
-        return _STRATEGY_COLORS[name]
-    extra = [n for n in strategy_order(names) if n not in _STRATEGY_COLORS]
+    """A strategy's own colour (its file's ``color``); others get the next free colour in report order."""
+    from clipseg_bench.strategies import color
+
+    if color(name) is not None:
+        return color(name)
+    extra = [n for n in strategy_order(names) if color(n) is None]
     return _EXTRA_COLORS[extra.index(name) % len(_EXTRA_COLORS)]
 
 

@@ -40,9 +40,9 @@ from clipseg_bench.study.results import (
     efficiency_table,
     full_data_runs,
     is_bench_folder,
-    load_bench,
     paired_differences,
     per_organ_table,
+    read_bench,
     runs_table,
     summary_table,
 )
@@ -698,7 +698,7 @@ def write_report(bench_dirs: list[Path], out: Path | None = None, *, overwrite: 
             disagree about the same finished run, or ``out`` cannot or may not be written.
     """
     bench_dirs = [Path(b) for b in bench_dirs]
-    every = load_bench(bench_dirs)
+    every = read_bench(bench_dirs)
     for run in every:  # the plots read these later: a bad one must refuse before the first write
         if run.finished and run.samples is not None:
             plots.load_samples(run.samples)

@@ -15,14 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from clipseg_bench.errors import InputError
 from clipseg_bench.organs import ORGANS
 from clipseg_bench.provenance import process_alive, read_json_object
+from clipseg_bench.run_folder import RunFolder, RunStatus
 from clipseg_bench.study import stats
 
-FINISHED = "finished"
+FINISHED = RunStatus.FINISHED
 # results.csv's train_cases of a run on the whole train split (and of runs from before that axis).
 ALL_CASES = "all"
 # Run folder names: <strategy>-s<seed>, or <strategy>-s<seed>-n<training cases>.
@@ -37,15 +37,20 @@ def run_name(strategy: str, seed: int, train_cases: int | None = None) -> str:
 # A run whose run.json says "running" but whose process is gone (SIGKILL, the OOM killer, a reboot):
 # train records its pid, host, boot id and start time, and this machine checks them. A run written
 # on another host cannot be checked from here and stays "running".
-KILLED = "killed"
+KILLED = RunStatus.KILLED
 # A cell the benchmark's record (bench-shard<i>.json) lists but that has no run folder.
-NOT_STARTED = "not started"
-# Strategies appear in this order in every table and plot; unknown ones follow alphabetically.
-STRATEGY_ORDER = ("zeroshot", "full", "decoder", "adapter", "lora", "bitfit")
+NOT_STARTED = RunStatus.NOT_STARTED
 # The trainer's timing breakdown keys, in the order the time flows through a step.
 BREAKDOWN_ORDER = ("data", "forward", "backward", "optimizer", "eval")
 # When the same (strategy, seed) appears in two shards, keep the most complete one.
-_STATUS_RANK = {FINISHED: 0, "interrupted": 1, "running": 2, KILLED: 2, "failed": 3, NOT_STARTED: 10}
+_STATUS_RANK = {
+    RunStatus.FINISHED: 0,
+    RunStatus.INTERRUPTED: 1,
+    RunStatus.RUNNING: 2,
+    RunStatus.KILLED: 2,
+    RunStatus.FAILED: 3,
+    RunStatus.NOT_STARTED: 10,
+}
 
 # results.csv columns that the aggregate tables average over seeds.
 METRICS = (
@@ -109,31 +114,22 @@ class Run:
 
 
 def strategy_order(names: list[str] | set[str]) -> list[str]:
-    """Sort strategy names: the study's six in their fixed order, then any others alphabetically."""
-    known = [s for s in STRATEGY_ORDER if s in names]
-    return known + sorted(set(names) - set(STRATEGY_ORDER))
+    """Sort strategy names by each strategy's own ``order`` (its file), then any others alphabetically
+    (runs of a strategy this install does not have)."""
+    from clipseg_bench.strategies import display_order
+
+    return display_order(names)
 
 
-def _read_history(path: Path) -> pd.DataFrame | None:
-    if not path.is_file():
-        return None
-    try:
-        df = pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        return None
-    except (ValueError, OSError, UnicodeDecodeError) as exc:  # pandas' ParserError is a ValueError
-        raise InputError(path, f"not a readable CSV ({str(exc).splitlines()[0]})") from None
-    return df if len(df) else None
-
-
-def load_run(path: Path, bench: Path) -> Run:
+def read_run(path: Path, bench: Path) -> Run:
     """Read one run folder. The folder name ``<strategy>-s<seed>[-n<cases>]`` is used when run.json
     and config.yaml lack them; a run with no training-case count trained on all cases.
 
     A folder without ``run.json`` (a run that never started writing) is kept with status ``missing``
     so that the report can list it.
     """
-    info = read_json_object(path / "run.json") if (path / "run.json").is_file() else {"status": "missing"}
+    folder = RunFolder(path)
+    info = folder.record().to_dict()  # typed on the way: old layouts read as today's
     named = _RUN_NAME.match(path.name)
     name_strategy, name_seed, name_cases = named.groups() if named else ("", None, None)
     strategy = info.get("strategy") or name_strategy
@@ -146,14 +142,8 @@ def load_run(path: Path, bench: Path) -> Run:
         ) from None
     if not strategy:
         raise InputError(path, "no strategy in run.json and the folder is not named <strategy>-s<seed>")
-    cfg_path = path / "config.yaml"
-    try:
-        config = (yaml.safe_load(cfg_path.read_text()) or {}) if cfg_path.is_file() else {}
-    except yaml.YAMLError as exc:
-        raise InputError(cfg_path, f"not valid YAML ({str(exc).splitlines()[0]})") from None
-    config = config if isinstance(config, dict) else {}
+    config = folder.config().model_dump(mode="json") if folder.has_config() else {}
     train_cases = config.get("train_cases", name_cases)
-    metrics_path = path / "metrics.json"
     return Run(
         bench=bench,
         path=path,
@@ -162,8 +152,8 @@ def load_run(path: Path, bench: Path) -> Run:
         status=_status(info),
         info=info,
         config=config,
-        metrics=read_json_object(metrics_path) if metrics_path.is_file() else None,
-        history=_read_history(path / "history.csv"),
+        metrics=folder.metrics(),
+        history=folder.history(),
         train_cases=None if train_cases is None else int(train_cases),
     )
 
@@ -215,7 +205,7 @@ def find_runs(bench: Path) -> list[Run]:
         raise InputError(bench, "BENCH folder not found")
     root = bench / "runs" if (bench / "runs").is_dir() else bench
     dirs = sorted(d for d in root.iterdir() if d.is_dir() and ((d / "run.json").is_file() or "-s" in d.name))
-    runs = [load_run(d, bench) for d in dirs]
+    runs = [read_run(d, bench) for d in dirs]
     runs += _not_started(bench, root, {(r.strategy, r.seed, r.train_cases) for r in runs})
     if not runs:
         raise InputError(bench, "no run folders (expected runs/<strategy>-s<seed>/run.json)")
@@ -267,7 +257,7 @@ def merge_runs(runs: list[Run]) -> list[Run]:
     return [chosen[k] for k in sorted(chosen, key=report_order)]
 
 
-def load_bench(bench_dirs: list[Path]) -> list[Run]:
+def read_bench(bench_dirs: list[Path]) -> list[Run]:
     """Read and merge the runs of one or more BENCH folders (shards). See :func:`merge_runs`."""
     if not bench_dirs:
         raise InputError(None, "no BENCH folder given")

@@ -13,26 +13,24 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from clipseg_bench.config import TrainConfig
+from clipseg_bench.config import TrainConfig, resolved
 from clipseg_bench.data.augment import augment_intensity
 from clipseg_bench.data.dataset import organ_targets
 from clipseg_bench.data.sampling import select_pairs
 from clipseg_bench.errors import GradientAuditError, InputError
 from clipseg_bench.evaluation.metrics import present_pairs_dice
 from clipseg_bench.evaluation.validation import validation_dice
-from clipseg_bench.model.checkpoint import save_trained
 from clipseg_bench.model.forward import preprocess, unstack_features
-from clipseg_bench.provenance import write_json_atomic
+from clipseg_bench.model.weights import save_weights
+from clipseg_bench.run_folder import RunFolder, RunRecord, RunStatus
 from clipseg_bench.train import record
-from clipseg_bench.train.checkpoint import load_resume_state, save_resume_state
 from clipseg_bench.train.losses import segmentation_loss
+from clipseg_bench.train.record import timing_record
+from clipseg_bench.train.resume import LoopState, load_resume_state, save_resume_state
 from clipseg_bench.train.setup import TrainingSetup, build_training, make_accelerator, release_frozen_vision
-
-HISTORY_COLUMNS = ["epoch", "step", "loss", "train_dice", "val_dice", "epoch_time_s", "lr"]
 
 
 def _step_inputs(setup: TrainingSetup, batch: dict, aug_gen: torch.Generator) -> dict:
@@ -126,6 +124,7 @@ def _val_dice(setup: TrainingSetup) -> float:
         features=setup.val_features,
         threshold=setup.cfg.threshold,
         channels=setup.cfg.input_channels,
+        windows=setup.preprocessing.windows,
     )
 
 
@@ -140,6 +139,7 @@ def _train_check_dice(setup: TrainingSetup) -> float:
         feature_index=setup.train_check,
         threshold=setup.cfg.threshold,
         channels=setup.cfg.input_channels,
+        windows=setup.preprocessing.windows,
     )
 
 
@@ -151,57 +151,47 @@ def _validates_after(setup: TrainingSetup, epoch: int) -> bool:
     return setup.has_val and bool(every) and ((epoch + 1) % every == 0 or last)
 
 
-def initial_state(setup: TrainingSetup) -> dict:
+def initial_state(setup: TrainingSetup) -> LoopState:
     """The loop's bookkeeping before the first epoch (what a resume checkpoint stores)."""
-    return {
-        "epoch": 0,
-        "global_step": 0,
-        "history": [],
-        "train_time_s": 0.0,
-        "masks": 0,
-        "breakdown_s": dict(setup.timer.totals),
-        "num_processes": setup.accelerator.num_processes,  # the scheduler's state counts per-process ticks
-    }
+    return LoopState(breakdown_s=dict(setup.timer.totals), num_processes=setup.accelerator.num_processes)
 
 
-def _checkpoint_dir(out: Path) -> Path:
-    return out / "checkpoints" / "last"
-
-
-def restore(setup: TrainingSetup, out: Path) -> dict:
-    """The state to continue from: the last epoch-end checkpoint of ``out`` if any, else a fresh one."""
-    ckpt = _checkpoint_dir(out)
-    if not ckpt.is_dir():
+def restore(setup: TrainingSetup, run: RunFolder) -> LoopState:
+    """The state to continue from: the run's last epoch-end checkpoint if any, else a fresh one."""
+    if not run.checkpoint_dir.is_dir():
         return initial_state(setup)
-    state = load_resume_state(ckpt, model=setup.model, optimizer=setup.optimizer, scheduler=setup.scheduler)
-    written_by = state.get("num_processes", setup.accelerator.num_processes)
+    state = load_resume_state(
+        run.checkpoint_dir, model=setup.model, optimizer=setup.optimizer, scheduler=setup.scheduler
+    )
+    written_by = state.num_processes or setup.accelerator.num_processes
     if written_by != setup.accelerator.num_processes:
         raise InputError(
-            out,
+            run.path,
             f"the checkpoint was written by {written_by} process(es), this run has "
             f"{setup.accelerator.num_processes}; resume with the same number",
         )
-    setup.timer.totals.update(state["breakdown_s"])
+    state.num_processes = written_by
+    setup.timer.totals.update(state.breakdown_s)
     if setup.accelerator.is_main_process:
-        print(f"resuming {out} after epoch {state['epoch']} (step {state['global_step']})")
+        print(f"resuming {run.path} after epoch {state.epoch} (step {state.global_step})")
     return state
 
 
-def _end_epoch(setup: TrainingSetup, state: dict, row: dict, out: Path, writer) -> None:
+def _end_epoch(setup: TrainingSetup, state: LoopState, row: dict, run: RunFolder, writer) -> None:
     """Write the epoch's history row, TensorBoard scalars and the resume checkpoint (main process)."""
     for k in ("loss", "train_dice", "val_dice"):
         writer.add_scalar(k, row[k], row["epoch"])
-    pd.DataFrame(state["history"], columns=HISTORY_COLUMNS).to_csv(out / "history.csv", index=False)
+    run.write_history(state.history)
     save_resume_state(
-        _checkpoint_dir(out),
-        model=setup.accelerator.unwrap_model(setup.module).clipseg,
+        run.checkpoint_dir,
+        model=setup.accelerator.unwrap_model(setup.module).model,
         optimizer=setup.optimizer,
         scheduler=setup.scheduler,
         state=state,
     )
 
 
-def _run_epoch(setup: TrainingSetup, state: dict, epoch: int, *, pbar, writer, out: Path) -> None:
+def _run_epoch(setup: TrainingSetup, state: LoopState, epoch: int, *, pbar, writer, run: RunFolder) -> None:
     """Train one epoch, validate, and record it in ``state`` (and, on the main process, on disk)."""
     acc, timer = setup.accelerator, setup.timer
     main = acc.is_main_process
@@ -209,7 +199,7 @@ def _run_epoch(setup: TrainingSetup, state: dict, epoch: int, *, pbar, writer, o
     if hasattr(setup.loader, "set_epoch"):  # Accelerate's loader would reset our sampler to its own counter
         setup.loader.set_epoch(epoch)
     t0 = time.perf_counter()
-    global_step, stats = train_epoch(setup, epoch, state["global_step"], pbar)
+    global_step, stats = train_epoch(setup, epoch, state.global_step, pbar)
     epoch_time = time.perf_counter() - t0
     val_dice = float("nan")
     if main and _validates_after(setup, epoch):
@@ -224,42 +214,40 @@ def _run_epoch(setup: TrainingSetup, state: dict, epoch: int, *, pbar, writer, o
         "epoch_time_s": epoch_time,
         "lr": setup.scheduler.get_last_lr()[0],
     }
-    state.update(
-        epoch=epoch + 1,
-        global_step=global_step,
-        train_time_s=state["train_time_s"] + epoch_time,
-        masks=state["masks"] + stats["masks"],
-        breakdown_s=dict(timer.totals),
-    )
-    state["history"].append(row)
+    state.epoch = epoch + 1
+    state.global_step = global_step
+    state.train_time_s += epoch_time
+    state.masks += stats["masks"]
+    state.breakdown_s = dict(timer.totals)
+    state.history.append(row)
     if main:
-        _end_epoch(setup, state, row, out, writer)
+        _end_epoch(setup, state, row, run, writer)
     acc.wait_for_everyone()
 
 
-def fit(setup: TrainingSetup, state: dict, *, out: Path) -> dict:
+def fit(setup: TrainingSetup, state: LoopState, *, run: RunFolder) -> LoopState:
     """Train epoch by epoch from ``state``, validating and checkpointing at every epoch end.
 
     Returns:
-        The final state: epoch, global_step, history rows, train time, masks, breakdown.
+        The final state (:class:`~clipseg_bench.train.resume.LoopState`).
     """
     cfg, main = setup.cfg, setup.accelerator.is_main_process
     writer = None
     if main:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out / "tb"))
+        writer = SummaryWriter(str(run.tensorboard_dir))
     pbar = tqdm(
         total=setup.total_steps,
-        initial=state["global_step"],
+        initial=state.global_step,
         desc=f"train {cfg.strategy}",
         unit="step",
         disable=not main or not setup.trains,
         dynamic_ncols=True,
     )
     try:
-        for epoch in range(state["epoch"], setup.n_epochs if setup.trains else 0):
-            _run_epoch(setup, state, epoch, pbar=pbar, writer=writer, out=out)
+        for epoch in range(state.epoch, setup.n_epochs if setup.trains else 0):
+            _run_epoch(setup, state, epoch, pbar=pbar, writer=writer, run=run)
     finally:  # also on an error, so its message starts on a line of its own
         pbar.close()
         if writer is not None:
@@ -267,7 +255,7 @@ def fit(setup: TrainingSetup, state: dict, *, out: Path) -> dict:
     return state
 
 
-def finish(setup: TrainingSetup, state: dict, *, out: Path, run_record: dict) -> None:
+def finish(setup: TrainingSetup, state: LoopState, *, run: RunFolder, record: RunRecord) -> None:
     """Final train/val Dice, the trained weights and the finished run.json (main process writes)."""
     acc, cfg = setup.accelerator, setup.cfg
     checksums = _rank_checksums(acc, setup.model)
@@ -278,25 +266,23 @@ def finish(setup: TrainingSetup, state: dict, *, out: Path, run_record: dict) ->
                 # None (JSON null), not NaN, when the data has no val case: there is nothing to score
                 "val_dice": _val_dice(setup) if setup.has_val else None,
             }
-        if not state["history"]:
-            pd.DataFrame([], columns=HISTORY_COLUMNS).to_csv(out / "history.csv", index=False)
-        save_trained(setup.model, out / "weights.safetensors", config=cfg.model_dump(mode="json"))
-        timing = record.timing_record(setup, state)
-        write_json_atomic(
-            out / "run.json",
-            {
-                **run_record,
-                "status": "finished",
-                "timing": timing,
-                "final": final,
-                "gradient_audit": setup.audit.record(),
-                "rank_checksums": checksums,
-            },
+        if not state.history:
+            run.write_history([])
+        save_weights(setup.model, run.weights_path, config=cfg.model_dump(mode="json"))
+        timing = timing_record(setup, state)
+        run.write_record(
+            record.with_status(
+                RunStatus.FINISHED,
+                timing=timing,
+                final=final,
+                gradient_audit=setup.audit.record(),
+                rank_checksums=checksums,
+            )
         )
         val = "no val split" if final["val_dice"] is None else f"val dice {final['val_dice']:.4f}"
         print(
             f"trained {cfg.strategy}: train dice {final['train_dice']:.4f}, {val}, "
-            f"{timing['train_time_s']:.1f} s -> {out}"
+            f"{timing['train_time_s']:.1f} s -> {run.path}"
         )
     acc.wait_for_everyone()
 
@@ -316,21 +302,22 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     """Train one strategy; writes the run folder described in docs/architecture.md. Returns it."""
     from accelerate.utils import set_seed
 
-    out = Path(cfg.out)
+    cfg = resolved(cfg)  # config.yaml records the rate the run uses, not null
+    run = RunFolder(cfg.out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     acc = make_accelerator(cfg)
     main = acc.is_main_process
     if main:
-        record.check_run_folder(out, resume, cfg)
+        record.check_run_folder(run.path, resume, cfg)
     acc.wait_for_everyone()
     set_seed(cfg.seed)
     # Everything that can refuse (data, model, strategy, checkpoint) runs before the first write.
     setup = build_training(cfg, acc)
-    state = restore(setup, out) if resume else initial_state(setup)
-    run_record = record.start_record(setup) if main else {}  # only the main process writes it
+    state = restore(setup, run) if resume else initial_state(setup)
+    start = record.start_record(setup) if main else RunRecord()  # only the main process writes it
     if main:
-        record.write_start(setup, out, run_record)
+        record.write_start(setup, run, start)
     release_frozen_vision(setup)
 
     def _interrupted(signum, frame):  # SIGTERM (e.g. SLURM preemption) -> marked interrupted, resumable
@@ -338,19 +325,19 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
 
     old_term = signal.signal(signal.SIGTERM, _interrupted) if main else None
     try:
-        state = fit(setup, state, out=out)
+        state = fit(setup, state, run=run)
         setup.audit.check_frozen(setup.model)
     except KeyboardInterrupt:
         if main:
-            record.mark(out, run_record, "interrupted", gradient_audit=setup.audit.record())
+            record.mark(run, start, RunStatus.INTERRUPTED, gradient_audit=setup.audit.record())
         raise
     except Exception as exc:
         if main:
             why = str(exc) if isinstance(exc, GradientAuditError) else repr(exc)
-            record.mark(out, run_record, "failed", error=why, gradient_audit=setup.audit.record())
+            record.mark(run, start, RunStatus.FAILED, error=why, gradient_audit=setup.audit.record())
         raise
     finally:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
-    finish(setup, state, out=out, run_record=run_record)
-    return out
+    finish(setup, state, run=run, record=start)
+    return run.path

@@ -1,5 +1,6 @@
 """The run folder's write-up: where it may be written, what ``run.json`` says at start and end, and
-which config a resumed run continues with."""
+which config a resumed run continues with. Files are named and written by
+:mod:`clipseg_bench.run_folder`; this module decides what training records in them."""
 
 from __future__ import annotations
 
@@ -12,19 +13,16 @@ from clipseg_bench.config import (
     config_differences,
     load_config,
     read_yaml_config,
-    resolve_lr,
-    save_config,
 )
-from clipseg_bench.errors import InputError
+from clipseg_bench.errors import FieldError, InputError
 from clipseg_bench.provenance import (
     check_output_folder,
     git_info,
     hardware_info,
     peak_memory_mb,
     process_record,
-    read_json_object,
-    write_json_atomic,
 )
+from clipseg_bench.run_folder import RunFolder, RunRecord, RunStatus
 
 
 def check_run_folder(out: Path, resume: bool, cfg: TrainConfig | None = None) -> None:
@@ -37,18 +35,20 @@ def check_run_folder(out: Path, resume: bool, cfg: TrainConfig | None = None) ->
         InputError: naming ``out`` (or the file in it) and what stands in the way.
     """
     out = Path(out)
+    run = RunFolder(out)
     if out.exists() and not out.is_dir():
         raise InputError(out, "exists and is not a folder; --out takes a run folder")
     if resume:
-        if not (out / "run.json").is_file():
+        if not run.has_record():
             raise InputError(out, "nothing to resume (no run.json); start without --resume")
-        status = read_json_object(out / "run.json").get("status")
-        if status == "finished":
+        if run.record().status == RunStatus.FINISHED:
             raise InputError(
                 out, "the run has finished: nothing to resume (evaluate it, or train into another --out)"
             )
         if cfg is not None:
-            _refuse_changes(saved_config(out), cfg, set(TrainConfig.model_fields), blame={}, default="config")
+            _refuse_changes(
+                saved_config(out), cfg, set(TrainConfig.model_fields), given=set(), default="config"
+            )
         return
     if out.is_dir() and any(out.iterdir()):
         raise InputError(out, "run folder is not empty; pass --resume to continue it or choose another --out")
@@ -58,10 +58,7 @@ def check_run_folder(out: Path, resume: bool, cfg: TrainConfig | None = None) ->
 
 def saved_config(out: Path) -> TrainConfig:
     """The config a run folder was trained with (its config.yaml), validated."""
-    path = Path(out) / "config.yaml"
-    if not path.is_file():
-        raise InputError(out, "not a run folder (no config.yaml); train one with `clipseg-bench train`")
-    return load_config(path)
+    return RunFolder(out).config()
 
 
 def resume_config(
@@ -69,7 +66,6 @@ def resume_config(
     *,
     path: str | Path | None = None,
     overrides: Mapping[str, Any] | None = None,
-    sources: Mapping[str, str] | None = None,
 ) -> TrainConfig:
     """The config to continue the run in ``out`` with: the run's own config.yaml.
 
@@ -77,100 +73,85 @@ def resume_config(
     what was started. Only :data:`~clipseg_bench.config.RUNTIME_FIELDS` may change.
 
     Raises:
-        InputError: naming the flag (or the file) whose value contradicts the saved config.
+        FieldError: naming the field given again whose value contradicts the saved config.
+        InputError: naming the file whose value does.
     """
-    if not (Path(out) / "config.yaml").is_file():
+    if not RunFolder(out).has_config():
         raise InputError(out, "nothing to resume (no config.yaml); start without --resume")
     saved = saved_config(out)
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
-    cfg = load_config(path, {**given, "out": str(out)}, sources=sources, base=saved.model_dump())
+    cfg = load_config(path, {**given, "out": str(out)}, base=saved.model_dump())
     from_file = read_yaml_config(path) if path is not None else {}
-    blame = {k: v for k, v in (sources or {}).items() if k in given}
-    _refuse_changes(saved, cfg, set(from_file) | set(given), blame=blame, default=str(path or "config"))
+    _refuse_changes(saved, cfg, set(from_file) | set(given), given=set(given), default=str(path or "config"))
     return cfg
 
 
 def _refuse_changes(
-    saved: TrainConfig, cfg: TrainConfig, fields: set[str], *, blame: Mapping[str, str], default: str
+    saved: TrainConfig, cfg: TrainConfig, fields: set[str], *, given: set[str], default: str
 ) -> None:
     """Refuse the first of ``fields`` where ``cfg`` would train differently from ``saved``, naming
-    where that value came from (``blame[field]``, e.g. its flag, else ``default``)."""
+    where that value came from: the field when it was ``given`` (the CLI names its flag), else ``default``."""
     diffs = config_differences(saved, cfg, fields)
     if diffs:
         field, old, new = diffs[0]
-        raise InputError(
-            blame.get(field, default),
+        problem = (
             f"{field} {new!r} contradicts the run's config.yaml ({field}: {old!r}): --resume "
-            f"continues the run as it was started (leave it out, or train a new run into another --out)",
+            f"continues the run as it was started (leave it out, or train a new run into another --out)"
         )
+        raise FieldError(field, problem) if field in given else InputError(default, problem)
 
 
-def start_record(setup) -> dict:
+def start_record(setup) -> RunRecord:
     """run.json's contents while the run is running: what ran, where, with how many parameters."""
     cfg = setup.cfg
-    return {
-        "status": "running",
-        "strategy": cfg.strategy,
-        "seed": cfg.seed,
-        "model": cfg.model,
-        "git": git_info(),
-        "hardware": hardware_info(setup.accelerator.num_processes),
-        "params": {"trainable": setup.counts.trainable, "total": setup.counts.total},
-        "lr": resolve_lr(cfg),
-        "window": setup.data.window,  # segment needs it to preprocess a new CT like the training data
-        "cases": {split: len(setup.data.cases(split)) for split in ("train", "val")},
-        "validation": setup.validation_record(),
+    return RunRecord(
+        status=RunStatus.RUNNING,
+        strategy=cfg.strategy,
+        seed=cfg.seed,
+        model=cfg.model,
+        git=git_info(),
+        hardware=hardware_info(setup.accelerator.num_processes),
+        params={"trainable": setup.counts.trainable, "total": setup.counts.total},
+        lr=cfg.lr,
+        preprocessing=setup.preprocessing,  # segment and evaluate rebuild the inputs from it
+        cases={split: len(setup.data.cases(split)) for split in ("train", "val")},
+        validation=setup.validation_record(),
         # where the vision activations come from: the feature cache in its dtype, or computed live
-        "vision_features": {
-            "train": f"cache {setup.cfg.feature_cache_dtype}" if setup.features is not None else "live",
-            "val": f"cache {setup.cfg.feature_cache_dtype}" if setup.val_features is not None else "live",
+        vision_features={
+            "train": f"cache {cfg.feature_cache_dtype}" if setup.features is not None else "live",
+            "val": f"cache {cfg.feature_cache_dtype}" if setup.val_features is not None else "live",
         },
-        **channels_record(setup),
-        "train_case_ids": setup.train_cases,  # the cases trained on (a subset with `train_cases`)
-        "process": process_record(),  # lets `report` tell a killed run from a running one
-    }
+        train_case_ids=setup.train_cases,  # the cases trained on (a subset with `train_cases`)
+        process=process_record(),  # lets `report` tell a killed run from a running one
+    )
 
 
-def channels_record(setup) -> dict:
-    """run.json's input channels: the mode, the HU windows of ``windows`` (segment reads them),
-    and for ``neighbors`` how far apart neighbouring training slices were (min/median/max, mm)."""
-    from clipseg_bench.data.channels import WINDOWS
-
-    mode = setup.cfg.input_channels
-    doc: dict = {"input_channels": mode}
-    if mode == "windows":
-        doc["channel_windows"] = list(WINDOWS)
-    if mode == "neighbors":
-        dz = setup.data.manifest["spacing_z"].astype(float)
-        doc["neighbor_spacing_mm"] = [float(dz.min()), float(dz.median()), float(dz.max())]
-    return doc
-
-
-def write_start(setup, out: Path, record: dict) -> None:
+def write_start(setup, run: RunFolder, record: RunRecord) -> None:
     """Create the run folder; config.yaml and the running run.json (main process only)."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(out, f"cannot create run folder ({exc.strerror})") from None
-    save_config(setup.cfg, out / "config.yaml")
-    write_json_atomic(out / "run.json", record)
+    run.create()
+    run.write_config(setup.cfg)
+    run.write_record(record)
 
 
-def mark(out: Path, record: dict, status: str, **extra) -> None:
-    """Rewrite run.json with another status (``interrupted``, ``failed``) and extra fields."""
-    write_json_atomic(out / "run.json", {**record, "status": status, **extra})
+def mark(run: RunFolder, record: RunRecord, status: RunStatus, **changes) -> None:
+    """Rewrite run.json with another status (``interrupted``, ``failed``) and changed fields."""
+    run.write_record(record.with_status(status, **changes))
 
 
-def timing_record(setup, state: dict) -> dict:
-    """run.json's ``timing``: wall time, throughput, the feature cache, the breakdown, peak memory."""
+def timing_record(setup, state) -> dict:
+    """run.json's ``timing``: wall time, throughput, the feature cache, the breakdown, peak memory.
+
+    Args:
+        state: the loop's final :class:`~clipseg_bench.train.resume.LoopState`.
+    """
     peak, kind = peak_memory_mb(setup.accelerator.device)
-    epochs_done = max(len(state["history"]), 1)
+    epochs_done = max(len(state.history), 1)
     return {
-        "train_time_s": state["train_time_s"],
-        "s_per_epoch": state["train_time_s"] / epochs_done if state["history"] else 0.0,
-        "epochs": len(state["history"]),
-        "steps": state["global_step"],
-        "masks_per_s": state["masks"] / state["train_time_s"] if state["train_time_s"] else 0.0,
+        "train_time_s": state.train_time_s,
+        "s_per_epoch": state.train_time_s / epochs_done if state.history else 0.0,
+        "epochs": len(state.history),
+        "steps": state.global_step,
+        "masks_per_s": state.masks / state.train_time_s if state.train_time_s else 0.0,
         **setup.cache_summary(),
         "breakdown_s": dict(setup.timer.totals),
         "peak_mem_mb": peak,

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from clipseg_bench.config import TrainConfig, resolve_lr
+from clipseg_bench.data.channels import WINDOWS, needs_hu
 from clipseg_bench.data.dataset import PreparedData, SliceDataset
 from clipseg_bench.data.sampling import EpochSampler, train_case_subset
 from clipseg_bench.errors import InputError
@@ -34,8 +35,9 @@ from clipseg_bench.model.forward import (
     vision_trainable,
 )
 from clipseg_bench.model.load import LoadedModel, load_model
-from clipseg_bench.model.prompted import PromptedSegmenter
+from clipseg_bench.model.prompted import PromptedModule
 from clipseg_bench.organs import Organ, parse_organs, prompts
+from clipseg_bench.run_folder import Preprocessing
 from clipseg_bench.strategies import ParamCounts, apply_strategy, count_parameters
 from clipseg_bench.train.allocator import return_free_memory
 from clipseg_bench.train.audit import GradientAudit
@@ -53,7 +55,7 @@ class TrainingSetup:
         loaded: the model with its strategy applied, tokenizer and preprocessing.
         organs: the K prompted organs, in output order (their prompt texts: ``segmenter.prompts``).
         counts: trainable and total parameters.
-        module: the :class:`PromptedSegmenter`, as prepared by Accelerate.
+        module: the :class:`~clipseg_bench.model.prompted.PromptedModule`, as prepared by Accelerate.
         optimizer, scheduler: None when nothing trains (zero-shot).
         loader, sampler: the training slices; the sampler's order is a function of (seed, epoch).
         prompt_emb: (K, D) prompt embeddings when the text encoder is frozen (computed once), else None.
@@ -65,6 +67,7 @@ class TrainingSetup:
         features, val_features: cached vision activations of ``train_rows`` / ``val_rows`` when the
             vision encoder is frozen, else None.
         cache_infos: what the feature cache build did, per row set.
+        preprocessing: how the run turns slices into model input (run.json ``preprocessing``).
         segmenter: predicts with the model as it is now (validation).
         timer: time per phase.
         audit: the gradient audit (:mod:`clipseg_bench.train.audit`), started on the built model.
@@ -89,6 +92,7 @@ class TrainingSetup:
     features: np.ndarray | None
     val_features: np.ndarray | None
     cache_infos: dict[str, CacheInfo]
+    preprocessing: Preprocessing
     segmenter: Segmenter
     timer: StepTimer
     audit: GradientAudit
@@ -165,41 +169,65 @@ def release_frozen_vision(setup: TrainingSetup) -> None:
     return_free_memory()  # weights freed inside glibc's heap would otherwise stay resident
 
 
-def build_training(
-    cfg: TrainConfig,
-    acc,
-    *,
-    loaded: LoadedModel | None = None,
-    train_rows: pd.DataFrame | None = None,
-) -> TrainingSetup:
-    """Build everything a run trains with, in the order that keeps runs reproducible.
-
-    Args:
-        cfg: the run's config.
-        acc: the Accelerator (:func:`make_accelerator`).
-        loaded: a model with its strategy already applied, instead of loading ``cfg.model`` and
-            applying ``cfg.strategy`` (the efficiency benchmark builds random real-size models).
-        train_rows: train on these manifest rows instead of the split's kept slices.
-    """
+def build_data(cfg: TrainConfig) -> PreparedData:
+    """The prepared dataset, checked for the run's input channels."""
     data = PreparedData(cfg.data)
     data.check_channels(cfg.input_channels)
+    return data
+
+
+def build_model(cfg: TrainConfig, acc, loaded: LoadedModel | None = None) -> tuple[LoadedModel, ParamCounts]:
+    """The model with its strategy applied, on the run's device, and its parameter counts.
+
+    Args:
+        loaded: a model with its strategy already applied, instead of loading ``cfg.model`` and
+            applying ``cfg.strategy`` (the efficiency benchmark builds random real-size models).
+    """
     if loaded is None:
         loaded = load_model(cfg.model, image_size=cfg.image_size)
         apply_strategy(loaded.model, cfg.strategy, cfg.strategy_options)
-    model = loaded.model
-    counts = count_parameters(model)
+    counts = count_parameters(loaded.model)
     if cfg.gradient_checkpointing:
-        set_gradient_checkpointing(model, True)
-    model.to(acc.device)
-    organ_list = parse_organs(",".join(cfg.organs) if cfg.organs else None)
-    prompt_texts = prompts(cfg.prompt_template, organ_list)
-    tokens = {k: v.to(acc.device) for k, v in tokenize(loaded.tokenizer, prompt_texts).items()}
+        set_gradient_checkpointing(loaded.model, True)
+    loaded.model.to(acc.device)
+    return loaded, counts
 
-    # Frozen parts are computed once, not every step.
-    prompt_emb = None
-    if not text_trainable(model):
+
+@dataclass(kw_only=True)
+class Prompts:
+    """The run's organ prompts: organs in output order, their texts and tokens, and their features
+    when the text encoder is frozen (computed once, not every step; None when it trains)."""
+
+    organs: list[Organ]
+    texts: list[str]
+    tokens: dict[str, torch.Tensor]
+    features: Any
+
+
+def build_prompts(cfg: TrainConfig, loaded: LoadedModel, device) -> Prompts:
+    """The organ prompts of the run, tokenized on ``device``, encoded once if the text encoder is frozen."""
+    organ_list = parse_organs(",".join(cfg.organs) if cfg.organs else None)
+    texts = prompts(cfg.prompt_template, organ_list)
+    tokens = {k: v.to(device) for k, v in tokenize(loaded.tokenizer, texts).items()}
+    features = None
+    if not text_trainable(loaded.model):
         with torch.no_grad():
-            prompt_emb = encode_prompts(model, tokens["input_ids"], tokens["attention_mask"])
+            features = encode_prompts(loaded.model, tokens["input_ids"], tokens["attention_mask"])
+    return Prompts(organs=organ_list, texts=texts, tokens=tokens, features=features)
+
+
+def build_rows(
+    cfg: TrainConfig, data: PreparedData, train_rows: pd.DataFrame | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The manifest rows the run trains on and the val sample validation scores.
+
+    Args:
+        train_rows: train on these rows instead of the split's kept slices (or the ``train_cases``
+            subset of them).
+
+    Raises:
+        InputError: nothing to train on, or more ``train_cases`` than the folder has.
+    """
     if train_rows is None:
         train_rows = data.slices("train", kept_only=True)
         if cfg.train_cases is not None:  # the data-efficiency axis: a nested subset of the cases
@@ -212,15 +240,96 @@ def build_training(
         raise InputError(
             data.root, "no slice to train on: the train split has no case, or none of its slices was kept"
         )
-    train_rows = train_rows.reset_index(drop=True)
     val_rows = data.slices("val", kept_only=True)
     val_rows = val_rows.iloc[even_sample(val_rows, cfg.val_max_slices)].reset_index(drop=True)
-    features, val_features, infos = None, None, {}
-    if not vision_trainable(model) and cfg.feature_cache:
-        features, val_features, infos = _cache_frozen_vision(cfg, acc, data, loaded, train_rows, val_rows)
+    return train_rows.reset_index(drop=True), val_rows
 
+
+def build_preprocessing(cfg: TrainConfig, data: PreparedData, loaded: LoadedModel) -> Preprocessing:
+    """How this run turns slices into model input (recorded in run.json; segment and evaluate reuse
+    it): the prepared data's window, the input channels with today's HU windows, the model's side and
+    normalisation, and for ``neighbors`` the min/median/max spacing of neighbouring slices (mm)."""
+    mode = cfg.input_channels
+    spacing = None
+    if mode == "neighbors":
+        dz = data.manifest["spacing_z"].astype(float)
+        spacing = [float(dz.min()), float(dz.median()), float(dz.max())]
+    return Preprocessing(
+        window=data.window,
+        input_channels=mode,
+        channel_windows=[dict(w) for w in WINDOWS] if needs_hu(mode) else None,
+        image_size=loaded.image_size,
+        mean=list(loaded.mean),
+        std=list(loaded.std),
+        neighbor_spacing_mm=spacing,
+    )
+
+
+def build_schedule(cfg: TrainConfig, n_slices: int, num_processes: int) -> tuple[int, int]:
+    """(total optimizer steps, epochs) of a run over ``n_slices`` training slices.
+
+    Counted in global batches (batch_size slices on each of the processes): Accelerate's loader
+    gives each process every num_processes-th batch, so a run's steps and epochs depend on the
+    global batch only, not on how it is split over processes.
+    """
+    steps_per_epoch = math.ceil(n_slices / (cfg.batch_size * num_processes))
+    total_steps = min(cfg.max_steps or 10**12, steps_per_epoch * cfg.epochs)
+    return total_steps, math.ceil(total_steps / steps_per_epoch)
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module, total_steps: int, num_processes: int):
+    """AdamW and its warm-up + cosine schedule over the trainable parameters; (None, None) when
+    nothing trains (zero-shot)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        return None, None
+    from transformers import get_cosine_schedule_with_warmup
+
+    optimizer = make_optimizer(params, lr=resolve_lr(cfg), weight_decay=cfg.weight_decay)
+    # Accelerate's AcceleratedScheduler (split_batches=False) steps the wrapped scheduler once per
+    # process at every optimizer step, so the schedule is sized in those ticks, as Accelerate's and
+    # transformers' no_trainer examples do: the learning rate after k optimizer steps is then the
+    # same rational function of k on any number of processes (the lr column of history.csv).
+    ticks = num_processes
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, min(cfg.warmup_steps, total_steps) * ticks, total_steps * ticks
+    )
+    return optimizer, scheduler
+
+
+def build_training(
+    cfg: TrainConfig,
+    acc,
+    *,
+    loaded: LoadedModel | None = None,
+    train_rows: pd.DataFrame | None = None,
+) -> TrainingSetup:
+    """Build everything a run trains with, in the order that keeps runs reproducible.
+
+    Args:
+        cfg: the run's config.
+        acc: the Accelerator (:func:`make_accelerator`).
+        loaded: a model with its strategy already applied (see :func:`build_model`).
+        train_rows: train on these manifest rows instead of the split's kept slices.
+    """
+    data = build_data(cfg)
+    loaded, counts = build_model(cfg, acc, loaded)
+    prompt = build_prompts(cfg, loaded, acc.device)
+    train_rows, val_rows = build_rows(cfg, data, train_rows)
+    preprocessing = build_preprocessing(cfg, data, loaded)
+    features, val_features, infos = None, None, {}
+    if not vision_trainable(loaded.model) and cfg.feature_cache:
+        features, val_features, infos = _cache_frozen_vision(
+            cfg, acc, data, loaded, train_rows, val_rows, preprocessing
+        )
     dataset = SliceDataset(
-        data, "train", size=loaded.image_size, features=features, rows=train_rows, channels=cfg.input_channels
+        data,
+        "train",
+        size=loaded.image_size,
+        features=features,
+        rows=train_rows,
+        channels=cfg.input_channels,
+        windows=preprocessing.windows,
     )
     sampler = EpochSampler(len(dataset), cfg.seed)
     loader = DataLoader(
@@ -230,36 +339,18 @@ def build_training(
         num_workers=cfg.num_workers,
         persistent_workers=cfg.num_workers > 0,
     )
-    # Counted in global batches (batch_size slices on each of the processes): Accelerate's loader
-    # gives each process every num_processes-th batch, so a run's steps and epochs depend on the
-    # global batch only, not on how it is split over processes.
-    steps_per_epoch = math.ceil(len(dataset) / (cfg.batch_size * acc.num_processes))
-    total_steps = min(cfg.max_steps or 10**12, steps_per_epoch * cfg.epochs)
-    n_epochs = math.ceil(total_steps / steps_per_epoch)
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    module = PromptedSegmenter(model, tokens["input_ids"], tokens["attention_mask"])
+    total_steps, n_epochs = build_schedule(cfg, len(dataset), acc.num_processes)
+    module = PromptedModule(loaded.model, prompt.tokens["input_ids"], prompt.tokens["attention_mask"])
     if cfg.compile:  # in place, so Accelerate/DDP still wrap an ordinary module (measured in benchmarks/)
         module.compile()
-    optimizer = scheduler = None
-    if params:
-        from transformers import get_cosine_schedule_with_warmup
-
-        optimizer = make_optimizer(params, lr=resolve_lr(cfg), weight_decay=cfg.weight_decay)
-        # Accelerate's AcceleratedScheduler (split_batches=False) steps the wrapped scheduler once per
-        # process at every optimizer step, so the schedule is sized in those ticks, as Accelerate's and
-        # transformers' no_trainer examples do: the learning rate after k optimizer steps is then the
-        # same rational function of k on any number of processes (the lr column of history.csv).
-        ticks = acc.num_processes
-        scheduler = get_cosine_schedule_with_warmup(
-            optimizer, min(cfg.warmup_steps, total_steps) * ticks, total_steps * ticks
-        )
+    optimizer, scheduler = build_optimizer(cfg, loaded.model, total_steps, acc.num_processes)
+    if optimizer is not None:
         module, optimizer, loader, scheduler = acc.prepare(module, optimizer, loader, scheduler)
     segmenter = Segmenter(
-        model,
+        loaded.model,
         loaded.tokenizer,
-        organs=organ_list,
-        prompts=prompt_texts,
+        organs=prompt.organs,
+        prompts=prompt.texts,
         size=loaded.image_size,
         mean=loaded.mean,
         std=loaded.std,
@@ -270,30 +361,31 @@ def build_training(
         accelerator=acc,
         data=data,
         loaded=loaded,
-        organs=organ_list,
+        organs=prompt.organs,
         counts=counts,
         module=module,
         optimizer=optimizer,
         scheduler=scheduler,
         loader=loader,
         sampler=sampler,
-        prompt_emb=prompt_emb,
+        prompt_emb=prompt.features,
         train_rows=train_rows,
         val_rows=val_rows,
         train_check=even_sample(train_rows, cfg.val_max_slices),
         features=features,
         val_features=val_features,
         cache_infos=infos,
+        preprocessing=preprocessing,
         segmenter=segmenter,
         timer=StepTimer(acc.device),
-        audit=GradientAudit.start(model),
+        audit=GradientAudit.start(loaded.model),
         total_steps=total_steps,
         n_epochs=n_epochs,
     )
 
 
 def _cache_frozen_vision(
-    cfg: TrainConfig, acc, data: PreparedData, loaded: LoadedModel, train_rows, val_rows
+    cfg: TrainConfig, acc, data: PreparedData, loaded: LoadedModel, train_rows, val_rows, preprocessing
 ):
     """Vision activations of the train rows and the val sample, built once (main process first)."""
     # What the activations depend on: the cache key hashes the same inputs the builder uses.
@@ -304,6 +396,7 @@ def _cache_frozen_vision(
         "std": loaded.std,
         "dtype": cfg.feature_cache_dtype,
         "channels": cfg.input_channels,
+        "windows": preprocessing.windows,
     }
     # One key for both row sets: it hashes the whole vision encoder (344 MB for rd64).
     key = cache_key(loaded.model, **inputs)

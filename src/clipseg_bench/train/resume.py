@@ -2,36 +2,70 @@
 
 A checkpoint holds only what changes during training: the trainable parameters (safetensors),
 optimizer and scheduler state (tensors and numbers, read with ``weights_only=True``), and the loop's
-bookkeeping (JSON). Frozen weights come from the base model again, so a decoder-only checkpoint of
-the real model is a few MB rather than 600.
+bookkeeping (:class:`LoopState`, JSON). Frozen weights come from the base model again, so a
+decoder-only checkpoint of the real model is a few MB rather than 600.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from clipseg_bench.errors import InputError
-from clipseg_bench.model.checkpoint import load_trained, save_trained
+from clipseg_bench.model.weights import load_weights, save_weights
 from clipseg_bench.provenance import read_json_object
 
 
-def save_resume_state(folder: Path, *, model, optimizer, scheduler, state: dict) -> None:
+@dataclass
+class LoopState:
+    """The training loop's bookkeeping: what a resumed run continues from.
+
+    Attributes:
+        epoch: epochs finished.
+        global_step: optimizer steps taken.
+        history: one history.csv row (dict) per finished epoch.
+        train_time_s: wall time of the finished epochs' training (validation excluded).
+        masks: (slice, organ) masks trained on, over all processes.
+        breakdown_s: time per phase (:class:`~clipseg_bench.train.timing.StepTimer`).
+        num_processes: processes that wrote it (the scheduler's state counts per-process ticks);
+            None in checkpoints from before it was recorded.
+    """
+
+    epoch: int = 0
+    global_step: int = 0
+    history: list[dict] = field(default_factory=list)
+    train_time_s: float = 0.0
+    masks: int = 0
+    breakdown_s: dict = field(default_factory=dict)
+    num_processes: int | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> LoopState:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in doc.items() if k in known})
+
+
+def save_resume_state(folder: Path, *, model, optimizer, scheduler, state: LoopState) -> None:
     """Write ``folder`` (e.g. RUN/checkpoints/last) atomically: build aside, then swap in."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_trained(model, tmp / "trainable.safetensors")
+    save_weights(model, tmp / "trainable.safetensors")
     if optimizer is not None:
         torch.save(
             {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt"
         )
-    (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    (tmp / "state.json").write_text(json.dumps(state.to_dict(), indent=2))
     old = folder.with_name(f".{folder.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
@@ -40,8 +74,9 @@ def save_resume_state(folder: Path, *, model, optimizer, scheduler, state: dict)
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_resume_state(folder: Path, *, model, optimizer=None, scheduler=None) -> dict:
-    """Restore what :func:`save_resume_state` wrote; returns the bookkeeping dict.
+def load_resume_state(folder: Path, *, model, optimizer=None, scheduler=None) -> LoopState:
+    """Restore what :func:`save_resume_state` wrote into ``model``, ``optimizer`` and ``scheduler``;
+    returns the loop's bookkeeping.
 
     Raises:
         InputError: naming the checkpoint file that is missing, corrupt or does not fit the run.
@@ -50,7 +85,7 @@ def load_resume_state(folder: Path, *, model, optimizer=None, scheduler=None) ->
     state = read_json_object(state_path)  # the cheapest check first
     if not isinstance(state.get("epoch"), int) or not isinstance(state.get("global_step"), int):
         raise InputError(state_path, "not a resume checkpoint state (no integer epoch and global_step)")
-    load_trained(model, folder / "trainable.safetensors")
+    load_weights(model, folder / "trainable.safetensors")
     if optimizer is not None and optim_path.is_file():
         try:
             blob = torch.load(optim_path, map_location="cpu", weights_only=True)
@@ -61,4 +96,4 @@ def load_resume_state(folder: Path, *, model, optimizer=None, scheduler=None) ->
                 optim_path,
                 f"corrupt or foreign optimizer state ({exc.__class__.__name__}: {str(exc).splitlines()[0][:80]})",
             ) from None
-    return state
+    return LoopState.from_dict(state)

@@ -3,7 +3,7 @@
 A run's ``weights.safetensors`` holds the parameters that had ``requires_grad`` (a few MB for
 adapters or LoRA instead of a whole CLIPSeg) and the run's config as JSON in the file's metadata.
 To load, rebuild the base model, apply the same strategy (which injects the same modules), then
-:func:`load_trained`. safetensors never unpickles, so a weights file cannot run code.
+:func:`load_weights`. safetensors never unpickles, so a weights file cannot run code.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_trained(model: nn.Module, path: str | Path, *, config: dict[str, Any] | None = None) -> None:
+def save_weights(model: nn.Module, path: str | Path, *, config: dict[str, Any] | None = None) -> None:
     """Write the trainable parameters of ``model`` to a safetensors file.
 
     Args:
@@ -41,8 +41,8 @@ def save_trained(model: nn.Module, path: str | Path, *, config: dict[str, Any] |
     save_file(trained_state(model), str(path), metadata=metadata)
 
 
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The config stored in a weights file by :func:`save_trained`, without loading tensors."""
+def read_weights_config(path: str | Path) -> dict[str, Any]:
+    """The config stored in a weights file by :func:`save_weights`, without loading tensors."""
     _, config = _open(Path(path), load_tensors=False)
     return config
 
@@ -63,14 +63,14 @@ def _open(path: Path, *, load_tensors: bool) -> tuple[dict[str, torch.Tensor], d
     return tensors, json.loads(meta.get("config", "{}"))
 
 
-def load_trained(model: nn.Module, path: str | Path) -> dict[str, Any]:
+def load_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
     """Load trained parameters into a model that had the same strategy applied.
 
     Strict: the file must hold exactly the model's trainable parameters, with the same shapes.
 
     Args:
         model: base model after ``apply_strategy`` with the run's strategy and options.
-        path: a file written by :func:`save_trained`.
+        path: a file written by :func:`save_weights`.
 
     Returns:
         The config stored in the file.
