@@ -11,8 +11,6 @@ import re
 import shutil
 import statistics
 import subprocess
-import sys
-import types
 import zlib
 from importlib import resources
 from pathlib import Path
