@@ -20,6 +20,7 @@ from clipseg_bench import cli
 from clipseg_bench.config import load_config
 from clipseg_bench.strategies import get
 from clipseg_bench.train.loop import train
+from tolerance import tolerance
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -190,13 +191,14 @@ def test_feature_cache_follows_the_live_loss_curve(prepared_dir, tmp_path):
         _cfg(prepared_dir, tmp_path / "cached", strategy="decoder", max_steps=12, feature_cache=True)
     )
     a, b = pd.read_csv(live / "history.csv"), pd.read_csv(cached / "history.csv")
-    np.testing.assert_allclose(a["loss"], b["loss"], rtol=2e-3)
+    # fp16 activations: each loss within 2 fp16 steps of the live one (after 12 optimizer steps)
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=2 * np.finfo(np.float16).eps)
     info = json.loads((cached / "run.json").read_text())
     assert info["timing"]["cache_size_mb"] > 0
     assert json.loads((live / "run.json").read_text())["timing"]["cache_size_mb"] == 0
     wa, wb = load_file(live / "weights.safetensors"), load_file(cached / "weights.safetensors")
     for k in wa:
-        np.testing.assert_allclose(wa[k], wb[k], atol=2e-3, err_msg=k)
+        np.testing.assert_allclose(wa[k], wb[k], atol=tolerance(np.float16, 1.0, 2), err_msg=k)
 
 
 def test_an_fp32_feature_cache_trains_exactly_like_live_features(prepared_dir, tmp_path):
@@ -215,10 +217,12 @@ def test_an_fp32_feature_cache_trains_exactly_like_live_features(prepared_dir, t
         )
     )
     a, b = pd.read_csv(live / "history.csv"), pd.read_csv(fp32 / "history.csv")
-    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
+    # the same float32 activations: the same numbers up to summation order (8 fp32 steps of the loss,
+    # 84 of each weight after 8 optimizer steps; measured: equal here)
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=8 * np.finfo(np.float32).eps)
     wa, wb = load_file(live / "weights.safetensors"), load_file(fp32 / "weights.safetensors")
     for k in wa:
-        np.testing.assert_allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7, err_msg=k)
+        np.testing.assert_allclose(wa[k], wb[k], atol=tolerance(np.float32, wa[k], 84), err_msg=k)
     info = json.loads((fp32 / "run.json").read_text())
     assert info["vision_features"] == {"train": "cache fp32", "val": "cache fp32"}
     assert json.loads((live / "run.json").read_text())["vision_features"]["train"] == "live"
@@ -289,10 +293,12 @@ def test_chunked_decoding_gives_the_same_training(prepared_dir, tmp_path):
     whole = train(_cfg(prepared_dir, tmp_path / "whole", strategy="decoder", max_steps=6, pair_chunk=0))
     chunked = train(_cfg(prepared_dir, tmp_path / "chunked", strategy="decoder", max_steps=6, pair_chunk=5))
     a, b = pd.read_csv(whole / "history.csv"), pd.read_csv(chunked / "history.csv")
-    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+    # gradients summed chunk by chunk: another summation order, then 6 AdamW steps (84 fp32 steps of
+    # the loss, 840 of each weight: Adam divides by sqrt(v), which amplifies rounding)
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=84 * np.finfo(np.float32).eps)
     wa, wb = load_file(whole / "weights.safetensors"), load_file(chunked / "weights.safetensors")
     for k in wa:
-        np.testing.assert_allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(wa[k], wb[k], atol=tolerance(np.float32, wa[k], 840), err_msg=k)
 
 
 def test_augmentation_is_seeded_bounded_and_bypasses_the_cache(prepared_dir, tmp_path):
