@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("phantom", help="write synthetic abdominal CT volumes + labels (FLARE22 layout)")
     s.add_argument("--out", required=True, help="folder to write images/ and labels/ into")
     s.add_argument("--cases", type=int, default=4, help="number of cases (default 4)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seed of the phantoms (default 0)")
     s.add_argument("--style", default="A", choices=["A", "B"], help="A: pretraining look; B: shifted look")
     s.add_argument("--size", type=int, default=96, help="in-plane voxels (default 96)")
     s.add_argument(
@@ -346,19 +346,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-steps", type=_positive_int, help="stop after N optimizer steps")
     s.add_argument("--batch-size", type=_positive_int, help="slices per step (default 8)")
     s.add_argument("--lr", type=float, help="peak learning rate (default: per strategy)")
-    s.add_argument("--seed", type=int)
-    s.add_argument("--image-size", type=int)
-    s.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"])
-    s.add_argument("--num-workers", type=int)
+    s.add_argument("--seed", type=int, help="seed of the run (weights of injected modules, order, dropout)")
+    s.add_argument("--image-size", type=int, help="square input side in px (default: the model's own)")
+    s.add_argument(
+        "--mixed-precision", choices=["no", "bf16", "fp16"], help="autocast precision (Accelerate)"
+    )
+    s.add_argument("--num-workers", type=int, help="DataLoader worker processes (default 0)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other config field (YAML value)")
     s.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     s.add_argument("--evaluate", action="store_true", help="run `evaluate` on the val split afterwards")
     s.set_defaults(func=_cmd_train, parser=s)
 
     s = sub.add_parser("evaluate", help="2D Dice and FLARE22 3D DSC/NSD of a run -> RUN/metrics.json")
-    s.add_argument("--run", required=True)
+    s.add_argument("--run", required=True, help="run folder written by `clipseg-bench train`")
     s.add_argument("--data", help="PREPARED folder (default: the one the run trained on)")
-    s.add_argument("--split", default="val", choices=["train", "val"])
+    s.add_argument(
+        "--split", default="val", choices=["train", "val"], help="which cases to score (default val)"
+    )
     s.add_argument("--max-cases", type=_positive_int, help="evaluate only the first N cases")
     _add_postprocess_flag(s, "which 3D scores are the headline (both are always written)")
     s.set_defaults(func=_cmd_evaluate, parser=s)
@@ -400,26 +404,51 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=_cmd_segment, parser=s)
 
-    s = sub.add_parser("benchmark", help="run strategies x seeds, one run folder each")
-    s.add_argument("--data", required=True)
-    s.add_argument("--model", default="tiny")
+    s = sub.add_parser(
+        "benchmark",
+        help="run strategies x seeds (x training cases), one run folder each",
+        description="Train and evaluate every (strategy, seed[, training cases]) cell in its own process, "
+        "one run folder each under BENCH/runs/. Finished cells are skipped and interrupted ones resumed on "
+        "the next call; a BENCH folder holds one set of settings (a call that changes them is refused).",
+    )
+    s.add_argument("--data", required=True, help="PREPARED folder written by `clipseg-bench prepare`")
+    s.add_argument(
+        "--model", default="tiny", help="hub id, local save_pretrained folder, or a tiny spec (default tiny)"
+    )
     s.add_argument(
         "--strategies",
         type=_names,
-        help="comma-separated strategies (default: every registered strategy, in report order)",
+        help="comma-separated strategies (default: every registered strategy, in report order; "
+        "see `clipseg-bench strategies`)",
     )
-    s.add_argument("--seeds", type=_ints, default="0,1,2")
-    s.add_argument("--epochs", type=_positive_int, default=20)
-    s.add_argument("--max-steps", type=_positive_int)
-    s.add_argument("--batch-size", type=_positive_int)
-    s.add_argument("--config", help="YAML of TrainConfig fields shared by every run")
-    s.add_argument("--out", required=True, help="BENCH folder")
-    s.add_argument("--shard", help="i/n: run only shard i of n (e.g. a SLURM array task)")
+    s.add_argument(
+        "--seeds",
+        type=_ints,
+        default="0,1,2",
+        help="comma-separated seeds, one run per strategy each (default 0,1,2)",
+    )
+    s.add_argument(
+        "--epochs", type=_positive_int, default=20, help="passes over the training slices (default 20)"
+    )
+    s.add_argument(
+        "--max-steps",
+        type=_positive_int,
+        help="stop every run after this many optimizer steps (a step budget)",
+    )
+    s.add_argument("--batch-size", type=_positive_int, help="slices per optimizer step (default 8)")
+    s.add_argument("--config", help="YAML of TrainConfig fields shared by every run; the flags here win")
+    s.add_argument("--out", required=True, help="BENCH folder (runs/, configs/, logs/, bench-shard<i>.json)")
+    s.add_argument("--shard", help="i/n: run only every n-th cell starting at i (e.g. a SLURM array task)")
     s.add_argument("--no-evaluate", action="store_true", help="skip `evaluate` after each run")
     s.add_argument(
-        "--lrs", help="per-strategy learning rates, e.g. full=1e-5,decoder=1e-3 (default: configs)"
+        "--lrs",
+        help="per-strategy learning rates, e.g. full=1e-5,decoder=1e-3 (default: each strategy's own, "
+        "in its file under strategies/)",
     )
-    s.add_argument("--launcher", help='training launcher, e.g. "accelerate launch --num_processes 4"')
+    s.add_argument(
+        "--launcher",
+        help='command that starts each training process, e.g. "accelerate launch --num_processes 4"',
+    )
     s.add_argument(
         "--train-cases",
         help="data-efficiency axis: training-case counts, fractions or 'all', e.g. 1,5,all or 0.25,0.5,1.0 "
@@ -439,7 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_report, parser=s)
 
     s = sub.add_parser("demo", help="the whole study at smoke scale, nothing downloaded")
-    s.add_argument("--out", default="demo_out")
+    s.add_argument(
+        "--out", default="demo_out", help="folder for everything the demo writes (default demo_out)"
+    )
     s.add_argument("--quick", action="store_true", help="fewer steps (tests)")
     s.set_defaults(func=_cmd_demo, parser=s)
     return p

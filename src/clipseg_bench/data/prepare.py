@@ -737,18 +737,9 @@ def prepare(
     """
     t0 = time.perf_counter()
     out = Path(out)
-    try:
-        window_dict = parse_window(window)
-    except ValueError as exc:
-        raise FieldError("window", str(exc)) from None
-    explicit = None if label_map is None else load_label_map(label_map)
     if workers < 1:
         raise FieldError("workers", f"must be >= 1, got {workers}")
-    if dataset is not None and layout == "msd":
-        lmap = dataset_label_map(dataset, explicit)
-    else:
-        lmap = explicit or load_label_map("flare22")
-    sources = find_cases(images=images, labels=labels, dataset=dataset, layout=layout, label_map=lmap)
+    window_dict, lmap, sources = _read_inputs(images, labels, dataset, layout, window, label_map)
     case_ids = [s.case for s in sources]
     patients = read_groups(groups, case_ids) if groups is not None else {c: c for c in case_ids}
     splits = split_cases(
@@ -768,11 +759,9 @@ def prepare(
         _roll_back(out, created=created, had_marker=had_marker)
         raise
     records = {**done, **{r["case"]: r for r in staged}}
+    split_info = {"val_fraction": val_fraction, "seed": seed, "split_file": split_file, "groups_file": groups}
     split_info = {
-        "val_fraction": val_fraction,
-        "seed": seed,
-        "split_file": str(split_file) if split_file else None,
-        "groups_file": str(groups) if groups else None,
+        **{k: str(v) if isinstance(v, Path) else v for k, v in split_info.items()},
         "patients": patients,
     }
     counts = {"processed": len(staged), "skipped": len(done)}
@@ -781,6 +770,25 @@ def prepare(
     except OSError as exc:
         raise InputError(exc.filename or out, f"cannot write ({exc.strerror or exc})") from None
     return out
+
+
+def _read_inputs(images, labels, dataset, layout: str, window: str, label_map: str | None):
+    """(window, label map, case sources) of a prepare call, every input checked.
+
+    Raises:
+        FieldError: a bad window; InputError: a bad label map or case folder.
+    """
+    try:
+        window_dict = parse_window(window)
+    except ValueError as exc:
+        raise FieldError("window", str(exc)) from None
+    explicit = None if label_map is None else load_label_map(label_map)
+    if dataset is not None and layout == "msd":
+        lmap = dataset_label_map(dataset, explicit)
+    else:
+        lmap = explicit or load_label_map("flare22")
+    sources = find_cases(images=images, labels=labels, dataset=dataset, layout=layout, label_map=lmap)
+    return window_dict, lmap, sources
 
 
 def _open_output(out: Path, had_marker: bool) -> None:

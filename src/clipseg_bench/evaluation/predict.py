@@ -46,6 +46,20 @@ class Segmenter:
         self.device = torch.device(device)
         self.tokens = self._tokens(prompts)
 
+    @classmethod
+    def of(cls, loaded, *, organs: list[Organ], prompts: list[str], device) -> Segmenter:
+        """The segmenter of a :class:`~clipseg_bench.model.load.LoadedModel` (its preprocessing)."""
+        return cls(
+            loaded.model,
+            loaded.tokenizer,
+            organs=organs,
+            prompts=prompts,
+            size=loaded.image_size,
+            mean=loaded.mean,
+            std=loaded.std,
+            device=device,
+        )
+
     def _tokens(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in tokenize(self.tokenizer, prompts).items()}
 

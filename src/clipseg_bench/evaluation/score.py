@@ -88,22 +88,7 @@ def score_folder(
     if out is not None:
         inputs = [pred, labels, *gt_files.values(), *pred_files.values()]
         check_output_file(out, command="score", ours=_written_by_score, inputs=inputs, overwrite=overwrite)
-    if not gt_files:
-        raise InputError(labels, "no <case>.nii.gz label volumes here")
-    extra = sorted(set(pred_files) - set(gt_files))
-    if extra:
-        raise InputError(
-            pred_files[extra[0]],
-            f"no ground truth {extra[0]}.nii.gz in {labels} ({len(extra)} prediction(s) without one)",
-        )
-    missing = sorted(set(gt_files) - set(pred_files))
-    if missing and not missing_as_empty:
-        raise InputError(
-            pred / f"{missing[0]}.nii.gz",
-            f"missing prediction ({len(missing)} case(s) without "
-            "one; --missing-as-empty scores them as empty)",
-        )
-
+    missing = _check_pairs(gt_files, pred_files, pred=pred, labels=labels, missing_as_empty=missing_as_empty)
     per_case = {}
     for case, gt_path in gt_files.items():
         gt, gt_header = read_labels(gt_path)
@@ -130,6 +115,32 @@ def score_folder(
             table.to_csv(tmp, index=False)
     _print_means(summarize(per_case), n_cases=len(per_case), n_missing=len(missing), out=out)
     return table
+
+
+def _check_pairs(
+    gt_files: dict, pred_files: dict, *, pred: Path, labels: Path, missing_as_empty: bool
+) -> list:
+    """The label cases without a prediction (allowed with ``missing_as_empty``).
+
+    Raises:
+        InputError: no labels, a prediction without ground truth, or a missing prediction.
+    """
+    if not gt_files:
+        raise InputError(labels, "no <case>.nii.gz label volumes here")
+    extra = sorted(set(pred_files) - set(gt_files))
+    if extra:
+        raise InputError(
+            pred_files[extra[0]],
+            f"no ground truth {extra[0]}.nii.gz in {labels} ({len(extra)} prediction(s) without one)",
+        )
+    missing = sorted(set(gt_files) - set(pred_files))
+    if missing and not missing_as_empty:
+        raise InputError(
+            pred / f"{missing[0]}.nii.gz",
+            f"missing prediction ({len(missing)} case(s) without "
+            "one; --missing-as-empty scores them as empty)",
+        )
+    return missing
 
 
 def _print_means(summary: dict, *, n_cases: int, n_missing: int, out: Path | None) -> None:

@@ -273,6 +273,33 @@ def _check_outputs(files: list[Path], *, inputs: list[Path], overwrite: bool) ->
         )
 
 
+def _check_options(
+    *, threshold: float, organs: str | None, postprocess_mode: str, per_organ: str | None
+) -> None:
+    """The command's options, checked before anything is loaded."""
+    if not 0 < threshold < 1:
+        raise FieldError("threshold", f"must be between 0 and 1 (exclusive), got {threshold}")
+    if organs is not None:
+        _organ_list(organs)
+    check_postprocess_mode(postprocess_mode)
+    if per_organ is not None and per_organ not in PER_ORGAN_MODES:
+        raise FieldError("per_organ", f"must be one of {', '.join(PER_ORGAN_MODES)}, got {per_organ!r}")
+
+
+def _single_ct(sources: dict, ct: Path, out: Path) -> bool:
+    """Whether ``--ct`` is one CT written to one mask file (else a folder of CTs into a folder);
+    ``out`` checked for that."""
+    one_ct = list(sources.values()) == [ct] and not out.is_dir()  # a file or a series -> a mask file
+    single = len(sources) == 1 and (one_ct or _is_mask_path(out))
+    if single:
+        _check_mask_path(out)
+    elif len(sources) > 1 and _is_mask_path(out):
+        raise InputError(out, f"--ct {ct} holds {len(sources)} CTs: --out must be a folder")
+    else:
+        _check_out_folder(out, ct)
+    return single
+
+
 def segment(
     *,
     run=None,
@@ -314,23 +341,10 @@ def segment(
             be read is raised at the end naming every CT that failed, after all the others were
             written. Everything but unreadable CTs is refused before the first write.
     """
-    if not 0 < threshold < 1:
-        raise FieldError("threshold", f"must be between 0 and 1 (exclusive), got {threshold}")
-    if organs is not None:
-        _organ_list(organs)
-    check_postprocess_mode(postprocess_mode)
-    if per_organ is not None and per_organ not in PER_ORGAN_MODES:
-        raise FieldError("per_organ", f"must be one of {', '.join(PER_ORGAN_MODES)}, got {per_organ!r}")
+    _check_options(threshold=threshold, organs=organs, postprocess_mode=postprocess_mode, per_organ=per_organ)
     ct, out = Path(ct), Path(out)
     sources = ct_sources(ct)
-    one_ct = list(sources.values()) == [ct] and not out.is_dir()  # a file or a series -> a mask file
-    single = len(sources) == 1 and (one_ct or _is_mask_path(out))
-    if single:
-        _check_mask_path(out)
-    elif len(sources) > 1 and _is_mask_path(out):
-        raise InputError(out, f"--ct {ct} holds {len(sources)} CTs: --out must be a folder")
-    else:
-        _check_out_folder(out, ct)
+    single = _single_ct(sources, ct, out)
     loaded = load_for_segment(run=run, model=model, strategy=strategy, organs=organs, device=device)
     options = {"per_organ": per_organ, "probabilities": probabilities}
     inputs = [ct, *sources.values()] + (sorted(Path(run).iterdir()) if run and Path(run).is_dir() else [])

@@ -34,18 +34,8 @@ class TrainedModel:
         """A :class:`~clipseg_bench.evaluation.predict.Segmenter` of this model on ``device``."""
         from clipseg_bench.evaluation.predict import Segmenter
 
-        lm = self.loaded
-        lm.model.to(device)
-        return Segmenter(
-            lm.model,
-            lm.tokenizer,
-            organs=self.organs,
-            prompts=self.prompts,
-            size=lm.image_size,
-            mean=lm.mean,
-            std=lm.std,
-            device=device,
-        )
+        self.loaded.model.to(device)
+        return Segmenter.of(self.loaded, organs=self.organs, prompts=self.prompts, device=device)
 
     def keep_organs(self, keys: list[str]) -> None:
         """Segment only these organs (in the run's order).

@@ -27,7 +27,7 @@ from torch import nn
 
 from clipseg_bench.errors import InputError
 from clipseg_bench.model.families import family_of
-from clipseg_bench.strategies.base import Strategy, option_field, register
+from clipseg_bench.strategies.base import Strategy, option_field, register, train_decoder
 
 POSITIONS = ("attention", "mlp")  # where in an encoder layer; the model family names the sublayers
 REDUCTION = 12  # default width / bottleneck: 768 -> 64 in CLIP-B (Houlsby et al. tried sizes 8, 64 and 256)
@@ -133,5 +133,4 @@ class Adapter(Strategy):
                 adapter = BottleneckAdapter(width, options.bottleneck or max(1, width // REDUCTION))
                 setattr(layer, attr, Adapted(getattr(layer, attr), adapter))  # new modules are trainable
         if options.train_decoder:
-            for module in family.parts(model).decoder:
-                module.requires_grad_(True)
+            train_decoder(model)

@@ -93,6 +93,14 @@ def register(cls: type[Strategy]) -> type[Strategy]:
     return cls
 
 
+def train_decoder(model: nn.Module) -> None:
+    """Unfreeze the model's decoder (its family's ``decoder`` part): what every fine-tuning strategy trains."""
+    from clipseg_bench.model.families import family_of
+
+    for module in family_of(model).parts(model).decoder:
+        module.requires_grad_(True)
+
+
 def option_field(default: Any, help: str, **kwargs: Any) -> Any:
     """A dataclass field with help text; lists and dicts as defaults are copied per instance."""
     if isinstance(default, (list, dict)):

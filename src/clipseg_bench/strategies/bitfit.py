@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from clipseg_bench.model.families import family_of
-from clipseg_bench.strategies.base import Strategy, option_field, register
+from clipseg_bench.strategies.base import Strategy, option_field, register, train_decoder
 
 
 @dataclass
@@ -37,5 +37,4 @@ class BitFit(Strategy):
                 if name.endswith("bias"):
                     p.requires_grad_(True)
         if options.train_decoder:
-            for module in parts.decoder:
-                module.requires_grad_(True)
+            train_decoder(model)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from clipseg_bench.model.families import family_of
-from clipseg_bench.strategies.base import Strategy, register
+from clipseg_bench.strategies.base import Strategy, register, train_decoder
 
 
 @register
@@ -21,5 +20,4 @@ class DecoderOnly(Strategy):
     color = "#ff7f0e"
 
     def apply(self, model: nn.Module, options) -> None:
-        for module in family_of(model).parts(model).decoder:
-            module.requires_grad_(True)
+        train_decoder(model)

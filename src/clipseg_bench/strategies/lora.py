@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from clipseg_bench.model.families import family_of
-from clipseg_bench.strategies.base import Strategy, option_field, register
+from clipseg_bench.strategies.base import Strategy, option_field, register, train_decoder
 
 # The Linear layers of a CLIP encoder layer (attention q/k/v/out, MLP fc1/fc2).
 LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
@@ -80,5 +80,4 @@ class Lora(Strategy):
         )
         inject_adapter_in_model(config, model)  # in place; marks only the LoRA weights trainable
         if options.train_decoder:
-            for module in family_of(model).parts(model).decoder:
-                module.requires_grad_(True)
+            train_decoder(model)

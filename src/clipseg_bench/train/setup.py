@@ -265,6 +265,28 @@ def build_preprocessing(cfg: TrainConfig, data: PreparedData, loaded: LoadedMode
     )
 
 
+def build_loader(cfg: TrainConfig, data, rows, features, size: int, preprocessing: Preprocessing):
+    """The training slices' loader and its sampler (whose order is a function of (seed, epoch))."""
+    dataset = SliceDataset(
+        data,
+        "train",
+        size=size,
+        features=features,
+        rows=rows,
+        channels=cfg.input_channels,
+        windows=preprocessing.windows,
+    )
+    sampler = EpochSampler(len(dataset), cfg.seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,
+    )
+    return loader, sampler
+
+
 def build_schedule(cfg: TrainConfig, n_slices: int, num_processes: int) -> tuple[int, int]:
     """(total optimizer steps, epochs) of a run over ``n_slices`` training slices.
 
@@ -322,40 +344,15 @@ def build_training(
         features, val_features, infos = _cache_frozen_vision(
             cfg, acc, data, loaded, train_rows, val_rows, preprocessing
         )
-    dataset = SliceDataset(
-        data,
-        "train",
-        size=loaded.image_size,
-        features=features,
-        rows=train_rows,
-        channels=cfg.input_channels,
-        windows=preprocessing.windows,
-    )
-    sampler = EpochSampler(len(dataset), cfg.seed)
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        sampler=sampler,
-        num_workers=cfg.num_workers,
-        persistent_workers=cfg.num_workers > 0,
-    )
-    total_steps, n_epochs = build_schedule(cfg, len(dataset), acc.num_processes)
+    loader, sampler = build_loader(cfg, data, train_rows, features, loaded.image_size, preprocessing)
+    total_steps, n_epochs = build_schedule(cfg, len(sampler), acc.num_processes)
     module = PromptedModule(loaded.model, prompt.tokens["input_ids"], prompt.tokens["attention_mask"])
     if cfg.compile:  # in place, so Accelerate/DDP still wrap an ordinary module (measured in benchmarks/)
         module.compile()
     optimizer, scheduler = build_optimizer(cfg, loaded.model, total_steps, acc.num_processes)
     if optimizer is not None:
         module, optimizer, loader, scheduler = acc.prepare(module, optimizer, loader, scheduler)
-    segmenter = Segmenter(
-        loaded.model,
-        loaded.tokenizer,
-        organs=prompt.organs,
-        prompts=prompt.texts,
-        size=loaded.image_size,
-        mean=loaded.mean,
-        std=loaded.std,
-        device=acc.device,
-    )
+    segmenter = Segmenter.of(loaded, organs=prompt.organs, prompts=prompt.texts, device=acc.device)
     return TrainingSetup(
         cfg=cfg,
         accelerator=acc,
