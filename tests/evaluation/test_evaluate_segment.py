@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from clipseg_bench.config import load_config
+from clipseg_bench.data.dataset import PreparedData
 from clipseg_bench.evaluation.evaluate import evaluate_run
 from clipseg_bench.evaluation.metrics import summarize
 from clipseg_bench.evaluation.score import score_folder
@@ -64,6 +65,23 @@ def test_metrics_json_has_the_promised_keys(trained_run, prepared_dir):
     for key, s in expect["per_organ"].items():
         assert on_disk["summary"]["per_organ"][key] == pytest.approx(s)
     assert 0.0 <= on_disk["dice2d"] <= 1.0 and 0.0 <= on_disk["empty_specificity"] <= 1.0
+    assert on_disk["fp_slice_rate"] == pytest.approx(1 - on_disk["empty_specificity"])
+    # the organs present per case, from the val labels, and the summary's mean over them
+    labels = {c: np.asarray(PreparedData(prepared_dir).array(c, "label")) for c in val_cases}
+    for case, keys in on_disk["organs_present"].items():
+        assert keys == [o.key for o in ORGANS if (labels[case] == o.id).any()]
+    assert on_disk["summary"]["dsc_present"] == pytest.approx(
+        summarize(on_disk["per_case"], on_disk["organs_present"])["dsc_present"]
+    )
+    confusion = on_disk["prompt_confusion"]
+    assert confusion["organs"] == [o.key for o in ORGANS] and np.shape(confusion["dice"]) == (13, 13)
+    # the diagonal is each organ's dice2d
+    for i, o in enumerate(ORGANS):
+        per = on_disk["prompt_reliance_per_organ"][o.key]
+        if per["pairs"]:
+            assert confusion["dice"][i][i] == pytest.approx(per["dice2d"])
+        else:  # never present in the val cases: no column
+            assert np.isnan(confusion["dice"][i][i])
     samples = np.load(trained_run / "samples.npz")
     assert samples["image"].shape == samples["gt"].shape == samples["pred"].shape
     assert samples["image"].dtype == np.uint8 and len(samples["z"]) > 0

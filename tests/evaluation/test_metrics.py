@@ -12,9 +12,12 @@ import torch
 from scipy import ndimage
 
 from clipseg_bench.evaluation.metrics import (
+    cross_dice,
     dice,
     dice_2d_pairs,
+    false_positive_slices,
     flare_dsc_nsd,
+    organs_present,
     present_pairs_dice,
     score_case,
     summarize,
@@ -234,6 +237,54 @@ def test_summarize_by_hand():
     assert s["nsd"] == pytest.approx(1.6 / 4)
     with pytest.raises(ValueError):
         summarize({})
+
+
+def test_summarize_over_present_organs_by_hand():
+    # case a: spleen absent from the truth and predicted (0); case b: spleen absent and not predicted (1)
+    per_case = {
+        "a": {"liver": {"dsc": 0.5, "nsd": 1.0}, "spleen": {"dsc": 0.0, "nsd": 0.0}},
+        "b": {"liver": {"dsc": 0.7, "nsd": 0.2}, "spleen": {"dsc": 1.0, "nsd": 1.0}},
+    }
+    s = summarize(per_case, {"a": ["liver"], "b": ["liver"]})
+    assert s["dsc"] == pytest.approx(2.2 / 4)  # the FLARE22 mean is unchanged
+    assert s["dsc_present"] == pytest.approx(0.6) and s["nsd_present"] == pytest.approx(0.6)
+    # a case with no organ present is left out; none at all gives NaN
+    assert summarize(per_case, {"a": ["liver", "spleen"], "b": []})["dsc_present"] == pytest.approx(0.25)
+    assert math.isnan(summarize(per_case, {"a": []})["dsc_present"])
+    assert "dsc_present" not in summarize(per_case)
+
+
+def test_organs_present_reads_the_truth():
+    gt = np.zeros((4, 4, 4), np.int16)
+    gt[0, 0, 0], gt[1, 1, 1] = 3, 1
+    assert organs_present(gt) == ["liver", "spleen"]  # FLARE22 order
+    assert organs_present(gt, [BY_ID[3], BY_ID[2]]) == ["spleen"]
+
+
+def test_cross_dice_by_hand():
+    """One slice of 2 x 2, two prompts, two organs: organ 0 the top row, organ 1 absent."""
+    gt = np.zeros((1, 2, 2, 2), bool)
+    gt[0, 0, 0, :] = True
+    pred = np.zeros_like(gt)
+    pred[0, 0, 0, :] = True  # prompt 0: exactly organ 0
+    pred[0, 1, :, 0] = True  # prompt 1: the left column
+    c = cross_dice(pred, gt)[0]
+    # [prompt, organ]: 1 on organ 0; 0 against the empty organ 1 (one empty); 2*1/(2+2) = 0.5
+    np.testing.assert_allclose(c, [[1.0, 0.0], [0.5, 0.0]])
+    assert cross_dice(np.zeros_like(gt), np.zeros_like(gt))[0, 0, 0] == 1.0  # both empty
+    # the diagonal is the project's one Dice
+    np.testing.assert_allclose(np.diagonal(c), dice_2d_pairs(pred[0], gt[0]))
+
+
+def test_false_positive_slices_by_hand():
+    gt = np.zeros((3, 2, 2, 2), bool)
+    gt[0, 0, 0, 0] = True  # organ 0 present on slice 0 only; organ 1 never
+    pred = np.zeros_like(gt)
+    pred[0, 1, 1, 1] = True  # organ 1 painted on slice 0 (absent there): a false positive
+    pred[2, 0, 0, 0] = True  # organ 0 painted on slice 2 (absent there): a false positive
+    pred[0, 0, 0, 0] = True  # organ 0 found where present: not counted
+    absent, fp = false_positive_slices(pred, gt)
+    assert absent.tolist() == [2, 3] and fp.tolist() == [1, 1]
 
 
 # --- agreement with the official FLARE22 evaluation -----------------------------------------------

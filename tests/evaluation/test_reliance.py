@@ -71,6 +71,7 @@ def test_the_trained_tiny_model_reads_its_prompt(reading_run):
     assert m["dice2d"] > 0.3, m["dice2d"]  # it learned the organs at all
     assert m["prompt_reliance"] > 0.25 and m["prompt_reliance"] > 0.6 * m["dice2d"], m
     assert m["prompt_reliance"] == pytest.approx(m["dice2d"] - m["dice2d_wrong_prompt"])
+    assert m["prompt_reliance_norm"] > 0.8, m["prompt_reliance_per_organ"]
     per_organ = m["prompt_reliance_per_organ"]
     assert set(per_organ) == set(ORGANS_TRAINED)
     assert per_organ["liver"]["wrong_prompt"] == "spleen" and per_organ["spleen"]["wrong_prompt"] == "liver"
@@ -87,6 +88,7 @@ def test_a_model_that_ignores_the_prompt_has_no_reliance(reading_run, tmp_path):
     m = evaluate_run(run=_ignore_the_prompt(reading_run, tmp_path / "deaf"), show_progress=False)
     assert m["dice2d"] > 0.05, m["dice2d"]  # it still segments something: the test is not vacuous
     assert abs(m["prompt_reliance"]) < 1e-9, m
+    assert m["prompt_reliance_norm"] == pytest.approx(0.0, abs=1e-9)
     for organ in m["prompt_reliance_per_organ"].values():
         assert abs(organ["prompt_reliance"]) < 1e-9
     for score in m["prompt_variants"].values():  # no wording can matter either
@@ -133,23 +135,108 @@ class _FakeSegmenter:
 
 
 def test_prompt_check_scores_by_hand():
-    """Two organs, one slice of 4 pixels: liver present (pixels 0-1), spleen absent."""
+    """Two organs, slices of 2 x 2 pixels. Slice 0: liver present (top row), spleen absent.
+    Slice 1: nothing present."""
     check = PromptCheck(_FakeSegmenter(), organs=parse_organs("liver,spleen"), template="name", threshold=0.5)
-    assert set(check.embeddings) == {RIGHT, WRONG, "photo", "ct", "synonym"}  # "name" reuses RIGHT
-    target = np.zeros((1, 2, 2, 2), bool)
-    target[0, 0, 0, :] = True  # liver: the top row
-    probs = {name: torch.zeros(1, 2, 2, 2) for name in check.embeddings}
-    probs[RIGHT][0, 0, 0, :] = 0.9  # exact liver: Dice 1
-    probs[WRONG][0, 0, :, 0] = 0.9  # the left column: overlaps one of two pixels, Dice 2*1/(2+2) = 0.5
+    # "name" reuses RIGHT; the wrong names are the right prompts reordered: never decoded again
+    assert set(check.embeddings) == {RIGHT, "photo", "ct", "synonym"}
+    target = np.zeros((2, 2, 2, 2), bool)
+    target[0, 0, 0, :] = True  # liver: the top row of slice 0
+    probs = {name: torch.zeros(2, 2, 2, 2) for name in check.embeddings}
+    probs[RIGHT][0, 0, 0, :] = 0.9  # "liver" on slice 0: exact, Dice 1
+    probs[RIGHT][0, 1, :, 0] = 0.9  # "spleen" on slice 0: the left column, half on the liver: Dice 0.5
+    probs[RIGHT][1, 0, 1, 1] = 0.9  # "liver" on slice 1 (nothing there): a false-positive slice
     probs["photo"][0, 0] = 0.9  # everything: Dice 2*2/(4+2)
     check.add(probs, target)
     check.add(probs, target)  # a second identical batch changes no mean
     m = check.metrics()
-    assert m["dice2d_wrong_prompt"] == pytest.approx(0.5)
+    # confusion: row = name, column = organ present; the spleen column never has its organ
+    c = np.array(m["prompt_confusion"]["dice"])
+    assert c[:, 0] == pytest.approx([1.0, 0.5]) and np.isnan(c[:, 1]).all()
+    assert m["prompt_confusion"]["slices"] == [2, 0]
+    # the older numbers, from the same masks: the wrong name for the liver is "spleen"
+    assert m["dice2d"] == 1.0 and m["dice2d_wrong_prompt"] == pytest.approx(0.5)
     assert m["prompt_reliance"] == pytest.approx(0.5)
+    # follows = 1, ignores = 0.5 (the other name's mask half on the liver): reliance 1 - 0.5/1
+    liver, spleen = m["prompt_reliance_per_organ"]["liver"], m["prompt_reliance_per_organ"]["spleen"]
+    assert (liver["follows"], liver["ignores"], liver["reliance"]) == pytest.approx((1.0, 0.5, 0.5))
+    assert m["prompt_reliance_norm"] == pytest.approx(0.5)  # the spleen has no value: not averaged
+    assert liver["pairs"] == 2 and spleen["pairs"] == 0 and math.isnan(spleen["dice2d"])
+    # absent pairs: (slice 0, spleen) masked, (slice 1, liver) masked, (slice 1, spleen) empty
+    assert (liver["absent_slices"], liver["fp_slice_rate"]) == (2, 1.0)
+    assert (spleen["absent_slices"], spleen["fp_slice_rate"]) == (4, 0.5)
+    assert m["fp_slice_rate"] == pytest.approx(4 / 6) and m["empty_specificity"] == pytest.approx(2 / 6)
     assert m["prompt_variants"]["name"] == pytest.approx(1.0)
     assert m["prompt_variants"]["photo"] == pytest.approx(2 / 3)
     assert m["prompt_variants"]["ct"] == 0.0
-    liver, spleen = m["prompt_reliance_per_organ"]["liver"], m["prompt_reliance_per_organ"]["spleen"]
-    assert liver["pairs"] == 2 and liver["prompt_reliance"] == pytest.approx(0.5)
-    assert spleen["pairs"] == 0 and math.isnan(spleen["dice2d"])  # never present: no score
+
+
+# --- reliance on synthetic "models": probabilities built by hand -------------------------------
+
+K_SYN = 4
+
+
+def _slices(n: int = 12, size: int = 32, seed: int = 0, presence: float = 0.7) -> np.ndarray:
+    """(n, K, size, size) truth: four organs in fixed quadrants, each present on a random share
+    ``presence`` of slices, never overlapping (as FLARE labels)."""
+    rng = np.random.default_rng(seed)
+    target = np.zeros((n, K_SYN, size, size), bool)
+    half = size // 2
+    for k in range(K_SYN):
+        y, x = divmod(k, 2)
+        target[:, k, y * half + 2 : y * half + half - 2, x * half + 2 : x * half + half - 2] = True
+    target &= (rng.random((n, K_SYN)) < presence)[:, :, None, None]
+    return target
+
+
+def _check_with(masks: np.ndarray, target: np.ndarray) -> dict:
+    check = PromptCheck(
+        _FakeSegmenter(),
+        organs=parse_organs("liver,right kidney,spleen,pancreas"),
+        template="name",
+        threshold=0.5,
+    )
+    probs = {name: torch.from_numpy(masks.astype(np.float32)) for name in check.embeddings}
+    check.add(probs, target)
+    return check.metrics()
+
+
+def test_a_model_that_ignores_the_text_has_reliance_zero():
+    """Every name gets the same mask: the organs present on the slice (a 'segment everything' head)
+    or always the first organ's region (a fixed liver head)."""
+    target = _slices()
+    for shared in (target.any(1), np.broadcast_to(target[:, :1].any(0), target[:, 0].shape)):
+        masks = np.repeat(shared[:, None], K_SYN, axis=1)
+        m = _check_with(masks, target)
+        assert m["prompt_reliance_norm"] == pytest.approx(0.0, abs=1e-12), m["prompt_reliance_norm"]
+        assert m["prompt_follows"] == pytest.approx(m["prompt_ignores"])
+        assert m["dice2d"] > 0.1  # it does find organs: reliance is not accuracy
+
+
+@pytest.mark.parametrize("keep", [1.0, 0.1])
+def test_a_perfect_follower_has_reliance_one_whatever_its_dice(keep):
+    """The mask for organ k covers a part of organ k only (all of it, or the first tenth of its
+    rows): Dice 1 or 0.15, reliance 1 either way. The pair-weighted prompt_reliance restates dice2d."""
+    target = _slices()
+    masks = np.zeros_like(target)
+    for k in range(K_SYN):
+        rows = np.flatnonzero(target[:, k].any((0, 2)))
+        kept = rows[: max(1, round(len(rows) * keep))]
+        masks[:, k, kept] = target[:, k, kept]
+    share = len(kept) / len(rows)  # every organ is a 12 x 12 square: 1 or 1/12 of it
+    m = _check_with(masks, target)
+    assert m["prompt_reliance_norm"] == pytest.approx(1.0)
+    assert m["prompt_ignores"] == 0.0
+    assert m["prompt_follows"] == pytest.approx(2 * share / (1 + share))
+    assert m["prompt_reliance"] == pytest.approx(m["dice2d"])  # the old number cannot tell
+
+
+def test_a_half_follower_is_in_between():
+    """The mask for k is organ k plus organ k+1 (equal squares, always present): each organ j gets
+    Dice 2/3 from its own name, 2/3 from organ j-1's name and 0 from the two others, so
+    ignores = (2/3) / 3 and reliance = 1 - 1/3."""
+    target = _slices(presence=1.0)
+    m = _check_with(target | np.roll(target, -1, axis=1), target)
+    for organ in m["prompt_reliance_per_organ"].values():
+        assert (organ["follows"], organ["ignores"]) == pytest.approx((2 / 3, 2 / 9))
+    assert m["prompt_reliance_norm"] == pytest.approx(2 / 3)

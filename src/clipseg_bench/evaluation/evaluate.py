@@ -2,15 +2,17 @@
 
 Per case, every slice of the split is predicted once for all organs. Two readings follow:
 - 2D, per (slice, organ) prompt: the organ's own probability > threshold (the original study's
-  binary per-prompt masks) -> ``dice2d`` over pairs where the organ is present, and
-  ``empty_specificity`` over pairs where it is absent;
+  binary per-prompt masks) -> ``dice2d`` over pairs where the organ is present, and the
+  false-positive slice rate ``fp_slice_rate`` (and its complement ``empty_specificity``) over
+  pairs where it is absent;
 - 3D: per pixel the most probable organ above threshold, slices re-stacked onto the case's
   original grid and spacing, then scored with the FLARE22 rules (evaluation.metrics), both as
   predicted and after each 3D clean-up (evaluation.postprocess), so one run shows what the clean-up
   gains; ``--postprocess`` picks which of them is the headline ``per_case``/``summary``.
 
-The same slices are also decoded with wrong and reworded prompts (evaluation.reliance): does the
-model still read its prompt, and how much does the wording matter.
+The right prompts' masks also give the prompt-confusion matrix (where the mask for each organ's
+name lands), and the same slices are decoded again with reworded prompts (evaluation.reliance):
+does the model still read its prompt, and how much does the wording matter.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from tqdm.auto import tqdm
 from clipseg_bench.data.dataset import PreparedData
 from clipseg_bench.data.volumes import slices_to_volume
 from clipseg_bench.errors import InputError
-from clipseg_bench.evaluation.metrics import score_case, summarize
+from clipseg_bench.evaluation.metrics import organs_present, score_case, summarize
 from clipseg_bench.evaluation.postprocess import POSTPROCESS_MODES, check_postprocess_mode, postprocess
 from clipseg_bench.evaluation.predict import probabilities_to_labels
 from clipseg_bench.evaluation.reliance import RIGHT, PromptCheck
@@ -48,12 +50,11 @@ def sample_slices(labels: np.ndarray, n: int = N_SAMPLES) -> list[int]:
 
 @dataclass
 class _Tally:
-    """What evaluate accumulates over a split's cases: 3D scores per clean-up mode, the absent-organ
-    counts of ``empty_specificity``, and the overlay slices of the first case."""
+    """What evaluate accumulates over a split's cases: 3D scores per clean-up mode, the organs each
+    case's truth has, and the overlay slices of the first case (the 2D counts live in PromptCheck)."""
 
     per_mode: dict[str, dict] = field(default_factory=lambda: {m: {} for m in POSTPROCESS_MODES})
-    absent_total: int = 0
-    absent_empty: int = 0
+    present: dict[str, list[str]] = field(default_factory=dict)
     samples: dict[str, list] = field(
         default_factory=lambda: {k: [] for k in ("image", "gt", "pred", "case", "z")}
     )
@@ -110,11 +111,13 @@ def evaluate_run(
     metrics = {
         "split": split,
         "cases": cases,
-        "empty_specificity": tally.absent_empty / tally.absent_total if tally.absent_total else float("nan"),
         "per_case": per_case,
-        "summary": summarize(per_case),
+        "organs_present": tally.present,  # per case: the organs its truth has (the *_present means)
+        "summary": summarize(per_case, tally.present),
         "postprocess": postprocess_mode,
-        "postprocess_3d": {m: {"per_case": pc, "summary": summarize(pc)} for m, pc in tally.per_mode.items()},
+        "postprocess_3d": {
+            m: {"per_case": pc, "summary": summarize(pc, tally.present)} for m, pc in tally.per_mode.items()
+        },
         "input_channels": trained.preprocessing.input_channels,
         **check.metrics(),
         "threshold": cfg.threshold,
@@ -147,12 +150,9 @@ def _score_cases(
             probs = prompt_sets[RIGHT]
             stop = start + len(probs)
             pred[start:stop] = probabilities_to_labels(probs, organ_ids, threshold=threshold).numpy()
-            binary = (probs > threshold).numpy()  # (b, K, H, W): each prompt on its own
             target = gt[start:stop, None] == np.asarray(organ_ids)[None, :, None, None]
-            present = target.any((2, 3))
-            tally.absent_total += int((~present).sum())
-            tally.absent_empty += int((~present & ~binary.any((2, 3))).sum())
-            check.add(prompt_sets, target)  # also the right prompts' dice2d
+            check.add(prompt_sets, target)  # also dice2d and the false-positive slices
+        tally.present[case] = organs_present(gt, trained.organs)
         for mode, scores in score_postprocessed(pred, gt, prepared.cases_meta[case], trained.organs).items():
             tally.per_mode[mode][case] = scores
         tally.add_samples(case, images, gt, pred)
@@ -168,6 +168,7 @@ def _no_split(folder: RunFolder, split: str, t0: float) -> dict:
         "dice2d": None,
         "dice2d_pairs": 0,
         "empty_specificity": None,
+        "fp_slice_rate": None,
         "per_case": {},
         "summary": {},
         "eval_time_s": time.perf_counter() - t0,

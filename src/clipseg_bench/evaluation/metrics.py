@@ -94,6 +94,56 @@ def present_pairs_dice(pred, gt) -> np.ndarray:
     return dice_2d_pairs(_as_bool(pred)[present], g[present])
 
 
+def cross_dice(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """Dice of every predicted mask against every true mask of the same slice.
+
+    The prompt-confusion matrix is built from it: ``pred[:, k]`` is the mask for the prompt naming
+    organ k, ``gt[:, j]`` organ j's truth, so entry ``[b, k, j]`` says how well the mask asked for k
+    lands on j (the diagonal is :func:`dice_2d_pairs` of each organ with its own prompt).
+
+    Args:
+        pred: (b, K, H, W) bool-like predicted masks, one per prompt.
+        gt: (b, K, H, W) bool-like ground truth, one mask per organ; H * W < 2**24 (the overlap
+            counts run as an exact float32 matrix product).
+
+    Returns:
+        (b, K, K) float64. Empty-mask rules as :func:`dice_2d_pairs`: both empty -> 1.0, exactly one
+        empty -> 0.0; the confusion matrix only reads columns whose organ is present.
+    """
+    p, g = _as_bool(pred), _as_bool(gt)
+    if p.shape != g.shape or p.ndim != 4:
+        raise ValueError(f"expected two (b, K, H, W) arrays of one shape, got {p.shape} and {g.shape}")
+    b, k = p.shape[:2]
+    p, g = p.reshape(b, k, -1), g.reshape(b, k, -1)
+    if p.shape[2] >= 2**24:
+        raise ValueError(f"{p.shape[2]} pixels per slice: float32 overlap counts would not be exact")
+    inter = np.empty((b, k, k))
+    for i in range(b):  # one slice at a time: the float copies of a batch at 352 px would be ~100 MB
+        inter[i] = p[i].astype(np.float32) @ g[i].astype(np.float32).T
+    total = p.sum(axis=2)[:, :, None] + g.sum(axis=2)[:, None, :]
+    return np.where(total == 0, 1.0, 2.0 * inter / np.maximum(total, 1))
+
+
+def false_positive_slices(pred, gt) -> tuple[np.ndarray, np.ndarray]:
+    """Per organ: the slices where it is absent from the truth, and those of them with a mask.
+
+    :func:`present_pairs_dice` (``dice2d``) never sees a slice without the organ, so a model that
+    paints every organ on every slice loses nothing there; the false-positive slice rate
+    ``fp / absent`` is what it costs.
+
+    Args:
+        pred: (b, K, H, W) bool-like predicted masks, one per organ prompt.
+        gt: (b, K, H, W) bool-like ground truth.
+
+    Returns:
+        ``(absent, false_positive)``, each (K,) int64: slices whose truth lacks the organ, and how
+        many of them got a non-empty mask.
+    """
+    p, g = _as_bool(pred), _as_bool(gt)
+    absent = ~g.any(axis=(2, 3))
+    return absent.sum(axis=0), (absent & p.any(axis=(2, 3))).sum(axis=0)
+
+
 def dice(pred, gt) -> float:
     """Dice of one pair of masks of any (equal) shape: :func:`dice_2d_pairs` of a single pair.
 
@@ -215,20 +265,35 @@ def score_case(
     return scores
 
 
-def summarize(per_case: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict:
+def organs_present(gt_labels: np.ndarray, organs: Sequence[Organ] | None = None) -> list[str]:
+    """The keys of the organs (default all 13) with at least one voxel in a case's truth, in order."""
+    found = set(np.unique(np.asarray(gt_labels)).tolist())
+    return [o.key for o in (organs if organs is not None else ORGANS) if o.id in found]
+
+
+def summarize(
+    per_case: Mapping[str, Mapping[str, Mapping[str, float]]],
+    present: Mapping[str, Sequence[str]] | None = None,
+) -> dict:
     """Means of per-case scores, per organ and overall.
 
     Args:
         per_case: ``{case_id: {organ_key: {"dsc": float, "nsd": float}}}`` as :func:`score_case`
             returns it, for one or more cases.
+        present: ``{case_id: [organ keys present in its truth]}`` (:func:`organs_present`); adds
+            the means over present organs.
 
     Returns:
-        ``{"dsc": float, "nsd": float, "per_organ": {organ_key: {"dsc": float, "nsd": float}}}``.
+        ``{"dsc": float, "nsd": float, "per_organ": {organ_key: {"dsc": float, "nsd": float}}}``,
+        and with ``present`` also ``dsc_present``/``nsd_present``.
         ``per_organ`` is the mean over the cases that scored that organ. The overall ``dsc``/``nsd``
         is the mean over all (case, organ) scores, organs absent from both masks included (they score
-        1, the FLARE22 convention). With every case scoring the same organs, as :func:`score_case`
-        does, that equals both the mean over cases of each case's organ mean and the mean of the
-        per-organ means.
+        1, the FLARE22 convention, so one stray voxel on an absent organ moves a case by 1/13). With
+        every case scoring the same organs, as :func:`score_case` does, that equals both the mean
+        over cases of each case's organ mean and the mean of the per-organ means.
+        ``dsc_present``/``nsd_present`` is the mean over cases of each case's mean over the organs
+        present in its truth (absent organs, and predictions of them, left out); a case with no
+        organ present is left out; NaN when no case has one.
     """
     if not per_case:
         raise ValueError("no cases to summarize")
@@ -239,10 +304,19 @@ def summarize(per_case: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict
             acc["dsc"].append(float(s["dsc"]))
             acc["nsd"].append(float(s["nsd"]))
     every = {m: [v for acc in by_organ.values() for v in acc[m]] for m in ("dsc", "nsd")}
-    return {
+    out = {
         "dsc": math.fsum(every["dsc"]) / len(every["dsc"]),
         "nsd": math.fsum(every["nsd"]) / len(every["nsd"]),
         "per_organ": {
             key: {m: math.fsum(acc[m]) / len(acc[m]) for m in ("dsc", "nsd")} for key, acc in by_organ.items()
         },
     }
+    if present is not None:
+        for m in ("dsc", "nsd"):
+            means = [
+                math.fsum(float(per_case[c][k][m]) for k in keys) / len(keys)
+                for c, keys in present.items()
+                if c in per_case and keys
+            ]
+            out[f"{m}_present"] = math.fsum(means) / len(means) if means else math.nan
+    return out
