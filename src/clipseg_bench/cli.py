@@ -262,7 +262,12 @@ def _parse_lrs(spec: str | None) -> dict[str, float]:
 def _cmd_report(a: argparse.Namespace) -> None:
     from clipseg_bench.study.report import write_report
 
-    html = write_report([Path(p) for p in a.bench], out=Path(a.out) if a.out else None, overwrite=a.overwrite)
+    html = write_report(
+        [Path(p) for p in a.bench],
+        out=Path(a.out) if a.out else None,
+        overwrite=a.overwrite,
+        equivalence_margin=a.equivalence_margin,
+    )
     print(f"report: {html}")
 
 
@@ -464,6 +469,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="where to write (default: the first BENCH folder)")
     s.add_argument(
         "--overwrite", action="store_true", help="write into a non-empty --out folder that is not ours"
+    )
+    s.add_argument(
+        "--equivalence-margin",
+        type=float,
+        default=0.01,
+        help="two strategies are called equivalent only when two one-sided tests put their difference "
+        "within +-this margin (val 3D DSC and NSD units; default 0.01); recorded in paired.csv",
     )
     s.set_defaults(func=_cmd_report, parser=s)
 

@@ -88,6 +88,14 @@ CASES = {
     "corrupt samples.npz": _corrupt("samples.npz", "not a zip"),
     "corrupt record": _corrupt_record,
     "record cell not [strategy, seed]": _bad_cell,
+    "--equivalence-margin 0": lambda r, t: (
+        ["report", _bench(r, t), "--equivalence-margin", "0"],
+        "--equivalence-margin",
+    ),
+    "--equivalence-margin not a number": lambda r, t: (
+        ["report", _bench(r, t), "--equivalence-margin", "tiny"],
+        "--equivalence-margin",
+    ),
 }
 
 

@@ -139,9 +139,9 @@ def make_run(bench: Path, strategy: str, seed: int, status: str = "finished", *,
             "dice2d": round(float(rng.uniform(0.5, 0.85)), 5),
             "empty_specificity": 0.95,
             "per_case": {"case_a": per_organ},
-            "summary": {
-                "dsc": round(float(rng.uniform(0.4, 0.9)), 5),
-                "nsd": round(float(rng.uniform(0.4, 0.9)), 5),
+            "summary": {  # as evaluation.metrics.summarize makes it from per_case
+                "dsc": statistics.fmean(s["dsc"] for s in per_organ.values()),
+                "nsd": statistics.fmean(s["nsd"] for s in per_organ.values()),
                 "per_organ": per_organ,
             },
         }
@@ -188,6 +188,26 @@ def source_values(bench: Path, strategy: str, field) -> list[float]:
         metrics = json.loads((run / "metrics.json").read_text())
         out.append(field(info, metrics))
     return out
+
+
+def parse_ci(cell: str) -> tuple[float, float | None, float | None]:
+    """'0.8123 [0.8000, 0.8200]' -> (0.8123, 0.8, 0.82); '0.8 [–, –]' -> (0.8, None, None)."""
+    mean, rest = cell.split("[")
+    low, high = (None if x.strip() == "–" else float(x) for x in rest.strip("]").split(","))
+    return float(mean), low, high
+
+
+def assert_over_cases(cell: str, sd_cell: str, values: list[float], digits: int) -> None:
+    """A 'mean [CI]' cell and its 'sd(seeds)' cell against the per-seed values they summarise (the
+    fixture's runs have one val case each, so the mean over cases is the mean over seeds)."""
+    tol = 0.5 * 10**-digits + 1e-12
+    mean, low, high = parse_ci(cell)
+    assert abs(mean - statistics.mean(values)) <= tol, (cell, values)
+    assert low is None and high is None  # one val case: no interval
+    if len(values) == 1:
+        assert sd_cell == "–"
+    else:
+        assert abs(float(sd_cell) - statistics.stdev(values)) <= tol, (sd_cell, values)
 
 
 def assert_pm(cell: str, values: list[float], digits: int) -> None:
@@ -248,34 +268,42 @@ def test_results_md_means_and_stds_equal_the_run_json(bench):
     table = md_table(md, "Strategies").set_index("Strategy")
     assert list(table.index) == ["zeroshot", "full", "decoder"]  # the running lora run is not averaged
     fields = {
-        "Val Dice": (lambda i, m: m["dice2d"], 4),
-        "Val 3D DSC": (lambda i, m: m["summary"]["dsc"], 4),
-        "Val NSD": (lambda i, m: m["summary"]["nsd"], 4),
-        "Training time (s)": (lambda i, m: i["timing"]["train_time_s"], 2),
-        "Peak memory (MB)": (lambda i, m: i["timing"]["peak_mem_mb"], 1),
+        "Val Dice ± sd(seeds)": (lambda i, m: m["dice2d"], 4),
+        "FP slice rate ± sd(seeds)": (lambda i, m: 1 - m["empty_specificity"], 3),  # a run from before it
+        "Training time (s) ± sd(seeds)": (lambda i, m: i["timing"]["train_time_s"], 2),
+        "Peak memory (MB) ± sd(seeds)": (lambda i, m: i["timing"]["peak_mem_mb"], 1),
     }
     for strategy in table.index:
         for col, (field, digits) in fields.items():
             assert_pm(table.loc[strategy, col], source_values(bench, strategy, field), digits)
+        for col, sd, metric in (("Val 3D DSC", "3D DSC", "dsc"), ("Val NSD", "NSD", "nsd")):
+            assert_over_cases(
+                table.loc[strategy, f"{col} [95% CI over cases]"],
+                table.loc[strategy, f"{sd} sd(seeds)"],
+                source_values(bench, strategy, lambda i, m, k=metric: m["summary"][k]),
+                4,
+            )
+        assert table.loc[strategy, "Val cases"] == "1"
         if strategy != "zeroshot":
             assert_pm(
-                table.loc[strategy, "Train Dice"],
+                table.loc[strategy, "Train Dice ± sd(seeds)"],
                 source_values(bench, strategy, lambda i, m: i["final"]["train_dice"]),
                 4,
             )
             assert_pm(
-                table.loc[strategy, "s/epoch"],
+                table.loc[strategy, "s/epoch ± sd(seeds)"],
                 source_values(bench, strategy, lambda i, m: i["timing"]["s_per_epoch"]),
                 3,
             )
         else:
-            assert table.loc[strategy, "Train Dice"] == "–"  # nothing trained, nothing to report
+            assert table.loc[strategy, "Train Dice ± sd(seeds)"] == "–"  # nothing trained, nothing to report
         assert table.loc[strategy, "Trainable params"].startswith(f"{TRAINABLE[strategy]:,}")
     organs = md_table(md, "Per-organ val NSD").set_index("Organ")
     for strategy in ("full", "decoder"):
         for o in ORGANS:
-            assert_pm(
-                organs.loc[o.name, strategy],
+            assert_over_cases(
+                organs.loc[o.name, f"{strategy} [95% CI]"],
+                organs.loc[o.name, f"{strategy} sd(seeds)"],
                 source_values(bench, strategy, lambda i, m, k=o.key: m["summary"]["per_organ"][k]["nsd"]),
                 3,
             )

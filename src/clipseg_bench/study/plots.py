@@ -268,11 +268,18 @@ def _size_refs(pmax: float) -> list[float]:
     return [p for p in (top / 1000, top / 10, top) if p >= 1]
 
 
+def _ci_errors(g: pd.DataFrame) -> np.ndarray:
+    """(2, n) error-bar lengths below and above each mean from its ``ci_low``/``ci_high`` (0 if none)."""
+    m = g["mean"].to_numpy(float)
+    return np.nan_to_num(np.vstack([m - g["ci_low"].to_numpy(float), g["ci_high"].to_numpy(float) - m]))
+
+
 def plot_per_organ(dsc: pd.DataFrame, nsd: pd.DataFrame, path: Path) -> Path | None:
-    """Grouped bars of per-organ 3D DSC (top) and NSD (bottom), mean ± std over seeds.
+    """Grouped bars of per-organ 3D DSC (top) and NSD (bottom): mean over val cases, error bars its
+    95% interval over cases.
 
     Args:
-        dsc, nsd: :func:`~clipseg_bench.study.results.per_organ_table` outputs.
+        dsc, nsd: :func:`~clipseg_bench.study.results.organ_summary_table` rows of one level.
         path: PNG to write.
     """
     if dsc.empty or dsc["mean"].isna().all():
@@ -289,7 +296,7 @@ def plot_per_organ(dsc: pd.DataFrame, nsd: pd.DataFrame, path: Path) -> Path | N
                 xs + (k - (len(names) - 1) / 2) * width,
                 g["mean"].fillna(0),
                 width,
-                yerr=g["std"].fillna(0),
+                yerr=_ci_errors(g),
                 color=strategy_color(name, names),
                 label=name,
                 error_kw={"lw": 0.8, "capsize": 1.5},
@@ -299,6 +306,86 @@ def plot_per_organ(dsc: pd.DataFrame, nsd: pd.DataFrame, path: Path) -> Path | N
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(ncol=len(names), fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     axes[1].set_xticks(xs, [o.name for o in ORGANS], rotation=35, ha="right")
+    return _save(fig, path)
+
+
+def plot_ranking(ranking: pd.DataFrame, path: Path, metric: str = "dsc") -> Path | None:
+    """Mean rank of each strategy with its 95% rank interval (bootstrap over cases), P(rank 1) beside.
+
+    Args:
+        ranking: :func:`~clipseg_bench.study.results.ranking_table` rows of one level.
+        path: PNG to write. Nothing is drawn (None) with fewer cases than a test needs
+            (:data:`~clipseg_bench.study.stats.MIN_CASES`): a bootstrap over 1-4 cases shows no
+            stability worth drawing.
+    """
+    from clipseg_bench.study.stats import MIN_CASES
+
+    g = ranking[ranking["metric"] == metric]
+    if g.empty or g["n_cases"].max() < MIN_CASES:
+        return None
+    names = list(g["strategy"])
+    ys = np.arange(len(names))[::-1]
+    fig = Figure(figsize=(7, 0.5 * len(names) + 1.5))
+    ax = fig.subplots()
+    for y, r in zip(ys, g.itertuples()):
+        c = strategy_color(r.strategy, names)
+        ax.plot([r.rank_low, r.rank_high], [y, y], color=c, lw=6, alpha=0.35, solid_capstyle="butt")
+        ax.plot([r.mean_rank], [y], "o", color=c, ms=7)
+        ax.annotate(
+            f"P(rank 1) {r.p_first:.2f}",
+            (1, y),
+            xycoords=("axes fraction", "data"),
+            xytext=(6, 0),
+            textcoords="offset points",
+            va="center",
+            fontsize=8,
+        )
+    ax.set_yticks(ys, names)
+    ax.set_xlim(0.5, len(names) + 0.5)
+    ax.set_xticks(range(1, len(names) + 1))
+    ax.invert_xaxis()  # rank 1 on the right, like "better"
+    ax.set_xlabel("rank (1 = highest mean val 3D DSC); dot: mean rank, bar: 95% rank interval")
+    ax.set_title(
+        f"Ranking stability over {int(g['n_cases'].max())} val cases (1,000 bootstrap resamples)", fontsize=10
+    )
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_organ_map(organ_map: pd.DataFrame, path: Path, metric: str = "dsc") -> Path | None:
+    """The per-organ significance map: comparisons as rows, organs as columns, colour the mean
+    difference over cases; a cell's mark is its verdict after Holm over the whole map
+    (``+``/``−`` higher/lower, ``=`` equivalent, blank inconclusive, ``·`` too few cases).
+
+    Args:
+        organ_map: :func:`~clipseg_bench.study.results.organ_map_table` rows of one level.
+        path: PNG to write; nothing is drawn (None) with fewer cases than a test needs.
+    """
+    from clipseg_bench.study import stats
+
+    g = organ_map[organ_map["metric"] == metric]
+    if g.empty or g["n_cases"].max() < stats.MIN_CASES:  # as the ranking: nothing tested, no map
+        return None
+    rows = list(dict.fromkeys(f"{s} − {r}" for s, r in zip(g["strategy"], g["reference"])))
+    organs = [o for o in ORGANS if o.key in set(g["organ"])]
+    grid = np.full((len(rows), len(organs)), np.nan)
+    marks = {stats.HIGHER: "+", stats.LOWER: "−", stats.EQUIVALENT: "=", stats.TOO_FEW: "·"}
+    fig = Figure(figsize=(1.0 + 0.62 * len(organs), 1.4 + 0.34 * len(rows)))
+    ax = fig.subplots()
+    col = {o.key: j for j, o in enumerate(organs)}
+    for r in g.itertuples():
+        i, j = rows.index(f"{r.strategy} − {r.reference}"), col[r.organ]
+        grid[i, j] = r.mean
+        if r.verdict in marks:
+            ax.text(j, i, marks[r.verdict], ha="center", va="center", fontsize=9, fontweight="bold")
+    bound = float(np.nanmax(np.abs(grid), initial=0.0)) or 1.0
+    im = ax.imshow(grid, cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto")
+    ax.set_xticks(range(len(organs)), [o.name for o in organs], rotation=40, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.03, pad=0.02).set_label(f"mean difference, val 3D {metric.upper()}")
+    ax.set_title(
+        "Per-organ differences over val cases (+/−: Holm-corrected verdict; =: equivalent)", fontsize=9
+    )
     return _save(fig, path)
 
 
@@ -570,10 +657,45 @@ def plot_reliance(summary: pd.DataFrame, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def plot_prompt_confusion(confusion: pd.DataFrame, path: Path) -> Path | None:
+    """One heatmap per strategy: the prompt-confusion matrix averaged over seeds (rows: the organ
+    named in the prompt; columns: the organ whose truth the mask is scored against).
+
+    A model that reads its prompt has a bright diagonal and a dark rest; one that ignores it has
+    columns of one colour (every name gets the same mask).
+
+    Args:
+        confusion: :func:`~clipseg_bench.study.results.prompt_confusion_table` rows of one level.
+        path: PNG to write.
+    """
+    if confusion.empty or confusion["dice"].isna().all():
+        return None
+    names = strategy_order(set(confusion["strategy"]))
+    keys = [o.key for o in ORGANS if o.key in set(confusion["organ"])]
+    short = {o.key: o.name.replace(" gland", "").replace("inferior vena cava", "IVC") for o in ORGANS}
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig = Figure(figsize=(4.2 * cols, 3.9 * rows))
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for ax, name in zip(axes, names):
+        g = confusion[confusion["strategy"] == name].groupby(["named", "organ"])["dice"].mean()
+        grid = np.array([[g.get((k, j), np.nan) for j in keys] for k in keys])
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks(range(len(keys)), [short[k] for k in keys], rotation=90, fontsize=6)
+        ax.set_yticks(range(len(keys)), [short[k] for k in keys], fontsize=6)
+    for ax in axes[len(names) :]:
+        ax.set_visible(False)
+    fig.colorbar(im, ax=list(axes[: len(names)]), fraction=0.02, pad=0.02).set_label("Dice (mean over seeds)")
+    fig.suptitle("Prompt confusion: row = organ named, column = organ scored against", fontsize=10)
+    return _save(fig, path)
+
+
 def plot_data_efficiency(efficiency: pd.DataFrame, path: Path) -> Path | None:
-    """Val 3D DSC against the number of training cases: one line per strategy, a band of ± 1 sample
-    std over seeds around the mean. A strategy that trains nothing is a dashed horizontal line at its
-    mean (its score cannot depend on the training cases).
+    """Val 3D DSC against the number of training cases: one line per strategy, a band of its 95%
+    interval over val cases (± 1 sd over seeds for runs without per-case scores). A strategy that
+    trains nothing is a dashed horizontal line at its mean (its score cannot depend on the training
+    cases).
 
     Args:
         efficiency: :func:`~clipseg_bench.study.results.efficiency_table` output.
@@ -598,19 +720,20 @@ def plot_data_efficiency(efficiency: pd.DataFrame, path: Path) -> Path | None:
         if (g["trainable_params"] == 0).all():
             ax.axhline(g["mean"].mean(), color=c, ls="--", lw=1.2, label=f"{name} (trains nothing)")
             continue
-        x, m, sd = (
-            g["n_train_cases"].to_numpy(float),
-            g["mean"].to_numpy(float),
-            g["std"].fillna(0).to_numpy(float),
-        )
+        x, m = g["n_train_cases"].to_numpy(float), g["mean"].to_numpy(float)
+        if "ci_low" in g and g["ci_low"].notna().all():
+            low, high = g["ci_low"].to_numpy(float), g["ci_high"].to_numpy(float)
+        else:
+            sd = g["std"].fillna(0).to_numpy(float)
+            low, high = m - sd, m + sd
         ax.plot(x, m, color=c, marker="o", ms=4, lw=1.5, label=name)
-        ax.fill_between(x, m - sd, m + sd, color=c, alpha=0.18, lw=0)
+        ax.fill_between(x, low, high, color=c, alpha=0.18, lw=0)
     ax.set_xscale("log")
     ax.set_xticks(xs, [labels[float(n)] for n in xs])
     ax.minorticks_off()
     ax.set_xlabel("training cases (log scale; the same val cases throughout)")
     ax.set_ylabel("val 3D DSC")
-    ax.set_title("Data efficiency (line: mean over seeds; band: ± 1 sample std)", fontsize=10)
+    ax.set_title("Data efficiency (line: mean; band: 95% interval over val cases)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return _save(fig, path)

@@ -18,8 +18,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 from pandas.io.formats.style import Styler
 
-from clipseg_bench.errors import InputError
-from clipseg_bench.organs import ORGANS
+from clipseg_bench.errors import FieldError, InputError
 from clipseg_bench.provenance import (
     check_output_folder,
     folder_format,
@@ -27,7 +26,7 @@ from clipseg_bench.provenance import (
     replacing,
     write_text_atomic,
 )
-from clipseg_bench.study import plots
+from clipseg_bench.study import evidence, plots, stats
 from clipseg_bench.study.results import (
     ALL_CASES,
     FINISHED,
@@ -36,12 +35,17 @@ from clipseg_bench.study.results import (
     audit_cells,
     breakdown_keys,
     case_scores,
+    case_summary_table,
     cleanup_gain_table,
     efficiency_table,
     full_data_runs,
     is_bench_folder,
+    organ_map_table,
+    organ_scores,
+    organ_summary_table,
     paired_differences,
-    per_organ_table,
+    prompt_confusion_table,
+    ranking_table,
     read_bench,
     runs_table,
     summary_table,
@@ -90,40 +94,56 @@ def _fmt_params(mean: float, std: float, total: float) -> str:
     return text
 
 
-def summary_display(summary: pd.DataFrame) -> pd.DataFrame:
-    """The study's table extended with 3D scores and costs, as strings (mean ± std over seeds)."""
+def summary_display(summary: pd.DataFrame, over_cases: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The study's table extended with 3D scores and costs, as strings. Every ± says what it is
+    over: run-level numbers are mean ± sd over seeds; the 3D scores are the mean over val cases with
+    its 95% interval over cases, and their sd over seeds in a column of its own.
+
+    Args:
+        summary: :func:`~clipseg_bench.study.results.summary_table` (one row per strategy).
+        over_cases: :func:`~clipseg_bench.study.results.case_summary_table` rows of the same
+            training-case level (None: the 3D columns are left empty).
+    """
     tmax = float(summary["train_time_s_mean"].max()) if len(summary) else 0.0
     div, unit = plots.time_unit(tmax)
+    cases = over_cases if over_cases is not None else pd.DataFrame(columns=["strategy", "metric"])
+
+    def case_row(strategy: str, metric: str):
+        g = cases[(cases["strategy"] == strategy) & (cases["metric"] == metric)]
+        return g.iloc[0] if len(g) else None
+
     rows = []
     for _, r in summary.iterrows():
+        dsc = case_row(r["strategy"], "dsc")
+        dsc_text, dsc_sd = evidence.over_cases_cells(dsc)
+        nsd_text, nsd_sd = evidence.over_cases_cells(case_row(r["strategy"], "nsd"))
+        present, _ = evidence.over_cases_cells(case_row(r["strategy"], "dsc_present"))
         rows.append(
             {
                 "Strategy": r["strategy"],
                 "Seeds": r["n_seeds"],
+                "Val cases": "–" if dsc is None else dsc["n_cases"],
                 "Trainable params": _fmt_params(
                     r["trainable_params_mean"], r["trainable_params_std"], r["total_params_mean"]
                 ),
-                "Train Dice": fmt_pm(r["train_dice_mean"], r["train_dice_std"], 4),
-                "Val Dice": fmt_pm(r["val_dice_mean"], r["val_dice_std"], 4),
-                "Val 3D DSC": fmt_pm(r["val_dsc3d_mean"], r["val_dsc3d_std"], 4),
-                "Val NSD": fmt_pm(r["val_nsd3d_mean"], r["val_nsd3d_std"], 4),
-                f"Training time ({unit})": fmt_pm(
+                "Train Dice ± sd(seeds)": fmt_pm(r["train_dice_mean"], r["train_dice_std"], 4),
+                "Val Dice ± sd(seeds)": fmt_pm(r["val_dice_mean"], r["val_dice_std"], 4),
+                "FP slice rate ± sd(seeds)": fmt_pm(
+                    r.get("fp_slice_rate_mean"), r.get("fp_slice_rate_std"), 3
+                ),
+                "Val 3D DSC [95% CI over cases]": dsc_text,
+                "3D DSC sd(seeds)": dsc_sd,
+                "Val NSD [95% CI over cases]": nsd_text,
+                "NSD sd(seeds)": nsd_sd,
+                "3D DSC, organs present [95% CI]": present,
+                f"Training time ({unit}) ± sd(seeds)": fmt_pm(
                     r["train_time_s_mean"] / div, r["train_time_s_std"] / div, 2
                 ),
-                "s/epoch": fmt_pm(r["s_per_epoch_mean"], r["s_per_epoch_std"], 3),
-                "Peak memory (MB)": fmt_pm(r["peak_mem_mb_mean"], r["peak_mem_mb_std"], 1),
+                "s/epoch ± sd(seeds)": fmt_pm(r["s_per_epoch_mean"], r["s_per_epoch_std"], 3),
+                "Peak memory (MB) ± sd(seeds)": fmt_pm(r["peak_mem_mb_mean"], r["peak_mem_mb_std"], 1),
             }
         )
     return pd.DataFrame(rows)
-
-
-def per_organ_display(long: pd.DataFrame) -> pd.DataFrame:
-    """Organs as rows, strategies as columns, ``mean ± std`` over seeds (3 decimals)."""
-    out = pd.DataFrame({"Organ": [o.name for o in ORGANS]})
-    for strategy in dict.fromkeys(long["strategy"]):
-        g = long[long["strategy"] == strategy].set_index("organ").reindex([o.key for o in ORGANS])
-        out[strategy] = [fmt_pm(m, s, 3) for m, s in zip(g["mean"], g["std"])]
-    return out
 
 
 def gain_display(long: pd.DataFrame) -> pd.DataFrame:
@@ -194,9 +214,12 @@ def _cases_order(labels) -> list[str]:
 
 
 def reliance_display(summary: pd.DataFrame) -> pd.DataFrame:
-    """Per strategy: val 2D Dice with the right prompt, with a wrong organ's name, their difference
-    (the prompt reliance) and under each rewording; mean ± std over seeds (3 decimals). Strategies
-    evaluated before the reliance scores existed are left out."""
+    """Per strategy, mean ± sd over seeds (3 decimals): where the masks for each organ's name land
+    (organ means of the prompt-confusion matrix: follows, ignores, the normalised reliance), the
+    older pair-weighted numbers (val 2D Dice with the right prompt, with a wrong organ's name, their
+    difference) and val 2D Dice under each rewording. Strategies evaluated before the reliance
+    scores existed are left out; the confusion-matrix columns are empty for runs evaluated before
+    it (``–``)."""
     if summary.empty or "dice2d_wrong_prompt_mean" not in summary:
         return pd.DataFrame()
     rows = summary[summary["dice2d_wrong_prompt_mean"].notna()]
@@ -208,6 +231,11 @@ def reliance_display(summary: pd.DataFrame) -> pd.DataFrame:
         row = {
             "Strategy": r["strategy"],
             "Seeds": r["n_seeds"],
+            "Reliance (0-1)": fmt_pm(
+                r.get("prompt_reliance_norm_mean"), r.get("prompt_reliance_norm_std"), 3
+            ),
+            "Follows": fmt_pm(r.get("prompt_follows_mean"), r.get("prompt_follows_std"), 3),
+            "Ignores": fmt_pm(r.get("prompt_ignores_mean"), r.get("prompt_ignores_std"), 3),
             "Right prompt": fmt_pm(r["val_dice_mean"], r["val_dice_std"], 3),
             "Wrong organ's name": fmt_pm(r["dice2d_wrong_prompt_mean"], r["dice2d_wrong_prompt_std"], 3),
             "Prompt reliance": fmt_pm(r["prompt_reliance_mean"], r["prompt_reliance_std"], 3),
@@ -219,7 +247,9 @@ def reliance_display(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def efficiency_display(efficiency: pd.DataFrame) -> pd.DataFrame:
-    """Strategies as rows, training-case counts as columns, val 3D DSC mean ± std over seeds."""
+    """Strategies as rows, training-case counts as columns: val 3D DSC as the mean over val cases
+    [95% CI over cases] and its sd over seeds (``mean ± sd over seeds`` for runs without per-case
+    scores)."""
     labels = _cases_order(efficiency["train_cases"])
     out = []
     for strategy in dict.fromkeys(efficiency["strategy"]):
@@ -229,42 +259,16 @@ def efficiency_display(efficiency: pd.DataFrame) -> pd.DataFrame:
             n = efficiency.loc[efficiency["train_cases"] == label, "n_train_cases"].max()
             head = f"all ({n:.0f}) cases" if label == ALL_CASES and _finite(n) else f"{label} cases"
             row["1 case" if label == "1" else head] = (
-                fmt_pm(g.at[label, "mean"], g.at[label, "std"], 3) if label in g.index else "–"
+                _efficiency_cell(g.loc[label]) if label in g.index else "–"
             )
         out.append(row)
     return pd.DataFrame(out)
 
 
-def paired_display(paired: pd.DataFrame) -> pd.DataFrame:
-    """The paired differences as text: mean, 95% bootstrap interval, Wilcoxon p and the verdict."""
-
-    def verdict(r) -> str:
-        if r["n"] < 2:
-            return "too few (case, seed) pairs to tell"
-        if r["within_noise"]:
-            return "within noise"
-        return "higher" if r["mean"] > 0 else "lower"
-
-    def num(x, fmt):
-        return format(x, fmt) if _finite(x) else "–"
-
-    cases = {"Training cases": paired["train_cases"]} if (paired["train_cases"] != ALL_CASES).any() else {}
-    return pd.DataFrame(
-        {
-            **cases,
-            "Strategy": paired["strategy"],
-            "Reference": [f"{r} ({k})" for r, k in zip(paired["reference"], paired["reference_kind"])],
-            "Metric": paired["metric"].map({"dsc": "val 3D DSC", "nsd": "val NSD"}),
-            "Pairs": paired["n"],
-            "Mean difference": [num(x, "+.4f") for x in paired["mean"]],
-            "95% CI": [
-                f"[{num(lo, '+.4f')}, {num(hi, '+.4f')}]"
-                for lo, hi in zip(paired["ci_low"], paired["ci_high"])
-            ],
-            "Wilcoxon p": [num(x, ".3g") for x in paired["p_value"]],
-            "Verdict": [verdict(r) for _, r in paired.iterrows()],
-        }
-    )
+def _efficiency_cell(r: pd.Series) -> str:
+    if not _finite(r.get("ci_low")):
+        return fmt_pm(r["mean"], r["std"], 3) + " (sd over seeds)"
+    return f"{evidence.fmt_ci(r['mean'], r['ci_low'], r['ci_high'], 3)}; sd(seeds) {evidence.num(r['std'], '.3f')}"
 
 
 # --- explanations ----------------------------------------------------------------------------
@@ -340,8 +344,21 @@ def _trained(summary: pd.DataFrame) -> pd.DataFrame:
     return summary[ok]
 
 
+def _spread(a: pd.Series, b: pd.Series, column: str) -> float:
+    """sqrt(sd_a² + sd_b²) of a ``<column>_std`` over seeds: NaN unless both ran two seeds or more."""
+    sds = [r.get(f"{column}_std") for r in (a, b)]
+    if min(a["n_seeds"], b["n_seeds"]) < 2 or not all(_finite(x) for x in sds):
+        return math.nan
+    return math.hypot(*sds)
+
+
 def explain_gap(summary: pd.DataFrame, parts: list[str]) -> str:
-    """Which measured part makes the slowest trained strategy slower than the fastest one."""
+    """The slowest trained strategy against the fastest: their times, and the per-part differences.
+
+    A part is said to account for most of the gap only when its difference is more than half the
+    gap and more than twice its spread over seeds (sqrt of the two sds squared, each over two or
+    more seeds); otherwise the per-part differences are listed without a claim.
+    """
     trained = _trained(summary)
     if len(trained) < 2:
         return ""
@@ -351,12 +368,22 @@ def explain_gap(summary: pd.DataFrame, parts: list[str]) -> str:
     text = (
         f"The fastest trained strategy is {fast['strategy']} ({fast['train_time_s_mean']:.1f} s per run), the "
         f"slowest {slow['strategy']} ({slow['train_time_s_mean']:.1f} s, "
-        f"{slow['train_time_s_mean'] / fast['train_time_s_mean']:.1f}×)."
+        f"{slow['train_time_s_mean'] / fast['train_time_s_mean']:.1f}×; means over seeds)."
     )
     diffs = {p: v - _parts(fast, parts).get(p, 0.0) for p, v in _parts(slow, parts).items()}
-    if diffs and gap > 0:
-        top = max(diffs, key=diffs.get)
-        text += f" Most of the {gap:.1f} s gap is {top} time ({diffs[top]:.1f} s more)."
+    if not diffs or gap <= 0:
+        return text
+    listed = ", ".join(f"{p} {d:+.1f} s" for p, d in diffs.items())
+    text += f" Per part, {slow['strategy']} minus {fast['strategy']}: {listed}."
+    top = max(diffs, key=diffs.get)
+    spread = _spread(slow, fast, f"time_{top}_s")
+    if diffs[top] > gap / 2 and _finite(spread) and diffs[top] > 2 * spread:
+        text += (
+            f" Most of the {gap:.1f} s gap is {top} time: {diffs[top]:.1f} s, more than twice its spread "
+            f"over seeds ({spread:.2f} s)."
+        )
+    elif not _finite(spread):
+        text += " With one seed there is no spread to judge these differences by."
     return text
 
 
@@ -464,7 +491,7 @@ def cleanup_markdown(runs: list[Run] | None) -> list[str]:
             lines += [
                 f"## 3D clean-up (lcc): val {title} gain",
                 "",
-                gain_display(long).to_markdown(index=False),
+                gain_display(long).to_markdown(index=False, disable_numparse=True),
                 "",
             ]
     return lines
@@ -479,35 +506,62 @@ def write_markdown(
     runs: list[Run] | None = None,
     *,
     sections: dict[str, pd.DataFrame] | None = None,
+    over_cases: pd.DataFrame | None = None,
+    findings: list[dict] | None = None,
 ) -> Path:
-    """results.md: the aggregate table and the per-organ tables, in Markdown.
+    """results.md: the findings, the aggregate table and the per-organ tables, in Markdown.
 
     Args:
+        dsc, nsd: :func:`~clipseg_bench.study.results.organ_summary_table` rows of the largest
+            training set.
         sections: more tables (heading -> display table) placed before the list of runs; empty
             tables are left out.
+        over_cases: :func:`~clipseg_bench.study.results.case_summary_table` rows of the largest
+            training set (the 3D columns of the strategy table).
+        findings: :func:`~clipseg_bench.study.evidence.findings`, placed first.
     """
-    lines = [
-        "# clipseg-bench results",
-        "",
-        "Mean ± sample std (ddof=1) over seeds; `± –` means a single seed. Finished runs only.",
-        "",
-    ]
+    lines = ["# clipseg-bench results", ""]
+    if findings:
+        lines += ["## Findings", ""] + evidence.findings_markdown(findings)
+    lines += [WHAT_SPREADS_MEAN, ""]
     for note in (_excluded_note(table), no_val_note(table)):
         if note:
             lines += [f"> {note}", ""]
     if summary.empty:
         lines += ["No finished runs yet.", ""]
     else:
-        lines += ["## Strategies", "", summary_display(summary).to_markdown(index=False), ""]
-        lines += ["## Per-organ val 3D DSC", "", per_organ_display(dsc).to_markdown(index=False), ""]
-        lines += ["## Per-organ val NSD", "", per_organ_display(nsd).to_markdown(index=False), ""]
+        lines += [
+            "## Strategies",
+            "",
+            summary_display(summary, over_cases).to_markdown(index=False, disable_numparse=True),
+            "",
+        ]
+        lines += [
+            "## Per-organ val 3D DSC",
+            "",
+            evidence.per_organ_display(dsc).to_markdown(index=False, disable_numparse=True),
+            "",
+        ]
+        lines += [
+            "## Per-organ val NSD",
+            "",
+            evidence.per_organ_display(nsd).to_markdown(index=False, disable_numparse=True),
+            "",
+        ]
         lines += cleanup_markdown(runs)
     for heading, df in (sections or {}).items():
         if not df.empty:
-            lines += [f"## {heading}", "", df.to_markdown(index=False), ""]
-    lines += ["## Runs", "", runs_display(table).to_markdown(index=False), ""]
+            lines += [f"## {heading}", "", df.to_markdown(index=False, disable_numparse=True), ""]
+    lines += ["## Runs", "", runs_display(table).to_markdown(index=False, disable_numparse=True), ""]
     write_text_atomic(path, "\n".join(lines))
     return path
+
+
+WHAT_SPREADS_MEAN = (
+    "Finished runs only. `mean ± sd(seeds)`: mean and sample sd (ddof=1) over seeds of a per-run number "
+    "(`± –`: a single seed). `mean [95% CI]`: mean over val cases (each case's seeds averaged first) with "
+    "its 95% bootstrap interval over cases; the case, not the seed, is the unit."
+)
 
 
 def make_plots(
@@ -538,57 +592,115 @@ def _drop_stale(pngs: dict[str, Path | None], folder: Path) -> dict[str, Path | 
     return pngs
 
 
-def question_tables(every: list[Run], table: pd.DataFrame, summary: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """The tables behind the study's three questions (the raw numbers, not yet formatted).
+def question_tables(
+    every: list[Run],
+    table: pd.DataFrame,
+    summary: pd.DataFrame,
+    *,
+    margin: float = stats.EQUIVALENCE_MARGIN,
+) -> dict:
+    """The tables behind the study's questions (the raw numbers, not yet formatted).
 
     Args:
         every: all runs, every training-case level.
         table: :func:`~clipseg_bench.study.results.runs_table` of ``every``.
         summary: :func:`~clipseg_bench.study.results.summary_table` of the full-data runs.
+        margin: the equivalence margin of the verdicts.
 
     Returns:
-        ``{"summary": summary (prompt reliance), "efficiency": val 3D DSC per strategy and training
-        cases, "paired": paired differences}``.
+        ``summary`` (prompt reliance), ``efficiency`` (val 3D DSC per strategy and training cases),
+        ``paired`` (paired.csv), ``ranking`` (ranking.csv), ``organ_map`` (organ_map.csv),
+        ``over_cases`` (means over cases with intervals, every level), ``organs_dsc``/``organs_nsd``
+        (per organ, every level), ``level`` (the largest training set's label), ``margin`` and
+        ``findings``.
     """
+    scores, organs = case_scores(every), organ_scores(every)
+    confusion = prompt_confusion_table(every)
+    over_cases = case_summary_table(scores)
+    paired = paired_differences(table, scores, margin=margin)
+    ranking = ranking_table(scores)
+    full = full_data_runs(every)
     return {
         "summary": summary,
-        "efficiency": efficiency_table(table),
-        "paired": paired_differences(table, case_scores(every)),
+        "efficiency": _efficiency_with_cases(efficiency_table(table), over_cases),
+        "paired": paired,
+        "ranking": ranking,
+        "organ_map": organ_map_table(table, organs, margin=margin),
+        "over_cases": over_cases,
+        "organs_dsc": organ_summary_table(organs, "dsc"),
+        "organs_nsd": organ_summary_table(organs, "nsd"),
+        "confusion": confusion,
+        "level": full[0].train_cases_label if full else ALL_CASES,
+        "margin": margin,
+        "findings": evidence.findings(paired, ranking, margin),
     }
 
 
-def make_question_plots(questions: dict[str, pd.DataFrame], folder: Path) -> dict[str, Path | None]:
-    """The prompt-reliance and data-efficiency plots (None where there is nothing to draw)."""
+def _efficiency_with_cases(efficiency: pd.DataFrame, over_cases: pd.DataFrame) -> pd.DataFrame:
+    """The efficiency table with each cell's mean over cases and 95% interval over cases (DSC)."""
+    dsc = over_cases[over_cases["metric"] == "dsc"][
+        ["strategy", "train_cases", "n_cases", "ci_low", "ci_high"]
+    ]
+    return efficiency.merge(dsc, on=["strategy", "train_cases"], how="left")
+
+
+def at_level(df: pd.DataFrame, level: str) -> pd.DataFrame:
+    """The rows of one training-case level."""
+    return df[df["train_cases"] == level].reset_index(drop=True)
+
+
+def make_question_plots(questions: dict, folder: Path) -> dict[str, Path | None]:
+    """The prompt-reliance, data-efficiency, ranking and per-organ map plots (None: nothing to draw)."""
+    level = questions["level"]
     pngs = {
         "reliance": plots.plot_reliance(questions["summary"], folder / "reliance.png"),
+        "prompt_confusion": plots.plot_prompt_confusion(
+            at_level(questions["confusion"], level), folder / "prompt_confusion.png"
+        ),
         "data_efficiency": plots.plot_data_efficiency(
             questions["efficiency"], folder / "data_efficiency.png"
         ),
+        "ranking": plots.plot_ranking(at_level(questions["ranking"], level), folder / "ranking.png"),
+        "organ_map": plots.plot_organ_map(at_level(questions["organ_map"], level), folder / "organ_map.png"),
     }
     return _drop_stale(pngs, folder)
 
 
-def question_sections(questions: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+def question_sections(questions: dict) -> dict[str, pd.DataFrame]:
     """The question tables as display tables, by heading (results.md and report.html)."""
     efficiency = questions["efficiency"]
     return {
-        "Prompt reliance (val 2D Dice)": reliance_display(questions["summary"]),
+        "Prompt reliance": reliance_display(questions["summary"]),
         "Data efficiency (val 3D DSC)": efficiency_display(efficiency)
         if efficiency["train_cases"].nunique() > 1
         else pd.DataFrame(),
-        "Paired differences (over val case and seed)": paired_display(questions["paired"]),
+        "Paired differences (over val cases, Holm-corrected)": evidence.paired_display(questions["paired"]),
+        "Ranking stability (bootstrap over val cases)": evidence.ranking_display(questions["ranking"]),
+        "Per-organ verdicts (Holm over each map)": evidence.organ_verdicts_display(questions["organ_map"]),
     }
 
 
-def _questions_context(questions: dict[str, pd.DataFrame]) -> dict:
-    """Each question's HTML table, or None when it has no data."""
+def _questions_context(questions: dict) -> dict:
+    """Each question's HTML table, or None when it has no data; the margin and the map's size."""
     sections = list(question_sections(questions).values())
-    names = ("reliance", "efficiency", "paired")
-    return {n: _table(df, n) if not df.empty else None for n, df in zip(names, sections)}
+    names = ("reliance", "efficiency", "paired", "ranking", "organ_verdicts")
+    out = {n: _table(df, n) if not df.empty else None for n, df in zip(names, sections)}
+    organ_map = at_level(questions["organ_map"], questions["level"])
+    return {
+        **out,
+        "margin": questions["margin"],
+        "organ_tests": int((organ_map["metric"] == "dsc").sum()),
+        "has_organ_map": not organ_map.empty,
+    }
 
 
 def _results_context(
-    runs: list[Run], table: pd.DataFrame, summary: pd.DataFrame, dsc: pd.DataFrame, nsd: pd.DataFrame
+    runs: list[Run],
+    table: pd.DataFrame,
+    summary: pd.DataFrame,
+    dsc: pd.DataFrame,
+    nsd: pd.DataFrame,
+    over_cases: pd.DataFrame | None = None,
 ) -> dict:
     """What the sections about finished runs show (the template skips them when none finished)."""
     parts = breakdown_keys(runs)
@@ -596,9 +708,9 @@ def _results_context(
     fastest = trained.loc[trained["s_per_epoch_mean"].idxmin()] if len(trained) else None
     finished = table["status"] == FINISHED
     return {
-        "summary": _table(summary_display(summary), "summary"),
-        "dsc": _table(per_organ_display(dsc), "dsc"),
-        "nsd": _table(per_organ_display(nsd), "nsd"),
+        "summary": _table(summary_display(summary, over_cases), "summary"),
+        "dsc": _table(evidence.per_organ_display(dsc), "dsc"),
+        "nsd": _table(evidence.per_organ_display(nsd), "nsd"),
         **cleanup_context(full_data_runs(runs)),  # the clean-up's gain on the largest training set
         "mem_kinds": sorted({str(k) for k in table.loc[finished, "peak_mem_kind"].dropna()}),
         "gap": explain_gap(summary, parts),
@@ -640,23 +752,26 @@ def render_html(
     nsd: pd.DataFrame,
     pngs: dict[str, Path | None],
     sources: list[Path],
-    questions: dict[str, pd.DataFrame] | None = None,
+    questions: dict | None = None,
 ) -> str:
     """The whole report as one HTML string (images inline), from ``templates/report.html.j2``.
 
     Args:
         runs, table: every run (listed, provenance); ``summary``, ``dsc`` and ``nsd`` describe
             the runs on the largest training set.
-        questions: :func:`question_tables`, for the reliance, data-efficiency and paired sections.
+        questions: :func:`question_tables`, for the findings, the reliance, data-efficiency,
+            paired, ranking and per-organ sections.
     """
     unfinished = ["" if s == FINISHED else "unfinished" for s in table["status"]]
+    over_cases = None if questions is None else at_level(questions["over_cases"], questions["level"])
     return _TEMPLATES.get_template("report.html.j2").render(
         n_runs=len(table),
         n_finished=int((table["status"] == FINISHED).sum()),
         sources=sources,
+        findings=[] if questions is None else questions["findings"],
         excluded=_excluded_note(table),
         no_val=no_val_note(table),
-        results=None if summary.empty else _results_context(runs, table, summary, dsc, nsd),
+        results=None if summary.empty else _results_context(runs, table, summary, dsc, nsd, over_cases),
         figures={name: _figure(path) for name, path in pngs.items()},
         study=_table(ORIGINAL_STUDY, "study"),
         all_runs=_table(runs_display(table), "runs", unfinished),
@@ -664,6 +779,7 @@ def render_html(
         provenance=_provenance_context(runs),
         questions=None if questions is None or summary.empty else _questions_context(questions),
         data_axis=_has_data_axis(table),
+        min_cases=stats.MIN_CASES,
     )
 
 
@@ -680,8 +796,47 @@ def _ours(folder: Path) -> bool:
     )
 
 
-def write_report(bench_dirs: list[Path], out: Path | None = None, *, overwrite: bool = False) -> Path:
-    """Write results.csv, results.md, plots/*.png and report.html for one benchmark.
+def csv_tables(runs: list[Run], summary: pd.DataFrame, questions: dict) -> dict[str, pd.DataFrame]:
+    """Every table the report shows, as the CSV files written beside report.html (file -> table).
+
+    The statistics come as raw numbers (paired.csv, ranking.csv, organ_map.csv, over_cases.csv,
+    per_organ.csv, efficiency.csv, cleanup.csv); the others as shown. results.csv (every run) and
+    results_summary.csv (means and sds over seeds) are written first, by :func:`write_report`.
+    """
+    git, hw = _provenance(runs)
+    diff, shared = config_tables(runs)
+    full = full_data_runs(runs)
+    cleanup = [cleanup_gain_table(full, m).assign(metric=m) for m in ("dsc", "nsd")]
+    reliance = [c for c in summary.columns if c.startswith(("prompt_", "dice2d_", "val_dice"))]
+    return {
+        "over_cases.csv": questions["over_cases"],
+        "per_organ.csv": pd.concat(
+            [questions["organs_dsc"].assign(metric="dsc"), questions["organs_nsd"].assign(metric="nsd")],
+            ignore_index=True,
+        ),
+        "paired.csv": questions["paired"],
+        "ranking.csv": questions["ranking"],
+        "organ_map.csv": questions["organ_map"],
+        "efficiency.csv": questions["efficiency"],
+        "reliance.csv": summary.reindex(columns=["strategy", "n_seeds", *reliance]),
+        "prompt_confusion.csv": questions["confusion"],
+        "cleanup.csv": pd.concat(cleanup, ignore_index=True),
+        "audit.csv": audit_display(runs),
+        "provenance_code.csv": git,
+        "provenance_hardware.csv": hw,
+        "settings_differing.csv": diff,
+        "settings_shared.csv": shared,
+    }
+
+
+def write_report(
+    bench_dirs: list[Path],
+    out: Path | None = None,
+    *,
+    overwrite: bool = False,
+    equivalence_margin: float = stats.EQUIVALENCE_MARGIN,
+) -> Path:
+    """Write results.csv, results.md, the tables' CSVs, plots/*.png and report.html for one benchmark.
 
     Args:
         bench_dirs: BENCH folders; several are shards of one benchmark and are merged
@@ -689,14 +844,21 @@ def write_report(bench_dirs: list[Path], out: Path | None = None, *, overwrite: 
         out: folder to write into (default: the first BENCH folder). Another folder must be new,
             empty, or one an earlier report wrote into, unless ``overwrite``.
         overwrite: write into a non-empty ``out`` that is not ours.
+        equivalence_margin: the margin (DSC and NSD units) within which two strategies can be
+            shown equivalent; recorded in paired.csv and the report.
 
     Returns:
         Path of report.html.
 
     Raises:
         InputError: a folder is absent or has no runs, a run file is unreadable, two shards
-            disagree about the same finished run, or ``out`` cannot or may not be written.
+            disagree about the same finished run, ``out`` cannot or may not be written, or the
+            margin is not in (0, 1).
     """
+    if not (0 < equivalence_margin < 1):
+        raise FieldError(
+            "equivalence_margin", f"must be between 0 and 1 (a DSC difference), got {equivalence_margin}"
+        )
     bench_dirs = [Path(b) for b in bench_dirs]
     every = read_bench(bench_dirs)
     for run in every:  # the plots read these later: a bad one must refuse before the first write
@@ -716,12 +878,38 @@ def write_report(bench_dirs: list[Path], out: Path | None = None, *, overwrite: 
     summary = summary_table(main)
     with replacing(out / "results_summary.csv") as tmp:
         summary.to_csv(tmp, index=False)
-    dsc, nsd = per_organ_table(main, "dsc"), per_organ_table(main, "nsd")
-    questions = question_tables(every, table, summary)
-    write_markdown(out / "results.md", summary, dsc, nsd, table, runs, sections=question_sections(questions))
-    pngs = make_plots(runs, main, summary, dsc, nsd, out / "plots")
+    questions = question_tables(every, table, summary, margin=equivalence_margin)
+    for name, df in csv_tables(every, summary, questions).items():
+        with replacing(out / name) as tmp:
+            df.to_csv(tmp, index=False)
+    return _write_pages(out, every, table, summary, questions, bench_dirs)
+
+
+def _write_pages(
+    out: Path,
+    every: list[Run],
+    table: pd.DataFrame,
+    summary: pd.DataFrame,
+    questions: dict,
+    sources: list[Path],
+) -> Path:
+    """results.md, plots/*.png and report.html (the last file written); returns report.html's path."""
+    runs = full_data_runs(every)
+    level = questions["level"]
+    dsc, nsd = at_level(questions["organs_dsc"], level), at_level(questions["organs_nsd"], level)
+    write_markdown(
+        out / "results.md",
+        summary,
+        dsc,
+        nsd,
+        table,
+        runs,
+        sections=question_sections(questions),
+        over_cases=at_level(questions["over_cases"], level),
+        findings=questions["findings"],
+    )
+    pngs = make_plots(runs, runs_table(runs), summary, dsc, nsd, out / "plots")
     pngs.update(make_question_plots(questions, out / "plots"))
-    report = out / "report.html"
     html = render_html(
         runs=every,
         table=table,
@@ -729,8 +917,8 @@ def write_report(bench_dirs: list[Path], out: Path | None = None, *, overwrite: 
         dsc=dsc,
         nsd=nsd,
         pngs=pngs,
-        sources=bench_dirs,
+        sources=sources,
         questions=questions,
     )
-    write_text_atomic(report, html)
-    return report
+    write_text_atomic(out / "report.html", html)
+    return out / "report.html"

@@ -67,6 +67,12 @@ METRICS = (
     "cache_build_s",
     "prompt_reliance",
     "dice2d_wrong_prompt",
+    "prompt_follows",
+    "prompt_ignores",
+    "prompt_reliance_norm",
+    "fp_slice_rate",
+    "val_dsc3d_present",
+    "val_nsd3d_present",
 )
 # Prefix of the results.csv columns holding evaluate's dice2d under each prompt wording.
 VARIANT_PREFIX = "prompt_variant_"
@@ -346,9 +352,18 @@ def run_row(run: Run, breakdown: list[str] | None = None) -> dict:
         "val_dsc3d": _num(summary.get("dsc")),  # metrics.json summary (FLARE22 3D scores)
         "val_nsd3d": _num(summary.get("nsd")),
         "empty_specificity": _num(metrics.get("empty_specificity")),
+        # metrics.json; runs evaluated before it have its complement, empty_specificity
+        "fp_slice_rate": _num(metrics.get("fp_slice_rate", 1 - _num(metrics.get("empty_specificity")))),
+        # metrics.json summary: the 3D case mean over the organs present in the truth (newer runs)
+        "val_dsc3d_present": _num(summary.get("dsc_present")),
+        "val_nsd3d_present": _num(summary.get("nsd_present")),
         # metrics.json prompt reliance (evaluation.reliance): dice2d with a wrong organ's name
         "prompt_reliance": _num(metrics.get("prompt_reliance")),
         "dice2d_wrong_prompt": _num(metrics.get("dice2d_wrong_prompt")),
+        # ... and from the prompt-confusion matrix (organ-averaged; newer runs)
+        "prompt_follows": _num(metrics.get("prompt_follows")),
+        "prompt_ignores": _num(metrics.get("prompt_ignores")),
+        "prompt_reliance_norm": _num(metrics.get("prompt_reliance_norm")),
         **{f"{VARIANT_PREFIX}{k}": _num(v) for k, v in (metrics.get("prompt_variants") or {}).items()},
         "train_time_s": _num(timing.get("train_time_s")),  # run.json timing
         "s_per_epoch": _num(timing.get("s_per_epoch")),
@@ -409,35 +424,6 @@ def summary_table(table: pd.DataFrame) -> pd.DataFrame:
             row[f"{c}_std"] = g[c].std(ddof=1)
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def per_organ_table(table: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Per-organ mean and std over finished seeds of one 3D metric.
-
-    Args:
-        table: :func:`runs_table` output.
-        metric: ``dsc`` or ``nsd``.
-
-    Returns:
-        Long format: columns ``strategy, organ, name, mean, std, n`` (13 organs per strategy).
-    """
-    done = table[table["status"] == FINISHED]
-    rows = []
-    for strategy in strategy_order(set(done["strategy"])):
-        g = done[done["strategy"] == strategy]
-        for o in ORGANS:
-            v = g[f"{metric}_{o.key}"]
-            rows.append(
-                {
-                    "strategy": strategy,
-                    "organ": o.key,
-                    "name": o.name,
-                    "mean": v.mean(),
-                    "std": v.std(ddof=1),
-                    "n": int(v.notna().sum()),
-                }
-            )
-    return pd.DataFrame(rows, columns=["strategy", "organ", "name", "mean", "std", "n"])
 
 
 CLEANUP_MEAN = "mean"  # the organ column of the gain over all organs (metrics.json summary)
@@ -535,104 +521,316 @@ def efficiency_table(table: pd.DataFrame, metric: str = "val_dsc3d") -> pd.DataF
     )
 
 
+# The long tables' grouping columns: every test, interval and ranking is made within one group.
+# A second model family adds "model" here; out-of-fold runs need nothing: cases are keyed by id.
+GROUP_KEYS = ("train_cases",)
+CASE_METRICS = ("dsc", "nsd", "dsc_present", "nsd_present")
+
+
+def _case_mean(organs: dict, metric: str, keys) -> float:
+    values = [_num((organs.get(k) or {}).get(metric)) for k in keys]
+    return math.fsum(values) / len(values) if values else math.nan
+
+
 def case_scores(runs: list[Run]) -> pd.DataFrame:
-    """Per (run, val case) scores: the pairing unit of :func:`paired_differences`.
+    """Per (run, val case) scores: the long table every statistic of :mod:`.stats` starts from.
 
     Returns:
-        Columns ``strategy, train_cases, seed, case, dsc, nsd`` for every finished, evaluated run:
-        a case's 3D DSC/NSD is the mean over its organs in metrics.json ``per_case``, the rule by
-        which ``evaluation.metrics.summarize`` makes the run's own summary (not imported: it
-        brings MONAI, seconds of start-up a report does not otherwise need).
+        Columns ``strategy, train_cases, seed, case, dsc, nsd, dsc_present, nsd_present`` for every
+        finished, evaluated run: a case's 3D DSC/NSD is the mean over its organs in metrics.json
+        ``per_case``, the rule by which ``evaluation.metrics.summarize`` makes the run's own summary
+        (not imported: it brings MONAI, seconds of start-up a report does not otherwise need);
+        ``*_present`` is the mean over the organs present in that case's truth (metrics.json
+        ``organs_present``), NaN for runs evaluated before it was recorded.
     """
     rows = []
     for r in runs:
         per_case = (r.metrics or {}).get("per_case") or {}
+        present = (r.metrics or {}).get("organs_present") or {}
         if not r.finished:
             continue
         for case, organs in per_case.items():
             if not organs:
                 continue
+            known = present.get(case)
             rows.append(
                 {
                     "strategy": r.strategy,
                     "train_cases": r.train_cases_label,
                     "seed": r.seed,
                     "case": str(case),
+                    **{m: _case_mean(organs, m, list(organs)) for m in ("dsc", "nsd")},
                     **{
-                        m: math.fsum(_num(o.get(m)) for o in organs.values()) / len(organs)
+                        f"{m}_present": math.nan if known is None else _case_mean(organs, m, known)
                         for m in ("dsc", "nsd")
                     },
                 }
             )
-    return pd.DataFrame(rows, columns=["strategy", "train_cases", "seed", "case", "dsc", "nsd"])
+    return pd.DataFrame(rows, columns=["strategy", "train_cases", "seed", "case", *CASE_METRICS])
+
+
+def organ_scores(runs: list[Run]) -> pd.DataFrame:
+    """Per (run, val case, organ) 3D scores from metrics.json ``per_case``, finished runs only.
+
+    Returns:
+        Columns ``strategy, train_cases, seed, case, organ, dsc, nsd`` (FLARE22 rules: an organ
+        absent from both truth and prediction scores 1, as in the run's own per-organ summary).
+    """
+    rows = [
+        {
+            "strategy": r.strategy,
+            "train_cases": r.train_cases_label,
+            "seed": r.seed,
+            "case": str(case),
+            "organ": key,
+            "dsc": _num((s or {}).get("dsc")),
+            "nsd": _num((s or {}).get("nsd")),
+        }
+        for r in runs
+        if r.finished
+        for case, organs in ((r.metrics or {}).get("per_case") or {}).items()
+        for key, s in (organs or {}).items()
+    ]
+    return pd.DataFrame(rows, columns=["strategy", "train_cases", "seed", "case", "organ", "dsc", "nsd"])
+
+
+def _levels(labels) -> list[str]:
+    """Training-case levels: the full training set first, then from the fewest cases up."""
+    return sorted(set(labels), key=lambda c: (c != ALL_CASES, int(c) if c != ALL_CASES else 0))
+
+
+def comparison_families(level: pd.DataFrame) -> dict[str, list[tuple[str, str]]]:
+    """The pre-specified families of one training-case level, found from the numbers, never by name.
+
+    Args:
+        level: :func:`runs_table` rows of finished runs at one level.
+
+    Returns:
+        ``{"vs untrained": [(strategy, baseline), ...], "trained pairs": [(a, b), ...]}``: every
+        strategy against each strategy that trains nothing (``trainable_params`` 0, the zero-shot
+        baseline), and every pair of trained strategies in report order (difference a minus b).
+    """
+    names = strategy_order(set(level["strategy"]))
+    params = level.groupby("strategy")["trainable_params"].max()
+    untrained = [s for s in names if params.get(s) == 0]
+    trained = [s for s in names if s not in untrained]
+    versus = [(s, u) for i, u in enumerate(untrained) for s in names if s != u and s not in untrained[:i]]
+    pairs = [(a, b) for i, a in enumerate(trained) for b in trained[i + 1 :]]
+    return {"vs untrained": versus, "trained pairs": pairs}
 
 
 PAIRED_COLUMNS = [
-    "train_cases",
-    "strategy",
-    "reference",
-    "reference_kind",
+    *GROUP_KEYS,
+    "family",
     "metric",
-    "n",
-    "mean",
-    "ci_low",
-    "ci_high",
-    "p_value",
-    "within_noise",
+    *stats.PAIR_COLUMNS,
+    "p_adjusted",
+    "p_equivalence_adjusted",
+    "equivalence_margin",
+    "verdict",
+    "note",
 ]
 
 
-def paired_differences(table: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
-    """Each strategy against the references, paired over (val case, seed), per training-case level.
+def _cases_note(n: int, total: int) -> str:
+    return "" if n == total else f"paired on {n} of the {total} val cases"
 
-    The references, found from the numbers and never by name: every strategy that trains nothing
-    (``trainable_params`` 0, the zero-shot baseline), and the best strategy (highest mean val 3D
-    DSC over finished seeds at that level). Differences are strategy minus reference, for val 3D
-    DSC and NSD; see :mod:`clipseg_bench.study.stats` for the interval and the p-value.
+
+def paired_differences(
+    table: pd.DataFrame, scores: pd.DataFrame, *, margin: float = stats.EQUIVALENCE_MARGIN
+) -> pd.DataFrame:
+    """The pre-specified comparisons of every training-case level, tested over cases, Holm-corrected.
+
+    Per level, metric (``dsc`` primary, ``nsd`` secondary) and family (:func:`comparison_families`),
+    each pair is compared over the val cases both strategies have, seeds averaged within each case
+    first (:mod:`clipseg_bench.study.stats`), and the family is corrected and decided together.
 
     Args:
         table: :func:`runs_table` output.
         scores: :func:`case_scores` of the same runs.
+        margin: the equivalence margin, in DSC/NSD units.
 
     Returns:
-        :data:`PAIRED_COLUMNS`, the full training set's rows first; ``reference_kind`` is
-        "untrained", "best" or both.
+        :data:`PAIRED_COLUMNS` (paired.csv), the full training set's rows first. ``note`` says when a
+        row was paired on fewer cases than the level has.
     """
     done = table[table["status"] == FINISHED]
-    rows = []
-    levels = sorted(set(done["train_cases"]), key=lambda c: (c != ALL_CASES, int(c) if c != ALL_CASES else 0))
-    for cases in levels:  # the full training set first, then from the fewest cases up
-        level = done[done["train_cases"] == cases]
-        means = level.groupby("strategy")["val_dsc3d"].mean().dropna()
-        if means.empty:
-            continue
-        untrained = level.groupby("strategy")["trainable_params"].max() == 0
-        kinds: dict[str, list[str]] = {s: ["untrained"] for s in untrained[untrained].index}
-        kinds.setdefault(str(means.idxmax()), []).append("best")
-        at_level = scores[scores["train_cases"] == cases]
-        compared: set[frozenset[str]] = set()
-        for reference in strategy_order(set(kinds)):
-            for strategy in strategy_order(set(level["strategy"]) - {reference}):
-                if frozenset((strategy, reference)) in compared:  # a reference against another
+    frames = []
+    for cases in _levels(done["train_cases"]):
+        level = scores[scores["train_cases"] == cases]
+        total = level["case"].nunique()
+        families = comparison_families(done[done["train_cases"] == cases])
+        for metric in ("dsc", "nsd"):
+            means = stats.case_means(level, metric)
+            for family, pairs in families.items():
+                if not pairs:
                     continue
-                compared.add(frozenset((strategy, reference)))
-                for metric in ("dsc", "nsd"):
-                    diffs = stats.paired(
-                        _by_pair(at_level, strategy, metric), _by_pair(at_level, reference, metric)
+                rows = stats.decide(stats.paired_rows(means, pairs, metric, margin=margin))
+                frames.append(
+                    rows.assign(
+                        train_cases=cases,
+                        family=family,
+                        metric=metric,
+                        equivalence_margin=margin,
+                        note=[_cases_note(n, total) for n in rows["n_cases"]],
                     )
-                    rows.append(
-                        {
-                            "train_cases": cases,
-                            "strategy": strategy,
-                            "reference": reference,
-                            "reference_kind": ", ".join(kinds[reference]),
-                            "metric": metric,
-                            **stats.compare(diffs),
-                        }
-                    )
-    return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
+                )
+    return _frame(frames, PAIRED_COLUMNS)
 
 
-def _by_pair(scores: pd.DataFrame, strategy: str, metric: str) -> dict[tuple[str, int], float]:
-    g = scores[scores["strategy"] == strategy]
-    return {(c, int(s)): float(v) for c, s, v in zip(g["case"], g["seed"], g[metric])}
+def _frame(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
+    return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
+
+
+RANKING_COLUMNS = [*GROUP_KEYS, "metric", *stats.RANK_COLUMNS]
+
+
+def ranking_table(scores: pd.DataFrame) -> pd.DataFrame:
+    """Ranking stability (ranking.csv): per level and metric, each strategy's mean rank, 95% rank
+    interval and P(rank 1) over 1,000 bootstrap resamples of the cases every strategy has.
+
+    Args:
+        scores: :func:`case_scores` output.
+
+    Returns:
+        :data:`RANKING_COLUMNS`, strategies in report order within each (level, metric).
+    """
+    frames = []
+    for cases in _levels(scores["train_cases"]):
+        level = scores[scores["train_cases"] == cases]
+        order = {s: i for i, s in enumerate(strategy_order(set(level["strategy"])))}
+        level = level.sort_values("strategy", key=lambda s: s.map(order), kind="stable")
+        for metric in ("dsc", "nsd"):
+            ranks = stats.ranking(stats.case_means(level, metric), metric)
+            frames.append(ranks.assign(train_cases=cases, metric=metric))
+    return _frame(frames, RANKING_COLUMNS)
+
+
+ORGAN_MAP_COLUMNS = [
+    *GROUP_KEYS,
+    "metric",
+    "organ",
+    "name",
+    *(c for c in PAIRED_COLUMNS if c not in (*GROUP_KEYS, "metric")),
+]
+
+
+def organ_map_table(
+    table: pd.DataFrame, organs: pd.DataFrame, *, margin: float = stats.EQUIVALENCE_MARGIN
+) -> pd.DataFrame:
+    """The per-organ significance map (organ_map.csv): every comparison of both families, per organ,
+    over cases; Holm over the whole map of one level and metric (13 organs x all comparisons).
+
+    Args:
+        table: :func:`runs_table` output.
+        organs: :func:`organ_scores` of the same runs.
+        margin: the equivalence margin.
+
+    Returns:
+        :data:`ORGAN_MAP_COLUMNS`, one row per (level, metric, organ, comparison).
+    """
+    done = table[table["status"] == FINISHED]
+    names = {o.key: o.name for o in ORGANS}
+    frames = []
+    for cases in _levels(done["train_cases"]):
+        level = organs[organs["train_cases"] == cases]
+        families = comparison_families(done[done["train_cases"] == cases])
+        for metric in ("dsc", "nsd"):
+            means = stats.case_means(level, metric, ["organ"])
+            parts = []
+            for organ, g in means.groupby("organ", sort=False):
+                total = g["case"].nunique()
+                for family, pairs in families.items():
+                    if pairs:
+                        rows = stats.paired_rows(g, pairs, metric, margin=margin)
+                        parts.append(
+                            rows.assign(
+                                organ=organ,
+                                family=family,
+                                note=[_cases_note(n, total) for n in rows["n_cases"]],
+                            )
+                        )
+            if parts:
+                frames.append(
+                    stats.decide(pd.concat(parts, ignore_index=True)).assign(
+                        train_cases=cases, metric=metric, equivalence_margin=margin
+                    )
+                )
+    out = _frame(frames, [c for c in ORGAN_MAP_COLUMNS if c != "name"])
+    return out.assign(name=out["organ"].map(lambda k: names.get(k, k)))[ORGAN_MAP_COLUMNS]
+
+
+def case_summary_table(scores: pd.DataFrame, metrics=CASE_METRICS) -> pd.DataFrame:
+    """Per level, metric and strategy: mean over cases with its 95% interval over cases, and the sd
+    over seeds (:func:`clipseg_bench.study.stats.summary_over_cases`).
+
+    Returns:
+        Columns ``train_cases, metric, strategy, n_cases, n_seeds, mean, ci_low, ci_high,
+        sd_seeds``; a metric no run has (``*_present`` of older runs) has no rows.
+    """
+    frames = [
+        stats.summary_over_cases(scores, m, GROUP_KEYS).assign(metric=m)
+        for m in metrics
+        if m in scores and scores[m].notna().any()
+    ]
+    cols = [*GROUP_KEYS, "metric", "strategy", "n_cases", "n_seeds", "mean", "ci_low", "ci_high", "sd_seeds"]
+    return _frame(frames, cols)
+
+
+def organ_summary_table(organs: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Per level, strategy and organ: mean over cases [95% interval over cases] and sd over seeds.
+
+    Returns:
+        Columns ``train_cases, strategy, organ, name, n_cases, n_seeds, mean, ci_low, ci_high,
+        sd_seeds``, organs in FLARE22 order within each strategy.
+    """
+    out = stats.summary_over_cases(organs, metric, [*GROUP_KEYS, "organ"])
+    names = {o.key: o.name for o in ORGANS}
+    rank = {o.key: i for i, o in enumerate(ORGANS)}
+    order = {s: i for i, s in enumerate(strategy_order(set(out["strategy"])))}
+    out = out.assign(name=out["organ"].map(lambda k: names.get(k, k)))
+    out = out.sort_values(
+        ["strategy", "organ"], key=lambda c: c.map(order if c.name == "strategy" else rank), kind="stable"
+    )
+    cols = [
+        *GROUP_KEYS,
+        "strategy",
+        "organ",
+        "name",
+        "n_cases",
+        "n_seeds",
+        "mean",
+        "ci_low",
+        "ci_high",
+        "sd_seeds",
+    ]
+    return out[cols].reset_index(drop=True)
+
+
+def prompt_confusion_table(runs: list[Run]) -> pd.DataFrame:
+    """The prompt-confusion matrices of finished runs (metrics.json ``prompt_confusion``), long.
+
+    Returns:
+        Columns ``strategy, train_cases, seed, named, organ, dice``: the Dice of the mask for the
+        prompt naming ``named`` against the truth of ``organ`` (NaN where that organ was never
+        present). Runs evaluated before the matrix existed have no rows.
+    """
+    rows = []
+    for r in runs:
+        confusion = (r.metrics or {}).get("prompt_confusion") if r.finished else None
+        if not confusion:
+            continue
+        keys = confusion.get("organs") or []
+        for named, row in zip(keys, confusion.get("dice") or []):
+            for organ, value in zip(keys, row):
+                rows.append(
+                    {
+                        "strategy": r.strategy,
+                        "train_cases": r.train_cases_label,
+                        "seed": r.seed,
+                        "named": named,
+                        "organ": organ,
+                        "dice": _num(value),
+                    }
+                )
+    return pd.DataFrame(rows, columns=["strategy", "train_cases", "seed", "named", "organ", "dice"])
