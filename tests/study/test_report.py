@@ -475,3 +475,28 @@ def test_report_opens_in_headless_chromium_with_every_image(bench, tmp_path):
         timeout=120,
     ).stdout
     assert f'data-imgs="{len(PLOTS)}:{len(PLOTS)}"' in dom, dom[-500:]
+
+
+def _timing_summary(n_seeds: int, backward_sd: float) -> pd.DataFrame:
+    """Two trained strategies: 'slow' spends 6 s more in backward and 1 s more in forward."""
+    rows = []
+    for name, backward, forward in (("fast", 2.0, 3.0), ("slow", 8.0, 4.0)):
+        row = {"strategy": name, "n_seeds": n_seeds, "train_time_s_mean": backward + forward + 1.0}
+        row.update(train_time_s_std=0.1, s_per_epoch_mean=1.0, s_per_epoch_std=0.0)
+        row.update(time_backward_s_mean=backward, time_backward_s_std=backward_sd)
+        row.update(time_forward_s_mean=forward, time_forward_s_std=0.1)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def test_the_gap_is_attributed_only_beyond_the_spread_over_seeds():
+    from clipseg_bench.study.report import explain_gap
+
+    parts = ["forward", "backward"]
+    clear = explain_gap(_timing_summary(3, backward_sd=0.5), parts)
+    assert "Per part, slow minus fast: forward +1.0 s, backward +6.0 s." in clear
+    assert "Most of the 7.0 s gap is backward time" in clear
+    noisy = explain_gap(_timing_summary(3, backward_sd=4.0), parts)  # 6 s within 2 x sqrt(2) x 4 s
+    assert "backward +6.0 s" in noisy and "Most of" not in noisy
+    single = explain_gap(_timing_summary(1, backward_sd=float("nan")), parts)
+    assert "Most of" not in single and "With one seed there is no spread" in single
