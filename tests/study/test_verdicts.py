@@ -197,3 +197,37 @@ def test_a_narrower_margin_changes_the_equivalence_and_is_recorded(bench, tmp_pa
     assert p.loc[("decoder", "zeroshot"), "verdict"] == "inconclusive"  # +-0.002 is outside +-0.001
     assert set(p["equivalence_margin"]) == {0.001}
     assert p.loc[("full", "zeroshot"), "verdict"] == "higher"  # the margin changes nothing else
+
+
+def test_the_findings_say_when_a_family_cannot_reach_a_verdict():
+    from clipseg_bench.study import evidence
+
+    # Holm's smallest p is m * 2/2**n: 3 comparisons need 7 cases, 5 need 8, 10 need 9, 1 needs 6
+    assert [evidence.cases_needed(m) for m in (1, 3, 5, 10)] == [6, 7, 8, 9]
+    rows = pd.DataFrame(
+        {
+            "train_cases": "all",
+            "family": "vs untrained",
+            "metric": "dsc",
+            "strategy": ["a", "b", "c"],
+            "reference": "zeroshot",
+            "n_cases": 6,
+            "mean": 0.08,
+            "ci_low": 0.06,
+            "ci_high": 0.1,
+            "p_adjusted": 3 * 2 / 64,
+            "verdict": "inconclusive",
+        }
+    )
+    found = evidence.findings(rows, pd.DataFrame(columns=["train_cases", "metric"]), 0.01)[0]["sentences"]
+    assert found[0] == (
+        "Against the untrained baseline: no difference can be shown with 6 cases and 3 comparisons "
+        "(the smallest Holm-adjusted p is 3 × 2/2^6 = 0.0938); 7 cases are needed."
+    )
+    rows["n_cases"] = 7  # 3 x 2/128 = 0.047: reachable, nothing to say
+    assert not any(
+        "can be shown" in s
+        for s in evidence.findings(rows, pd.DataFrame(columns=["train_cases", "metric"]), 0.01)[0][
+            "sentences"
+        ]
+    )

@@ -20,7 +20,10 @@ prompt k on a slice is the same whichever organ is present there. From it, per o
 A model that ignores the text gives every name the same mask, so each column of ``C`` is constant,
 ``ignores == follows`` and reliance is 0. A perfect follower's mask for k never touches another
 organ, so ``ignores`` is 0 and reliance is 1, however poor its Dice. Between, reliance is the share
-of the right name's overlap with organ j that other names do not also get. ``prompt_follows``,
+of the right name's overlap with organ j that other names do not also get. Averaging over the
+K - 1 other names dilutes a confusion confined to one pair (in the demo "spleen" lands on the left
+kidney as much as on the spleen, yet the spleen's reliance stays near 0.9): the matrix itself shows
+such a pair (the report plots it). ``prompt_follows``,
 ``prompt_ignores`` and ``prompt_reliance_norm`` are the plain means over the organs with a value
 (each organ counts once, whatever its number of slices).
 

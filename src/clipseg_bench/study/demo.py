@@ -38,7 +38,7 @@ class DemoSize:
 
     cases_a: int  # phantom cases of style A (pretraining; a quarter of them are val cases)
     cases_b: int  # phantom cases of style B (the benchmark)
-    val_fraction_b: float  # of the style-B cases: val cases x seeds are the pairs of the paired tests
+    val_fraction_b: float  # of the style-B cases: the val cases are the units of the paired tests
     pretrain_steps: int
     steps: int  # fine-tuning steps of every benchmark run, on any number of training cases
     seeds: list[int]
@@ -51,7 +51,7 @@ SIZES = {
     "full": DemoSize(
         cases_a=8,
         cases_b=10,
-        val_fraction_b=0.3,  # 3 val cases: 6 (case, seed) pairs, so a Wilcoxon p can fall to 0.031
+        val_fraction_b=0.3,  # 3 val cases: too few for a verdict (5 needed, 6 to reach p < 0.05)
         pretrain_steps=1000,
         steps=60,
         seeds=[0, 1],

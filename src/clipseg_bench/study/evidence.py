@@ -155,6 +155,30 @@ def _held_sentence(rows: pd.DataFrame, family: str) -> str:
     return f"{FAMILY_NAMES.get(family, family).capitalize()}: " + "; ".join(parts) + "."
 
 
+def cases_needed(m: int, alpha: float = stats.ALPHA) -> int:
+    """The fewest cases with which a family of ``m`` tests can show a difference at all: Holm's
+    smallest adjusted p is m times the smallest exact two-sided Wilcoxon p, m * 2 / 2**n."""
+    n = 1
+    while m * 2 / 2**n >= alpha:
+        n += 1
+    return n
+
+
+def _reach_sentence(family_rows: pd.DataFrame, family: str) -> list[str]:
+    """Why a family cannot show any difference with its number of cases (empty when it can)."""
+    tested = family_rows[family_rows["verdict"] != stats.TOO_FEW]
+    if tested.empty:
+        return []
+    m, n = len(tested), int(tested["n_cases"].max())
+    if m * 2 / 2**n < stats.ALPHA:
+        return []
+    return [
+        f"{FAMILY_NAMES.get(family, family).capitalize()}: no difference can be shown with {n} cases and "
+        f"{m} comparisons (the smallest Holm-adjusted p is {m} × 2/2^{n} = {m * 2 / 2**n:.3g}); "
+        f"{cases_needed(m)} cases are needed."
+    ]
+
+
 def _level_findings(rows: pd.DataFrame, margin: float) -> list[str]:
     """The sentences of one training-case level, primary metric (DSC) first."""
     dsc = rows[rows["metric"] == "dsc"]
@@ -173,6 +197,7 @@ def _level_findings(rows: pd.DataFrame, margin: float) -> list[str]:
         held = g[g["verdict"].isin([stats.HIGHER, stats.LOWER])]
         if len(held):
             out.append(_held_sentence(held, family))
+        out += _reach_sentence(g, family)
     same = dsc[dsc["verdict"] == stats.EQUIVALENT]
     if len(same):
         pairs = [f"{r.strategy} and {r.reference} ({r.n_cases} cases)" for r in same.itertuples()]
@@ -190,7 +215,8 @@ def _level_findings(rows: pd.DataFrame, margin: float) -> list[str]:
     nsd = rows[rows["metric"] == "nsd"]
     if len(nsd):
         verdicts = nsd["verdict"].isin([stats.HIGHER, stats.LOWER, stats.EQUIVALENT]).sum()
-        out.append(f"NSD (secondary): {verdicts} of {len(nsd)} comparisons hold a verdict (paired.csv).")
+        hold = "holds" if verdicts == 1 else "hold"
+        out.append(f"NSD (secondary): {verdicts} of {len(nsd)} comparisons {hold} a verdict (paired.csv).")
     return out
 
 

@@ -675,7 +675,7 @@ def plot_prompt_confusion(confusion: pd.DataFrame, path: Path) -> Path | None:
     short = {o.key: o.name.replace(" gland", "").replace("inferior vena cava", "IVC") for o in ORGANS}
     cols = min(3, len(names))
     rows = math.ceil(len(names) / cols)
-    fig = Figure(figsize=(4.2 * cols, 3.9 * rows))
+    fig = Figure(figsize=(4.4 * cols, 4.4 * rows), layout="constrained")  # room for the organ names
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     for ax, name in zip(axes, names):
         g = confusion[confusion["strategy"] == name].groupby(["named", "organ"])["dice"].mean()
@@ -686,7 +686,7 @@ def plot_prompt_confusion(confusion: pd.DataFrame, path: Path) -> Path | None:
         ax.set_yticks(range(len(keys)), [short[k] for k in keys], fontsize=6)
     for ax in axes[len(names) :]:
         ax.set_visible(False)
-    fig.colorbar(im, ax=list(axes[: len(names)]), fraction=0.02, pad=0.02).set_label("Dice (mean over seeds)")
+    fig.colorbar(im, ax=list(axes[: len(names)]), shrink=0.6).set_label("Dice (mean over seeds)")
     fig.suptitle("Prompt confusion: row = organ named, column = organ scored against", fontsize=10)
     return _save(fig, path)
 
