@@ -228,7 +228,7 @@ def _ranking_sentence(ranking: pd.DataFrame) -> str:
     n = int(g["n_cases"].max())
     if n < stats.MIN_CASES:
         return f"No ranking: {n} val case{'' if n == 1 else 's'} cannot show how stable one is."
-    g = g.sort_values("p_first", ascending=False)
+    g = g.sort_values(["p_first", "mean_rank"], ascending=[False, True])
     listed = _listing(
         [
             f"{r.strategy} {r.p_first:.2f} (ranks {num(r.rank_low, 'g')}–{num(r.rank_high, 'g')})"

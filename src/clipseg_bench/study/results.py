@@ -632,8 +632,18 @@ PAIRED_COLUMNS = [
 ]
 
 
-def _cases_note(n: int, total: int) -> str:
-    return "" if n == total else f"paired on {n} of the {total} val cases"
+def _notes(rows: pd.DataFrame, totals, margin: float) -> list[str]:
+    """Per decided row: fewer cases than its level (or organ) has (``totals``: one number, or one
+    per row), and a difference that is also within the margin (both tests reject: real, and
+    smaller than the margin)."""
+    notes = []
+    totals = [totals] * len(rows) if isinstance(totals, int) else list(totals)
+    for r, total in zip(rows.itertuples(), totals):
+        parts = [] if r.n_cases == total else [f"paired on {r.n_cases} of the {total} val cases"]
+        if r.verdict in (stats.HIGHER, stats.LOWER) and r.p_equivalence_adjusted < stats.ALPHA:
+            parts.append(f"also within ±{margin:g} (equivalence test)")
+        notes.append("; ".join(parts))
+    return notes
 
 
 def paired_differences(
@@ -672,7 +682,7 @@ def paired_differences(
                         family=family,
                         metric=metric,
                         equivalence_margin=margin,
-                        note=[_cases_note(n, total) for n in rows["n_cases"]],
+                        note=_notes(rows, total, margin),
                     )
                 )
     return _frame(frames, PAIRED_COLUMNS)
@@ -743,17 +753,15 @@ def organ_map_table(
                 for family, pairs in families.items():
                     if pairs:
                         rows = stats.paired_rows(g, pairs, metric, margin=margin)
-                        parts.append(
-                            rows.assign(
-                                organ=organ,
-                                family=family,
-                                note=[_cases_note(n, total) for n in rows["n_cases"]],
-                            )
-                        )
+                        parts.append(rows.assign(organ=organ, family=family, total=total))
             if parts:
+                decided = stats.decide(pd.concat(parts, ignore_index=True))
                 frames.append(
-                    stats.decide(pd.concat(parts, ignore_index=True)).assign(
-                        train_cases=cases, metric=metric, equivalence_margin=margin
+                    decided.assign(
+                        train_cases=cases,
+                        metric=metric,
+                        equivalence_margin=margin,
+                        note=_notes(decided, decided["total"].astype(int), margin),
                     )
                 )
     out = _frame(frames, [c for c in ORGAN_MAP_COLUMNS if c != "name"])
