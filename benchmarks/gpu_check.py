@@ -1,8 +1,11 @@
 """A prepared GPU check (issue 11): every strategy on the real-size CLIPSeg, bf16 and fp32, on one device.
 
-On the architecture of ``CIDAS/clipseg-rd64-refined`` with random weights (``reference_config()``;
-nothing is downloaded), for every registered strategy and for fp32 and bf16 (``torch.autocast``
-with bfloat16, which is what Accelerate's ``--mixed-precision bf16`` applies around the forward):
+On the architecture of ``CIDAS/clipseg-rd64-refined`` with random weights (``reference_config()``
+with the tiny tokenizer's special-token ids; nothing is downloaded): first, the 13 organ prompts must
+get 13 different embeddings (with CLIP's own end-of-text id, which the tiny tokenizer never emits,
+CLIP pools the first token and every prompt embeds alike); then, for every registered strategy and
+for fp32 and bf16 (``torch.autocast`` with bfloat16, which is what Accelerate's
+``--mixed-precision bf16`` applies around the forward):
 
 - a few training steps: B slices x K organ prompts through ``PromptedModule`` (the module the
   trainer optimises), the trainer's loss and fused AdamW; every loss must be finite, and the
@@ -53,11 +56,28 @@ def _autocast(device: torch.device, precision: str):
 
 
 def base_model(arch: str, image_size: int):
-    """A randomly initialised CLIPSeg (decoder with PyTorch's default init, as ``build_tiny`` gives it)."""
+    """A randomly initialised CLIPSeg (decoder with PyTorch's default init, as ``build_tiny`` gives it),
+    its text config pooling at the tiny tokenizer's end-of-text token (the prompts are tokenized by it)."""
     from clipseg_bench.model.families.clipseg import build_tiny, reference_config, tiny_config
+    from clipseg_bench.model.tokenizer import build_tiny_tokenizer
 
-    config = reference_config() if arch == "real" else tiny_config(image_size=image_size)
-    return build_tiny(config)
+    if arch == "real":
+        return build_tiny(reference_config(tokenizer=build_tiny_tokenizer()))
+    return build_tiny(tiny_config(image_size=image_size))
+
+
+def prompt_check(model) -> dict:
+    """Whether the 13 organ prompts get 13 different embeddings (:func:`~clipseg_bench.model.forward.prompt_separation`).
+
+    All 13, whatever ``--quick`` trains on: identical embeddings (a text config pooling at an id
+    the tokenizer never emits) would let every other check pass while every mask sees the same prompt.
+    """
+    from clipseg_bench.model.forward import prompt_separation, tokenize
+    from clipseg_bench.model.tokenizer import build_tiny_tokenizer
+    from clipseg_bench.organs import prompts
+
+    tokens = tokenize(build_tiny_tokenizer(), prompts("name"))
+    return prompt_separation(model, tokens["input_ids"], tokens["attention_mask"])
 
 
 def make_inputs(*, batch: int, prompts: int, size: int, device: torch.device, seed: int = 0) -> dict:
@@ -161,11 +181,16 @@ def logits_check(model, inputs: dict, *, device: torch.device, precision: str) -
 def run_checks(
     *, arch: str, device: torch.device, batch: int, prompts: int, size: int, steps: int, log
 ) -> dict:
-    """Every strategy x precision training check, and the logits check per precision."""
+    """The prompt-embedding check, every strategy x precision training check, and the logits check per precision."""
     from clipseg_bench.errors import GradientAuditError
     from clipseg_bench.strategies import apply_strategy, available
 
     base = base_model(arch, size)
+    separation = prompt_check(base)
+    log(
+        f"prompt embeddings: closest two of {separation['prompts']} differ by {separation['separation']:.3g}: "
+        + ("ok" if separation["distinct"] else "FAIL, the prompts embed alike")
+    )
     inputs = make_inputs(batch=batch, prompts=prompts, size=size, device=device)
     logits = {p: logits_check(copy.deepcopy(base), inputs, device=device, precision=p) for p in PRECISIONS}
     for p, r in logits.items():
@@ -194,7 +219,7 @@ def run_checks(
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    return {"logits": logits, "checks": checks}
+    return {"prompt_embeddings": separation, "logits": logits, "checks": checks}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,7 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     result = run_checks(
         arch=arch, device=device, batch=batch, prompts=prompts, size=size, steps=steps, log=log
     )
-    ok = all(r["ok"] for r in result["logits"].values()) and all(c["ok"] for c in result["checks"])
+    ok = (
+        result["prompt_embeddings"]["distinct"]
+        and all(r["ok"] for r in result["logits"].values())
+        and all(c["ok"] for c in result["checks"])
+    )
     doc = {
         "ok": ok,
         "arch": arch,

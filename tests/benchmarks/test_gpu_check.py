@@ -42,6 +42,7 @@ def test_every_strategy_and_precision_is_checked_on_cpu(gpu_check, tmp_path):
         assert c["ok"] and c["finite"] and c["masks_per_s"] > 0 and c["peak_cuda_mb"] is None, c
         assert all(a["reached"] == a["trainable"] for a in c["gradient_audit"].values()), c
     assert all(doc["logits"][p]["ok"] for p in ("fp32", "bf16"))
+    assert doc["prompt_embeddings"]["distinct"] and doc["prompt_embeddings"]["prompts"] == 13
 
 
 def test_a_failing_check_exits_non_zero(gpu_check, tmp_path, monkeypatch):
@@ -54,3 +55,22 @@ def test_a_failing_check_exits_non_zero(gpu_check, tmp_path, monkeypatch):
     monkeypatch.setattr(strategies, "available", lambda: ["decoder"])  # one strategy is enough here
     rc, doc = _run(gpu_check, tmp_path / "check.json")
     assert rc == 1 and not doc["ok"] and not doc["logits"]["fp32"]["ok"]
+
+
+def test_prompts_that_embed_alike_fail_the_check(gpu_check, tmp_path, monkeypatch):
+    """Issue 24's bug planted back: a text config whose eos id the tokenizer never emits (CLIP's 49407)
+    pools BOS, every prompt embeds alike, and the check exits 1 saying so, though training runs fine."""
+    from clipseg_bench import strategies
+    from clipseg_bench.model.families.clipseg import build_tiny, tiny_config
+
+    def clip_eos_model(arch, image_size):
+        config = tiny_config(image_size=image_size)
+        config.text_config.eos_token_id = 49407
+        return build_tiny(config)
+
+    monkeypatch.setattr(gpu_check, "base_model", clip_eos_model)
+    monkeypatch.setattr(strategies, "available", lambda: ["decoder"])  # one strategy is enough here
+    rc, doc = _run(gpu_check, tmp_path / "check.json")
+    assert rc == 1 and not doc["ok"]
+    assert doc["prompt_embeddings"]["distinct"] is False and doc["prompt_embeddings"]["separation"] == 0.0
+    assert all(c["ok"] for c in doc["checks"]) and all(r["ok"] for r in doc["logits"].values())

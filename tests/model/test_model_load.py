@@ -103,11 +103,57 @@ def test_missing_or_foreign_folder(tmp_path):
         load_model(str(tmp_path / "cfg"))
 
 
-def test_reference_config_has_the_published_size():
+@pytest.mark.parametrize("with_tokenizer", [False, True])
+def test_reference_config_has_the_published_size(with_tokenizer, tokenizer):
     # CIDAS/clipseg-rd64-refined has 150.7M parameters; built on the meta device, no memory.
+    # The tokenizer's ids change which position is pooled, never a size.
     from transformers import CLIPSegForImageSegmentation
 
     with torch.device("meta"):
-        model = CLIPSegForImageSegmentation(reference_config())
+        model = CLIPSegForImageSegmentation(reference_config(tokenizer=tokenizer if with_tokenizer else None))
     assert round(sum(p.numel() for p in model.parameters()) / 1e6, 1) == 150.7
     assert CLIPSeg().vision_depth(model) == 10  # the decoder reads up to layer 9 of 12
+    assert model.config.text_config.vocab_size == 49408
+
+
+def test_reference_config_pools_at_the_given_tokenizers_eos(tokenizer):
+    # CLIP's pooling reads the first eos_token_id; with CLIP's 49407 and the tiny tokenizer (EOS 762)
+    # it would read BOS, and all 13 organ prompts would embed alike.
+    tc = reference_config(tokenizer=tokenizer).text_config
+    assert (tc.bos_token_id, tc.eos_token_id, tc.pad_token_id) == (
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+    )
+    assert reference_config().text_config.eos_token_id == 49407  # CLIP's own, for CLIP's tokenizer
+    assert CLIPSeg().reference_config(tokenizer=tokenizer).text_config.eos_token_id == tokenizer.eos_token_id
+
+
+def test_reference_config_refuses_a_tokenizer_it_cannot_pool_with(tokenizer):
+    from transformers import CLIPSegTextConfig
+
+    from clipseg_bench.model.families.clipseg import use_tokenizer_ids
+
+    with pytest.raises(ValueError, match="763 tokens, the text config's vocabulary 100"):
+        use_tokenizer_ids(CLIPSegTextConfig(vocab_size=100), tokenizer)
+
+    class LegacyIds:  # eos id 2: HF would pool at the highest token id instead
+        bos_token_id, eos_token_id, pad_token_id = 1, 2, 2
+
+        def __len__(self):
+            return 10
+
+    with pytest.raises(ValueError, match="cannot drive CLIP's EOS pooling"):
+        use_tokenizer_ids(CLIPSegTextConfig(), LegacyIds())
+
+
+def test_prompt_separation_sees_prompts_that_embed_alike(tokenizer):
+    texts = prompts("name")
+    tokens = fw.tokenize(tokenizer, texts)
+    ok = fw.prompt_separation(build_tiny(), tokens["input_ids"], tokens["attention_mask"])
+    assert ok["prompts"] == 13 and ok["distinct"] and ok["separation"] > 100 * ok["tolerance"]
+    # The bug of issue 24: an eos id the tokenizer never emits pools BOS for every prompt.
+    config = tiny_config()
+    config.text_config.eos_token_id = 49407
+    bad = fw.prompt_separation(build_tiny(config), tokens["input_ids"], tokens["attention_mask"])
+    assert not bad["distinct"] and bad["separation"] == 0.0

@@ -157,3 +157,46 @@ def forward(
     elif grad and text_trainable(model) and not any(t.requires_grad for t in prompt_tensors(prompt_emb)):
         raise ValueError("cached prompt embeddings given, but the text encoder trains; pass input_ids")
     return decode(model, activations, prompt_emb, pairs=pairs)
+
+
+PROMPT_SEPARATION_STEPS = (
+    64  # rounding steps (float32, at the features' scale) below which two prompts coincide
+)
+
+
+def prompt_separation(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> dict:
+    """Whether K different prompts get different features: the check behind "every organ prompt
+    conditions its own mask".
+
+    With a text config whose end-of-text id the tokenizer never emits, CLIP pools the first token
+    (BOS) and every prompt embeds alike (see
+    :func:`clipseg_bench.model.families.clipseg.use_tokenizer_ids`); nothing else fails.
+
+    Args:
+        model: any family's model.
+        input_ids, attention_mask: (K, L) tokenized prompts, K >= 2, all different texts.
+
+    Returns:
+        ``{"prompts": K, "separation": min over pairs i < j of max |f_i - f_j| (over every
+        element of the family's prompt features, each (K, ...)), "scale": max |f|, "tolerance",
+        "distinct": separation > tolerance}``. The tolerance is :data:`PROMPT_SEPARATION_STEPS`
+        float32 steps at the scale: what a reordered reduction could make of identical rows,
+        while different prompts differ by a sizeable share of the scale.
+    """
+    with torch.no_grad():
+        feats = [
+            f.detach().float().flatten(1)
+            for f in prompt_tensors(encode_prompts(model, input_ids, attention_mask))
+        ]
+    k = feats[0].shape[0]
+    dist = torch.stack([(f[:, None] - f[None]).abs().amax(-1) for f in feats]).amax(0)  # (K, K)
+    separation = float(dist[~torch.eye(k, dtype=torch.bool, device=dist.device)].min())
+    scale = max(float(f.abs().max()) for f in feats)
+    tolerance = PROMPT_SEPARATION_STEPS * torch.finfo(torch.float32).eps * scale
+    return {
+        "prompts": k,
+        "separation": separation,
+        "scale": scale,
+        "tolerance": tolerance,
+        "distinct": separation > tolerance,
+    }

@@ -90,8 +90,10 @@ class ModelFamily:
         """A :class:`~clipseg_bench.model.load.LoadedModel` for ``spec`` (the tiny spec, a folder, a hub id)."""
         raise NotImplementedError
 
-    def reference_config(self) -> Any:
-        """The real checkpoint's architecture (random weights, no download)."""
+    def reference_config(self, *, tokenizer: Any = None) -> Any:
+        """The real checkpoint's architecture (random weights, no download); with ``tokenizer``, its
+        special-token ids (a random model fed another tokenizer than the checkpoint's must pool at
+        that tokenizer's end-of-text token)."""
         raise NotImplementedError
 
     def build(self, config: Any, *, seed: int = 0) -> nn.Module:

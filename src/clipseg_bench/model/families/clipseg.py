@@ -112,12 +112,52 @@ def tiny_config(
     )
 
 
-def reference_config():
+def reference_config(*, tokenizer=None):
     """The architecture of ``CIDAS/clipseg-rd64-refined`` (150.7M parameters), for random-weight
-    benchmarks and parameter counts without a download."""
+    benchmarks and parameter counts without a download.
+
+    Args:
+        tokenizer: the tokenizer the random model will be fed (e.g. the tiny one, since CLIP's BPE
+            vocabulary would need a download); its special-token ids go into the text config
+            (:func:`use_tokenizer_ids`). Without it the text config keeps CLIP's ids, which only
+            CLIP's own tokenizer emits.
+
+    Returns:
+        A ``CLIPSegConfig``; the sizes (and the 49,408-token vocabulary) are the published ones either way.
+    """
     from transformers import CLIPSegConfig
 
-    return CLIPSegConfig(vision_config=dict(patch_size=16), use_complex_transposed_convolution=True)
+    config = CLIPSegConfig(vision_config=dict(patch_size=16), use_complex_transposed_convolution=True)
+    if tokenizer is not None:
+        use_tokenizer_ids(config.text_config, tokenizer)
+    return config
+
+
+def use_tokenizer_ids(text_config, tokenizer) -> None:
+    """Give a CLIP text config the bos/eos/pad token ids of ``tokenizer``, in place.
+
+    CLIP's text model pools the hidden state at the first ``eos_token_id`` of its config. With
+    CLIP's id (49407) and a tokenizer whose end-of-text token has another id, no position matches,
+    the first one (BOS) is pooled, and every prompt gets the same embedding: a random real-size
+    model fed the tiny tokenizer's ids would look fine and condition every mask alike.
+
+    Raises:
+        ValueError: the tokenizer has ids beyond the config's vocabulary, or its EOS id is 2 (HF
+            then falls back to the legacy pooling at the highest token id, not at EOS).
+    """
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    if len(tokenizer) > text_config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens, the text config's vocabulary {text_config.vocab_size}"
+        )
+    if None in ids.values() or ids["eos_token_id"] == 2:
+        raise ValueError(f"the tokenizer's special-token ids {ids} cannot drive CLIP's EOS pooling")
+    for name, value in ids.items():
+        setattr(text_config, name, value)
 
 
 def reset_decoder_init(model) -> None:
@@ -283,8 +323,8 @@ class CLIPSeg(ModelFamily):
         loaded.image_size = check_size(image_size or loaded.image_size, self.patch_size(loaded.model), spec)
         return loaded
 
-    def reference_config(self):
-        return reference_config()
+    def reference_config(self, *, tokenizer=None):
+        return reference_config(tokenizer=tokenizer)
 
     def build(self, config, *, seed: int = TINY_SEED):
         return build_tiny(config, seed=seed)
