@@ -20,13 +20,14 @@ RATIOS = {"decoder_cached_vs_stock", "full_shared_vs_pairwise", "segment_vs_pair
 
 @pytest.fixture(scope="module")
 def throughput():
-    """The script imported as a module (benchmarks/ is not a package)."""
+    """The script imported as a module (benchmarks/ is not a package; the script puts its folder on
+    sys.path to import its measurements from throughput_parts/, undone afterwards)."""
+    path = list(sys.path)
     spec = importlib.util.spec_from_file_location("throughput_benchmark", SCRIPT)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     yield module
-    sys.modules.pop(spec.name, None)
+    sys.path[:] = path
 
 
 @pytest.fixture(scope="module")
