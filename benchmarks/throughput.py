@@ -70,11 +70,13 @@ from pathlib import Path
 
 import torch
 
+from clipseg_bench.errors import ReportedError
+
 # benchmarks/ is not a package: the measurements sit beside this script, in throughput_parts/.
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from throughput_parts.common import build_arch, make_prepared  # noqa: E402
+from throughput_parts.common import build_arch, check_prompts, make_prepared  # noqa: E402
 from throughput_parts.memory import probe_memory, probe_rows, run_probe  # noqa: E402
 from throughput_parts.plans import PLANS, Plan  # noqa: E402
 from throughput_parts.report import (  # noqa: E402
@@ -94,13 +96,14 @@ from throughput_parts.truncation import measure_truncation  # noqa: E402
 
 
 def measure_arch(arch_name: str, data_root: Path, plan: Plan, log) -> dict:
-    """Everything for one architecture. Returns ``{"rows", "extras", "probe"}``."""
+    """Everything for one architecture. Returns ``{"rows", "extras", "probe", "prompt_embeddings"}``."""
     from clipseg_bench.data.dataset import PreparedData
 
     data = PreparedData(data_root)
     t0 = time.perf_counter()
     arch = build_arch(arch_name)
     log(f"{arch_name}: model built in {time.perf_counter() - t0:.1f} s")
+    prompt_check = check_prompts(arch)
     rows = measure_truncation(arch, plan, log)
     rows += measure_segment(arch, data, plan, log)
     extras = {}
@@ -111,7 +114,7 @@ def measure_arch(arch_name: str, data_root: Path, plan: Plan, log) -> dict:
     probe = run_probe(arch_name, data_root, plan, log) if plan.probe else None
     if probe:
         rows += probe_rows(arch_name, probe)
-    return {"rows": rows, "extras": extras, "probe": probe}
+    return {"rows": rows, "extras": extras, "probe": probe, "prompt_embeddings": prompt_check}
 
 
 def run_benchmark(*, archs: list[str], profile: str, log=print, workdir: Path | None = None) -> dict:
@@ -146,6 +149,7 @@ def run_benchmark(*, archs: list[str], profile: str, log=print, workdir: Path | 
         "data_loading": head["data_loading"],
         "rows": [r for a in archs for r in results[a]["rows"]],
         "extras": {a: results[a]["extras"] for a in archs},
+        "prompt_embeddings": {a: results[a]["prompt_embeddings"] for a in archs},
         "plans": {a: asdict(PLANS[(a, profile)]) for a in archs},
         "profile": profile,
         "total_s": time.perf_counter() - t0,
@@ -194,7 +198,11 @@ def main(argv: list[str] | None = None) -> int:
             f"note: load average {busy:.1f} at the start: other processes use the CPUs. Small operations suffer most "
             "(each waits for a descheduled OpenMP thread), so timings are noisy; --threads 1 is steadier then."
         )
-    result = run_benchmark(archs=archs, profile=profile, log=log)
+    try:
+        result = run_benchmark(archs=archs, profile=profile, log=log)
+    except ReportedError as exc:  # e.g. prompts that embed alike: one line, no traceback
+        log(f"error: {exc.message}")
+        return exc.exit_code
     print(format_table(result["rows"]))
     print()
     print(format_summary(result))

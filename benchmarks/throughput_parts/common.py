@@ -60,7 +60,8 @@ class Arch:
 
 def build_arch(name: str) -> Arch:
     """``real``: the architecture of CIDAS/clipseg-rd64-refined (150.7M parameters) at its 352 px
-    input; ``tiny``: the project's tiny model at 128 px. Both random, same weights in every process."""
+    input, its text config pooling at the tiny tokenizer's end-of-text token; ``tiny``: the project's
+    tiny model at 128 px. Both random, same weights in every process."""
     from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
     from clipseg_bench.model.families.clipseg import build_tiny, reference_config
@@ -70,13 +71,35 @@ def build_arch(name: str) -> Arch:
 
     tokenizer = build_tiny_tokenizer()
     if name == "real":
-        model, size = build_tiny(reference_config()), 352  # 352: the rd64-refined image processor's side
+        # 352: the rd64-refined image processor's side
+        model, size = build_tiny(reference_config(tokenizer=tokenizer)), 352
     elif name == "tiny":
         model, size = build_tiny(), 128
     else:
         raise ValueError(f"unknown architecture {name!r}")
     tokens = tokenize(tokenizer, prompts("name"))
     return Arch(name, model, tokenizer, size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, tokens)
+
+
+def check_prompts(arch: Arch) -> dict:
+    """The 13 organ prompts must get 13 different embeddings
+    (:func:`~clipseg_bench.model.forward.prompt_separation`); the check's record.
+
+    Raises:
+        RunFailed: two prompts embed alike (e.g. a text config pooling at an end-of-text id the
+            tokenizer never emits): every mask would then be conditioned on the same prompt.
+    """
+    from clipseg_bench.errors import RunFailed
+    from clipseg_bench.model.forward import prompt_separation
+
+    check = prompt_separation(arch.model, arch.tokens["input_ids"], arch.tokens["attention_mask"])
+    if not check["distinct"]:
+        raise RunFailed(
+            None,
+            f"{arch.name} architecture: the {check['prompts']} organ prompts embed alike (the closest two "
+            f"differ by {check['separation']:.3g}); its text config must pool at the tokenizer's end-of-text id",
+        )
+    return check
 
 
 def with_strategy(arch: Arch, strategy: str) -> Arch:

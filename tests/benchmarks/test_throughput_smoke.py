@@ -89,3 +89,28 @@ def test_memory_and_data_loading_are_measured(smoke_result):
 def test_json_is_strict(smoke_result):
     _, text = smoke_result
     json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+
+
+def test_every_architecture_has_13_distinct_prompt_embeddings(smoke_result):
+    result, _ = smoke_result
+    check = result["prompt_embeddings"]["tiny"]
+    assert check["prompts"] == 13 and check["distinct"] and check["separation"] > check["tolerance"] > 0
+
+
+def test_prompts_that_embed_alike_stop_the_benchmark(throughput, tmp_path, monkeypatch, capsys):
+    """Issue 24's bug planted back: CLIP's eos id (49407), which the tiny tokenizer never emits, makes
+    every prompt pool BOS; the script stops before measuring, with one line and exit 1."""
+    from clipseg_bench.model.families import clipseg
+
+    tiny_config = clipseg.tiny_config
+
+    def clip_eos_config(**kwargs):
+        config = tiny_config(**kwargs)
+        config.text_config.eos_token_id = 49407
+        return config
+
+    monkeypatch.setattr(clipseg, "tiny_config", clip_eos_config)
+    out = tmp_path / "result.json"
+    assert throughput.main(["--smoke", "--json", str(out)]) == 1
+    assert "tiny architecture: the 13 organ prompts embed alike" in capsys.readouterr().err
+    assert not out.exists()
