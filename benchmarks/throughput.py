@@ -78,6 +78,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:
 
 from throughput_parts.common import build_arch, check_prompts, make_prepared  # noqa: E402
 from throughput_parts.memory import probe_memory, probe_rows, run_probe  # noqa: E402
+from throughput_parts.overhead import OVERHEAD_GOAL, measure_overhead  # noqa: E402
 from throughput_parts.plans import PLANS, Plan  # noqa: E402
 from throughput_parts.report import (  # noqa: E402
     DATA_SHARE_TARGET,
@@ -96,7 +97,8 @@ from throughput_parts.truncation import measure_truncation  # noqa: E402
 
 
 def measure_arch(arch_name: str, data_root: Path, plan: Plan, log) -> dict:
-    """Everything for one architecture. Returns ``{"rows", "extras", "probe", "prompt_embeddings"}``."""
+    """Everything for one architecture. Returns ``{"rows", "extras", "probe", "prompt_embeddings",
+    "overhead"}`` (the trainer's overhead: only where the plan measures it, else None)."""
     from clipseg_bench.data.dataset import PreparedData
 
     data = PreparedData(data_root)
@@ -110,11 +112,18 @@ def measure_arch(arch_name: str, data_root: Path, plan: Plan, log) -> dict:
     for strategy in plan.strategies:
         r, extras[strategy] = measure_strategy(arch, data, plan, strategy, log)
         rows += r
+    overhead = measure_overhead(data_root, plan, log) if plan.overhead_reps else None
     del arch  # the probe process should not compete with this one for memory
     probe = run_probe(arch_name, data_root, plan, log) if plan.probe else None
     if probe:
         rows += probe_rows(arch_name, probe)
-    return {"rows": rows, "extras": extras, "probe": probe, "prompt_embeddings": prompt_check}
+    return {
+        "rows": rows,
+        "extras": extras,
+        "probe": probe,
+        "prompt_embeddings": prompt_check,
+        "overhead": overhead,
+    }
 
 
 def run_benchmark(*, archs: list[str], profile: str, log=print, workdir: Path | None = None) -> dict:
@@ -142,11 +151,13 @@ def run_benchmark(*, archs: list[str], profile: str, log=print, workdir: Path | 
             **TARGETS,
             "decoder_cached_peak_rss_mb": RSS_TARGET_MB,
             "data_loading_share": DATA_SHARE_TARGET,
+            "trainer_overhead": OVERHEAD_GOAL,
         },
         "pass": head["pass"],
         "headline_arch": head["arch"],
         "memory": head["memory"],
         "data_loading": head["data_loading"],
+        "trainer_overhead": results["tiny"]["overhead"] if "tiny" in results else None,
         "rows": [r for a in archs for r in results[a]["rows"]],
         "extras": {a: results[a]["extras"] for a in archs},
         "prompt_embeddings": {a: results[a]["prompt_embeddings"] for a in archs},

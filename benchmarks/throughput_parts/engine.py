@@ -10,7 +10,8 @@ from .common import Arch
 
 
 @functools.lru_cache(maxsize=1)
-def _accelerator():
+def cpu_accelerator():
+    """One CPU ``Accelerator`` for every setup this process builds (its state is process-wide)."""
     from accelerate import Accelerator
 
     return Accelerator(cpu=True)
@@ -70,7 +71,7 @@ class EngineRun:
             family=family_of(arch.model),
         )
         rows = data.slices("train", kept_only=True).iloc[:batch]
-        self.setup = build_training(self.cfg, _accelerator(), loaded=loaded, train_rows=rows)
+        self.setup = build_training(self.cfg, cpu_accelerator(), loaded=loaded, train_rows=rows)
         train_cache = self.setup.cache_infos.get("train_kept")
         self.cache_build_s = train_cache.build_s if train_cache else 0.0
         self.steps = 0

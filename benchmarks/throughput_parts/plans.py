@@ -30,6 +30,9 @@ class Plan:
             decoder-only on cache at B=``batch``, ``"decoder+gc"`` also ``full`` with and without
             gradient checkpointing at B=``gc_batch``.
         compile: also time a ``torch.compile``d engine step (``full``).
+        overhead_reps: repetitions of the trainer-overhead measurement (decoder-only, tiny model at
+            64 px; :mod:`.overhead`); 0 skips it.
+        overhead_steps: steps per timed trainer epoch there (at most the kept train slices allow).
     """
 
     arch: str
@@ -47,6 +50,8 @@ class Plan:
     gc_batch: int
     probe: str
     compile: bool = False
+    overhead_reps: int = 0
+    overhead_steps: int = 5
 
 
 PLANS = {
@@ -97,6 +102,7 @@ PLANS = {
         trunc_reps=10,
         gc_batch=4,
         probe="",
+        overhead_reps=15,
     ),
     ("tiny", "full"): Plan(
         "tiny",
@@ -114,6 +120,7 @@ PLANS = {
         gc_batch=4,
         probe="decoder+gc",
         compile=True,
+        overhead_reps=30,
     ),
     ("tiny", "smoke"): Plan(
         "tiny",

@@ -72,7 +72,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 def format_summary(result: dict) -> str:
-    """The four headline ratios, memory and data loading with PASS/FAIL against the targets."""
+    """The four headline ratios, memory and data loading with PASS/FAIL against the targets of issue 6,
+    and the trainer overhead against the goal of issue 24."""
     mark = {True: "PASS", False: "FAIL"}
     lines = [f"targets of issue 6 ({result['headline_arch']} architecture):"]
     for key, value in result["ratios"].items():
@@ -94,6 +95,18 @@ def format_summary(result: dict) -> str:
             f"  {'data loading share':<28}{data['share']:>8.1%}   target <= {DATA_SHARE_TARGET:.0%} "
             f"(decoder on cache, default workers)   {mark[data['pass']]}"
         )
+    over = result.get("trainer_overhead")
+    if over:
+        q1, q3 = over["overhead_quartiles"]
+        lines += [
+            f"goal of issue 24 (tiny architecture, {over['image_size']} px, {over['strategy']}, "
+            f"B={over['batch']} x {K} masks):",
+            f"  {'trainer overhead':<28}{over['overhead']:>8.1%}   goal <= {over['goal']:.0%}   "
+            f"{mark[over['meets_goal']]}",
+            f"      trainer step {over['trainer_step_s'] * 1e3:.1f} ms, bare step {over['bare_step_s'] * 1e3:.1f} ms "
+            f"(medians); quartiles {q1:.1%}-{q3:.1%}, range {over['overhead_range'][0]:.1%}-"
+            f"{over['overhead_range'][1]:.1%} over {over['reps']} reps",
+        ]
     return "\n".join(lines)
 
 

@@ -9,25 +9,21 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "throughput.py"
 RATIOS = {"decoder_cached_vs_stock", "full_shared_vs_pairwise", "segment_vs_pairwise", "vision_truncation"}
 
 
 @pytest.fixture(scope="module")
-def throughput():
-    """The script imported as a module (benchmarks/ is not a package; the script puts its folder on
-    sys.path to import its measurements from throughput_parts/, undone afterwards)."""
-    path = list(sys.path)
-    spec = importlib.util.spec_from_file_location("throughput_benchmark", SCRIPT)
+def throughput(throughput_parts_path):
+    """The script imported as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        "throughput_benchmark", throughput_parts_path / "throughput.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    yield module
-    sys.path[:] = path
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +37,6 @@ def smoke_result(throughput, tmp_path_factory) -> tuple[dict, str]:
         assert throughput.main(["--smoke", "--threads", "1", "--json", str(out)]) == 0
     finally:
         torch.set_num_threads(threads)
-        # The benchmark made a CPU Accelerator; its state is process-wide, so later tests start clean.
-        from accelerate.state import AcceleratorState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
     return json.loads(out.read_text()), out.read_text()
 
 
