@@ -38,7 +38,6 @@ class EngineRun:
         self, arch: Arch, data, *, strategy: str, batch: int, use_cache: bool, compile: bool = False
     ):
         from clipseg_bench.config import TrainConfig
-        from clipseg_bench.model.families import family_of
         from clipseg_bench.model.forward import vision_trainable
         from clipseg_bench.model.load import LoadedModel
         from clipseg_bench.train.setup import build_training
@@ -61,15 +60,7 @@ class EngineRun:
             val_every=0,
             val_max_slices=1,  # the builder also caches val slices; one is enough here
         )
-        loaded = LoadedModel(
-            arch.model,
-            arch.tokenizer,
-            arch.size,
-            arch.mean,
-            arch.std,
-            spec=arch.name,
-            family=family_of(arch.model),
-        )
+        loaded = LoadedModel(arch.model, arch.tokenizer, arch.size, arch.mean, arch.std, spec=arch.name)
         rows = data.slices("train", kept_only=True).iloc[:batch]
         self.setup = build_training(self.cfg, cpu_accelerator(), loaded=loaded, train_rows=rows)
         train_cache = self.setup.cache_infos.get("train_kept")

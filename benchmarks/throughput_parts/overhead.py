@@ -11,7 +11,7 @@ the same host work leaves the device idle):
   targets, pair selection, cached features to float32, the decoder in chunks of ``pair_chunk``
   pairs, per chunk the loss read back and the Dice counted, the timer's phases, clipping, AdamW and
   the schedule;
-- **the bare step** (:class:`BareStep`): the same ``PromptedSegmenter`` and the same first batch,
+- **the bare step** (:class:`BareStep`): the same ``PromptedModule`` and the same first batch,
   already in memory as the module's inputs; forward over every (slice, organ) pair at once, the same
   loss, backward, gradient clipping and a step of the same AdamW (torch's, not Accelerate's wrapper
   around it): only the arithmetic the update needs.
