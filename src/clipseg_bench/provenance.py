@@ -4,23 +4,30 @@ Training, evaluation and the benchmark all write their records through this modu
 dirty flag, the hardware, peak memory, the process that writes a run, and files written atomically
 (a reader never sees half a file). The output guards live here too: every command that writes checks
 its output with :func:`check_output_file` or :func:`check_output_folder` before it writes anything,
-so no command replaces one of its inputs or a file it did not write. It sits at the package's top
-level so no stage imports another stage for it.
+so no command replaces one of its inputs or a file it did not write; :func:`output_lock` keeps a
+second writer out of a folder while the first one runs. And the resources a write or a step needs:
+free space (:func:`check_free_space`, :func:`write_error`) and memory (:func:`available_memory`).
+It sits at the package's top level so no stage imports another stage for it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import platform
+import re
 import resource
 import socket
 import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from clipseg_bench.errors import InputError
+from clipseg_bench.errors import InputError, ReportedError, RunFailed
 
 
 def git_info(path: Path | None = None) -> dict:
@@ -123,16 +130,20 @@ def replacing(path: Path) -> Iterator[Path]:
     error the temporary file is removed and ``path`` keeps what it held before.
 
     Raises:
-        InputError: naming ``path`` when the file system refuses the write (full, read-only).
+        RunFailed: naming ``path`` when the disk (or the quota, or ``ulimit -f``) has no room for it.
+        InputError: naming ``path`` when the file system refuses the write otherwise (read-only).
     """
     path = Path(path)
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     try:
         yield tmp
         os.replace(tmp, path)
-    except OSError as exc:  # a full disk, a read-only or special file system: the user's to fix
+    except Exception as exc:  # a full disk, a read-only or special file system; or a bug
         _remove(tmp)
-        raise InputError(path, f"cannot write it ({exc.strerror or exc})") from None
+        error = write_error(path, exc)
+        if error is None:
+            raise
+        raise error from None
     except BaseException:
         _remove(tmp)
         raise
@@ -176,6 +187,151 @@ def read_json_object(path: Path) -> dict:
     return doc
 
 
+# --- resources: room on disk and in memory -----------------------------------------------------
+
+# The errors that mean "no room for this write": a full disk, a full quota, and a file over the
+# process's size limit (``ulimit -f``: EFBIG, once SIGXFSZ is ignored, as Python does at start-up).
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def size_text(n_bytes: float) -> str:
+    """A byte count for people: ``"51.2 GB"`` (powers of 1000, as `df -H` and disk vendors count)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n_bytes) < 1000 or unit == "TB":
+            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1000
+    return f"{n_bytes:.1f} TB"  # pragma: no cover - the loop returns
+
+
+def free_bytes(folder: str | Path) -> int | None:
+    """Bytes an unprivileged writer may still write on the file system of ``folder`` (or of its
+    nearest existing ancestor); None where the file system cannot say."""
+    path = Path(folder)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def file_size_limit() -> int | None:
+    """The largest file this process may write (``ulimit -f``, RLIMIT_FSIZE), None when unlimited."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
+def _errno_of(exc: BaseException) -> int | None:
+    """The OS error number behind a failed write: an OSError's, or the one a library wrapped in its
+    own error's message (safetensors: ``File too large (os error 27)``)."""
+    code = getattr(exc, "errno", None)
+    if code is None:
+        found = re.search(r"os error (\d+)", str(exc))
+        code = int(found.group(1)) if found else None
+    return code
+
+
+def _fits(folder: Path, need: int) -> bool:
+    free, limit = free_bytes(folder), file_size_limit()
+    return (free is None or need <= free) and (limit is None or need <= limit)
+
+
+def write_error(path: str | Path, exc: BaseException, *, need: int | None = None) -> ReportedError | None:
+    """The one-line error for a write that failed, or None when it was not the file system's doing.
+
+    Args:
+        path: the file (or folder) being written.
+        exc: what the writer raised: an OSError, or a library's own error around one (torch.save's
+            ``unexpected pos`` and ``file write failed``, safetensors' ``os error 27``).
+        need: bytes the write needed, when known: a writer that hides the OS error then counts as
+            out of room when they do not fit.
+
+    Returns:
+        A :class:`RunFailed` (exit 1) when there is no room (a full disk or quota, ``ulimit -f``),
+        saying how much is free; an :class:`InputError` for any other OSError (a read-only or special
+        file system); None for another error (a bug: keep its traceback).
+    """
+    path = Path(path)
+    code = _errno_of(exc)
+    if code in NO_ROOM or (code is None and need is not None and not _fits(path.parent, need)):
+        free, limit = free_bytes(path.parent), file_size_limit()
+        room = f"{size_text(free)} free on its file system" if free is not None else "free space unknown"
+        if limit is not None:
+            room += f", files limited to {size_text(limit)} (ulimit -f)"
+        why = os.strerror(code) if code is not None else "no room"
+        return RunFailed(path, f"cannot write it: {why} ({room}); free some space and run the command again")
+    if isinstance(exc, OSError):
+        return InputError(path, f"cannot write it ({exc.strerror or exc})")
+    return None
+
+
+def check_free_space(folder: str | Path, need: int, *, what: str, largest: int | None = None) -> None:
+    """Refuse a write of ``need`` bytes into ``folder`` before it starts, when it cannot fit.
+
+    Args:
+        folder: where the files go.
+        need: bytes the write adds (all its files).
+        what: what is written, for the message ("the feature cache", "a checkpoint").
+        largest: the largest single file, checked against ``ulimit -f`` (default ``need``).
+
+    Raises:
+        RunFailed: naming ``folder``, the bytes needed and the bytes free (or the file size limit).
+    """
+    free, limit = free_bytes(folder), file_size_limit()
+    if free is not None and need > free:
+        raise RunFailed(
+            folder,
+            f"{what} needs {size_text(need)} and its file system has {size_text(free)} free; "
+            "free some space (or write elsewhere) and run the command again",
+        )
+    biggest = need if largest is None else largest
+    if limit is not None and biggest > limit:
+        raise RunFailed(
+            folder,
+            f"{what} writes a {size_text(biggest)} file; files are limited to {size_text(limit)} (ulimit -f)",
+        )
+
+
+def _cgroup_memory_left() -> int | None:
+    """Bytes this container may still allocate (cgroup v2 memory.max - memory.current), if limited."""
+    root = Path("/sys/fs/cgroup")
+    try:
+        limit = (root / "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return int(limit) - int((root / "memory.current").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def available_memory(device=None) -> tuple[int | None, str]:
+    """Memory a new allocation can get now, and what it is.
+
+    Args:
+        device: a torch.device; on CUDA the GPU's free memory, else the machine's.
+
+    Returns:
+        (bytes or None when unknown, ``"free GPU memory"`` or ``"available memory"``). On the CPU:
+        /proc/meminfo's MemAvailable, or the container's cgroup limit left when that is smaller.
+    """
+    if device is not None and getattr(device, "type", None) == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info(device)[0]), "free GPU memory"
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    left = _cgroup_memory_left()
+    if left is not None:
+        available = left if available is None else min(available, left)
+    return available, "available memory"
+
+
 # --- output guards ----------------------------------------------------------------------------
 
 
@@ -210,6 +366,11 @@ def _refuse_inputs(path: Path, inputs: Iterable[Path], flag: str) -> None:
         if _same_file(path, Path(inp)):
             also = f" ({inp})" if str(inp) != str(path) else ""
             raise InputError(path, f"is an input of this command{also}; choose another {flag}")
+
+
+def has_entries(folder: Path) -> bool:
+    """Whether ``folder`` holds anything besides our lock files (:func:`output_lock`)."""
+    return any(not is_lock_file(p) for p in Path(folder).iterdir())
 
 
 def _check_creatable(path: Path, what: str) -> None:
@@ -290,7 +451,7 @@ def check_output_folder(
     if path.is_dir():
         if not os.access(path, os.W_OK | os.X_OK):
             raise InputError(path, "output folder is not writable")
-        if not overwrite and any(path.iterdir()) and not ours(path):
+        if not overwrite and has_entries(path) and not ours(path):
             raise InputError(
                 path,
                 f"output folder is not empty and was not written by {command} "
@@ -320,10 +481,30 @@ def _start_ticks(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[19])  # fields after "(comm)" start at field 3
 
 
+def _started(ticks: int | None) -> str:
+    """A process's start as local time (``2025-01-31 14:02:05``) from its start ticks; now if unknown."""
+    when = time.time()
+    try:
+        for line in Path("/proc/stat").read_text().splitlines():
+            if line.startswith("btime ") and ticks is not None:
+                when = int(line.split()[1]) + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        pass
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
+
+
 def process_record() -> dict:
-    """Who writes a run: pid, host, boot id and the process's start time (to recognise pid reuse)."""
+    """Who writes a run: pid, host, boot id and the process's start time (``start_ticks``, to recognise
+    pid reuse; ``started``, the same as local time, for people)."""
     pid = os.getpid()
-    return {"pid": pid, "host": socket.gethostname(), "boot_id": _boot_id(), "start_ticks": _start_ticks(pid)}
+    ticks = _start_ticks(pid)
+    return {
+        "pid": pid,
+        "host": socket.gethostname(),
+        "boot_id": _boot_id(),
+        "start_ticks": ticks,
+        "started": _started(ticks),
+    }
 
 
 def process_alive(record: dict | None) -> bool | None:
@@ -350,3 +531,210 @@ def process_alive(record: dict | None) -> bool | None:
     except PermissionError:
         return True
     return True
+
+
+# --- one writer per output folder -------------------------------------------------------------
+
+LOCK_PREFIX, LOCK_SUFFIX = ".clipseg-bench-", ".lock"
+
+
+def lock_path(folder: str | Path, command: str, scope: str | None = None) -> Path:
+    """The lock file of ``command`` (and ``scope``, e.g. a benchmark shard) in ``folder``."""
+    name = command if scope is None else f"{command}-{scope}"
+    return Path(folder) / f"{LOCK_PREFIX}{name}{LOCK_SUFFIX}"
+
+
+def is_lock_file(path: Path) -> bool:
+    """Whether ``path`` is one of our lock files (output guards look past them)."""
+    return path.name.startswith(LOCK_PREFIX) and path.name.endswith(LOCK_SUFFIX)
+
+
+def _try_flock(fd: int, kind: int = fcntl.LOCK_EX) -> bool | None:
+    """True: ``fd`` now holds the lock; False: another open file holds it; None: no flock here."""
+    try:
+        fcntl.flock(fd, kind | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as exc:  # some network and cluster file systems have no flock
+        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return None
+        raise
+
+
+def _read_holder(fd: int) -> dict | None:
+    try:
+        doc = json.loads(os.pread(fd, 65536, 0).decode() or "null")
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _is_me(holder: dict) -> bool:
+    me = process_record()
+    return (
+        holder.get("pid") == me["pid"]
+        and holder.get("host") == me["host"]
+        and (holder.get("start_ticks") in (None, me["start_ticks"]))
+    )
+
+
+def _who(holder: dict) -> str:
+    return (
+        f"`{holder.get('command', '?')}` process {holder.get('pid')} on {holder.get('host')} "
+        f"(started {holder.get('started', '?')})"
+    )
+
+
+def _verdict(path: Path, got: bool | None, holder: dict | None) -> str:
+    """What a lock file means: ``free`` (take it), ``stale`` (its process is gone: take it over), or
+    raise the refusal. ``got``: whether flock was ours (None: no flock on this file system)."""
+    folder = path.parent
+    if got is False:  # the kernel says a process holds it
+        who = _who(holder) if holder else "another process"
+        raise InputError(
+            folder, f"{who} is writing into it right now; wait for it to end, or choose another --out"
+        )
+    if not holder or _is_me(holder):
+        return "free"
+    alive = process_alive(holder)
+    if alive is None:  # another host: flock over a network file system cannot be trusted either
+        raise InputError(
+            folder,
+            f"is locked by {_who(holder)}, which cannot be checked from {socket.gethostname()}; "
+            f"if it no longer runs, remove {path} and run the command again",
+        )
+    if alive and got is None:  # without flock the record is all there is to go by
+        raise InputError(
+            folder,
+            f"{_who(holder)} is writing into it right now; wait for it to end, or choose another --out",
+        )
+    return "stale"
+
+
+def check_unlocked(folder: str | Path, command: str, scope: str | None = None) -> None:
+    """Refuse, writing nothing, a folder whose ``command`` lock another live process holds.
+
+    Raises:
+        InputError: as :func:`output_lock` would, naming the process (pid, host, start time).
+    """
+    path = lock_path(folder, command, scope)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # no lock file: nobody writes here
+    try:
+        holder = _read_holder(fd)
+        if holder and _is_me(holder):  # this process holds it (a check repeated inside the lock)
+            return
+        _verdict(path, _try_flock(fd, fcntl.LOCK_SH), holder)
+    finally:
+        os.close(fd)  # also releases the probe's shared lock
+
+
+def _holds_path(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _acquire(path: Path, command: str) -> int:
+    """Open and lock ``path``; returns the descriptor that holds the lock (see :func:`output_lock`)."""
+    for _ in range(100):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise write_error(path, exc) from None
+        try:
+            got = _try_flock(fd)
+            if got and not _holds_path(fd, path):  # its holder removed it while we opened it: again
+                os.close(fd)
+                continue
+            holder = _read_holder(fd)
+            if _verdict(path, got, holder) == "stale":
+                print(
+                    f"note: {path.parent}: taking over the lock of {_who(holder)}, which no longer runs",
+                    file=sys.stderr,
+                )
+            record = json.dumps({**process_record(), "command": command}).encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, record, 0)
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+    raise InputError(path.parent, f"cannot take its lock {path.name}: it keeps changing")  # pragma: no cover
+
+
+@contextlib.contextmanager
+def output_lock(folder: str | Path, command: str, *, scope: str | None = None) -> Iterator[Path]:
+    """Hold ``folder`` for ``command``: a second writer of the same kind is refused up front.
+
+    The lock is a file in the folder (``.clipseg-bench-<command>[-<scope>].lock``) holding the
+    writer's :func:`process_record` and command, locked with ``fcntl.flock`` on its open descriptor.
+    flock rather than an O_EXCL file alone: the kernel drops it when the process ends however it
+    ends (SIGKILL, the OOM killer), so a lock is never held by a dead process, and two processes
+    that find the same stale file cannot both take it over (one gets the flock). The record only
+    serves the refusal message (pid, host, start time) and the cases flock cannot decide: a record
+    from another host is refused (a network file system's flock may be local to each machine), a
+    file system without flock falls back to checking the recorded process (:func:`process_alive`).
+    A lock left by a process that is gone is taken over with a note on stderr. Locks are per
+    machine: benchmark shards on several machines write different folders.
+
+    A folder the lock had to create is removed again when the command wrote nothing else into it
+    (a refused command leaves no folder).
+
+    Args:
+        folder: the output folder (created when missing).
+        command: the command that writes it (part of the lock file's name and the record).
+        scope: a part of a shared folder the command writes alone (a benchmark's shard).
+
+    Raises:
+        InputError: another live process holds the lock (naming its pid, host and start time), or
+            a process on another host does (saying which file to remove once it is gone), or the
+            folder cannot be created.
+    """
+    folder = Path(folder)
+    created = _first_missing(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(folder, exc) from None
+    path = lock_path(folder, command, scope)
+    try:
+        fd = _acquire(path, command)
+    except BaseException:
+        _remove_if_empty(folder, created)
+        raise
+    try:
+        yield path
+    finally:
+        if _holds_path(fd, path):
+            _remove(path)  # before closing: a waiter on this file then sees it was replaced
+        os.close(fd)
+        _remove_if_empty(folder, created)
+
+
+def _first_missing(folder: Path) -> Path | None:
+    """The outermost folder of ``folder``'s path that does not exist yet (None: it exists)."""
+    missing = None
+    for path in [folder, *folder.parents]:
+        if path.exists():
+            break
+        missing = path
+    return missing
+
+
+def _remove_if_empty(folder: Path, created: Path | None) -> None:
+    """Remove the folders the lock created (``folder`` up to ``created``) that are still empty."""
+    if created is None:
+        return
+    for path in [folder, *folder.parents]:
+        try:
+            path.rmdir()  # only when empty
+        except OSError:
+            return
+        if path == created:
+            return
