@@ -113,6 +113,7 @@ _RECORD_KEYS = (
     "validation",
     "vision_features",
     "train_case_ids",
+    "data",
     "process",
     "timing",
     "final",
@@ -142,6 +143,7 @@ class RunRecord:
     validation: dict | None = None
     vision_features: dict | None = None
     train_case_ids: list | None = None
+    data: dict | None = None
     process: dict | None = None
     timing: dict | None = None
     final: dict | None = None
@@ -289,6 +291,61 @@ class RunFolder:
 
         channels = self.config().input_channels if self.has_config() else "gray"
         return Preprocessing(window=parse_window(DEFAULT_WINDOW), input_channels=channels)
+
+    def prepared(self, override: str | Path | None = None):
+        """The PREPARED data this run was trained on (a :class:`~clipseg_bench.data.dataset.PreparedData`),
+        wherever it is now.
+
+        Looked for, in order: ``override`` (``evaluate --data``); the folder recorded in run.json
+        (resolved when the run started); the same folder relative to this run folder (the run and its
+        data moved together, e.g. copied to another machine); config.yaml's ``data`` (runs from
+        before run.json recorded it). Whatever is found must be the same prepared data: its
+        dataset.json fingerprint (:func:`~clipseg_bench.data.dataset.data_fingerprint`) must be the
+        recorded one.
+
+        Raises:
+            InputError: ``override`` is not prepared data, or other data than the run's; or the data
+                is nowhere to be found (naming where it was looked for).
+        """
+        from clipseg_bench.data.dataset import PreparedData
+
+        recorded = self.record().data or {}
+        expected = recorded.get("fingerprint")
+        if override is not None:
+            data = PreparedData(override)
+            if expected and data.fingerprint != expected:
+                raise InputError(
+                    data.root / "dataset.json",
+                    f"is not the prepared data {self.path} was trained on (fingerprint {data.fingerprint}; "
+                    f"the run recorded {expected}, from {recorded.get('path')})",
+                )
+            return data
+        places = self._data_places(recorded)
+        for place in places:
+            if (place / "dataset.json").is_file():
+                data = PreparedData(place)
+                if not expected or data.fingerprint == expected:
+                    return data
+        looked = " nor ".join(str(p) for p in places) or "anywhere (no data recorded)"
+        raise InputError(
+            self.path,
+            f"cannot find the prepared data it was trained on: not at {looked}; pass --data PREPARED",
+        )
+
+    def _data_places(self, recorded: dict) -> list[Path]:
+        """Where the run's data may be: recorded, relative to the run, config.yaml's (no repeats)."""
+        places = []
+        if recorded.get("path"):
+            places.append(Path(recorded["path"]))
+        if recorded.get("relative"):
+            places.append(self.path / recorded["relative"])
+        if not recorded and self.has_config():
+            places.append(Path(self.config().data))
+        unique: list[Path] = []
+        for place in places:
+            if not any(place.absolute() == seen.absolute() for seen in unique):
+                unique.append(place)
+        return unique
 
     def history(self) -> pd.DataFrame | None:
         """history.csv (one row per epoch); None when absent or empty.

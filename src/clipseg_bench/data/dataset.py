@@ -7,6 +7,7 @@ per step for all K organs (issue 6) instead of once per pair.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -63,6 +64,11 @@ class PreparedData:
     @property
     def cases_meta(self) -> dict[str, dict]:
         return self.meta["cases"]
+
+    @property
+    def fingerprint(self) -> str:
+        """What makes this prepared data itself (:func:`data_fingerprint` of its dataset.json)."""
+        return data_fingerprint(self.meta)
 
     @property
     def window(self) -> dict:
@@ -135,6 +141,14 @@ class PreparedData:
         state = self.__dict__.copy()
         state["_arrays"] = {}
         return state
+
+
+def data_fingerprint(meta: dict) -> str:
+    """A hash of a PREPARED folder's dataset.json without its ``summary`` (how long `prepare` took
+    and how many cases it redid): the same for a copy of the folder anywhere, different when the
+    cases, splits, window or label map differ. Runs record it to find their data again."""
+    doc = {k: v for k, v in meta.items() if k != "summary"}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 CASE_KEYS = ("split", "n_slices", "slice_shape", "spacing")

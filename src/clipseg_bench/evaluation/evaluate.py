@@ -32,6 +32,7 @@ from clipseg_bench.evaluation.metrics import organs_present, score_case, summari
 from clipseg_bench.evaluation.postprocess import POSTPROCESS_MODES, check_postprocess_mode, postprocess
 from clipseg_bench.evaluation.predict import probabilities_to_labels
 from clipseg_bench.evaluation.reliance import RIGHT, PromptCheck
+from clipseg_bench.model.feature_cache import cache_root
 from clipseg_bench.model.trained import load_run_model
 from clipseg_bench.provenance import check_output_file, replacing
 from clipseg_bench.run_folder import RunFolder
@@ -77,12 +78,19 @@ def evaluate_run(
     device: str | None = None,
     show_progress: bool = True,
     postprocess_mode: str = "none",
+    cache_dir: str | Path | None = None,
 ) -> dict:
     """Evaluate a run folder on a prepared split and write ``RUN/metrics.json`` and ``RUN/samples.npz``.
 
     ``postprocess_mode`` (``none`` | ``lcc``) picks the 3D scores reported as ``per_case`` and
     ``summary``; ``postprocess_3d`` holds those of every mode. Inputs are built with the run's own
     preprocessing (its recorded window, channels and HU windows).
+
+    Args:
+        data: the PREPARED folder, when the run's own cannot be found where it recorded it (it must
+            be the same prepared data: :meth:`~clipseg_bench.run_folder.RunFolder.prepared`).
+        cache_dir: the feature cache's folder (default: the run's ``cache_dir``, then
+            :func:`~clipseg_bench.model.feature_cache.cache_root`'s rule).
 
     Raises:
         InputError: a bad argument, run folder or data folder, or a run folder evaluate cannot write
@@ -93,10 +101,11 @@ def evaluate_run(
     if max_cases is not None and max_cases < 1:
         raise InputError("max_cases", f"must be >= 1, got {max_cases}")
     folder = RunFolder(run)
-    trained = load_run_model(folder)
+    folder.config()  # not a run folder: say so before anything else
     for path in (folder.metrics_path, folder.samples_path):  # evaluate's own files, replaced on a re-run
         check_output_file(path, command="evaluate", ours=lambda _: True)
-    prepared = PreparedData(data or trained.cfg.data)
+    trained = load_run_model(folder)
+    prepared = folder.prepared(data)
     prepared.check_channels(trained.preprocessing.input_channels)
     cases = prepared.cases(split)
     if not cases:  # e.g. prepared with --val-fraction 0: say so, score nothing
@@ -106,7 +115,10 @@ def evaluate_run(
     seg = trained.segmenter(dev)
     cfg = trained.cfg
     check = PromptCheck(seg, organs=trained.organs, template=cfg.prompt_template, threshold=cfg.threshold)
-    tally = _score_cases(trained, seg, check, prepared, cases, split=split, show_progress=show_progress)
+    root = cache_root(prepared, cache_dir=cache_dir or trained.cfg.cache_dir, beside=folder.path)
+    tally = _score_cases(
+        trained, seg, check, prepared, cases, split=split, show_progress=show_progress, root=root
+    )
     per_case = tally.per_mode[postprocess_mode]
     metrics = {
         "split": split,
@@ -131,12 +143,12 @@ def evaluate_run(
 
 
 def _score_cases(
-    trained, seg, check, prepared: PreparedData, cases, *, split: str, show_progress: bool
+    trained, seg, check, prepared: PreparedData, cases, *, split: str, show_progress: bool, root: Path
 ) -> _Tally:
     """Predict every slice of ``cases`` once (for all prompt sets of ``check``) and score it in 2D and 3D."""
     pre, threshold = trained.preprocessing, trained.cfg.threshold
     organ_ids = [o.id for o in trained.organs]
-    features = _frozen_features(trained, prepared, cases, split, seg.device, show_progress)
+    features = _frozen_features(trained, prepared, cases, split, seg.device, show_progress, root)
     tally, offset = _Tally(), 0
     for case in tqdm(cases, desc=f"evaluate {split}", unit="case", disable=not show_progress):
         images, gt = prepared.array(case, "image"), np.asarray(prepared.array(case, "label"))
@@ -197,8 +209,9 @@ def score_postprocessed(pred: np.ndarray, gt: np.ndarray, case_meta: dict, organ
     }
 
 
-def _frozen_features(trained, prepared: PreparedData, cases, split, dev, show_progress):
-    """Reuse/build the cached vision activations of every slice of ``cases`` when the encoder is frozen."""
+def _frozen_features(trained, prepared: PreparedData, cases, split, dev, show_progress, root: Path):
+    """Reuse/build the cached vision activations of every slice of ``cases`` when the encoder is frozen
+    (in the feature-cache folder ``root``)."""
     from clipseg_bench.model.feature_cache import build_feature_cache
     from clipseg_bench.model.forward import vision_trainable
 
@@ -220,5 +233,6 @@ def _frozen_features(trained, prepared: PreparedData, cases, split, dev, show_pr
         dtype=trained.cfg.feature_cache_dtype,
         channels=trained.preprocessing.input_channels,
         windows=trained.preprocessing.windows,
+        root=root,
     )
     return feats

@@ -3,7 +3,9 @@
 When the vision encoder is frozen (decoder-only training, zero-shot evaluation) its output for a
 slice never changes, so recomputing it every epoch is pure waste: on the real rd64 architecture a decoder-only
 step on cached activations is an order of magnitude faster (benchmarks/README.md). The cache is stored
-memory-mapped under ``PREPARED/feature_cache/<key>/``, in fp16 (half the disk and page cache; the
+memory-mapped under ``<root>/<key>/`` (:func:`cache_root`: ``--cache-dir``, ``$CLIPSEG_BENCH_CACHE``,
+``PREPARED/feature_cache`` when the prepared folder can be written, else ``feature_cache/`` beside the
+run folder), in fp16 (half the disk and page cache; the
 default) or fp32 (the activations exactly): ``TrainConfig.feature_cache_dtype``. The key hashes
 everything the cached values depend on: the vision weights, the preprocessing (window, size,
 mean/std, input channels), the prepared data and the dtype, so any change builds a new cache
@@ -13,9 +15,13 @@ No library caches HF encoder activations to disk, so this is our own (small) cod
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import hashlib
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +34,47 @@ from clipseg_bench.data.channels import WINDOWS, needs_hu
 from clipseg_bench.data.dataset import PreparedData, resize_slices
 from clipseg_bench.model.families import family_of
 from clipseg_bench.model.forward import encode_images, preprocess, stack_features
+from clipseg_bench.provenance import check_free_space, write_error
 
 DTYPES = {"fp16": np.float16, "fp32": np.float32}  # TrainConfig.feature_cache_dtype -> stored dtype
+CACHE_ENV = "CLIPSEG_BENCH_CACHE"  # the cache folder when --cache-dir is not given
+FOLDER = "feature_cache"
+
+
+def _writable(folder: Path) -> bool:
+    """Whether files can be created in ``folder`` (created if missing): tried, since ``os.access``
+    says yes to root on a read-only mount's permission bits but the mount still refuses."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def cache_root(
+    data: PreparedData, *, cache_dir: str | Path | None = None, beside: str | Path | None = None
+) -> Path:
+    """The folder that holds the feature caches (one ``<key>/`` sub-folder per model, data, preprocessing).
+
+    Args:
+        data: the prepared data the cache is built from.
+        cache_dir: the user's choice (``--cache-dir``); else ``$CLIPSEG_BENCH_CACHE``.
+        beside: the run folder; with a read-only PREPARED folder (a shared dataset on a read-only
+            mount) the cache goes to ``feature_cache/`` in the folder that holds the run, which runs
+            written next to each other (a benchmark's runs/) share.
+
+    Returns:
+        ``cache_dir``, ``$CLIPSEG_BENCH_CACHE``, ``PREPARED/feature_cache`` when it can be written,
+        else ``<run's parent>/feature_cache`` (the key keeps runs of other data or models apart).
+    """
+    chosen = cache_dir or os.environ.get(CACHE_ENV)
+    if chosen:
+        return Path(chosen).expanduser()
+    default = data.root / FOLDER
+    if _writable(default) or beside is None:
+        return default
+    return Path(beside).absolute().parent / FOLDER
 
 
 def cache_key(
@@ -93,6 +138,7 @@ def build_feature_cache(
     dtype: str = "fp16",
     channels: str = "gray",
     windows=None,
+    root: Path | None = None,
 ) -> tuple[np.ndarray, CacheInfo]:
     """Compute (or reuse) the activations for the slices listed in ``rows``.
 
@@ -106,6 +152,7 @@ def build_feature_cache(
         dtype: ``fp16`` or ``fp32`` (:data:`DTYPES`), what is stored.
         channels: the input_channels mode the images are built with (part of the key).
         windows: the run's HU windows of ``windows`` mode (part of the key; None: today's).
+        root: the folder of caches (:func:`cache_root`; default: the data's own rule without a run).
 
     Returns:
         (memmap of shape (N, ...) in ``dtype``: (N, L, T, D) for CLIPSeg, CacheInfo). Row i belongs
@@ -114,45 +161,99 @@ def build_feature_cache(
     key = key or cache_key(
         model, data=data, size=size, mean=mean, std=std, dtype=dtype, channels=channels, windows=windows
     )
-    np_dtype = DTYPES[dtype]
-    folder = data.root / "feature_cache" / key
+    folder = (root or cache_root(data)) / key
     path = folder / f"{name}.npy"
     index_path = folder / f"{name}.rows.json"
     wanted = [[str(c), int(z)] for c, z in zip(rows["case"], rows["z"])]
-    if path.is_file() and index_path.is_file() and json.loads(index_path.read_text()) == wanted:
+    if path.is_file() and index_path.is_file() and _read_rows(index_path) == wanted:
         arr = np.load(path, mmap_mode="r")
         return arr, CacheInfo(path, len(wanted), path.stat().st_size / 2**20, 0.0, True)
 
-    folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    out = None
     tmp = folder / f".{name}.{os.getpid()}.tmp.npy"
-    bar = tqdm(total=len(wanted), desc=f"feature cache {name}", unit="slice", disable=not show_progress)
-    with torch.no_grad():
-        for start in range(0, len(wanted), batch_size):
-            chunk = wanted[start : start + batch_size]
-            imgs = torch.from_numpy(
-                np.concatenate([data.inputs(c, [z], channels, windows) for c, z in chunk])
-            )
-            imgs = resize_slices(imgs, size)
-            pv = preprocess(imgs, size=size, mean=mean, std=std).to(device)
-            acts = stack_features(model, encode_images(model, pv)).to(
-                "cpu"
-            )  # (b, ...): (b, L, T, D) for CLIPSeg
-            if out is None:
-                out = np.lib.format.open_memmap(
-                    tmp, mode="w+", dtype=np_dtype, shape=(len(wanted), *acts.shape[1:])
-                )
-            out[start : start + len(chunk)] = acts.float().numpy().astype(np_dtype)
-            bar.update(len(chunk))
-    bar.close()
-    out.flush()
-    del out
-    os.replace(tmp, path)  # atomic: a half-built cache is never picked up
-    index_path.write_text(json.dumps(wanted))
+    encode = _encoder(
+        model, data, size=size, mean=mean, std=std, device=device, channels=channels, windows=windows
+    )
+    bar = functools.partial(
+        tqdm, total=len(wanted), desc=f"feature cache {name}", unit="slice", disable=not show_progress
+    )
+    try:
+        _write_cache(encode, wanted, tmp, DTYPES[dtype], batch_size=batch_size, bar=bar)
+        os.replace(tmp, path)  # atomic: a half-built cache is never picked up
+        index_path.write_text(json.dumps(wanted))
+    except OSError as exc:  # a full disk, ulimit -f, a read-only --cache-dir
+        raise write_error(exc.filename or tmp, exc) from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     build_s = time.perf_counter() - t0
     arr = np.load(path, mmap_mode="r")
     info = CacheInfo(path, len(wanted), path.stat().st_size / 2**20, build_s, False)
     if show_progress:
         print(f"feature cache {name}: {info.rows} slices, {info.size_mb:.1f} MiB, built in {build_s:.1f} s")
     return arr, info
+
+
+def _read_rows(index_path: Path):
+    try:
+        return json.loads(index_path.read_text())
+    except (OSError, ValueError):  # half-written by a run that died: rebuilt
+        return None
+
+
+def _encoder(model, data: PreparedData, *, size, mean, std, device, channels, windows):
+    """(case, z) rows -> the model's stacked vision features of those slices, on the CPU."""
+
+    def encode(chunk: list) -> torch.Tensor:
+        imgs = torch.from_numpy(np.concatenate([data.inputs(c, [z], channels, windows) for c, z in chunk]))
+        pv = preprocess(resize_slices(imgs, size), size=size, mean=mean, std=std).to(device)
+        with torch.no_grad():
+            return stack_features(model, encode_images(model, pv)).to("cpu")  # (b, L, T, D) for CLIPSeg
+
+    return encode
+
+
+def _write_cache(encode, wanted: list, tmp: Path, np_dtype, *, batch_size: int, bar) -> None:
+    """Encode ``wanted`` in batches into a new memmap at ``tmp``, showing progress with ``bar()``.
+
+    Its size is known after the first batch: the space is checked (before the progress bar shows),
+    then reserved with ``posix_fallocate``, so a disk that fills while the cache is written fails
+    here with ENOSPC instead of killing the process with SIGBUS when a memory-mapped page cannot be
+    stored.
+    """
+    out = progress = None
+    try:
+        for start in range(0, len(wanted), batch_size):
+            chunk = wanted[start : start + batch_size]
+            acts = encode(chunk)
+            if out is None:
+                shape = (len(wanted), *acts.shape[1:])
+                need = int(np.prod(shape)) * np.dtype(np_dtype).itemsize
+                tmp.parent.mkdir(parents=True, exist_ok=True)
+                check_free_space(
+                    tmp.parent, need, what="the feature cache (--cache-dir or $CLIPSEG_BENCH_CACHE)"
+                )
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np_dtype, shape=shape)
+                _reserve(tmp)
+                progress = bar()
+            out[start : start + len(chunk)] = acts.float().numpy().astype(np_dtype)
+            progress.update(len(chunk))
+        out.flush()
+    finally:
+        if progress is not None:
+            progress.close()
+        del out
+
+
+def _reserve(path: Path) -> None:
+    """Allocate a file's blocks now (``posix_fallocate``) where the file system can."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    finally:
+        os.close(fd)

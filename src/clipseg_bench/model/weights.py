@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from clipseg_bench.errors import InputError
+from clipseg_bench.provenance import replacing
 
 FORMAT = "clipseg-bench-trained/1"
 
@@ -38,7 +39,8 @@ def save_weights(model: nn.Module, path: str | Path, *, config: dict[str, Any] |
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": FORMAT, "config": json.dumps(config or {}, sort_keys=True)}
-    save_file(trained_state(model), str(path), metadata=metadata)
+    with replacing(path) as tmp:  # a full disk leaves no half-written weights under the real name
+        save_file(trained_state(model), str(tmp), metadata=metadata)
 
 
 def read_weights_config(path: str | Path) -> dict[str, Any]:

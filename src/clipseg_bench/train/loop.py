@@ -20,11 +20,12 @@ from clipseg_bench.config import TrainConfig, resolved
 from clipseg_bench.data.augment import augment_intensity
 from clipseg_bench.data.dataset import organ_targets
 from clipseg_bench.data.sampling import select_pairs
-from clipseg_bench.errors import GradientAuditError, InputError
+from clipseg_bench.errors import InputError, ReportedError, RunFailed
 from clipseg_bench.evaluation.metrics import present_pairs_dice
 from clipseg_bench.evaluation.validation import validation_dice
 from clipseg_bench.model.forward import preprocess, unstack_features
 from clipseg_bench.model.weights import save_weights
+from clipseg_bench.provenance import output_lock
 from clipseg_bench.run_folder import RunFolder, RunRecord, RunStatus
 from clipseg_bench.train import record
 from clipseg_bench.train.losses import segmentation_loss
@@ -59,6 +60,10 @@ def train_epoch(setup: TrainingSetup, epoch: int, global_step: int, pbar) -> tup
     pair_gen = torch.Generator().manual_seed(cfg.seed * 7_919 + epoch + 1)
     aug_gen = torch.Generator().manual_seed(cfg.seed * 104_729 + epoch + 1)
     loss_sum, n_steps, dices, masks = 0.0, 0, [], 0
+    # The first step of the epoch whose loss was not finite (-1: none), kept on the device and read at
+    # the epoch's end: a per-step check on the host would wait for every step to finish.
+    bad_step = torch.full((), -1, dtype=torch.long, device=acc.device)
+    lrs = []  # the rate of each step, to name it when the run diverged
     it = iter(setup.loader)
     while global_step < setup.total_steps:
         with timer.phase("data"):
@@ -74,7 +79,7 @@ def train_epoch(setup: TrainingSetup, epoch: int, global_step: int, pbar) -> tup
         # are means over pairs): decoder memory stops growing with the batch.
         chunkable = cfg.pair_chunk and "activations" in inputs and setup.prompt_emb is not None
         size = cfg.pair_chunk if chunkable else len(pairs)
-        step_loss = 0.0
+        step_loss, step_total = 0.0, torch.zeros((), device=acc.device)
         for start in range(0, len(pairs), size):
             part = pairs[start : start + size]
             sync = contextlib.nullcontext() if start + size >= len(pairs) else acc.no_sync(setup.module)
@@ -89,11 +94,14 @@ def train_epoch(setup: TrainingSetup, epoch: int, global_step: int, pbar) -> tup
                 with timer.phase("backward"):
                     acc.backward(loss)
             step_loss += loss.item()
+            step_total = step_total + loss.detach().float()
             dices.extend(
                 present_pairs_dice(torch.sigmoid(logits.detach().float()) > cfg.threshold, tgt).tolist()
             )
         if not setup.audit.reach_checked:  # the first backward of this process: did it reach everything?
             setup.audit.check_reached(setup.model)
+        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(step_total), global_step + 1, bad_step)
+        lrs.append(setup.scheduler.get_last_lr()[0])
         with timer.phase("optimizer"):
             if cfg.grad_clip > 0:
                 acc.clip_grad_norm_(setup.module.parameters(), cfg.grad_clip)
@@ -111,7 +119,35 @@ def train_epoch(setup: TrainingSetup, epoch: int, global_step: int, pbar) -> tup
         "train_dice": float(np.mean(dices)) if dices else float("nan"),
         "masks": masks * acc.num_processes,
         "steps": n_steps,
+        "bad_step": bad_step,
+        "lrs": lrs,
     }
+
+
+def check_finite(setup: TrainingSetup, stats: dict, first_step: int, run: RunFolder) -> None:
+    """Stop a diverged run at the epoch's end (its one sync point): a loss that was not finite, or
+    trainable weights that are not finite after the last step (a rate too large).
+
+    Args:
+        stats: :func:`train_epoch`'s stats (``bad_step`` on the device, ``lrs`` per step).
+        first_step: the global step number of the epoch's first step (1-based).
+
+    Raises:
+        RunFailed: naming the first bad step, its learning rate and what was not finite.
+    """
+    bad = int(stats["bad_step"])
+    what = "the loss is"
+    if bad < 0:
+        params = [p for p in setup.model.parameters() if p.requires_grad]
+        if not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            return
+        bad, what = first_step + len(stats["lrs"]) - 1, "the weights are"
+    lr = stats["lrs"][bad - first_step] if 0 <= bad - first_step < len(stats["lrs"]) else float("nan")
+    raise RunFailed(
+        run.path,
+        f"training diverged: {what} not finite at step {bad} (learning rate {lr:.3g}); "
+        "the run is marked failed: train it again with a lower --lr",
+    )
 
 
 def _val_dice(setup: TrainingSetup) -> float:
@@ -200,6 +236,7 @@ def _run_epoch(setup: TrainingSetup, state: LoopState, epoch: int, *, pbar, writ
         setup.loader.set_epoch(epoch)
     t0 = time.perf_counter()
     global_step, stats = train_epoch(setup, epoch, state.global_step, pbar)
+    check_finite(setup, stats, state.global_step + 1, run)  # before its checkpoint replaces the last good one
     epoch_time = time.perf_counter() - t0
     val_dice = float("nan")
     if main and _validates_after(setup, epoch):
@@ -299,10 +336,20 @@ def _rank_checksums(acc, model) -> list[float]:
 
 
 def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
-    """Train one strategy; writes the run folder described in docs/architecture.md. Returns it."""
+    """Train one strategy; writes the run folder described in docs/architecture.md. Returns it.
+
+    The run folder is locked while the run writes it (:func:`~clipseg_bench.provenance.output_lock`):
+    a second `train` into it is refused, naming this process.
+
+    Raises:
+        InputError: a bad config, data, model or run folder (nothing written).
+        RunFailed: the run failed (diverged, out of memory or disk space, gradient audit); run.json
+            says ``failed`` with the reason.
+    """
     from accelerate.utils import set_seed
 
     cfg = resolved(cfg)  # config.yaml records the rate the run uses, not null
+    cfg = cfg.model_copy(update={"data": str(Path(cfg.data).resolve())})  # and where the data is
     run = RunFolder(cfg.out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -310,8 +357,18 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     main = acc.is_main_process
     if main:
         record.check_run_folder(run.path, resume, cfg)
-    acc.wait_for_everyone()
-    set_seed(cfg.seed)
+    with output_lock(run.path, record.LOCK) if main else contextlib.nullcontext():
+        if main:  # again inside the lock: a `train` that ended meanwhile may have filled the folder
+            record.check_run_folder(run.path, resume, cfg)
+        acc.wait_for_everyone()
+        set_seed(cfg.seed)
+        _train(cfg, acc, run, resume)
+    return run.path
+
+
+def _train(cfg: TrainConfig, acc, run: RunFolder, resume: bool) -> None:
+    """The run itself, in its locked folder: build, restore, record the start, fit, finish."""
+    main = acc.is_main_process
     # Everything that can refuse (data, model, strategy, checkpoint) runs before the first write.
     setup = build_training(cfg, acc)
     state = restore(setup, run) if resume else initial_state(setup)
@@ -332,12 +389,25 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
             record.mark(run, start, RunStatus.INTERRUPTED, gradient_audit=setup.audit.record())
         raise
     except Exception as exc:
+        failure = run_failure(exc)
         if main:
-            why = str(exc) if isinstance(exc, GradientAuditError) else repr(exc)
+            why = failure.message if failure is not None else repr(exc)
             record.mark(run, start, RunStatus.FAILED, error=why, gradient_audit=setup.audit.record())
-        raise
+        if failure is None or failure is exc:
+            raise
+        raise failure from None
     finally:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
     finish(setup, state, run=run, record=start)
-    return run.path
+
+
+def run_failure(exc: BaseException) -> ReportedError | None:
+    """The one-line error a failed run reports: its own (a full disk, a divergence, the gradient
+    audit), or running out of memory; None for anything else (a bug keeps its traceback)."""
+    if isinstance(exc, ReportedError):
+        return exc
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+    if isinstance(exc, MemoryError | torch.OutOfMemoryError) or "can't allocate memory" in text:
+        return RunFailed(None, f"out of memory ({text[:160]}); lower --batch-size or --image-size")
+    return None

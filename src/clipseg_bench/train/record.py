@@ -4,6 +4,7 @@ which config a resumed run continues with. Files are named and written by
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,20 +15,25 @@ from clipseg_bench.config import (
     load_config,
     read_yaml_config,
 )
-from clipseg_bench.errors import FieldError, InputError
+from clipseg_bench.errors import FieldError, InputError, ReportedError
 from clipseg_bench.provenance import (
     check_output_folder,
+    check_unlocked,
     git_info,
     hardware_info,
+    has_entries,
     peak_memory_mb,
     process_record,
 )
 from clipseg_bench.run_folder import RunFolder, RunRecord, RunStatus
 
+LOCK = "train"  # the command whose lock a run folder takes (provenance.output_lock)
+
 
 def check_run_folder(out: Path, resume: bool, cfg: TrainConfig | None = None) -> None:
     """Check, writing nothing, that ``out`` may be written.
 
+    No other `train` may be writing it (its lock, :func:`~clipseg_bench.provenance.output_lock`).
     Without ``resume`` it must be new or empty (and not one of the run's inputs); with ``resume`` it
     must hold an unfinished run whose saved config ``cfg`` agrees with (see :func:`resume_config`).
 
@@ -38,6 +44,8 @@ def check_run_folder(out: Path, resume: bool, cfg: TrainConfig | None = None) ->
     run = RunFolder(out)
     if out.exists() and not out.is_dir():
         raise InputError(out, "exists and is not a folder; --out takes a run folder")
+    if out.is_dir():
+        check_unlocked(out, LOCK)
     if resume:
         if not run.has_record():
             raise InputError(out, "nothing to resume (no run.json); start without --resume")
@@ -50,7 +58,7 @@ def check_run_folder(out: Path, resume: bool, cfg: TrainConfig | None = None) ->
                 saved_config(out), cfg, set(TrainConfig.model_fields), given=set(), default="config"
             )
         return
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and has_entries(out):
         raise InputError(out, "run folder is not empty; pass --resume to continue it or choose another --out")
     inputs = [Path(cfg.data)] if cfg is not None and cfg.data else []
     check_output_folder(out, command="train", ours=lambda _: False, inputs=inputs)
@@ -122,8 +130,20 @@ def start_record(setup) -> RunRecord:
             "val": f"cache {cfg.feature_cache_dtype}" if setup.val_features is not None else "live",
         },
         train_case_ids=setup.train_cases,  # the cases trained on (a subset with `train_cases`)
+        data=data_record(setup.data, Path(cfg.out)),  # how evaluate finds it again, wherever it moved
         process=process_record(),  # lets `report` tell a killed run from a running one
     )
+
+
+def data_record(data, out: Path) -> dict:
+    """run.json's ``data``: the PREPARED folder resolved, the same relative to the run folder, and
+    its fingerprint (:meth:`~clipseg_bench.run_folder.RunFolder.prepared` reads them)."""
+    path = data.root.resolve()
+    return {
+        "path": str(path),
+        "relative": os.path.relpath(path, out.resolve()),
+        "fingerprint": data.fingerprint,
+    }
 
 
 def write_start(setup, run: RunFolder, record: RunRecord) -> None:
@@ -134,8 +154,15 @@ def write_start(setup, run: RunFolder, record: RunRecord) -> None:
 
 
 def mark(run: RunFolder, record: RunRecord, status: RunStatus, **changes) -> None:
-    """Rewrite run.json with another status (``interrupted``, ``failed``) and changed fields."""
-    run.write_record(record.with_status(status, **changes))
+    """Rewrite run.json with another status (``interrupted``, ``failed``) and changed fields.
+
+    Best effort: it runs while another error is on its way out (a full disk, say), and that error
+    is the one to report; run.json then keeps ``running``, which `report` shows as killed.
+    """
+    try:
+        run.write_record(record.with_status(status, **changes))
+    except ReportedError:
+        pass
 
 
 def timing_record(setup, state) -> dict:

@@ -19,7 +19,7 @@ import torch
 
 from clipseg_bench.errors import InputError
 from clipseg_bench.model.weights import load_weights, save_weights
-from clipseg_bench.provenance import read_json_object
+from clipseg_bench.provenance import check_free_space, read_json_object, write_error
 
 
 @dataclass
@@ -54,24 +54,49 @@ class LoopState:
         return cls(**{k: v for k, v in doc.items() if k in known})
 
 
+def checkpoint_bytes(model, optimizer) -> int:
+    """Bytes a checkpoint takes at least: the trainable parameters, and with AdamW their two moment
+    estimates (``optim.pt``), in their own dtypes."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return params * (3 if optimizer is not None else 1)
+
+
 def save_resume_state(folder: Path, *, model, optimizer, scheduler, state: LoopState) -> None:
-    """Write ``folder`` (e.g. RUN/checkpoints/last) atomically: build aside, then swap in."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``folder`` (e.g. RUN/checkpoints/last) atomically: build aside, then swap in.
+
+    The space it needs is checked first (the previous checkpoint stays until the new one is whole);
+    a write that fails anyway (a full disk, ``ulimit -f``) removes the half-built folder, so the
+    last complete checkpoint is what a resumed run finds.
+
+    Raises:
+        RunFailed: no room for it (naming the folder or file, and the space free).
+    """
     tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_weights(model, tmp / "trainable.safetensors")
-    if optimizer is not None:
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt"
-        )
-    (tmp / "state.json").write_text(json.dumps(state.to_dict(), indent=2))
-    old = folder.with_name(f".{folder.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    need = checkpoint_bytes(model, optimizer)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        check_free_space(folder.parent, need, what="the resume checkpoint", largest=need * 2 // 3 or None)
+        tmp.mkdir()
+        save_weights(model, tmp / "trainable.safetensors")
+        if optimizer is not None:
+            torch.save(
+                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt"
+            )
+        (tmp / "state.json").write_text(json.dumps(state.to_dict(), indent=2))
+        old = folder.with_name(f".{folder.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    except Exception as exc:  # torch.save and safetensors wrap the file system's error in their own
+        error = write_error(getattr(exc, "filename", None) or folder, exc, need=need)
+        if error is None:
+            raise
+        raise error from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_resume_state(folder: Path, *, model, optimizer=None, scheduler=None) -> LoopState:

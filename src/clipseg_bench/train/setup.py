@@ -23,10 +23,10 @@ from clipseg_bench.config import TrainConfig, resolve_lr
 from clipseg_bench.data.channels import WINDOWS, needs_hu
 from clipseg_bench.data.dataset import PreparedData, SliceDataset
 from clipseg_bench.data.sampling import EpochSampler, train_case_subset
-from clipseg_bench.errors import InputError
+from clipseg_bench.errors import InputError, RunFailed
 from clipseg_bench.evaluation.predict import Segmenter
 from clipseg_bench.evaluation.validation import even_sample, sample_record
-from clipseg_bench.model.feature_cache import CacheInfo, build_feature_cache, cache_key
+from clipseg_bench.model.feature_cache import CacheInfo, build_feature_cache, cache_key, cache_root
 from clipseg_bench.model.forward import (
     encode_prompts,
     set_gradient_checkpointing,
@@ -37,6 +37,7 @@ from clipseg_bench.model.forward import (
 from clipseg_bench.model.load import LoadedModel, load_model
 from clipseg_bench.model.prompted import PromptedModule
 from clipseg_bench.organs import Organ, parse_organs, prompts
+from clipseg_bench.provenance import available_memory, size_text
 from clipseg_bench.run_folder import Preprocessing
 from clipseg_bench.strategies import ParamCounts, apply_strategy, count_parameters
 from clipseg_bench.train.allocator import return_free_memory
@@ -174,6 +175,51 @@ def build_data(cfg: TrainConfig) -> PreparedData:
     data = PreparedData(cfg.data)
     data.check_channels(cfg.input_channels)
     return data
+
+
+# Slices the feature cache encodes at once (model/feature_cache.py: build_feature_cache's batch_size).
+CACHE_BATCH = 16
+
+
+def step_memory(image_size: int, batch: int) -> int:
+    """Bytes a run at ``image_size`` px with ``batch`` slices per step holds at least at one time,
+    whatever the model and whether its vision features are cached.
+
+    Computed live, a step holds the batch's float32 pixel values (3 channels) and at least one
+    float32 logit map per slice (every kept slice has an organ to segment), all at the full side.
+    With cached features a step holds only the logits, but building the cache holds the pixel values
+    of :data:`CACHE_BATCH` slices. The smaller of the two is certain; encoder activations, the other
+    prompts' masks and gradients come on top.
+    """
+    pixels, mask = 3 * 4 * image_size**2, 4 * image_size**2
+    live = batch * (pixels + mask)
+    cached = max(min(CACHE_BATCH, batch) * pixels, batch * mask)
+    return min(live, cached)
+
+
+def check_memory(cfg: TrainConfig, n_slices: int, device) -> None:
+    """Refuse an image size and batch that cannot fit in memory, before anything is allocated.
+
+    Args:
+        n_slices: the training slices (a batch is at most all of them).
+        device: where the steps run (its free memory on a GPU, else the machine's available memory).
+
+    Raises:
+        RunFailed: naming the estimate (:func:`step_memory`) and the memory available.
+    """
+    if cfg.image_size is None:  # the model's own side (352 px at most for the families we have)
+        return
+    batch = min(cfg.batch_size, n_slices)  # the loader's batches are at most every slice
+    need = step_memory(cfg.image_size, batch)
+    available, kind = available_memory(device)
+    if available is not None and need > available:
+        raise RunFailed(
+            None,
+            f"not enough memory: image_size {cfg.image_size} px with batch_size {cfg.batch_size} needs at "
+            f"least {size_text(need)} (the float32 pixels and masks of {batch} slices at "
+            f"{cfg.image_size}x{cfg.image_size} px), and this machine has {size_text(available)} of {kind}; "
+            "lower --image-size or --batch-size",
+        )
 
 
 def build_model(cfg: TrainConfig, acc, loaded: LoadedModel | None = None) -> tuple[LoadedModel, ParamCounts]:
@@ -335,6 +381,7 @@ def build_training(
         train_rows: train on these manifest rows instead of the split's kept slices.
     """
     data = build_data(cfg)
+    check_memory(cfg, len(data.slices("train")), acc.device)
     loaded, counts = build_model(cfg, acc, loaded)
     prompt = build_prompts(cfg, loaded, acc.device)
     train_rows, val_rows = build_rows(cfg, data, train_rows)
@@ -404,6 +451,7 @@ def _cache_frozen_vision(
         device=acc.device,
         show_progress=acc.is_main_process,
         key=key,
+        root=cache_root(data, cache_dir=cfg.cache_dir, beside=cfg.out),
     )
     features = val_features = None
     infos: dict[str, CacheInfo] = {}
