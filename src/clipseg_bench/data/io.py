@@ -14,6 +14,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel import imageglobals
+from nibabel.openers import ImageOpener
 
 from clipseg_bench.data import dicom
 from clipseg_bench.errors import InputError
@@ -23,6 +25,10 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 AFFINE_ATOL_MM = 1e-3  # label exports often round the affine in the last float digits
 MAX_LABEL_ID = 65535  # a label volume with larger ids is almost surely an image given as a label
 CHANNEL_SUFFIX = "_0000"  # nnU-Net/FLARE22 channel suffix of CT images
+# `segment` marks its masks in the NIfTI header's description ("this file is ours, may be replaced"),
+# and writes <mask>_probabilities.nii.gz beside a mask with --probabilities.
+SEGMENT_DESCRIPTION = b"clipseg-bench segment"
+PROBABILITIES_SUFFIX = "_probabilities"
 
 
 def strip_nifti_suffix(name: str) -> str | None:
@@ -61,9 +67,29 @@ def nifti_files(folder: str | Path, *, ignore_other_files: bool = False) -> dict
     return found
 
 
-def image_case_id(stem: str) -> str:
-    """A CT's case id from its name without suffix: ``"case_0000"`` -> ``"case"`` (nnU-Net channel 0)."""
-    return stem[: -len(CHANNEL_SUFFIX)] if stem.endswith(CHANNEL_SUFFIX) else stem
+def image_case_id(name: str) -> str:
+    """A CT's case id from its name: a NIfTI file's name without ``.nii``/``.nii.gz``, or a DICOM
+    series folder's name, less a trailing ``_0000`` (nnU-Net's channel 0): ``"case_0000"`` -> ``"case"``.
+    The same rule for files and folders, in `prepare` and `segment` alike."""
+    return name[: -len(CHANNEL_SUFFIX)] if name.endswith(CHANNEL_SUFFIX) else name
+
+
+def case_ids(found: dict[str, Path]) -> dict[str, Path]:
+    """CTs by name (:func:`image_files`) -> CTs by case id (:func:`image_case_id`), sorted.
+
+    Raises:
+        InputError: naming both sources when two of them have one case id (``a.nii.gz`` and
+            ``a_0000.nii.gz``, or a file and a series folder): one of them would be lost.
+    """
+    cases: dict[str, Path] = {}
+    for name, path in found.items():
+        case = image_case_id(name)
+        if case in cases:
+            raise InputError(
+                path, f"case id {case!r} is also that of {cases[case]}; rename or move one of the two CTs"
+            )
+        cases[case] = path
+    return dict(sorted(cases.items()))
 
 
 def image_files(folder: str | Path, *, ignore_other_files: bool = False) -> dict[str, Path]:
@@ -97,23 +123,58 @@ def ct_sources(path: str | Path) -> dict[str, Path]:
         stem = strip_nifti_suffix(path.name)
         return {image_case_id(stem if stem is not None else path.stem): path}
     if dicom.is_dicom_folder(path):
-        return {path.name: path}
-    sources = {image_case_id(stem): p for stem, p in image_files(path, ignore_other_files=True).items()}
+        return {image_case_id(path.name): path}
+    sources = case_ids(image_files(path, ignore_other_files=True))
     if not sources:
         raise InputError(path, "no CT here: no .nii/.nii.gz files and no DICOM series folders")
     return sources
 
 
 def _load(path: Path):
-    """nibabel's lazy image (header parsed, voxels not yet read)."""
+    """nibabel's lazy image (header parsed, voxels not yet read), its header checked as stored."""
     if not path.is_file():
         raise InputError(path, "file not found")
+    _check_stored_spacing(path)
     try:
-        return nib.load(str(path))
+        with imageglobals.LoggingOutputSuppressor():  # its header fix-ups would print lines of their own
+            return nib.load(str(path))
     except MemoryError:
         raise
     except Exception as exc:  # nibabel, gzip and zlib each raise their own types for bad bytes
         raise InputError(path, f"cannot read as a NIfTI image ({_why(exc)})") from None
+
+
+def _stored_header(path: Path):
+    """The NIfTI-1 or -2 header exactly as stored; None when it is neither (nib.load then says why)."""
+    for klass in (nib.Nifti1Header, nib.Nifti2Header):
+        try:
+            with ImageOpener(str(path)) as fh:
+                header = klass.from_fileobj(fh, check=False)
+        except Exception:  # a short or foreign file: not this kind
+            continue
+        if int(header["sizeof_hdr"]) == klass.sizeof_hdr:
+            return header
+    return None
+
+
+def _check_stored_spacing(path: Path) -> None:
+    """Refuse a header whose voxel spacing (pixdim 1-3) is zero or not finite.
+
+    nibabel "fixes" such a header on load by setting the spacing to 1 mm (with a warning): a CT
+    would then be prepared, and its 3D metrics (NSD tolerances in mm, volumes) computed, at a made-up
+    voxel size. FLARE22's evaluation reads the spacing from these fields.
+    """
+    header = _stored_header(path)
+    if header is None:
+        return
+    spacing = np.asarray(header["pixdim"][1:4], dtype=float)
+    if not np.isfinite(spacing).all() or (spacing == 0).any():
+        shown = ", ".join(f"{v:g}" for v in spacing)
+        raise InputError(
+            path,
+            f"the header's voxel spacing (pixdim {shown}) is zero or not finite: the voxel size is unknown "
+            "(3D metrics are in mm); write the file again with its spacing",
+        )
 
 
 def _why(exc: Exception) -> str:
@@ -312,3 +373,12 @@ def read_organ_masks(files: list[tuple[Path, int]], shape: tuple[int, ...]) -> n
         labels[on] = organ_id
         owner[organ_id] = path
     return labels
+
+
+def written_by_segment(path: str | Path) -> bool:
+    """Whether ``path`` is a NIfTI file `segment` wrote (its header description says so)."""
+    try:
+        with imageglobals.LoggingOutputSuppressor():
+            return bytes(nib.load(str(path)).header["descrip"]).startswith(SEGMENT_DESCRIPTION)
+    except Exception:  # not NIfTI, unreadable: not ours
+        return False

@@ -27,8 +27,8 @@ import nibabel as nib
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from clipseg_bench.errors import FieldError, InputError
-from clipseg_bench.provenance import check_output_folder
+from clipseg_bench.errors import FieldError
+from clipseg_bench.provenance import check_output_folder, replacing, write_error
 
 STYLES = ("A", "B")
 _STYLE_CODE = {"A": 0, "B": 1}
@@ -337,10 +337,7 @@ def make_phantom(*, seed: int = 0, index: int = 0, style: str = "A", size: int =
         labels: uint8 (size, size, Z) FLARE22 ids; all 13 organs present.
         affine: (4, 4) RAS+ affine, anisotropic spacing (in-plane ~(300-430 mm) / size, 2.5-5 mm in z).
     """
-    if style not in STYLES:
-        raise FieldError("style", f"unknown phantom style {style!r}; choose from {', '.join(STYLES)}")
-    if not 32 <= size <= 256:
-        raise FieldError("size", f"phantom size must be 32..256 voxels, got {size}")
+    _check_options(seed=seed, style=style, size=size)
     for attempt in range(20):  # organs are sized never to vanish; the retry only guards the rare draw
         rng = np.random.default_rng([seed, index, _STYLE_CODE[style], attempt])
         n_slices = int(rng.integers(32, 49))
@@ -389,16 +386,13 @@ def write_phantoms(
     """
     if cases < 1:
         raise FieldError("cases", f"need at least 1 case, got {cases}")
-    if style not in STYLES:
-        raise FieldError("style", f"unknown phantom style {style!r}; choose from {', '.join(STYLES)}")
-    if not 32 <= size <= 256:
-        raise FieldError("size", f"phantom size must be 32..256 voxels, got {size}")
+    _check_options(seed=seed, style=style, size=size)
     out = check_output_folder(out, command="phantom", ours=_is_phantom_folder, overwrite=overwrite)
     try:
         (out / "images").mkdir(parents=True, exist_ok=True)
         (out / "labels").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise InputError(out, f"cannot create the output folder ({exc.strerror or exc})") from None
+        raise write_error(out, exc) from None
     ids = []
     for i in range(cases):
         case = f"phantom{style}_{i:04d}"
@@ -411,6 +405,17 @@ def write_phantoms(
             img.header.set_xyzt_units("mm")
             img.header.set_qform(affine, code=1)
             img.header.set_sform(affine, code=1)
-            nib.save(img, str(path))
+            with replacing(path) as tmp:  # a full disk leaves the earlier cases whole, this one absent
+                nib.save(img, str(tmp))
         ids.append(case)
     return ids
+
+
+def _check_options(*, seed: int, style: str, size: int) -> None:
+    """The phantom options, checked before anything is drawn or written."""
+    if seed < 0:  # numpy's generators take no negative seed
+        raise FieldError("seed", f"must be a whole number >= 0, got {seed!r}")
+    if style not in STYLES:
+        raise FieldError("style", f"unknown phantom style {style!r}; choose from {', '.join(STYLES)}")
+    if not 32 <= size <= 256:
+        raise FieldError("size", f"phantom size must be 32..256 voxels, got {size}")

@@ -38,8 +38,8 @@ from tqdm import tqdm
 from clipseg_bench.data.channels import hu_slices
 from clipseg_bench.data.io import (
     CHANNEL_SUFFIX,
+    case_ids,
     check_same_grid,
-    image_case_id,
     image_files,
     map_labels,
     nifti_files,
@@ -50,7 +50,7 @@ from clipseg_bench.data.io import (
     strip_nifti_suffix,
 )
 from clipseg_bench.data.volumes import CANONICAL, normalize, parse_window, volume_to_slices
-from clipseg_bench.errors import FieldError, InputError
+from clipseg_bench.errors import FieldError, InputError, RunFailed
 from clipseg_bench.organs import (
     BY_ID,
     ORGANS,
@@ -66,6 +66,8 @@ from clipseg_bench.provenance import (
     folder_format,
     mark_folder,
     marker_name,
+    output_lock,
+    write_error,
     write_text_atomic,
 )
 
@@ -126,13 +128,9 @@ class CaseSource:
 
 
 def _pair(images: dict[str, Path], labels: dict[str, Path]) -> list[CaseSource]:
-    """Pair image and label files by case id; every file needs its partner."""
-    by_case: dict[str, Path] = {}
-    for stem, path in images.items():
-        case = image_case_id(stem)
-        if case in by_case:
-            raise InputError(path, f"duplicate case id {case!r} (also {by_case[case].name})")
-        by_case[case] = path
+    """Pair image and label files by case id (:func:`~clipseg_bench.data.io.image_case_id`, for files
+    and DICOM series folders alike); every file needs its partner."""
+    by_case = case_ids(images)
     for case, path in by_case.items():
         if case not in labels:
             raise InputError(path, f"image has no label (expected {case}.nii.gz beside the labels)")
@@ -361,6 +359,8 @@ def split_cases(
         return splits
     if not 0.0 <= val_fraction < 1.0:
         raise FieldError("val_fraction", f"must be in [0, 1), got {val_fraction}")
+    if seed < 0:  # numpy's generators take no negative seed
+        raise FieldError("seed", f"must be a whole number >= 0, got {seed}")
     patients = sorted(set(patient.values()))
     n_val = int(round(val_fraction * len(patients)))
     if val_fraction > 0 and len(patients) >= 2:
@@ -515,9 +515,11 @@ def _stage_case(src: CaseSource, options: Options, work: Path, fingerprint: str)
 
     Errors are returned, not raised, so they cross the process boundary as plain tuples.
     """
+    need = None
     try:
         png = options.png
         image, labels, meta, hu = _slice_case(src, options.window, options.label_map)
+        need = image.nbytes + labels.nbytes + hu.nbytes
         px = slice_organ_pixels(labels)
         kept = (px[:, 1:].sum(axis=1) > 0) | options.keep_empty
         tmp = work / f"{src.case}.tmp-{os.getpid()}"
@@ -549,8 +551,10 @@ def _stage_case(src: CaseSource, options: Options, work: Path, fingerprint: str)
         return ("ok", record)
     except InputError as exc:
         return ("error", exc.path, exc.problem)
-    except OSError as exc:
-        return ("error", exc.filename or str(work), f"cannot write ({exc.strerror or exc})")
+    except OSError as exc:  # a full disk, ulimit -f: this case's half-written files go
+        shutil.rmtree(work / f"{src.case}.tmp-{os.getpid()}", ignore_errors=True)
+        error = write_error(exc.filename or work, exc, need=need)
+        return ("failed" if isinstance(error, RunFailed) else "error", error.path, error.problem)
 
 
 def _write_pngs(root: Path, case: str, image: np.ndarray, labels: np.ndarray, kept: np.ndarray) -> None:
@@ -688,6 +692,8 @@ def _run_workers(
 def _unwrap(result: tuple) -> dict:
     if result[0] == "error":
         raise InputError(result[1], result[2])
+    if result[0] == "failed":
+        raise RunFailed(result[1], result[2])
     return result[1]
 
 
@@ -733,7 +739,9 @@ def prepare(
         ``out`` as a Path.
 
     Raises:
-        InputError: any bad input (the output is then left as it was).
+        InputError: any bad input (the output is then left as it was), or another `prepare` writing
+            into ``out`` right now.
+        RunFailed: no room on the disk (the cases staged whole are kept for a re-run).
     """
     t0 = time.perf_counter()
     out = Path(out)
@@ -751,25 +759,36 @@ def prepare(
     options = Options(window=window_dict, label_map=lmap, keep_empty=bool(keep_empty), png=bool(png))
     prints = {s.case: _fingerprint(s, options) for s in sources}
     created, had_marker = not out.exists(), (out / MARKER).is_file()
-    _open_output(out, had_marker)
-    done, todo = _resume(out, sources, prints, overwrite)
-    try:
-        staged = _run_workers(todo, options, out / WORK, prints, workers)
-    except InputError:
-        _roll_back(out, created=created, had_marker=had_marker)
-        raise
-    records = {**done, **{r["case"]: r for r in staged}}
     split_info = {"val_fraction": val_fraction, "seed": seed, "split_file": split_file, "groups_file": groups}
     split_info = {
         **{k: str(v) if isinstance(v, Path) else v for k, v in split_info.items()},
         "patients": patients,
     }
-    counts = {"processed": len(staged), "skipped": len(done)}
-    try:
-        _commit(out, [records[c] for c in sorted(records)], splits, options, split_info, counts, t0)
-    except OSError as exc:
-        raise InputError(exc.filename or out, f"cannot write ({exc.strerror or exc})") from None
+    with output_lock(out, "prepare"):  # a second `prepare` into this folder is refused while this one runs
+        records, counts = _stage(out, sources, options, prints, workers, overwrite, created, had_marker)
+        try:
+            _commit(out, [records[c] for c in sorted(records)], splits, options, split_info, counts, t0)
+        except OSError as exc:
+            raise write_error(exc.filename or out, exc) from None
     return out
+
+
+def _stage(out: Path, sources, options: Options, prints, workers: int, overwrite: bool, created, had_marker):
+    """Stage every case not done yet; returns (every case's record, the processed/skipped counts).
+
+    Bad input rolls the output back (nothing written); a full disk keeps the cases staged whole
+    (a re-run after freeing space continues from them) and removes only the half-written one.
+    """
+    _open_output(out, had_marker)
+    done, todo = _resume(out, sources, prints, overwrite)
+    try:
+        staged = _run_workers(todo, options, out / WORK, prints, workers)
+    except RunFailed:
+        raise
+    except InputError:
+        _roll_back(out, created=created, had_marker=had_marker)
+        raise
+    return {**done, **{r["case"]: r for r in staged}}, {"processed": len(staged), "skipped": len(done)}
 
 
 def _read_inputs(images, labels, dataset, layout: str, window: str, label_map: str | None):
@@ -800,7 +819,7 @@ def _open_output(out: Path, had_marker: bool) -> None:
         for stale in (out / WORK).glob("*.tmp-*"):  # half-written cases of an interrupted run
             shutil.rmtree(stale, ignore_errors=True)
     except OSError as exc:
-        raise InputError(out, f"cannot write the output folder ({exc.strerror or exc})") from None
+        raise write_error(out, exc) from None
 
 
 def _resume(out: Path, sources: list[CaseSource], prints: dict[str, str], overwrite: bool):

@@ -12,7 +12,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from clipseg_bench.data.io import Header, check_same_grid, map_labels, nifti_files, read_label_volume
+from clipseg_bench.data.io import (
+    PROBABILITIES_SUFFIX,
+    Header,
+    check_same_grid,
+    map_labels,
+    nifti_files,
+    read_label_volume,
+    written_by_segment,
+)
 from clipseg_bench.errors import InputError
 from clipseg_bench.evaluation.metrics import score_case, summarize
 from clipseg_bench.evaluation.postprocess import check_postprocess_mode, postprocess
@@ -33,6 +41,18 @@ def read_labels(path: Path) -> tuple[np.ndarray, Header]:
     labels, affine, zooms = read_label_volume(path)
     labels = map_labels(labels, FLARE22_IDS, path)
     return labels, Header(path=Path(path), shape=labels.shape, affine=affine, zooms=zooms)
+
+
+def prediction_files(pred: Path) -> dict[str, Path]:
+    """The masks of a prediction folder by case id: its NIfTI files, less what `segment` writes beside
+    its masks (``<case>_probabilities.nii.gz``, marked as segment's in the header; its per-organ
+    ``<case>/segmentations/`` folders are folders, which :func:`nifti_files` skips already)."""
+    found = nifti_files(pred, ignore_other_files=True)
+    return {
+        case: path
+        for case, path in found.items()
+        if not (case.endswith(PROBABILITIES_SUFFIX) and written_by_segment(path))
+    }
 
 
 def _written_by_score(path: Path) -> bool:
@@ -80,7 +100,7 @@ def score_folder(
     check_postprocess_mode(postprocess_mode)
     pred, labels = Path(pred), Path(labels)
     gt_files = nifti_files(labels, ignore_other_files=True)
-    pred_files = nifti_files(pred, ignore_other_files=True)
+    pred_files = prediction_files(pred)
     if pred.resolve() == labels.resolve():
         raise InputError(
             pred, "--pred and --labels are the same folder: predictions would score against themselves"

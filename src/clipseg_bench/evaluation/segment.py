@@ -20,7 +20,14 @@ import torch
 from tqdm.auto import tqdm
 
 from clipseg_bench.data.channels import channel_images, hu_slices, needs_hu
-from clipseg_bench.data.io import ct_sources, read_volume, strip_nifti_suffix
+from clipseg_bench.data.io import (
+    PROBABILITIES_SUFFIX,
+    SEGMENT_DESCRIPTION,
+    ct_sources,
+    read_volume,
+    strip_nifti_suffix,
+    written_by_segment,
+)
 from clipseg_bench.data.volumes import (
     normalize,
     slices_to_volume,
@@ -31,11 +38,10 @@ from clipseg_bench.evaluation.postprocess import check_postprocess_mode, postpro
 from clipseg_bench.evaluation.predict import Segmenter, probabilities_to_labels
 from clipseg_bench.model.trained import TrainedModel, load_run_model, zeroshot_model
 from clipseg_bench.organs import Organ, parse_organs
-from clipseg_bench.provenance import check_output_file, replacing
+from clipseg_bench.provenance import check_free_space, check_output_file, replacing, write_error
 
 PER_ORGAN_MODES = ("also", "only")  # --per-organ: beside the multi-label file, or instead of it
 MAX_FAILURES_SHOWN = 5
-MASK_DESCRIPTION = b"clipseg-bench segment"  # in the NIfTI header: "this file is ours, may be replaced"
 
 
 def model_inputs(slices: np.ndarray, gray: np.ndarray, *, channels: str, windows) -> np.ndarray:
@@ -59,17 +65,9 @@ def _save_nifti(array: np.ndarray, like: nib.Nifti1Image | None, affine: np.ndar
     img = nib.Nifti1Image(array, affine, header)
     img.set_data_dtype(array.dtype)
     img.header.set_slope_inter(None, None)  # the CT's HU rescale must not touch label values
-    img.header["descrip"] = MASK_DESCRIPTION
+    img.header["descrip"] = SEGMENT_DESCRIPTION
     with replacing(out) as tmp:  # never a half-written mask under the real name
         nib.save(img, tmp)
-
-
-def _written_by_segment(path: Path) -> bool:
-    """Whether ``path`` is a NIfTI file this command wrote (its header description says so)."""
-    try:
-        return bytes(nib.load(str(path)).header["descrip"]).startswith(MASK_DESCRIPTION)
-    except Exception:  # not NIfTI, unreadable: not ours
-        return False
 
 
 # --- the model, loaded once -------------------------------------------------------------------
@@ -130,7 +128,9 @@ class Outputs:
         return cls(
             labels=None if per_organ == "only" else mask,
             organ_dir=stem / "segmentations" if per_organ else None,
-            probabilities=stem.with_name(f"{stem.name}_probabilities.nii.gz") if probabilities else None,
+            probabilities=stem.with_name(f"{stem.name}{PROBABILITIES_SUFFIX}.nii.gz")
+            if probabilities
+            else None,
             organ_keys=tuple(o.key for o in organs),
         )
 
@@ -140,7 +140,7 @@ class Outputs:
 
     def done(self) -> bool:
         """All written by an earlier call (a file segment did not write is redone with --overwrite)."""
-        return all(p.is_file() and _written_by_segment(p) for p in self.files())
+        return all(p.is_file() and written_by_segment(p) for p in self.files())
 
 
 def predict_volume(
@@ -191,10 +191,21 @@ def predict_volume(
 def write_outputs(
     outputs: Outputs, labels: np.ndarray, probs: np.ndarray | None, affine: np.ndarray, *, ct: Path, organs
 ) -> None:
-    """Write a CT's masks, each atomically; the CT's own NIfTI header is kept where there is one."""
+    """Write a CT's masks, each atomically; the CT's own NIfTI header is kept where there is one.
+
+    Raises:
+        RunFailed: no room for them (checked first: their uncompressed size bounds what gzip writes).
+    """
+    need = labels.nbytes * (len(organs) if outputs.organ_dir is not None else 0)
+    need += labels.nbytes if outputs.labels is not None else 0
+    need += probs.nbytes if outputs.probabilities is not None and probs is not None else 0
+    check_free_space(outputs.files()[0].parent, need, what=f"writing the masks of {ct.name} (uncompressed)")
     like = nib.load(str(ct)) if ct.is_file() else None  # a DICOM series has no NIfTI header to keep
     if outputs.organ_dir is not None:
-        outputs.organ_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            outputs.organ_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_error(outputs.organ_dir, exc) from None
         for o in organs:
             _save_nifti(
                 (labels == o.id).astype(np.uint8), like, affine, outputs.organ_dir / f"{o.key}.nii.gz"
@@ -269,7 +280,7 @@ def _check_outputs(files: list[Path], *, inputs: list[Path], overwrite: bool) ->
     (unless ``overwrite``), creatable. Checked for every CT before the first write."""
     for path in files:
         check_output_file(
-            path, command="segment", ours=_written_by_segment, inputs=inputs, overwrite=overwrite
+            path, command="segment", ours=written_by_segment, inputs=inputs, overwrite=overwrite
         )
 
 

@@ -7,12 +7,19 @@ Hugging Face hub id; the folder's or hub entry's ``config.json`` (``model_type``
 
 from __future__ import annotations
 
+import os
+import socket
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from clipseg_bench.errors import FieldError, InputError
 from clipseg_bench.model.families import family_for_type, tiny_family
+
+HUB_PROBE_S = 3.0  # how long to wait for the hub to answer a connection before going offline
+_hub = {"checked": False, "unreachable": None}  # per process: the hub is probed once
 
 
 @dataclass
@@ -68,6 +75,8 @@ def model_source(spec: str) -> tuple[str, bool, str | None]:
     if local and not (path / "config.json").is_file():
         raise InputError(path, "not a model folder (expected config.json written by save_pretrained)")
     source = str(path) if local else spec
+    if not local:
+        offline_unless_hub_reachable()
     try:
         model_type = PretrainedConfig.get_config_dict(source)[0].get("model_type")
     except (OSError, ValueError) as exc:
@@ -75,14 +84,45 @@ def model_source(spec: str) -> tuple[str, bool, str | None]:
     return source, local, model_type
 
 
+def offline_unless_hub_reachable() -> None:
+    """Use only the local cache, as ``HF_HUB_OFFLINE=1`` would, when the hub cannot be reached.
+
+    Without network, huggingface_hub retries each request with back-off (about 30 s and a dozen
+    lines of retries for one model) before failing. One TCP connection to the hub (or to the
+    HTTPS proxy the environment names), with a short timeout, tells first; if it fails, offline mode
+    is switched on for this process and the ones it starts, so a cached model loads at once and an
+    uncached one fails with one line (:func:`load_error`).
+    """
+    from huggingface_hub import constants
+
+    if _hub["checked"] or constants.is_offline_mode():
+        return
+    _hub["checked"] = True
+    endpoint = urlsplit(constants.ENDPOINT)
+    proxy = urllib.request.getproxies().get(endpoint.scheme)
+    if proxy and not urllib.request.proxy_bypass(endpoint.hostname or ""):
+        endpoint = urlsplit(proxy if "//" in proxy else f"http://{proxy}")
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_S).close()
+    except OSError as exc:
+        _hub["unreachable"] = f"{endpoint.hostname}:{port}: {exc.strerror or exc}"
+        constants.HF_HUB_OFFLINE = True
+        os.environ["HF_HUB_OFFLINE"] = "1"
+
+
 def load_error(spec: str, source: str, local: bool, exc: Exception):
     """Raise the one-line InputError for a model that cannot be loaded (files or network)."""
     if local or not isinstance(exc, OSError):  # missing or broken files
         raise InputError(source, f"cannot load the model ({str(exc).splitlines()[0]})") from None
+    why = (
+        f"the Hugging Face hub cannot be reached ({_hub['unreachable']}) and it is not in the local cache"
+        if _hub["unreachable"]
+        else f"the Hugging Face hub gave nothing ({str(exc).splitlines()[0]})"
+    )
     raise InputError(  # no network (OSError)
         spec,
-        f"cannot load this model: no such folder, and the Hugging Face hub gave nothing "
-        f"({str(exc).splitlines()[0]}). Without network, download it elsewhere "
+        f"cannot load this model: no such folder, and {why}. Without network, download it elsewhere "
         f"(`hf download {spec} --local-dir DIR`), copy DIR here and pass --model DIR",
     ) from None
 
@@ -127,7 +167,17 @@ def load_model(spec: str, *, image_size: int | None = None) -> LoadedModel:
     Raises:
         InputError: unknown folder, a hub id that cannot be reached, or a bad image size.
     """
-    return model_family(spec).load(spec, image_size=image_size)
+    from safetensors import SafetensorError
+
+    family = model_family(spec)
+    try:
+        return family.load(spec, image_size=image_size)
+    except SafetensorError as exc:  # a truncated or corrupt model.safetensors
+        raise InputError(
+            spec,
+            f"cannot load the model: a weights file is corrupt or truncated ({str(exc).splitlines()[0]}); "
+            "download or save the model again",
+        ) from None
 
 
 def save_model(loaded: LoadedModel, folder: str | Path) -> None:
