@@ -29,8 +29,10 @@ from clipseg_bench.config import RUNTIME_FIELDS, TrainConfig, config_differences
 from clipseg_bench.errors import FieldError, InputError, RunFailed
 from clipseg_bench.provenance import (
     check_output_folder,
+    check_unlocked,
     git_info,
     hardware_info,
+    output_lock,
     process_alive,
     read_json_object,
     write_json_atomic,
@@ -38,6 +40,7 @@ from clipseg_bench.provenance import (
 from clipseg_bench.run_folder import RunFolder, RunRecord, RunStatus
 from clipseg_bench.strategies import available
 from clipseg_bench.study.results import ALL_CASES, is_bench_folder, run_name
+from clipseg_bench.train.record import LOCK as TRAIN_LOCK  # the lock `train` takes in each run folder
 
 # What a run's config holds besides the benchmark's shared settings.
 PER_CELL = ("strategy", "seed", "lr", "train_cases", *RUNTIME_FIELDS)
@@ -231,6 +234,8 @@ def _refuse_other_settings(out: Path, cfgs: dict[tuple[str, int, int | None], Tr
             raise InputError(
                 run.path, f"is being trained right now (process {record.process['pid']}); wait for it to end"
             )
+        if run.path.is_dir():  # a `train` that holds it (still building, before its run.json)
+            check_unlocked(run.path, TRAIN_LOCK)
         if not run.has_config():
             continue
         diffs = config_differences(run.config(), cfg)
@@ -308,16 +313,30 @@ def run_matrix(
     train_cmd = launcher_command(launcher) + ["-m", "clipseg_bench.cli"]
     strategy_lr = strategy_lr or {}
     overrides = {**(extra or {}), "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size}
-    cfgs = plan(
-        data=data,
-        model=model,
-        todo=todo,
-        out=out,
-        config=config,
-        overrides=overrides,
-        strategy_lr=strategy_lr,
-        overwrite=overwrite,
-    )
+    plan_args = dict(data=data, model=model, todo=todo, out=out, config=config, overrides=overrides)
+    cfgs = plan(**plan_args, strategy_lr=strategy_lr, overwrite=overwrite)
+    # One call per shard of a folder at a time; shards run side by side (their cells differ).
+    scope = f"shard{parse_shard(shard)[0]}"
+    with output_lock(out, "benchmark", scope=scope):
+        _refuse_other_settings(out, cfgs)  # again: a call that ended meanwhile may have recorded others
+        return _run_cells(
+            out,
+            shard,
+            todo,
+            cfgs,
+            model=model,
+            data=data,
+            epochs=epochs,
+            strategy_lr=strategy_lr,
+            train_cmd=train_cmd,
+            evaluate=evaluate,
+        )
+
+
+def _run_cells(
+    out: Path, shard, todo, cfgs, *, model, data, epochs, strategy_lr, train_cmd, evaluate
+) -> list[dict]:
+    """Record the call, then train (and evaluate) every cell of ``todo`` (the BENCH folder is locked)."""
     (out / "runs").mkdir(parents=True, exist_ok=True)
     _write_record(
         out, shard, todo=todo, model=model, data=data, epochs=epochs, cfgs=cfgs, strategy_lr=strategy_lr
@@ -411,5 +430,9 @@ def _mark_failed(run: RunFolder, why: str) -> None:
     except InputError:  # unreadable: replaced by the failure record
         record = RunRecord(status=RunStatus.MISSING)
     if record.status in (RunStatus.MISSING, RunStatus.RUNNING, "unknown"):
+        try:
+            check_unlocked(run.path, TRAIN_LOCK)  # a `train` of its own writes it: its record is its own
+        except InputError:
+            return
         run.create()
         run.write_record(record.with_status(RunStatus.FAILED, error=why))

@@ -23,6 +23,7 @@ from clipseg_bench.provenance import (
     check_output_folder,
     folder_format,
     mark_folder,
+    output_lock,
     replacing,
     write_text_atomic,
 )
@@ -866,7 +867,12 @@ def write_report(
             plots.load_samples(run.samples)
     out = Path(out) if out is not None else bench_dirs[0]
     check_output_folder(out, command="report", ours=_ours, overwrite=overwrite)
-    out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out, "report"):  # a second `report` into this folder is refused while this one writes
+        return _write(out, every, bench_dirs)
+
+
+def _write(out: Path, every: list[Run], bench_dirs: list[Path]) -> Path:
+    """Write the report's files into ``out`` (locked); returns report.html."""
     if not _ours(out):
         mark_folder(out, REPORT_FORMAT)
     table = runs_table(every)

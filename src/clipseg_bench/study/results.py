@@ -227,6 +227,27 @@ def _same_numbers(a: dict, b: dict) -> bool:
     return all(same(a[k], b[k]) for k in METRICS)
 
 
+def settings_difference(a: Run, b: Run) -> tuple[str, object, object] | None:
+    """The first setting two runs of one cell were recorded with differently, or None.
+
+    Settings are the whole resolved config (config.yaml) less the runtime fields
+    (:func:`~clipseg_bench.config.config_differences`), so the model, steps and epochs, batch size,
+    rates, channels and every other field count. The data counts by its fingerprint (run.json's
+    ``data``) where both runs recorded one, since shards on other machines see it at other paths;
+    else by its path. A run without a config (not started) has nothing to compare.
+    """
+    if not a.config or not b.config:
+        return None
+    from clipseg_bench.config import TrainConfig, config_differences
+
+    prints = [(r.info.get("data") or {}).get("fingerprint") for r in (a, b)]
+    fields = set(TrainConfig.model_fields) - ({"data"} if all(prints) else set())
+    if all(prints) and prints[0] != prints[1]:
+        return "data (dataset.json fingerprint)", prints[0], prints[1]
+    diffs = config_differences(TrainConfig(**a.config), TrainConfig(**b.config), fields)
+    return diffs[0] if diffs else None
+
+
 def merge_runs(runs: list[Run]) -> list[Run]:
     """Union of runs from several shards, one per (strategy, training cases, seed), in report order
     (strategy, then training cases from fewest to all, then seed).
@@ -234,7 +255,9 @@ def merge_runs(runs: list[Run]) -> list[Run]:
     A duplicate keeps the more complete status (finished > interrupted > running > failed).
 
     Raises:
-        InputError: the same (strategy, training cases, seed) finished in two folders with different numbers.
+        InputError: the same (strategy, training cases, seed) recorded in two folders with different
+            settings (:func:`settings_difference`), whatever its numbers; or finished in both with
+            different numbers.
     """
     chosen: dict[tuple[str, int | None, int], Run] = {}
     for run in runs:
@@ -243,6 +266,16 @@ def merge_runs(runs: list[Run]) -> list[Run]:
         if other is None:
             chosen[key] = run
             continue
+        differs = settings_difference(other, run)
+        if differs is not None:
+            field, old, new = differs
+            cases = "" if run.train_cases is None else f" on {run.train_cases} training cases"
+            raise InputError(
+                run.path,
+                f"{run.strategy} seed {run.seed}{cases} is recorded in both {other.path} and {run.path} "
+                f"with different settings ({field}: {old!r} there, {new!r} here); they are not one run: "
+                "remove one of them, or report them apart",
+            )
         if run.finished and other.finished:
             if not _same_numbers(run_row(run), run_row(other)):
                 cases = "" if run.train_cases is None else f" on {run.train_cases} training cases"
