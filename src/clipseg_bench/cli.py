@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from clipseg_bench.errors import FieldError, InputError, ReportedError
@@ -55,13 +57,23 @@ def _names(text: str) -> list[str]:
     return items
 
 
-def _ints(text: str) -> list[int]:
+def _seed(text: str) -> int:
+    """A seed: a whole number >= 0 (numpy's generators take no negative seed)."""
     try:
-        values = [int(s) for s in text.split(",")]
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers such as 0,1,2, got {text!r}"
-        ) from None
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _seeds(text: str) -> list[int]:
+    """ "0,1,2" -> [0, 1, 2]: seeds (>= 0), none repeated."""
+    try:
+        values = [_seed(s) for s in text.split(",")]
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated seeds such as 0,1,2 ({exc})") from None
     repeated = sorted({v for v in values if values.count(v) > 1})
     if repeated:
         raise argparse.ArgumentTypeError(f"{repeated[0]} is given twice")
@@ -126,6 +138,7 @@ _TRAIN_FLAGS = (
     "image_size",
     "mixed_precision",
     "num_workers",
+    "cache_dir",
 )
 
 
@@ -174,6 +187,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
         split=a.split,
         max_cases=a.max_cases,
         postprocess_mode=a.postprocess,
+        cache_dir=a.cache_dir,
     )
     _print_metrics(metrics, a.run)
 
@@ -246,16 +260,22 @@ def _cmd_benchmark(a: argparse.Namespace) -> None:
 
 
 def _parse_lrs(spec: str | None) -> dict[str, float]:
-    out = {}
+    """``full=1e-5,decoder=1e-3`` -> {strategy: rate}; each strategy once (a second rate would be
+    silently dropped). The rates themselves are checked by the config (positive, finite)."""
+    out: dict[str, float] = {}
     for item in (spec or "").split(","):
         if item.strip():
             name, _, value = item.partition("=")
+            name = name.strip()
             try:
-                out[name.strip()] = float(value)
+                rate = float(value)
             except ValueError:
                 raise InputError(
                     "--lrs", f"expected strategy=lr pairs such as full=1e-5, got {item!r}"
                 ) from None
+            if name in out:
+                raise InputError("--lrs", f"{name} is given twice ({name}={out[name]:g}, {name}={rate:g})")
+            out[name] = rate
     return out
 
 
@@ -277,6 +297,14 @@ def _cmd_demo(a: argparse.Namespace) -> None:
     run_demo(out=Path(a.out), quick=a.quick)
 
 
+def _add_cache_dir_flag(s: argparse.ArgumentParser) -> None:
+    s.add_argument(
+        "--cache-dir",
+        help="folder of the frozen-feature cache (default: $CLIPSEG_BENCH_CACHE, else PREPARED/feature_cache "
+        "when writable, else feature_cache/ beside the run folder)",
+    )
+
+
 def _add_postprocess_flag(s: argparse.ArgumentParser, what: str) -> None:
     s.add_argument(
         "--postprocess",
@@ -293,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("phantom", help="write synthetic abdominal CT volumes + labels (FLARE22 layout)")
     s.add_argument("--out", required=True, help="folder to write images/ and labels/ into")
     s.add_argument("--cases", type=int, default=4, help="number of cases (default 4)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the phantoms (default 0)")
+    s.add_argument("--seed", type=_seed, default=0, help="seed of the phantoms (>= 0, default 0)")
     s.add_argument("--style", default="A", choices=["A", "B"], help="A: pretraining look; B: shifted look")
     s.add_argument("--size", type=int, default=96, help="in-plane voxels (default 96)")
     s.add_argument(
@@ -320,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="'minmax' (original study) or 'LEVEL,WIDTH' in HU (default 40,400 = [-160,240])",
     )
     s.add_argument("--val-fraction", type=float, default=0.2, help="share of cases for validation")
-    s.add_argument("--seed", type=int, default=0, help="seed of the patient-level split")
+    s.add_argument("--seed", type=_seed, default=0, help="seed of the patient-level split (>= 0)")
     s.add_argument("--split-file", help="JSON {train: [cases], val: [cases]} instead of a random split")
     s.add_argument("--groups", help="CSV with columns case,patient: a patient's cases stay on one side")
     s.add_argument("--keep-empty", action="store_true", help="also list slices with no organ for training")
@@ -357,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--mixed-precision", choices=["no", "bf16", "fp16"], help="autocast precision (Accelerate)"
     )
     s.add_argument("--num-workers", type=int, help="DataLoader worker processes (default 0)")
+    _add_cache_dir_flag(s)
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other config field (YAML value)")
     s.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     s.add_argument("--evaluate", action="store_true", help="run `evaluate` on the val split afterwards")
@@ -369,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--split", default="val", choices=["train", "val"], help="which cases to score (default val)"
     )
     s.add_argument("--max-cases", type=_positive_int, help="evaluate only the first N cases")
+    _add_cache_dir_flag(s)
     _add_postprocess_flag(s, "which 3D scores are the headline (both are always written)")
     s.set_defaults(func=_cmd_evaluate, parser=s)
 
@@ -428,9 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--seeds",
-        type=_ints,
+        type=_seeds,
         default="0,1,2",
-        help="comma-separated seeds, one run per strategy each (default 0,1,2)",
+        help="comma-separated seeds (>= 0), one run per strategy each (default 0,1,2)",
     )
     s.add_argument(
         "--epochs", type=_positive_int, default=20, help="passes over the training slices (default 20)"
@@ -521,11 +551,31 @@ def _message(exc: ReportedError, args: argparse.Namespace | None) -> str:
     return exc.message
 
 
+# Exit code after a closed pipe (`clipseg-bench strategies --json | head -1`): what a shell reports
+# for a POSIX tool that SIGPIPE ended, 128 + 13, without a word on stderr.
+EXIT_CLOSED_PIPE = 128 + signal.SIGPIPE
+
+
+def _closed_pipe() -> int:
+    """Leave quietly after the reader of stdout went away: point stdout at /dev/null, so that the
+    interpreter's last flush cannot fail again and print a second traceback (Python's documented way)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_CLOSED_PIPE
+
+
 def main(argv: list[str] | None = None) -> int:
     args = None
+    # ulimit -f: a write past the limit must fail (EFBIG, one line) rather than kill the process
+    # (SIGXFSZ). Python ignores it at start-up already; set here too for embedders that did not.
+    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         args = build_parser().parse_args(argv)
         args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at exit
+    except BrokenPipeError:
+        return _closed_pipe()
     except ReportedError as exc:
         print(f"error: {_message(exc, args)}", file=sys.stderr)
         return exc.exit_code

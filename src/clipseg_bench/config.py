@@ -20,7 +20,9 @@ from clipseg_bench.provenance import write_text_atomic
 class TrainConfig(BaseModel):
     """Everything that decides what a training run does. Field descriptions are the docs."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Numbers are finite (``inf``/``nan`` refused) and whole-number fields take integers only: YAML
+    # 1.1 reads ``yes``/``no`` as booleans, which pydantic's lax mode would turn into 1 and 0.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     data: str = Field(description="PREPARED folder written by `clipseg-bench prepare`.")
     out: str = Field(description="Run folder to write (config, weights, history, metrics).")
@@ -29,14 +31,16 @@ class TrainConfig(BaseModel):
     strategy_options: dict[str, Any] = Field(
         default_factory=dict, description="Strategy-specific options, e.g. {rank: 8} for lora."
     )
-    epochs: int = Field(20, ge=1, description="Passes over the training slices.")
+    epochs: int = Field(20, strict=True, ge=1, description="Passes over the training slices.")
     max_steps: int | None = Field(
-        None, ge=1, description="Stop after this many optimizer steps (short runs)."
+        None, strict=True, ge=1, description="Stop after this many optimizer steps (short runs)."
     )
-    batch_size: int = Field(8, ge=1, description="Slices per step; each slice brings its organ prompts.")
+    batch_size: int = Field(
+        8, strict=True, ge=1, description="Slices per step; each slice brings its organ prompts."
+    )
     lr: float | None = Field(None, gt=0, description="Peak learning rate; None takes the strategy default.")
     weight_decay: float = Field(1e-4, ge=0)
-    warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps before cosine decay.")
+    warmup_steps: int = Field(20, strict=True, ge=0, description="Linear warm-up steps before cosine decay.")
     grad_clip: float = Field(1.0, ge=0, description="Max gradient norm; 0 disables clipping.")
     bce_weight: float = Field(1.0, ge=0)
     dice_weight: float = Field(1.0, ge=0)
@@ -46,22 +50,30 @@ class TrainConfig(BaseModel):
         le=1,
         description="Share of absent-organ (slice, prompt) pairs trained on, to learn 'empty'.",
     )
-    image_size: int | None = Field(None, ge=16, description="Square input side; None takes the model's.")
+    image_size: int | None = Field(
+        None, strict=True, ge=16, description="Square input side; None takes the model's."
+    )
     prompt_template: str = Field("name", description="`name`, `photo`, `ct` or a template with {organ}.")
     organs: list[str] | None = Field(None, description="Organ keys to train on; None means all 13.")
     train_cases: int | None = Field(
         None,
+        strict=True,
         ge=1,
         description="Train on this many of the train split's cases (a subset fixed by the seed; a "
         "larger count contains a smaller one); None: all of them. The val split never changes.",
     )
-    seed: int = 0
+    seed: int = Field(
+        0, ge=0, strict=True, description="Seed of the run (weights of injected modules, order, dropout)."
+    )
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
         "no", description="Autocast on GPU via Accelerate."
     )
-    num_workers: int = Field(0, ge=0, description="DataLoader workers.")
+    num_workers: int = Field(0, strict=True, ge=0, description="DataLoader workers.")
     threads: int | None = Field(
-        None, ge=1, description="CPU threads for torch ops; None keeps torch's default (all cores)."
+        None,
+        strict=True,
+        ge=1,
+        description="CPU threads for torch ops; None keeps torch's default (all cores).",
     )
     augment: bool = Field(
         False,
@@ -76,6 +88,7 @@ class TrainConfig(BaseModel):
     )
     pair_chunk: int = Field(
         16,
+        strict=True,
         ge=0,
         description="When no encoder trains, decode at most this many (slice, organ) pairs at a time "
         "and accumulate their gradients (exact; bounds decoder memory). 0: all at once.",
@@ -84,15 +97,34 @@ class TrainConfig(BaseModel):
     compile: bool = Field(
         False, description="torch.compile the training forward (needs a C++ compiler on CPU)."
     )
-    val_every: int = Field(1, ge=0, description="Validate every N epochs (0: never during training).")
-    val_max_slices: int | None = Field(None, ge=1, description="Cap val slices per validation (speed).")
+    val_every: int = Field(
+        1, strict=True, ge=0, description="Validate every N epochs (0: never during training)."
+    )
+    val_max_slices: int | None = Field(
+        None, strict=True, ge=1, description="Cap val slices per validation (speed)."
+    )
     threshold: float = Field(0.5, gt=0, lt=1, description="Probability above which a pixel is foreground.")
+    cache_dir: str | None = Field(
+        None,
+        description="Folder of the frozen-feature cache (shared by runs of the same data and model); "
+        "None: $CLIPSEG_BENCH_CACHE, else PREPARED/feature_cache when it can be written, else "
+        "feature_cache/ beside the run folder (model/feature_cache.py).",
+    )
     input_channels: Literal["gray", "neighbors", "windows"] = Field(
         "gray",
         description="What CLIPSeg's R, G, B hold: `gray` the windowed slice three times (the original "
         "study); `neighbors` slices z-1, z, z+1 (edges repeated); `windows` the slice under three HU "
         "windows (needs a folder prepared with the HU cache). See data/channels.py.",
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_not_booleans(cls, v: Any, info) -> Any:
+        # Integer fields are strict; a float field would still take a YAML `yes` as 1.0.
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(v, bool) and annotation in (float, float | None):
+            raise ValueError(f"expected a number, got {v!r} (YAML reads yes/no/on/off as booleans)")
+        return v
 
     @field_validator("strategy")
     @classmethod
@@ -140,7 +172,7 @@ class TrainConfig(BaseModel):
 
 
 # How a run is carried out, not what it computes: a resumed or re-run run may change these.
-RUNTIME_FIELDS = ("out", "num_workers", "threads")
+RUNTIME_FIELDS = ("out", "num_workers", "threads", "cache_dir")
 
 
 def config_differences(saved: TrainConfig, other: TrainConfig, fields=None) -> list[tuple[str, Any, Any]]:
@@ -221,6 +253,10 @@ def load_config(
     except ValidationError as exc:
         err = exc.errors()[0]
         msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "int_type" and isinstance(err.get("input"), bool | str | float):
+            msg += f", got {err['input']!r}" + (
+                " (YAML reads yes/no/on/off as booleans)" if isinstance(err["input"], bool) else ""
+            )
         if err["type"] == "missing":
             msg = f"required: {TrainConfig.model_fields[str(err['loc'][0])].description}"
         raise _blame(err["loc"], msg, path, from_file, given, base) from None
