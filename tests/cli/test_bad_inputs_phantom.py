@@ -23,6 +23,7 @@ CASES = {
     "--size 3": lambda t: (["phantom", "--out", t / "P", "--size", "3"], "--size"),
     "--cases 0": lambda t: (["phantom", "--out", t / "P", "--cases", "0"], "--cases"),
     "--style C": lambda t: (["phantom", "--out", t / "P", "--style", "C"], "--style"),
+    "--seed -1": lambda t: (["phantom", "--out", t / "P", "--seed", "-1"], "--seed"),
 }
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 from cli_helpers import assert_one_line_error, digest, run_cli
 
@@ -36,6 +38,27 @@ def _future_version(lay: Layout, tmp: Path):
     return lay.args(out), out
 
 
+def _zero_spacing(lay: Layout, tmp: Path):
+    """A CT whose header has no sform/qform and pixdim 0: nibabel would load it at 1 mm (issue 25)."""
+    image = next(lay.images.iterdir())
+    img = nib.load(image)
+    bare = nib.Nifti1Image(np.asanyarray(img.dataobj), None)
+    bare.header.set_qform(None, code=0)
+    bare.header.set_sform(None, code=0)
+    bare.header["pixdim"][1:4] = 0
+    nib.save(bare, image)
+    return lay.args(tmp / "out"), image
+
+
+def _two_cts_one_case(lay: Layout, tmp: Path):
+    """``a.nii.gz`` beside ``a_0000.nii.gz``: one case id, two CTs (one would be dropped)."""
+    image, label = next(lay.images.iterdir()), next(lay.labels.iterdir())
+    image.rename(lay.images / "a_0000.nii.gz")
+    label.rename(lay.labels / "a.nii.gz")
+    (lay.images / "a.nii.gz").write_bytes((lay.images / "a_0000.nii.gz").read_bytes())
+    return lay.args(tmp / "out"), lay.images / "a.nii.gz"  # the line names a_0000.nii.gz too
+
+
 CASES = {
     "--out is --images": lambda lay, t: (lay.args(lay.images), lay.images),
     "--out is --images, --overwrite": lambda lay, t: (lay.args(lay.images, "--overwrite"), lay.images),
@@ -43,6 +66,9 @@ CASES = {
     "--out written by another version": _future_version,
     "--workers x": lambda lay, t: (lay.args(t / "out", "--workers", "x"), "--workers"),
     "--val-fraction x": lambda lay, t: (lay.args(t / "out", "--val-fraction", "x"), "--val-fraction"),
+    "--seed -1": lambda lay, t: (lay.args(t / "out", "--seed", "-1"), "--seed"),
+    "CT with zero voxel spacing": _zero_spacing,
+    "two CTs with one case id": _two_cts_one_case,
 }
 
 
@@ -52,4 +78,4 @@ def test_prepare_refuses_and_changes_nothing(case, layout, tmp_path, capsys):
     before = digest(tmp_path)
     rc, _, err = run_cli(args, capsys)
     assert_one_line_error(rc, err, names)
-    assert digest(tmp_path) == before
+    assert digest(tmp_path) == before  # a folder it created would be listed too

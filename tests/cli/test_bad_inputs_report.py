@@ -159,3 +159,42 @@ def test_report_into_its_own_out_folder_again(tiny_run, tmp_path, capsys):
     (mine / "notes.md").write_text("x")
     assert run_cli(["report", bench, "--out", mine, "--overwrite"], capsys)[0] == 0
     assert (mine / "report.html").is_file() and (mine / "notes.md").read_text() == "x"
+
+
+def _two_shards(tiny_run: Path, tmp: Path) -> tuple[Path, Path]:
+    """Two BENCH folders that both hold decoder seed 0: copies of one run, so their numbers are equal."""
+    return _bench(tiny_run, tmp / "shard_a"), _bench(tiny_run, tmp / "shard_b")
+
+
+def _set_epochs(run: Path, epochs: int) -> None:
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("epochs: 20", f"epochs: {epochs}"))
+
+
+def test_a_cell_recorded_twice_with_other_settings_is_refused_whatever_its_numbers(
+    tiny_run, tmp_path, capsys
+):
+    """Issue 25: a cell recorded as 20 epochs in one folder and 99 in the other, with equal numbers (a
+    copied folder whose config was edited), used to become one row."""
+    a, b = _two_shards(tiny_run, tmp_path)
+    _set_epochs(b / "runs" / "decoder-s0", 99)
+    before = digest(tmp_path)
+    rc, _, err = run_cli(["report", a, b, "--out", tmp_path / "merged"], capsys)
+    line = assert_one_line_error(rc, err, str(a / "runs" / "decoder-s0"))
+    assert str(b / "runs" / "decoder-s0") in line and "epochs: 20 there, 99 here" in line
+    assert digest(tmp_path) == before
+
+
+def test_a_cell_trained_on_other_data_is_refused_and_a_moved_copy_of_the_data_is_not(
+    tiny_run, tmp_path, capsys
+):
+    """Shards on other machines see one dataset at other paths: the data counts by its fingerprint."""
+    a, b = _two_shards(tiny_run, tmp_path)
+    run_b = b / "runs" / "decoder-s0"
+    config = run_b / "config.yaml"
+    data = json.loads((run_b / "run.json").read_text())["data"]
+    config.write_text(config.read_text().replace(data["path"], "/elsewhere/prepared"))
+    assert run_cli(["report", a, b, "--out", tmp_path / "merged"], capsys)[0] == 0  # same fingerprint
+    edit_json(run_b / "run.json", lambda d: d["data"].update(fingerprint="0123456789abcdef"))
+    rc, _, err = run_cli(["report", a, b, "--out", tmp_path / "merged2"], capsys)
+    assert "data (dataset.json fingerprint)" in assert_one_line_error(rc, err, str(run_b))

@@ -147,6 +147,34 @@ def _folder_out_inside_is_a_ct(r, ct, t):
     return _args(r, link, folder), folder
 
 
+def _folder_two_cts_one_case(r, ct, t):
+    """``case0.nii.gz`` beside ``case0_0000.nii.gz``: one case id, so one mask for two CTs (issue 25)."""
+    folder = _ct_folder(ct, t, n=1)
+    shutil.copy(ct, folder / "case0.nii.gz")
+    return _args(r, folder, t / "masks"), folder / "case0.nii.gz"  # the line names case0_0000 too
+
+
+def _zero_spacing_ct(r, ct, t):
+    img = nib.load(str(ct))
+    bare = nib.Nifti1Image(np.asanyarray(img.dataobj), None)
+    bare.header.set_qform(None, code=0)
+    bare.header.set_sform(None, code=0)
+    bare.header["pixdim"][1:4] = 0
+    bad = t / "no_spacing.nii.gz"
+    nib.save(bare, str(bad))
+    return _args(r, bad, t / "m.nii.gz"), bad
+
+
+def _corrupt_model(r, ct, t):
+    from clipseg_bench.model.load import load_model, save_model
+
+    model = t / "model"
+    save_model(load_model("tiny", image_size=64), model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a download cut short
+    return ["segment", "--model", model, "--strategy", "zeroshot", "--ct", ct, "--out", t / "m.nii.gz"], model
+
+
 CASES = {
     "--out is the CT": _out_is_ct,
     "--out is the CT through ..": _out_is_ct_spelled_otherwise,
@@ -188,12 +216,16 @@ CASES = {
     "folder: --out a .nii.gz name": _folder_out_is_a_mask_name,
     "folder: someone else's mask in --out": _folder_foreign_file_in_out,
     "folder: --out is the CT folder through a link": _folder_out_inside_is_a_ct,
+    "folder: two CTs with one case id": _folder_two_cts_one_case,
+    "--ct with zero voxel spacing": _zero_spacing_ct,
+    "--model with a truncated model.safetensors": _corrupt_model,
 }
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_segment_refuses_and_changes_nothing(case, tiny_run, ct_file, tmp_path, capsys):
     args, names = case(tiny_run, ct_file, tmp_path)
+    capsys.readouterr()  # what setting the case up printed (a saved model's progress bar)
     before = digest(tiny_run, ct_file, tmp_path)
     rc, _, err = run_cli(args, capsys)
     assert_one_line_error(rc, err, names)
