@@ -14,6 +14,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.pop("CLIPSEG_BENCH_CACHE", None)  # a user's cache folder: tests expect the default places
 
 # Imported after the offline switches: huggingface_hub reads them at import time.
 from clipseg_bench.model.families.clipseg import build_tiny, tiny_config  # noqa: E402
