@@ -868,10 +868,10 @@ def write_report(
     out = Path(out) if out is not None else bench_dirs[0]
     check_output_folder(out, command="report", ours=_ours, overwrite=overwrite)
     with output_lock(out, "report"):  # a second `report` into this folder is refused while this one writes
-        return _write(out, every, bench_dirs)
+        return _write(out, every, bench_dirs, equivalence_margin)
 
 
-def _write(out: Path, every: list[Run], bench_dirs: list[Path]) -> Path:
+def _write(out: Path, every: list[Run], bench_dirs: list[Path], equivalence_margin: float) -> Path:
     """Write the report's files into ``out`` (locked); returns report.html."""
     if not _ours(out):
         mark_folder(out, REPORT_FORMAT)

@@ -266,10 +266,10 @@ def merge_runs(runs: list[Run]) -> list[Run]:
         if other is None:
             chosen[key] = run
             continue
+        cases = "" if run.train_cases is None else f" on {run.train_cases} training cases"
         differs = settings_difference(other, run)
         if differs is not None:
             field, old, new = differs
-            cases = "" if run.train_cases is None else f" on {run.train_cases} training cases"
             raise InputError(
                 run.path,
                 f"{run.strategy} seed {run.seed}{cases} is recorded in both {other.path} and {run.path} "
@@ -278,7 +278,6 @@ def merge_runs(runs: list[Run]) -> list[Run]:
             )
         if run.finished and other.finished:
             if not _same_numbers(run_row(run), run_row(other)):
-                cases = "" if run.train_cases is None else f" on {run.train_cases} training cases"
                 raise InputError(
                     run.path,
                     f"{run.strategy} seed {run.seed}{cases} finished in both {other.path} and {run.path} "
