@@ -139,3 +139,29 @@ def test_score_replaces_its_own_csv_and_others_only_with_overwrite(folders, tmp_
     assert run_cli(_args(pred, labels, "--out", mine), capsys)[0] == 2
     assert run_cli(_args(pred, labels, "--out", mine, "--overwrite"), capsys)[0] == 0
     assert len(pd.read_csv(mine)) == 2 * 13
+
+
+def _segments_own(path: Path, data: np.ndarray) -> Path:
+    """A file as `segment` writes it: its header description marks it."""
+    from clipseg_bench.data.io import SEGMENT_DESCRIPTION
+
+    img = nib.Nifti1Image(data, AFFINE)
+    img.header["descrip"] = SEGMENT_DESCRIPTION
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, str(path))
+    return path
+
+
+def test_score_skips_what_segment_writes_beside_its_masks(folders, capsys):
+    """Issue 25: `score --pred` on a folder `segment --probabilities --per-organ` wrote refused its own
+    `_probabilities` file as a prediction without ground truth. A file of that name segment did not
+    write is still a prediction (and refused without its ground truth)."""
+    pred, labels = folders
+    _segments_own(pred / "a_probabilities.nii.gz", np.zeros((20, 18, 8, 2), np.float32))
+    _segments_own(pred / "a" / "segmentations" / "liver.nii.gz", (_volume(0) == 1).astype(np.uint8))
+    rc, out, err = run_cli(_args(pred, labels), capsys)
+    assert rc == 0, err
+    assert "(2 cases)" in out
+    _save(pred / "b_probabilities.nii.gz", _volume(0))  # someone's own file: a prediction
+    rc, _, err = run_cli(_args(pred, labels), capsys)
+    assert_one_line_error(rc, err, pred / "b_probabilities.nii.gz")

@@ -121,7 +121,18 @@ def test_a_run_stopped_by_a_full_disk_resumes_to_the_uninterrupted_result(
     lets the checkpoint's size check pass and stops torch.save midway through optim.pt (the largest
     file): one line, exit 1, run.json `failed`, no half-built checkpoint; `--resume` then ends
     exactly where an uninterrupted run ends (same process for both: bit for bit)."""
-    settings = ["--strategy", "full", "--image-size", "64", "--max-steps", "2", "--set", "val_max_slices=4"]
+    # decoder with the tiny run's settings: the feature cache is built (by the reference run, or
+    # already), so the checkpoint is the only large file the limited run writes.
+    settings = [
+        "--strategy",
+        "decoder",
+        "--image-size",
+        "64",
+        "--max-steps",
+        "2",
+        "--set",
+        "val_max_slices=4",
+    ]
     reference = tmp_path / "reference"
     monkeypatch.chdir(prepared_dir.parent)  # a relative --data: config.yaml must record where it is
     assert run_cli(["train", "--data", prepared_dir.name, "--out", reference, *settings], capsys)[0] == 0
