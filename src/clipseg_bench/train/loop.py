@@ -236,8 +236,8 @@ def _run_epoch(setup: TrainingSetup, state: LoopState, epoch: int, *, pbar, writ
         setup.loader.set_epoch(epoch)
     t0 = time.perf_counter()
     global_step, stats = train_epoch(setup, epoch, state.global_step, pbar)
-    check_finite(setup, stats, state.global_step + 1, run)  # before its checkpoint replaces the last good one
     epoch_time = time.perf_counter() - t0
+    check_finite(setup, stats, state.global_step + 1, run)  # before its checkpoint replaces the last good one
     val_dice = float("nan")
     if main and _validates_after(setup, epoch):
         with timer.phase("eval"):
