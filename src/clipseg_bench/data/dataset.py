@@ -19,7 +19,8 @@ from torch.utils.data import Dataset
 
 from clipseg_bench.data.channels import CHANNEL_MODES, channel_images, needs_hu
 from clipseg_bench.data.prepare import FORMAT
-from clipseg_bench.errors import InputError
+from clipseg_bench.data.splits import SPLITS
+from clipseg_bench.errors import FieldError, InputError
 
 # The dtype of each cached array kind: windowed images and labels uint8, the HU slices int16.
 ARRAY_DTYPES = {"image": np.uint8, "label": np.uint8, "hu": np.int16}
@@ -28,12 +29,19 @@ ARRAY_DTYPES = {"image": np.uint8, "label": np.uint8, "hu": np.int16}
 class PreparedData:
     """The files `prepare` wrote: dataset.json, manifest.csv and the per-case uint8 arrays.
 
+    Which cases a split (and fold) holds is decided here and nowhere else (:meth:`cases`). The test
+    split is held out: without ``test=True`` its arrays are never opened (nor checked), its manifest
+    rows are dropped, and asking for one of its arrays is an error, so nothing that trains, tunes or
+    chooses can read a test case by mistake.
+
     Args:
         root: the PREPARED folder.
+        test: open the test split too (``evaluate --split test`` only).
     """
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, *, test: bool = False):
         self.root = Path(root)
+        self.test = test
         meta_path = self.root / "dataset.json"
         if not meta_path.is_file():
             raise InputError(
@@ -54,12 +62,15 @@ class PreparedData:
                 self.root, f"prepared with format {found!r}, this version reads {FORMAT!r}; re-run `prepare`"
             )
         _check_contents(self.meta, self.manifest, meta_path, manifest_path)
+        if not test:  # the test cases' slice rows (organ pixel counts come from their labels) go
+            self.manifest = self.manifest[~self.manifest["case"].isin(self.held_out)]
         self._arrays: dict[tuple[str, str], np.ndarray] = {}
         # A truncated array fails here, not mid-training. Checked and let go: a memmap holds a file
         # descriptor, and keeping every case's two would hit the open-file limit on large datasets.
         for case in self.cases_meta:
-            for kind in ("image", "label"):
-                self._open(case, kind)
+            if test or case not in self.held_out:
+                for kind in ("image", "label"):
+                    self._open(case, kind)
 
     @property
     def cases_meta(self) -> dict[str, dict]:
@@ -74,13 +85,53 @@ class PreparedData:
     def window(self) -> dict:
         return self.meta["window"]
 
-    def cases(self, split: str) -> list[str]:
-        """Case ids of one split, sorted."""
-        return sorted(c for c, m in self.cases_meta.items() if m["split"] == split)
+    @property
+    def n_folds(self) -> int | None:
+        """The number of folds `prepare --folds` drew; None for one train/val split (every folder
+        prepared before folds existed)."""
+        return (self.meta.get("split") or {}).get("folds") or None
 
-    def slices(self, split: str, *, kept_only: bool = True) -> pd.DataFrame:
-        """Manifest rows of a split (optionally only the slices kept for training), in (case, z) order."""
-        df = self.manifest[self.manifest["split"] == split]
+    @property
+    def held_out(self) -> set[str]:
+        """The test split's case ids (from dataset.json; their arrays are not read without ``test``)."""
+        return set(self.cases("test"))
+
+    def check_fold(self, fold: int | None) -> None:
+        """Refuse a fold this folder does not have (FieldError ``fold``)."""
+        if fold is None:
+            return
+        if self.n_folds is None:
+            raise FieldError(
+                "fold", f"{self.root} was prepared without folds (one train/val split); prepare --folds K"
+            )
+        if not 0 <= fold < self.n_folds:
+            raise FieldError("fold", f"{self.root} has folds 0..{self.n_folds - 1}, not {fold}")
+
+    def cases(self, split: str, fold: int | None = None) -> list[str]:
+        """Case ids of one split, sorted: the one place that decides which cases a split holds.
+
+        Args:
+            split: "train", "val" or "test".
+            fold: with folds, "val" is this fold's cases and "train" every other non-test case;
+                None: the cases dataset.json marks with ``split`` (with folds: fold 0 is val).
+                The test split is the same for every fold.
+        """
+        if split not in SPLITS:
+            raise FieldError("split", f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+        self.check_fold(fold)
+        if fold is None or split == "test":
+            return sorted(c for c, m in self.cases_meta.items() if m["split"] == split)
+        inside = split == "val"
+        return sorted(
+            c for c, m in self.cases_meta.items() if m["split"] != "test" and (m["fold"] == fold) == inside
+        )
+
+    def slices(self, split: str, *, kept_only: bool = True, fold: int | None = None) -> pd.DataFrame:
+        """Manifest rows of a split (of ``fold``; see :meth:`cases`), optionally only the slices kept
+        for training, in (case, z) order."""
+        if split == "test" and not self.test:
+            raise InputError(self.root, "the test split is held out: only `evaluate --split test` reads it")
+        df = self.manifest[self.manifest["case"].isin(self.cases(split, fold))]
         if kept_only:
             df = df[df["kept"].astype(bool)]
         return df.sort_values(["case", "z"]).reset_index(drop=True)
@@ -88,6 +139,11 @@ class PreparedData:
     def array(self, case: str, kind: str) -> np.ndarray:
         """Memory-mapped (Z, H, W) array; kind is "image" (uint8), "label" (uint8) or "hu" (int16)."""
         key = (case, kind)
+        if not self.test and case in self.held_out:
+            raise InputError(
+                self.root,
+                f"case {case!r} is in the held-out test split: only `evaluate --split test` reads it",
+            )
         if key not in self._arrays:
             self._arrays[key] = self._open(case, kind)
         return self._arrays[key]
@@ -166,14 +222,27 @@ def _check_contents(meta: dict, manifest: pd.DataFrame, meta_path: Path, manifes
         missing = [k for k in CASE_KEYS if not isinstance(entry, dict) or k not in entry]
         if missing:
             raise InputError(meta_path, f"case {case!r} lacks {', '.join(missing)}; re-run `prepare`")
-        if entry["split"] not in ("train", "val"):
-            raise InputError(meta_path, f"case {case!r} has split {entry['split']!r}, not train or val")
+        if entry["split"] not in SPLITS:
+            raise InputError(meta_path, f"case {case!r} has split {entry['split']!r}, not train, val or test")
+        _check_fold(meta, case, entry, meta_path)
     missing = [c for c in MANIFEST_KEYS if c not in manifest.columns]
     if missing:
         raise InputError(manifest_path, f"lacks the column(s) {', '.join(missing)}; re-run `prepare`")
     unknown = sorted(set(manifest["case"]) - set(cases))
     if unknown:
         raise InputError(manifest_path, f"lists case {unknown[0]!r}, which dataset.json does not have")
+
+
+def _check_fold(meta: dict, case: str, entry: dict, meta_path: Path) -> None:
+    """With folds, every non-test case needs a fold in 0..K-1."""
+    n_folds = (meta.get("split") or {}).get("folds")
+    if not n_folds or entry["split"] == "test":
+        return
+    fold = entry.get("fold")
+    if not isinstance(fold, int) or not 0 <= fold < n_folds:
+        raise InputError(
+            meta_path, f"case {case!r} has fold {fold!r}, not one of 0..{n_folds - 1}; re-run `prepare`"
+        )
 
 
 def resize_slices(images: torch.Tensor, size: int, *, labels: bool = False) -> torch.Tensor:

@@ -3,7 +3,8 @@
 The stage runs in three steps, so that bad input never leaves anything half-written:
 
 1. **Check** (nothing written): find and pair the cases, refuse duplicates, unpaired files and
-   empty folders, split train/val by case, check the output folder, and read every header
+   empty folders, split the cases (test, then train/val or folds, by patient: data/splits.py),
+   check the output folder, and read every header
    (3D, same shape and affine for image and label).
 2. **Stage**: cases are read, validated (NaN/inf, non-integer or unknown labels, truncated data),
    sliced and written in parallel into ``OUT/.work/<case>.tmp-<pid>``, renamed to
@@ -49,6 +50,8 @@ from clipseg_bench.data.io import (
     read_volume,
     strip_nifti_suffix,
 )
+from clipseg_bench.data.splits import Assignment, assign_cases, read_groups
+from clipseg_bench.data.splits import split_cases as split_cases  # re-exported: prepare's split, as before
 from clipseg_bench.data.volumes import CANONICAL, normalize, parse_window, volume_to_slices
 from clipseg_bench.errors import FieldError, InputError, RunFailed
 from clipseg_bench.organs import (
@@ -326,110 +329,6 @@ def find_cases(
     return _folder_layout(Path(images), Path(labels))
 
 
-def split_cases(
-    case_ids: list[str],
-    *,
-    val_fraction: float = 0.2,
-    seed: int = 0,
-    split_file=None,
-    groups: dict[str, str] | None = None,
-) -> dict[str, str]:
-    """Assign every case to "train" or "val", keeping each patient's cases on one side.
-
-    Args:
-        case_ids: the cases.
-        val_fraction: share of patients for validation; with 2+ patients and a fraction > 0 at
-            least one patient goes to each split.
-        seed: seed of the random permutation of patients (independent of the order cases were
-            found in).
-        split_file: optional JSON ``{"train": [...], "val": [...]}`` that decides instead. It may
-            name cases we do not have, but every case we have must be in exactly one list, and
-            it must not split a patient.
-        groups: case id -> patient id (:func:`read_groups`); without it each case is its own
-            patient.
-
-    Returns:
-        case id -> "train" | "val".
-    """
-    ids = sorted(case_ids)
-    patient = {c: c for c in ids} if groups is None else {c: groups[c] for c in ids}
-    if split_file is not None:
-        splits = _split_from_file(Path(split_file), ids)
-        _check_patients_together(Path(split_file), splits, patient)
-        return splits
-    if not 0.0 <= val_fraction < 1.0:
-        raise FieldError("val_fraction", f"must be in [0, 1), got {val_fraction}")
-    if seed < 0:  # numpy's generators take no negative seed
-        raise FieldError("seed", f"must be a whole number >= 0, got {seed}")
-    patients = sorted(set(patient.values()))
-    n_val = int(round(val_fraction * len(patients)))
-    if val_fraction > 0 and len(patients) >= 2:
-        n_val = min(max(n_val, 1), len(patients) - 1)
-    order = np.random.default_rng(seed).permutation(len(patients))
-    val = {patients[i] for i in order[:n_val]}
-    return {c: ("val" if patient[c] in val else "train") for c in ids}
-
-
-def read_groups(path: str | Path, case_ids: list[str]) -> dict[str, str]:
-    """Read a patient-groups CSV with columns ``case, patient`` (more columns are ignored).
-
-    Every case we have must be listed once; the file may list cases we do not have.
-
-    Returns:
-        case id -> patient id.
-
-    Raises:
-        InputError: naming the file when it cannot be read, lacks a column, lists a case twice
-            with different patients, or misses one of our cases.
-    """
-    path = Path(path)
-    try:
-        with path.open(newline="") as fh:
-            rows = list(csv.DictReader(fh))
-            columns = set(rows[0]) if rows else set()
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise InputError(path, f"cannot read the groups CSV ({exc})") from None
-    if not {"case", "patient"} <= columns:
-        raise InputError(path, "a groups CSV needs the columns 'case' and 'patient'")
-    groups: dict[str, str] = {}
-    for i, row in enumerate(rows, start=2):
-        case, patient = (row["case"] or "").strip(), (row["patient"] or "").strip()
-        if not case or not patient:
-            raise InputError(path, f"line {i}: empty case or patient")
-        if groups.get(case, patient) != patient:
-            raise InputError(path, f"case {case!r} is listed for patients {groups[case]!r} and {patient!r}")
-        groups[case] = patient
-    missing = [c for c in case_ids if c not in groups]
-    if missing:
-        raise InputError(path, f"cases missing from the groups file: {', '.join(sorted(missing)[:5])}")
-    return {c: groups[c] for c in case_ids}
-
-
-def _check_patients_together(path: Path, splits: dict[str, str], patient: dict[str, str]) -> None:
-    side: dict[str, tuple[str, str]] = {}
-    for case, split in splits.items():
-        other = side.setdefault(patient[case], (case, split))
-        if other[1] != split:
-            raise InputError(
-                path, f"patient {patient[case]!r} is on both sides ({other[0]}: {other[1]}, {case}: {split})"
-            )
-
-
-def _split_from_file(path: Path, ids: list[str]) -> dict[str, str]:
-    try:
-        doc = json.loads(path.read_text())
-        train, val = set(map(str, doc.get("train", []))), set(map(str, doc.get("val", [])))
-    except (OSError, ValueError, AttributeError, TypeError) as exc:
-        raise InputError(path, f'not a split file {{"train": [...], "val": [...]}} ({exc})') from None
-    both = sorted(train & val)
-    if both:
-        raise InputError(path, f"cases in both train and val: {', '.join(both[:5])}")
-    missing = [c for c in ids if c not in train and c not in val]
-    if missing:
-        raise InputError(path, f"cases missing from the split file: {', '.join(missing[:5])}")
-    return {c: ("val" if c in val else "train") for c in ids}
-
-
 def _check_headers(sources: list[CaseSource]) -> None:
     """Read every header (cheap): readable, 3D, and the labels on the image's grid."""
     for src in sources:
@@ -606,6 +505,7 @@ def _commit_case(out: Path, record: dict) -> None:
 
 
 def _write_manifest(out: Path, records: list[dict], splits: dict[str, str]) -> None:
+    """manifest.csv: one row per slice; ``split`` is the case's (with folds: fold 0 is val)."""
     tmp = out / f".manifest.csv.tmp-{os.getpid()}"
     with tmp.open("w", newline="") as fh:
         writer = csv.writer(fh)
@@ -617,14 +517,17 @@ def _write_manifest(out: Path, records: list[dict], splits: dict[str, str]) -> N
     os.replace(tmp, out / "manifest.csv")
 
 
-def _dataset_json(records: list[dict], splits: dict[str, str], options: Options, split_info: dict) -> dict:
+def _dataset_json(records: list[dict], assigned: Assignment, options: Options, split_info: dict) -> dict:
+    """dataset.json: the options, how the cases were split, and per case its split (and fold), grid
+    and organs."""
     cases = {}
     found: set[int] = set()
     for rec in records:
         ids = [o.id for o, n in zip(ORGANS, np.asarray(rec["px"]).sum(axis=0)) if n > 0]
         found.update(ids)
         cases[rec["case"]] = {
-            "split": splits[rec["case"]],
+            "split": assigned.split[rec["case"]],
+            **({"fold": assigned.fold[rec["case"]]} if assigned.n_folds else {}),
             "patient": split_info["patients"][rec["case"]],
             **rec["meta"],
             "n_kept": int(sum(rec["kept"])),
@@ -647,8 +550,13 @@ def summary_line(out: str | Path) -> str:
     doc = json.loads((Path(out) / "dataset.json").read_text())
     s = doc["summary"]
     missing = [o.key for o in ORGANS if o.id not in set(doc["organs_found"])]
+    if s.get("fold_cases"):
+        sides = f"{len(s['fold_cases'])} folds of {'/'.join(map(str, s['fold_cases']))} cases"
+    else:
+        sides = f"{s['train_cases']} train / {s['val_cases']} val"
+    sides += f", {s['test_cases']} test" if s.get("test_cases") else ""
     return (
-        f"prepared {s['cases']} cases ({s['train_cases']} train / {s['val_cases']} val; "
+        f"prepared {s['cases']} cases ({sides}; "
         f"{s['processed']} processed, {s['skipped']} already done), {s['slices']} slices "
         f"({s['kept_slices']} kept), organs found {len(doc['organs_found'])}/{len(ORGANS)}"
         + (f" (none of: {', '.join(missing)})" if missing else "")
@@ -708,6 +616,8 @@ def prepare(
     seed: int = 0,
     split_file=None,
     groups=None,
+    folds: int | None = None,
+    test_fraction: float = 0.0,
     keep_empty: bool = False,
     workers: int = 1,
     overwrite: bool = False,
@@ -728,6 +638,9 @@ def prepare(
         window: "minmax" or "LEVEL,WIDTH" in HU (default abdominal window 40,400 -> [-160, 240]).
         val_fraction, seed, split_file: the patient-level train/val split (:func:`split_cases`).
         groups: CSV ``case, patient`` (:func:`read_groups`): a patient's cases stay on one side.
+        folds: K folds instead of one train/val split (every non-test case in one fold).
+        test_fraction: share of the patients set aside as the test split, before the folds
+            (:func:`~clipseg_bench.data.splits.assign_cases`).
         keep_empty: also mark slices with no organ as kept (used for training, written as PNG).
         workers: cases processed in parallel processes.
         overwrite: write into a non-empty folder that is not ours; redo finished cases.
@@ -750,8 +663,14 @@ def prepare(
     window_dict, lmap, sources = _read_inputs(images, labels, dataset, layout, window, label_map)
     case_ids = [s.case for s in sources]
     patients = read_groups(groups, case_ids) if groups is not None else {c: c for c in case_ids}
-    splits = split_cases(
-        case_ids, val_fraction=val_fraction, seed=seed, split_file=split_file, groups=patients
+    assigned = assign_cases(
+        case_ids,
+        val_fraction=val_fraction,
+        folds=folds,
+        test_fraction=test_fraction,
+        seed=seed,
+        split_file=split_file,
+        groups=patients if groups is not None else None,
     )
     _check_output(out, overwrite, [images, labels, dataset])
     _check_headers(sources)
@@ -762,12 +681,13 @@ def prepare(
     split_info = {"val_fraction": val_fraction, "seed": seed, "split_file": split_file, "groups_file": groups}
     split_info = {
         **{k: str(v) if isinstance(v, Path) else v for k, v in split_info.items()},
+        **assigned.info,  # folds, test_fraction, how they were drawn (val_fraction None with folds)
         "patients": patients,
     }
     with output_lock(out, "prepare"):  # a second `prepare` into this folder is refused while this one runs
         records, counts = _stage(out, sources, options, prints, workers, overwrite, created, had_marker)
         try:
-            _commit(out, [records[c] for c in sorted(records)], splits, options, split_info, counts, t0)
+            _commit(out, [records[c] for c in sorted(records)], assigned, options, split_info, counts, t0)
         except OSError as exc:
             raise write_error(exc.filename or out, exc) from None
     return out
@@ -841,18 +761,27 @@ def _resume(out: Path, sources: list[CaseSource], prints: dict[str, str], overwr
 
 
 def _commit(
-    out: Path, records: list[dict], splits: dict, options: Options, split_info: dict, counts: dict, t0: float
+    out: Path,
+    records: list[dict],
+    assigned: Assignment,
+    options: Options,
+    split_info: dict,
+    counts: dict,
+    t0: float,
 ) -> None:
     """Move staged cases into place, then write manifest.csv and, last, dataset.json."""
     for rec in records:
         if (out / WORK / rec["case"]).is_dir():
             _commit_case(out, rec)
+    splits = assigned.split
     _write_manifest(out, records, splits)
-    doc = _dataset_json(records, splits, options, split_info)
+    doc = _dataset_json(records, assigned, options, split_info)
     doc["summary"] = {
         "cases": len(records),
         "train_cases": sum(1 for r in records if splits[r["case"]] == "train"),
         "val_cases": sum(1 for r in records if splits[r["case"]] == "val"),
+        "test_cases": sum(1 for r in records if splits[r["case"]] == "test"),
+        **({"fold_cases": assigned.fold_sizes()} if assigned.n_folds else {}),
         "slices": sum(len(r["kept"]) for r in records),
         "kept_slices": sum(sum(r["kept"]) for r in records),
         **counts,
