@@ -102,6 +102,8 @@ def _cmd_prepare(a: argparse.Namespace) -> None:
         seed=a.seed,
         split_file=a.split_file,
         groups=a.groups,
+        folds=a.folds,
+        test_fraction=a.test_fraction,
         keep_empty=a.keep_empty,
         workers=a.workers,
         overwrite=a.overwrite,
@@ -193,13 +195,14 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
 
 
 def _print_metrics(metrics: dict, run) -> None:
+    from clipseg_bench.run_folder import RunFolder
+
+    path = RunFolder(run).metrics_file(metrics.get("split", "val"))
     if metrics.get("no_split"):
-        print(f"{metrics['no_split']}: nothing to evaluate -> {run}/metrics.json")
+        print(f"{metrics['no_split']}: nothing to evaluate -> {path}")
         return
     s = metrics["summary"]
-    print(
-        f"dice2d {metrics['dice2d']:.4f}  dsc3d {s['dsc']:.4f}  nsd3d {s['nsd']:.4f}  -> {run}/metrics.json"
-    )
+    print(f"dice2d {metrics['dice2d']:.4f}  dsc3d {s['dsc']:.4f}  nsd3d {s['nsd']:.4f}  -> {path}")
 
 
 def _cmd_score(a: argparse.Namespace) -> None:
@@ -254,6 +257,9 @@ def _cmd_benchmark(a: argparse.Namespace) -> None:
         launcher=a.launcher,
         strategy_lr=_parse_lrs(a.lrs),
         train_cases=a.train_cases,
+        folds=a.folds,
+        postprocess=a.postprocess,
+        test=a.test,
         overwrite=a.overwrite,
     )
     raise_failed(results, out)
@@ -287,6 +293,7 @@ def _cmd_report(a: argparse.Namespace) -> None:
         out=Path(a.out) if a.out else None,
         overwrite=a.overwrite,
         equivalence_margin=a.equivalence_margin,
+        split=a.split,
     )
     print(f"report: {html}")
 
@@ -305,12 +312,19 @@ def _add_cache_dir_flag(s: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_postprocess_flag(s: argparse.ArgumentParser, what: str) -> None:
+def _add_postprocess_flag(s: argparse.ArgumentParser, what: str, *, auto: bool = False) -> None:
     s.add_argument(
         "--postprocess",
         default="none",
-        choices=["none", "lcc"],
-        help=f"3D clean-up: lcc keeps each organ's largest component, paired organs on their side ({what})",
+        choices=["none", "lcc", "auto"] if auto else ["none", "lcc"],
+        help="3D clean-up: lcc keeps each organ's largest component, paired organs on their side"
+        + (
+            "; auto: lcc for the organs where the run's recorded choice (postprocess.json, made on "
+            "out-of-fold scores by `benchmark --postprocess auto`) found it raises the score"
+            if auto
+            else ""
+        )
+        + f" ({what})",
     )
 
 
@@ -347,9 +361,30 @@ def build_parser() -> argparse.ArgumentParser:
         default="40,400",
         help="'minmax' (original study) or 'LEVEL,WIDTH' in HU (default 40,400 = [-160,240])",
     )
-    s.add_argument("--val-fraction", type=float, default=0.2, help="share of cases for validation")
-    s.add_argument("--seed", type=_seed, default=0, help="seed of the patient-level split (>= 0)")
-    s.add_argument("--split-file", help="JSON {train: [cases], val: [cases]} instead of a random split")
+    s.add_argument(
+        "--val-fraction", type=float, default=0.2, help="share of cases for validation (without --folds)"
+    )
+    s.add_argument(
+        "--folds",
+        type=int,
+        help="K: every non-test case in one of K folds (by patient, balanced, seeded); a run on fold k "
+        "trains on the others and validates on k (`benchmark --folds all`)",
+    )
+    s.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.0,
+        help="share of patients set aside as the test split before the split or folds: read only by "
+        "`evaluate --split test` and `report --split test` (default 0)",
+    )
+    s.add_argument(
+        "--seed", type=_seed, default=0, help="seed of the patient-level split, folds and test draw (>= 0)"
+    )
+    s.add_argument(
+        "--split-file",
+        help='JSON {"train": [...], "val": [...], "test": [...]} or {"folds": [[...], ...], "test": [...]} '
+        "instead of a random split ('test' optional)",
+    )
     s.add_argument("--groups", help="CSV with columns case,patient: a patient's cases stay on one side")
     s.add_argument("--keep-empty", action="store_true", help="also list slices with no organ for training")
     s.add_argument(
@@ -395,11 +430,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run", required=True, help="run folder written by `clipseg-bench train`")
     s.add_argument("--data", help="PREPARED folder (default: the one the run trained on)")
     s.add_argument(
-        "--split", default="val", choices=["train", "val"], help="which cases to score (default val)"
+        "--split",
+        default="val",
+        choices=["train", "val", "test"],
+        help="which cases to score (default val: the run's fold with folds -> RUN/metrics.json); test: the "
+        "held-out cases, once choices are frozen -> RUN/metrics-test.json",
     )
     s.add_argument("--max-cases", type=_positive_int, help="evaluate only the first N cases")
     _add_cache_dir_flag(s)
-    _add_postprocess_flag(s, "which 3D scores are the headline (both are always written)")
+    _add_postprocess_flag(s, "which 3D scores are the headline (none and lcc are always written)", auto=True)
     s.set_defaults(func=_cmd_evaluate, parser=s)
 
     s = sub.add_parser("score", help="FLARE22 DSC/NSD of a folder of predicted NIfTI masks")
@@ -433,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["also", "only"],
         help="also (or only) write <case>/segmentations/<organ_key>.nii.gz, one binary mask per organ",
     )
-    _add_postprocess_flag(s, "clean the mask before writing it")
+    _add_postprocess_flag(s, "clean the mask before writing it", auto=True)
     s.add_argument(
         "--overwrite", action="store_true", help="replace an --out file that `segment` did not write"
     )
@@ -490,6 +529,26 @@ def build_parser() -> argparse.ArgumentParser:
         "(nested subsets fixed by the seed; the val split stays the same)",
     )
     s.add_argument(
+        "--folds",
+        help="'all' or fold numbers such as 0,2 (data prepared with --folds K): each cell trains on the "
+        "other folds and is evaluated on its own, and `report` pools the out-of-fold scores; runs = "
+        "strategies x seeds x folds (x training-case counts), e.g. 6 x 3 x 5 = 90 for FLARE22",
+    )
+    s.add_argument(
+        "--postprocess",
+        default="none",
+        choices=["none", "auto"],
+        help="auto (needs --folds): after the runs, choose per organ whether the 3D clean-up (lcc) "
+        "raises the out-of-fold score, and record it in BENCH/postprocess-auto.json and each run "
+        "(what `segment --postprocess auto` and `--test` apply)",
+    )
+    s.add_argument(
+        "--test",
+        action="store_true",
+        help="train nothing: evaluate every finished run of the matrix on the held-out test split "
+        "(RUN/metrics-test.json), once choices are frozen; then `report --split test`",
+    )
+    s.add_argument(
         "--overwrite", action="store_true", help="write into a non-empty folder that is not a BENCH folder"
     )
     s.set_defaults(func=_cmd_benchmark, parser=s)
@@ -497,6 +556,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("report", help="tables, plots and report.html from one or more BENCH folders")
     s.add_argument("bench", nargs="+", help="BENCH folder(s); shards are merged")
     s.add_argument("--out", help="where to write (default: the first BENCH folder)")
+    s.add_argument(
+        "--split",
+        default="val",
+        choices=["val", "test"],
+        help="val (default): metrics.json, pooled out of fold with folds; test: the held-out test "
+        "split (metrics-test.json from `evaluate --split test` / `benchmark --test`)",
+    )
     s.add_argument(
         "--overwrite", action="store_true", help="write into a non-empty --out folder that is not ours"
     )

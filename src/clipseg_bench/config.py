@@ -60,7 +60,13 @@ class TrainConfig(BaseModel):
         strict=True,
         ge=1,
         description="Train on this many of the train split's cases (a subset fixed by the seed; a "
-        "larger count contains a smaller one); None: all of them. The val split never changes.",
+        "larger count contains a smaller one); None: all of them. The val split (or fold) never changes.",
+    )
+    fold: int | None = Field(
+        None,
+        ge=0,
+        description="With a folder prepared with --folds K: train on every non-test case outside this "
+        "fold (0..K-1) and validate on the fold's cases; None: the folder's train/val split.",
     )
     seed: int = Field(
         0, ge=0, strict=True, description="Seed of the run (weights of injected modules, order, dropout)."

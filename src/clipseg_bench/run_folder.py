@@ -8,7 +8,12 @@ A run folder is what ``train`` writes and everything later reads (``evaluate``, 
 - ``run.json``: the :class:`RunRecord`: status (:class:`RunStatus`), what ran, where, with which
   preprocessing (:class:`Preprocessing`), timing, final scores, the gradient audit;
 - ``history.csv``, ``weights.safetensors``, ``checkpoints/last/`` (resume), ``tb/`` (TensorBoard);
-- from ``evaluate``: ``metrics.json`` and ``samples.npz``.
+- from ``evaluate``: ``metrics.json`` and ``samples.npz`` (the val split: with folds, the run's own
+  fold, scored out of fold); ``metrics-test.json`` and ``samples-test.npz`` from ``evaluate --split
+  test`` (``metrics-train.json`` from ``--split train``), so a test score never replaces the val one;
+- from ``benchmark --postprocess auto``: ``postprocess.json``, the per-organ 3D clean-up chosen on
+  out-of-fold scores, with the data it was chosen on (``segment`` and ``evaluate --postprocess auto``
+  apply it).
 
 Like nnU-Net's output folder, a run carries what is needed to use it again: :meth:`RunFolder.preprocessing`
 says how to turn a new CT into model input exactly as training did, and ``segment``, ``evaluate``,
@@ -34,6 +39,7 @@ HISTORY = "history.csv"
 WEIGHTS = "weights.safetensors"
 METRICS = "metrics.json"
 SAMPLES = "samples.npz"
+POSTPROCESS_CHOICE = "postprocess.json"
 CHECKPOINT = "checkpoints/last"
 TENSORBOARD = "tb"
 
@@ -114,6 +120,9 @@ _RECORD_KEYS = (
     "vision_features",
     "train_case_ids",
     "data",
+    "fold",
+    "folds",
+    "val_case_ids",
     "process",
     "timing",
     "final",
@@ -144,6 +153,9 @@ class RunRecord:
     vision_features: dict | None = None
     train_case_ids: list | None = None
     data: dict | None = None
+    fold: int | None = None
+    folds: int | None = None
+    val_case_ids: list | None = None
     process: dict | None = None
     timing: dict | None = None
     final: dict | None = None
@@ -224,6 +236,19 @@ class RunFolder:
     def samples_path(self) -> Path:
         return self.path / SAMPLES
 
+    def metrics_file(self, split: str = "val") -> Path:
+        """``evaluate --split``'s metrics: metrics.json for val (out of fold with folds), else
+        metrics-<split>.json."""
+        return self.metrics_path if split == "val" else self.path / f"metrics-{split}.json"
+
+    def samples_file(self, split: str = "val") -> Path:
+        """``evaluate --split``'s overlay slices: samples.npz for val, else samples-<split>.npz."""
+        return self.samples_path if split == "val" else self.path / f"samples-{split}.npz"
+
+    @property
+    def postprocess_path(self) -> Path:
+        return self.path / POSTPROCESS_CHOICE
+
     @property
     def checkpoint_dir(self) -> Path:
         return self.path / CHECKPOINT
@@ -244,8 +269,8 @@ class RunFolder:
     def has_config(self) -> bool:
         return self.config_path.is_file()
 
-    def has_metrics(self) -> bool:
-        return self.metrics_path.is_file()
+    def has_metrics(self, split: str = "val") -> bool:
+        return self.metrics_file(split).is_file()
 
     def config(self):
         """The run's config (config.yaml), validated.
@@ -292,7 +317,7 @@ class RunFolder:
         channels = self.config().input_channels if self.has_config() else "gray"
         return Preprocessing(window=parse_window(DEFAULT_WINDOW), input_channels=channels)
 
-    def prepared(self, override: str | Path | None = None):
+    def prepared(self, override: str | Path | None = None, *, test: bool = False):
         """The PREPARED data this run was trained on (a :class:`~clipseg_bench.data.dataset.PreparedData`),
         wherever it is now.
 
@@ -301,7 +326,7 @@ class RunFolder:
         data moved together, e.g. copied to another machine); config.yaml's ``data`` (runs from
         before run.json recorded it). Whatever is found must be the same prepared data: its
         dataset.json fingerprint (:func:`~clipseg_bench.data.dataset.data_fingerprint`) must be the
-        recorded one.
+        recorded one. ``test`` opens its test split too (``evaluate --split test`` alone).
 
         Raises:
             InputError: ``override`` is not prepared data, or other data than the run's; or the data
@@ -312,7 +337,7 @@ class RunFolder:
         recorded = self.record().data or {}
         expected = recorded.get("fingerprint")
         if override is not None:
-            data = PreparedData(override)
+            data = PreparedData(override, test=test)
             if expected and data.fingerprint != expected:
                 raise InputError(
                     data.root / "dataset.json",
@@ -323,7 +348,7 @@ class RunFolder:
         places = self._data_places(recorded)
         for place in places:
             if (place / "dataset.json").is_file():
-                data = PreparedData(place)
+                data = PreparedData(place, test=test)
                 if not expected or data.fingerprint == expected:
                     return data
         looked = " nor ".join(str(p) for p in places) or "anywhere (no data recorded)"
@@ -363,9 +388,14 @@ class RunFolder:
             raise InputError(self.history_path, f"not a readable CSV ({str(exc).splitlines()[0]})") from None
         return df if len(df) else None
 
-    def metrics(self) -> dict | None:
-        """metrics.json (from ``evaluate``), or None before evaluation."""
-        return read_json_object(self.metrics_path) if self.has_metrics() else None
+    def metrics(self, split: str = "val") -> dict | None:
+        """metrics.json (or ``split``'s file, :meth:`metrics_file`) from ``evaluate``; None before."""
+        return read_json_object(self.metrics_file(split)) if self.has_metrics(split) else None
+
+    def postprocess_choice(self) -> dict | None:
+        """postprocess.json: ``{"organs": {organ key: "none" | "lcc"}, "chosen_on": {...}, ...}``, the
+        clean-up ``--postprocess auto`` applies; None when no choice was recorded."""
+        return read_json_object(self.postprocess_path) if self.postprocess_path.is_file() else None
 
     # --- writing (train, evaluate) ------------------------------------------------------------------
 
@@ -386,9 +416,13 @@ class RunFolder:
         with replacing(self.history_path) as tmp:
             pd.DataFrame(rows, columns=HISTORY_COLUMNS).to_csv(tmp, index=False)
 
-    def write_metrics(self, metrics: dict) -> None:
-        """metrics.json (atomically)."""
-        write_json_atomic(self.metrics_path, metrics)
+    def write_metrics(self, metrics: dict, split: str = "val") -> None:
+        """metrics.json, or ``split``'s file (atomically)."""
+        write_json_atomic(self.metrics_file(split), metrics)
+
+    def write_postprocess_choice(self, choice: dict) -> None:
+        """postprocess.json (atomically)."""
+        write_json_atomic(self.postprocess_path, choice)
 
     def create(self) -> None:
         """Create the folder (train's first write).

@@ -16,6 +16,7 @@ from cli_helpers import assert_one_line_error, data_copy, digest, edit_json, run
 
 from clipseg_bench.provenance import process_record
 from clipseg_bench.study.matrix import plan, run_matrix
+from clipseg_bench.study.results import Cell
 
 SETTINGS = ["--model", "tiny", "--epochs", "1", "--max-steps", "1", "--batch-size", "8"]
 
@@ -93,6 +94,11 @@ def _unknown_config_field(d, b, t):
 
 NEW = {
     "--data missing": lambda d, b, t: (_args(t / "nope", t / "B"), t / "nope"),
+    "--folds on data without folds": lambda d, b, t: (_args(d, t / "B", "--folds", "all"), "--folds"),
+    "--postprocess auto without --folds": lambda d, b, t: (
+        _args(d, t / "B", "--postprocess", "auto"),
+        "--postprocess",
+    ),
     "--train-cases 0": lambda d, b, t: (_args(d, t / "B", "--train-cases", "0"), "--train-cases"),
     "--train-cases x": lambda d, b, t: (_args(d, t / "B", "--train-cases", "1,x"), "--train-cases"),
     "--train-cases 1.5": lambda d, b, t: (_args(d, t / "B", "--train-cases", "1.5"), "--train-cases"),
@@ -209,7 +215,7 @@ def test_same_settings_extend_the_folder(prepared_dir, bench):
     cfgs = plan(
         data=prepared_dir,
         model="tiny",
-        todo=[("zeroshot", 0, None), ("zeroshot", 1, None), ("zeroshot", 0, 1)],
+        todo=[Cell("zeroshot", 0), Cell("zeroshot", 1), Cell("zeroshot", 0, 1)],
         out=bench,
         config=None,
         overrides={
@@ -223,9 +229,9 @@ def test_same_settings_extend_the_folder(prepared_dir, bench):
         strategy_lr={},
         overwrite=False,
     )
-    assert list(cfgs) == [("zeroshot", 0, None), ("zeroshot", 1, None), ("zeroshot", 0, 1)]
-    assert cfgs[("zeroshot", 0, 1)].train_cases == 1
-    assert cfgs[("zeroshot", 0, 1)].out.endswith("zeroshot-s0-n1")
+    assert list(cfgs) == [Cell("zeroshot", 0), Cell("zeroshot", 1), Cell("zeroshot", 0, 1)]
+    assert cfgs[Cell("zeroshot", 0, 1)].train_cases == 1
+    assert cfgs[Cell("zeroshot", 0, 1)].out.endswith("zeroshot-s0-n1")
 
 
 def test_failed_run_fails_the_command_and_names_it(prepared_dir, tmp_path):

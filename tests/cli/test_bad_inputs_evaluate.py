@@ -75,7 +75,15 @@ CASES = {
     "--max-cases 0": lambda r, d, t: (["evaluate", "--run", r, "--max-cases", "0"], "--max-cases"),
     "--max-cases -1": lambda r, d, t: (["evaluate", "--run", r, "--max-cases", "-1"], "--max-cases"),
     "--max-cases x": lambda r, d, t: (["evaluate", "--run", r, "--max-cases", "x"], "--max-cases"),
-    "--split test": lambda r, d, t: (["evaluate", "--run", r, "--split", "test"], "--split"),
+    "--split test without test cases": lambda r, d, t: (
+        ["evaluate", "--run", r, "--split", "test"],
+        "--split",
+    ),
+    "--split holdout": lambda r, d, t: (["evaluate", "--run", r, "--split", "holdout"], "--split"),
+    "--postprocess auto without a recorded choice": lambda r, d, t: (
+        ["evaluate", "--run", r, "--postprocess", "auto"],
+        str(r),
+    ),
     "--postprocess biggest": lambda r, d, t: (
         ["evaluate", "--run", r, "--postprocess", "biggest"],
         "--postprocess",

@@ -69,6 +69,13 @@ CASES = {
     "--seed -1": lambda lay, t: (lay.args(t / "out", "--seed", "-1"), "--seed"),
     "CT with zero voxel spacing": _zero_spacing,
     "two CTs with one case id": _two_cts_one_case,
+    "--folds 1": lambda lay, t: (lay.args(t / "out", "--folds", "1"), "--folds"),
+    "--folds 3 with one case": lambda lay, t: (lay.args(t / "out", "--folds", "3"), "--folds"),
+    "--test-fraction 1": lambda lay, t: (lay.args(t / "out", "--test-fraction", "1"), "--test-fraction"),
+    "--test-fraction with one case": lambda lay, t: (
+        lay.args(t / "out", "--test-fraction", "0.5"),
+        "--test-fraction",
+    ),
 }
 
 

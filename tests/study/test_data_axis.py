@@ -18,6 +18,7 @@ from clipseg_bench.data.sampling import train_case_subset
 from clipseg_bench.errors import InputError
 from clipseg_bench.study.matrix import cells, parse_train_cases, run_matrix, run_name, run_status
 from clipseg_bench.study.report import write_report
+from clipseg_bench.study.results import Cell
 
 CASES = [f"case_{i:02d}" for i in range(10)]
 
@@ -42,6 +43,10 @@ def test_parse_train_cases():
     assert parse_train_cases("0.25,0.5,1.0", 8) == [2, 4, None]  # fractions of the split
     assert parse_train_cases("8", 8) == [None]  # every case is "all": same run, same folder
     assert parse_train_cases(None, 8) == [None]
+    assert parse_train_cases("8,all", 8, collapse=False) == [
+        8,
+        None,
+    ]  # folds of other sizes: a count stays one
     for bad in ("0", "9", "1.5", "half", "-1"):
         with pytest.raises(InputError, match="train_cases"):
             parse_train_cases(bad, 8)
@@ -49,9 +54,31 @@ def test_parse_train_cases():
 
 def test_cells_and_names_with_the_axis():
     every = cells(["zeroshot", "decoder"], [0, 1], train_cases=[1, None])
-    assert every[:4] == [("zeroshot", 0, 1), ("zeroshot", 1, 1), ("zeroshot", 0, None), ("zeroshot", 1, None)]
-    assert cells(["decoder"], [0, 1]) == [("decoder", 0, None), ("decoder", 1, None)]  # no axis: as before
+    assert every[:4] == [
+        ("zeroshot", 0, 1, None),
+        ("zeroshot", 1, 1, None),
+        ("zeroshot", 0, None, None),
+        ("zeroshot", 1, None, None),
+    ]
+    assert cells(["decoder"], [0, 1]) == [("decoder", 0, None, None), ("decoder", 1, None, None)]  # no axis
     assert run_name("lora", 2, 5) == "lora-s2-n5" and run_name("lora", 2) == "lora-s2"
+    # the fold axis: folds vary fastest, so shards split over folds too; names gain -f<fold>
+    folded = cells(["lora"], [0], train_cases=[2, None], folds=[0, 1, 2])
+    assert [c.name for c in folded] == [
+        "lora-s0-f0-n2",
+        "lora-s0-f1-n2",
+        "lora-s0-f2-n2",
+        "lora-s0-f0",
+        "lora-s0-f1",
+        "lora-s0-f2",
+    ]
+    assert [c.name for c in cells(["lora"], [0], "1/2", folds=[0, 1, 2])] == ["lora-s0-f1"]
+    assert Cell.of(["lora", 0, 2, 1]).name == "lora-s0-f1-n2" and Cell.of(["lora", 0]) == (
+        "lora",
+        0,
+        None,
+        None,
+    )
 
 
 def _wait_for(path, timeout_s: float = 300) -> None:

@@ -8,7 +8,12 @@ Per case, every slice of the split is predicted once for all organs. Two reading
 - 3D: per pixel the most probable organ above threshold, slices re-stacked onto the case's
   original grid and spacing, then scored with the FLARE22 rules (evaluation.metrics), both as
   predicted and after each 3D clean-up (evaluation.postprocess), so one run shows what the clean-up
-  gains; ``--postprocess`` picks which of them is the headline ``per_case``/``summary``.
+  gains; ``--postprocess`` picks which of them is the headline ``per_case``/``summary`` (``auto``:
+  per organ, the run's recorded choice, made on out-of-fold scores).
+
+The split is ``val`` (with folds: the run's own fold, which it never trained on; RUN/metrics.json),
+``test`` (the held-out cases, read by nothing else; RUN/metrics-test.json) or ``train``
+(RUN/metrics-train.json).
 
 The right prompts' masks also give the prompt-confusion matrix (where the mask for each organ's
 name lands), and the same slices are decoded again with reworded prompts (evaluation.reliance):
@@ -27,13 +32,20 @@ from tqdm.auto import tqdm
 
 from clipseg_bench.data.dataset import PreparedData
 from clipseg_bench.data.volumes import slices_to_volume
-from clipseg_bench.errors import InputError
+from clipseg_bench.errors import FieldError, InputError
 from clipseg_bench.evaluation.metrics import organs_present, score_case, summarize
-from clipseg_bench.evaluation.postprocess import POSTPROCESS_MODES, check_postprocess_mode, postprocess
+from clipseg_bench.evaluation.postprocess import (
+    AUTO,
+    POSTPROCESS_MODES,
+    check_postprocess_mode,
+    organ_modes,
+    postprocess,
+)
 from clipseg_bench.evaluation.predict import probabilities_to_labels
 from clipseg_bench.evaluation.reliance import RIGHT, PromptCheck
 from clipseg_bench.model.feature_cache import cache_root
 from clipseg_bench.model.trained import load_run_model
+from clipseg_bench.organs import BY_ID
 from clipseg_bench.provenance import check_output_file, replacing
 from clipseg_bench.run_folder import RunFolder
 
@@ -80,11 +92,14 @@ def evaluate_run(
     postprocess_mode: str = "none",
     cache_dir: str | Path | None = None,
 ) -> dict:
-    """Evaluate a run folder on a prepared split and write ``RUN/metrics.json`` and ``RUN/samples.npz``.
+    """Evaluate a run folder on a prepared split and write its metrics and overlay slices
+    (``RunFolder.metrics_file(split)``: RUN/metrics.json for val, RUN/metrics-test.json for test).
 
-    ``postprocess_mode`` (``none`` | ``lcc``) picks the 3D scores reported as ``per_case`` and
-    ``summary``; ``postprocess_3d`` holds those of every mode. Inputs are built with the run's own
-    preprocessing (its recorded window, channels and HU windows).
+    ``postprocess_mode`` (``none`` | ``lcc`` | ``auto``) picks the 3D scores reported as ``per_case``
+    and ``summary``; ``postprocess_3d`` holds those of every mode. ``auto`` takes, per organ, the
+    mode the run's postprocess.json records, and refuses cases that choice was made on. Inputs are
+    built with the run's own preprocessing (its recorded window, channels and HU windows). The val
+    split of a run on a fold is that fold; the test split is the same for every fold.
 
     Args:
         data: the PREPARED folder, when the run's own cannot be found where it recorded it (it must
@@ -93,21 +108,25 @@ def evaluate_run(
             :func:`~clipseg_bench.model.feature_cache.cache_root`'s rule).
 
     Raises:
-        InputError: a bad argument, run folder or data folder, or a run folder evaluate cannot write
-            (checked before the work).
+        InputError: a bad argument, run folder or data folder, a run folder evaluate cannot write
+            (checked before the work), ``--split test`` on data without test cases or of a run that
+            trained or validated on one of them, ``auto`` without a recorded choice.
     """
     t0 = time.perf_counter()
-    check_postprocess_mode(postprocess_mode)
+    check_postprocess_mode(postprocess_mode, auto=True)
     if max_cases is not None and max_cases < 1:
         raise InputError("max_cases", f"must be >= 1, got {max_cases}")
     folder = RunFolder(run)
     folder.config()  # not a run folder: say so before anything else
-    for path in (folder.metrics_path, folder.samples_path):  # evaluate's own files, replaced on a re-run
+    for path in (folder.metrics_file(split), folder.samples_file(split)):  # replaced on a re-run
         check_output_file(path, command="evaluate", ours=lambda _: True)
     trained = load_run_model(folder)
-    prepared = folder.prepared(data)
+    prepared = folder.prepared(data, test=split == "test")
     prepared.check_channels(trained.preprocessing.input_channels)
-    cases = prepared.cases(split)
+    cases = prepared.cases(split, trained.cfg.fold)
+    if split == "test":
+        _check_held_out(folder, prepared, cases)
+    modes = _recorded_modes(folder, cases) if postprocess_mode == AUTO else None
     if not cases:  # e.g. prepared with --val-fraction 0: say so, score nothing
         return _no_split(folder, split, t0)
     cases = cases[:max_cases]
@@ -119,14 +138,16 @@ def evaluate_run(
     tally = _score_cases(
         trained, seg, check, prepared, cases, split=split, show_progress=show_progress, root=root
     )
-    per_case = tally.per_mode[postprocess_mode]
+    per_case = _headline(tally.per_mode, postprocess_mode, modes)
     metrics = {
         "split": split,
+        "fold": trained.cfg.fold,
         "cases": cases,
         "per_case": per_case,
         "organs_present": tally.present,  # per case: the organs its truth has (the *_present means)
         "summary": summarize(per_case, tally.present),
         "postprocess": postprocess_mode,
+        **({"postprocess_choice": folder.postprocess_choice()} if modes is not None else {}),
         "postprocess_3d": {
             m: {"per_case": pc, "summary": summarize(pc, tally.present)} for m, pc in tally.per_mode.items()
         },
@@ -135,11 +156,62 @@ def evaluate_run(
         "threshold": cfg.threshold,
         "eval_time_s": time.perf_counter() - t0,
     }
-    folder.write_metrics(metrics)
+    folder.write_metrics(metrics, split)
     if tally.samples["case"]:
-        with replacing(folder.samples_path) as tmp:
+        with replacing(folder.samples_file(split)) as tmp:
             np.savez_compressed(tmp, **{k: np.asarray(v) for k, v in tally.samples.items()})
     return metrics
+
+
+def _check_held_out(folder: RunFolder, prepared: PreparedData, cases: list[str]) -> None:
+    """``--split test``: the data must have test cases, and the run must not have trained or
+    validated on any of them (a run trained on another preparation of the same cases)."""
+    if not cases:
+        raise FieldError(
+            "split",
+            f"{prepared.root} has no test case; prepare with --test-fraction F, or a split file's 'test' list",
+        )
+    record = folder.record()
+    seen = set(record.train_case_ids or []) | set(record.val_case_ids or [])
+    leaked = sorted(seen & set(cases))
+    if leaked:
+        raise InputError(
+            folder.path,
+            f"trained or validated on case {leaked[0]!r}, which {prepared.root} holds out as test: "
+            "its test scores would not be held out",
+        )
+
+
+def _recorded_modes(folder: RunFolder, cases: list[str]) -> dict[int, str]:
+    """``--postprocess auto``: the run's recorded per-organ choice, refused on the cases it was made on."""
+    choice = folder.postprocess_choice()
+    if choice is None:
+        raise InputError(
+            folder.path,
+            "has no recorded clean-up choice (postprocess.json) for --postprocess auto: "
+            "`benchmark --folds all --postprocess auto` makes it on out-of-fold scores",
+        )
+    seen = sorted(set((choice.get("chosen_on") or {}).get("cases") or []) & set(cases))
+    if seen:
+        raise InputError(
+            folder.path,
+            f"its clean-up was chosen on case {seen[0]!r}, which this evaluation scores: auto scores only "
+            "cases the choice did not see (--split test, or new CTs with segment)",
+        )
+    return organ_modes(choice)
+
+
+def _headline(per_mode: dict[str, dict], mode: str, modes: dict[int, str] | None) -> dict:
+    """The headline ``per_case``: one mode's scores, or with ``auto`` each organ's chosen mode's
+    (exact: an organ's score depends only on its own voxels, which the other organs' clean-up never
+    touches)."""
+    if mode != AUTO:
+        return per_mode[mode]
+    by_key = {BY_ID[i].key: m for i, m in (modes or {}).items()}
+    return {
+        case: {key: per_mode[by_key.get(key, "none")][case][key] for key in organs}
+        for case, organs in per_mode["none"].items()
+    }
 
 
 def _score_cases(
@@ -185,7 +257,7 @@ def _no_split(folder: RunFolder, split: str, t0: float) -> dict:
         "summary": {},
         "eval_time_s": time.perf_counter() - t0,
     }
-    folder.write_metrics(metrics)
+    folder.write_metrics(metrics, split)
     return metrics
 
 
@@ -212,19 +284,19 @@ def score_postprocessed(pred: np.ndarray, gt: np.ndarray, case_meta: dict, organ
 def _frozen_features(trained, prepared: PreparedData, cases, split, dev, show_progress, root: Path):
     """Reuse/build the cached vision activations of every slice of ``cases`` when the encoder is frozen
     (in the feature-cache folder ``root``)."""
-    from clipseg_bench.model.feature_cache import build_feature_cache
+    from clipseg_bench.model.feature_cache import build_feature_cache, fold_suffix
     from clipseg_bench.model.forward import vision_trainable
 
     lm = trained.loaded
     if vision_trainable(lm.model) or not trained.cfg.feature_cache:
         return None
-    rows = prepared.slices(split, kept_only=False)
+    rows = prepared.slices(split, kept_only=False, fold=trained.cfg.fold)
     rows = rows[rows["case"].isin(cases)].sort_values(["case", "z"]).reset_index(drop=True)
     feats, _ = build_feature_cache(
         lm.model,
         data=prepared,
         rows=rows,
-        name=f"{split}_all_{len(cases)}",
+        name=f"{split}_all_{len(cases)}" + ("" if split == "test" else fold_suffix(trained.cfg.fold)),
         size=lm.image_size,
         mean=lm.mean,
         std=lm.std,

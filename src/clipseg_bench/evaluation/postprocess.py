@@ -22,6 +22,13 @@ midpoint of aorta and IVC -2.0 mm; the nearest paired-organ voxel (right adrenal
 left adrenal's at -40 mm. A field of view reconstructed off-centre (a targeted liver FOV) moves
 the midline with it: pass ``midline_x`` when the body's centre is known.
 
+**Per organ, chosen on data** (``--postprocess auto``): the clean-up helps blob-like organs that
+collect strays and hurts thin ones a 2D model breaks into pieces (keeping the largest piece of an
+aorta drops the rest). :func:`choose_organ_modes` keeps ``lcc`` for an organ only where it raised
+the organ's mean score over cases it was chosen on (out-of-fold cases: ``study/choices.py``), and
+:func:`postprocess` applies such a choice per organ. Components never mix labels and each organ's
+largest component is found on its own, so cleaning some organs and not others is exact.
+
 Labelling is connected-components-3d's (cc3d): one pass over the multi-label volume labels every
 organ, with sizes and centroids. ``benchmarks/postprocess_speed.py`` measured it against
 scipy.ndimage.label per organ: 15-22x faster on CT-sized volumes, same voxels kept.
@@ -29,20 +36,61 @@ scipy.ndimage.label per organ: 15-22x faster on CT-sized volumes, same voxels ke
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import cc3d
 import numpy as np
 
-from clipseg_bench.errors import FieldError
+from clipseg_bench.errors import FieldError, InputError
+from clipseg_bench.organs import organ
 
-POSTPROCESS_MODES = ("none", "lcc")
+POSTPROCESS_MODES = ("none", "lcc")  # what evaluate scores every run with
+AUTO = "auto"  # per organ, as a run's recorded choice says (postprocess.json)
 
 
-def check_postprocess_mode(mode: str) -> None:
-    """``--postprocess`` of evaluate, segment and score: one of :data:`POSTPROCESS_MODES`."""
-    if mode not in POSTPROCESS_MODES:
-        raise FieldError("postprocess", f"unknown mode {mode!r}; choose from {', '.join(POSTPROCESS_MODES)}")
+def check_postprocess_mode(mode: str, *, auto: bool = False) -> None:
+    """``--postprocess`` of evaluate, segment and score: one of :data:`POSTPROCESS_MODES`, or
+    :data:`AUTO` where ``auto`` (commands that read a run, which may hold a choice)."""
+    modes = POSTPROCESS_MODES + ((AUTO,) if auto else ())
+    if mode not in modes:
+        raise FieldError("postprocess", f"unknown mode {mode!r}; choose from {', '.join(modes)}")
+
+
+def choose_organ_modes(gains: Mapping[str, Sequence[float]]) -> dict[str, str]:
+    """Per organ, ``lcc`` where the clean-up raised its mean score, else ``none``.
+
+    Args:
+        gains: organ key -> the score after ``lcc`` minus the score as predicted, one value per case
+            (each case once: seeds averaged within a case first), on the cases the choice is made on.
+
+    Returns:
+        organ key -> ``"lcc"`` | ``"none"``; an organ without a finite gain stays ``none``.
+    """
+    out = {}
+    for key, values in gains.items():
+        finite = [float(v) for v in values if np.isfinite(v)]
+        out[key] = "lcc" if finite and float(np.mean(finite)) > 0 else "none"
+    return out
+
+
+def organ_modes(choice: Mapping) -> dict[int, str]:
+    """A recorded choice (postprocess.json) as FLARE22 id -> mode.
+
+    Raises:
+        FieldError: a choice without ``organs``, or with an unknown organ or mode.
+    """
+    organs = choice.get("organs") if isinstance(choice, Mapping) else None
+    if not isinstance(organs, Mapping):
+        raise FieldError("postprocess", "the recorded choice has no 'organs' mapping")
+    out = {}
+    for key, mode in organs.items():
+        if mode not in POSTPROCESS_MODES:
+            raise FieldError("postprocess", f"the recorded choice gives {key!r} the unknown mode {mode!r}")
+        try:
+            out[organ(key).id] = mode
+        except InputError as exc:
+            raise FieldError("postprocess", f"the recorded choice names {exc.problem}") from None
+    return out
 
 
 # FLARE22 ids of paired organs -> the side they belong on (patient's side).
@@ -104,11 +152,22 @@ def keep_largest_components(
     return np.where(keep[comp], labels, 0).astype(labels.dtype)
 
 
-def postprocess(labels: np.ndarray, affine: np.ndarray, mode: str) -> np.ndarray:
+def postprocess(
+    labels: np.ndarray, affine: np.ndarray, mode: str, modes: Mapping[int, str] | None = None
+) -> np.ndarray:
     """Apply a clean-up mode to a label volume: ``none`` returns it unchanged, ``lcc`` is
-    :func:`keep_largest_components`."""
+    :func:`keep_largest_components`, ``auto`` applies ``lcc`` to the organs ``modes`` (FLARE22 id ->
+    mode, :func:`organ_modes`) gives it and leaves the others as predicted."""
     if mode == "none":
         return labels
     if mode == "lcc":
         return keep_largest_components(labels, affine)
+    if mode == AUTO:
+        if modes is None:
+            raise ValueError("postprocess auto needs the per-organ modes of a recorded choice")
+        cleaned_ids = [i for i, m in modes.items() if m == "lcc"]
+        if not cleaned_ids:
+            return labels
+        cleaned = keep_largest_components(labels, affine)
+        return np.where(np.isin(labels, cleaned_ids), cleaned, labels).astype(labels.dtype)
     raise ValueError(f"unknown postprocess mode {mode!r}; choose from {', '.join(POSTPROCESS_MODES)}")

@@ -34,11 +34,12 @@ from clipseg_bench.data.volumes import (
     volume_to_slices,
 )
 from clipseg_bench.errors import FieldError, InputError
-from clipseg_bench.evaluation.postprocess import check_postprocess_mode, postprocess
+from clipseg_bench.evaluation.postprocess import AUTO, check_postprocess_mode, organ_modes, postprocess
 from clipseg_bench.evaluation.predict import Segmenter, probabilities_to_labels
 from clipseg_bench.model.trained import TrainedModel, load_run_model, zeroshot_model
 from clipseg_bench.organs import Organ, parse_organs
 from clipseg_bench.provenance import check_free_space, check_output_file, replacing, write_error
+from clipseg_bench.run_folder import RunFolder
 
 PER_ORGAN_MODES = ("also", "only")  # --per-organ: beside the multi-label file, or instead of it
 MAX_FAILURES_SHOWN = 5
@@ -76,10 +77,12 @@ def _save_nifti(array: np.ndarray, like: nib.Nifti1Image | None, affine: np.ndar
 @dataclass
 class SegmentModel:
     """What every CT is segmented with: the run's model (its organs and preprocessing: window, input
-    channels, HU windows) and its segmenter on the device."""
+    channels, HU windows), its segmenter on the device, and for ``--postprocess auto`` the run's
+    recorded per-organ clean-up (FLARE22 id -> ``none`` | ``lcc``)."""
 
     trained: TrainedModel
     segmenter: Segmenter
+    cleanup: dict[int, str] | None = None
 
     @property
     def organs(self) -> list[Organ]:
@@ -87,9 +90,15 @@ class SegmentModel:
 
 
 def load_for_segment(
-    *, run=None, model=None, strategy=None, organs: str | None = None, device=None
+    *, run=None, model=None, strategy=None, organs: str | None = None, device=None, auto: bool = False
 ) -> SegmentModel:
-    """Load a run (or a zero-shot model) once, restricted to ``organs`` (comma-separated keys)."""
+    """Load a run (or a zero-shot model) once, restricted to ``organs`` (comma-separated keys); with
+    ``auto``, also the run's recorded clean-up choice.
+
+    Raises:
+        InputError: no run or model; ``auto`` without a run or without a recorded choice.
+    """
+    cleanup = _recorded_cleanup(run) if auto else None
     if run:
         trained = load_run_model(run)
     elif model and strategy == "zeroshot":
@@ -101,7 +110,21 @@ def load_for_segment(
     if organs:
         trained.keep_organs([o.key for o in _organ_list(organs)])
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return SegmentModel(trained, trained.segmenter(dev))
+    return SegmentModel(trained, trained.segmenter(dev), cleanup)
+
+
+def _recorded_cleanup(run) -> dict[int, str]:
+    """``--postprocess auto``: the per-organ choice the run records (postprocess.json)."""
+    if not run:
+        raise FieldError("postprocess", "auto applies a run's recorded choice: give --run RUN")
+    choice = RunFolder(run).postprocess_choice()
+    if choice is None:
+        raise InputError(
+            run,
+            "has no recorded clean-up choice (postprocess.json) for --postprocess auto: "
+            "`benchmark --folds all --postprocess auto` makes it on out-of-fold scores",
+        )
+    return organ_modes(choice)
 
 
 # --- one CT -------------------------------------------------------------------------------------
@@ -156,9 +179,10 @@ def predict_volume(
     """Segment one CT on its own grid.
 
     Args:
-        postprocess_mode: ``none``, or ``lcc`` to keep each organ's largest 3D component (paired
-            organs on their own side of the midline; evaluation.postprocess). Probabilities stay
-            as predicted.
+        postprocess_mode: ``none``, ``lcc`` to keep each organ's largest 3D component (paired
+            organs on their own side of the midline; evaluation.postprocess), or ``auto``: ``lcc``
+            for the organs the run's recorded choice gives it (``model.cleanup``). Probabilities
+            stay as predicted.
 
     Returns:
         labels: uint8 (I, J, K) FLARE22 ids; probs: float32 (I, J, K, n_organs) or None; affine:
@@ -185,7 +209,8 @@ def predict_volume(
         probs_vol = np.stack(
             [slices_to_volume(probs_out[..., k], meta) for k in range(len(organ_ids))], axis=-1
         )
-    return postprocess(slices_to_volume(labels, meta), affine, postprocess_mode), probs_vol, affine
+    labels_vol = postprocess(slices_to_volume(labels, meta), affine, postprocess_mode, model.cleanup)
+    return labels_vol, probs_vol, affine
 
 
 def write_outputs(
@@ -292,7 +317,7 @@ def _check_options(
         raise FieldError("threshold", f"must be between 0 and 1 (exclusive), got {threshold}")
     if organs is not None:
         _organ_list(organs)
-    check_postprocess_mode(postprocess_mode)
+    check_postprocess_mode(postprocess_mode, auto=True)
     if per_organ is not None and per_organ not in PER_ORGAN_MODES:
         raise FieldError("per_organ", f"must be one of {', '.join(PER_ORGAN_MODES)}, got {per_organ!r}")
 
@@ -340,7 +365,7 @@ def segment(
         threshold: a pixel is background unless its most probable organ is above it.
         per_organ: "also" or "only": write ``<mask without .nii.gz>/segmentations/<organ_key>.nii.gz``
             (uint8 0/1, one per segmented organ) beside, or instead of, the multi-label mask.
-        postprocess_mode: ``none`` or ``lcc`` (see :func:`predict_volume`).
+        postprocess_mode: ``none``, ``lcc`` or ``auto`` (see :func:`predict_volume`).
         overwrite: replace existing outputs that segment did not write.
 
     Returns:
@@ -356,7 +381,9 @@ def segment(
     ct, out = Path(ct), Path(out)
     sources = ct_sources(ct)
     single = _single_ct(sources, ct, out)
-    loaded = load_for_segment(run=run, model=model, strategy=strategy, organs=organs, device=device)
+    loaded = load_for_segment(
+        run=run, model=model, strategy=strategy, organs=organs, device=device, auto=postprocess_mode == AUTO
+    )
     options = {"per_organ": per_organ, "probabilities": probabilities}
     inputs = [ct, *sources.values()] + (sorted(Path(run).iterdir()) if run and Path(run).is_dir() else [])
     if single:

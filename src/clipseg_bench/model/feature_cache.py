@@ -113,6 +113,12 @@ def _channels_key(channels: str, windows=None) -> bytes:
     return json.dumps(doc, sort_keys=True).encode()
 
 
+def fold_suffix(fold: int | None) -> str:
+    """A feature-cache file name's fold part: each fold's row set gets a file of its own (``_f<k>``),
+    so concurrent runs on different folds never rebuild each other's; none without a fold."""
+    return "" if fold is None else f"_f{fold}"
+
+
 @dataclass
 class CacheInfo:
     path: Path

@@ -10,6 +10,13 @@ array) split the matrix deterministically and `report` merges their folders.
 subsets of the training cases (TrainConfig.train_cases); its runs are named
 ``<strategy>-s<seed>-n<cases>``, while the full training set keeps the plain ``<strategy>-s<seed>``.
 
+`--folds all|0,2` (data prepared with ``--folds K``) adds the fold axis: every cell trains on the
+other folds and is evaluated on its own (TrainConfig.fold), ``<strategy>-s<seed>-f<fold>[-n<cases>]``;
+the report pools the folds' scores out of fold. `--postprocess auto` then chooses the per-organ 3D
+clean-up on those out-of-fold scores (study/choices.py) and records it in BENCH and in each run.
+`--test` trains nothing: it evaluates every finished cell on the held-out test split, once the
+choices are frozen. A cell is a :class:`~clipseg_bench.study.results.Cell`.
+
 Before anything is written, every input is checked (the data, the model, each cell's config, the
 output folder), and a call whose settings differ from those the folder was run with is refused:
 a BENCH folder holds one benchmark, so its old runs never pass for new ones. More strategies,
@@ -39,11 +46,12 @@ from clipseg_bench.provenance import (
 )
 from clipseg_bench.run_folder import RunFolder, RunRecord, RunStatus
 from clipseg_bench.strategies import available
-from clipseg_bench.study.results import ALL_CASES, is_bench_folder, run_name
+from clipseg_bench.study.results import ALL_CASES, Cell, is_bench_folder, recorded_cells
+from clipseg_bench.study.results import run_name as run_name  # re-exported: where callers found it
 from clipseg_bench.train.record import LOCK as TRAIN_LOCK  # the lock `train` takes in each run folder
 
 # What a run's config holds besides the benchmark's shared settings.
-PER_CELL = ("strategy", "seed", "lr", "train_cases", *RUNTIME_FIELDS)
+PER_CELL = ("strategy", "seed", "lr", "train_cases", "fold", *RUNTIME_FIELDS)
 
 
 def parse_shard(spec: str | None) -> tuple[int, int]:
@@ -59,17 +67,43 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
     return i, n
 
 
-def parse_train_cases(spec: str | None, n_train: int) -> list[int | None]:
+def parse_folds(spec: str | None, n_folds: int | None) -> list[int | None]:
+    """ "all" or "0,2" -> the folds to run; None (no ``--folds``) -> [None], the train/val split.
+
+    Args:
+        n_folds: how many folds the data has (None: prepared without folds).
+
+    Raises:
+        FieldError: folds asked of data without them, or a fold it does not have.
+    """
+    if spec is None:
+        return [None]
+    if n_folds is None:
+        raise FieldError("folds", "the data was prepared without folds; prepare it with --folds K")
+    if spec.strip().lower() == "all":
+        return list(range(n_folds))
+    try:
+        folds = sorted({int(x) for x in spec.split(",")})
+    except ValueError:
+        raise FieldError("folds", f"expected 'all' or fold numbers such as 0,2, got {spec!r}") from None
+    bad = [f for f in folds if not 0 <= f < n_folds]
+    if bad:
+        raise FieldError("folds", f"the data has folds 0..{n_folds - 1}, not {bad[0]}")
+    return folds
+
+
+def parse_train_cases(spec: str | None, n_train: int, *, collapse: bool = True) -> list[int | None]:
     """ "1,5,all" or "0.25,0.5,1.0" -> training-case counts, None for the whole train split.
 
     Args:
         spec: comma-separated counts (integers), fractions of the train split (numbers with a
             decimal point, in (0, 1]; rounded, at least 1 case) or ``all``; None means ``all``.
-        n_train: the number of cases in the train split.
+        n_train: the number of cases in the train split (the smallest fold's, with folds).
+        collapse: a count equal to ``n_train`` is ``all`` (False when folds differ in size).
 
     Returns:
         Distinct counts in increasing order, None (all cases) last; a count equal to the whole split
-        is None, so it names and trains the same run as ``all``.
+        is None (with ``collapse``), so it names and trains the same run as ``all``.
 
     Raises:
         InputError: an entry that is none of these, or a count above the split's size.
@@ -94,7 +128,7 @@ def parse_train_cases(spec: str | None, n_train: int) -> list[int | None]:
             ) from None
         if not 1 <= count <= n_train:
             raise FieldError("train_cases", f"{item} training cases asked for; the train split has {n_train}")
-        out.append(None if count == n_train else count)
+        out.append(None if item == ALL_CASES or (collapse and count == n_train) else count)
     counts = sorted({c for c in out if c is not None})
     return counts + ([None] if None in out else [])
 
@@ -104,20 +138,29 @@ def cells(
     seeds: list[int],
     shard: str | None = None,
     train_cases: list[int | None] | None = None,
-) -> list[tuple[str, int, int | None]]:
-    """The matrix in a fixed order (strategy-major, then training cases, then seed), restricted to one shard.
+    folds: list[int | None] | None = None,
+) -> list[Cell]:
+    """The matrix in a fixed order (strategy-major, then training cases, then seed, then fold),
+    restricted to one shard (so shards split over folds too).
 
     Args:
         train_cases: from :func:`parse_train_cases`; default: all training cases only.
+        folds: from :func:`parse_folds`; default: the train/val split only.
 
     Returns:
-        (strategy, seed, training-case count or None for all) per cell.
+        One :class:`~clipseg_bench.study.results.Cell` per run.
     """
     i, n = parse_shard(shard)
     unknown = [s for s in strategies if s not in available()]
     if unknown:
         raise FieldError("strategies", f"unknown strategies {unknown}; available: {', '.join(available())}")
-    every = [(s, seed, k) for s in strategies for k in (train_cases or [None]) for seed in seeds]
+    every = [
+        Cell(s, seed, k, f)
+        for s in strategies
+        for k in (train_cases or [None])
+        for seed in seeds
+        for f in (folds or [None])
+    ]
     return every[i::n]
 
 
@@ -163,13 +206,13 @@ def plan(
     *,
     data,
     model: str,
-    todo: list[tuple[str, int, int | None]],
+    todo: list[Cell],
     out: Path,
     config: str | None,
     overrides: dict,
     strategy_lr: dict[str, float],
     overwrite: bool,
-) -> dict[tuple[str, int, int | None], TrainConfig]:
+) -> dict[Cell, TrainConfig]:
     """Check everything a benchmark call needs, writing nothing; return each cell's config.
 
     Raises:
@@ -188,20 +231,39 @@ def plan(
     PreparedData(data)
     check_model(model)
     cfgs = {}
-    for strategy, seed, n_cases in todo:
-        cell = {
+    todo = [Cell(*c) for c in todo]  # plain (strategy, seed, cases[, fold]) tuples too
+    for cell in todo:
+        values = {
             **overrides,
             "data": str(data),
             "model": model,
-            "strategy": strategy,
-            "seed": seed,
-            "out": str(out / "runs" / run_name(strategy, seed, n_cases)),
-            "lr": strategy_lr.get(strategy),
-            "train_cases": n_cases,
+            "strategy": cell.strategy,
+            "seed": cell.seed,
+            "out": str(out / "runs" / cell.name),
+            "lr": strategy_lr.get(cell.strategy),
+            "train_cases": cell.train_cases,
+            "fold": cell.fold,
         }
-        cfgs[(strategy, seed, n_cases)] = load_config(config, cell)
+        cfgs[cell] = load_config(config, values)
+    _refuse_mixed_folds(out, todo)
     _refuse_other_settings(out, cfgs)
     return cfgs
+
+
+def _refuse_mixed_folds(out: Path, todo: list[Cell]) -> None:
+    """A BENCH folder's runs are all on folds or all on the train/val split: runs of both would score
+    fold 0's cases twice for one strategy and seed."""
+    if not todo:
+        return
+    folded = todo[0].fold is not None
+    for cell in recorded_cells(out):
+        if (cell.fold is not None) != folded:
+            has, asks = ("folds", "no --folds") if not folded else ("the train/val split", "--folds")
+            raise InputError(
+                out,
+                f"this benchmark folder's runs use {has}, this call asks {asks}: a BENCH folder holds "
+                "one kind; choose another --out",
+            )
 
 
 def shared_settings(cfg: TrainConfig) -> dict:
@@ -209,7 +271,7 @@ def shared_settings(cfg: TrainConfig) -> dict:
     return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in PER_CELL}
 
 
-def _refuse_other_settings(out: Path, cfgs: dict[tuple[str, int, int | None], TrainConfig]) -> None:
+def _refuse_other_settings(out: Path, cfgs: dict[Cell, TrainConfig]) -> None:
     """A BENCH folder holds one benchmark: refuse a call whose runs would train differently from the
     runs already there (recorded settings, and each existing run's config.yaml)."""
     first = next(iter(cfgs.values()), None)
@@ -228,7 +290,7 @@ def _refuse_other_settings(out: Path, cfgs: dict[tuple[str, int, int | None], Tr
                     f"{key}={value!r}: a BENCH folder holds one set of settings; choose another --out",
                 )
     for cell, cfg in cfgs.items():
-        run = RunFolder(out / "runs" / run_name(*cell))
+        run = RunFolder(out / "runs" / cell.name)
         record = run.record()  # an unreadable run.json refuses here too
         if record.status == RunStatus.RUNNING and process_alive(record.process):
             raise InputError(
@@ -252,7 +314,7 @@ def _write_record(out: Path, shard: str | None, *, todo, model, data, epochs, cf
     """bench-shard<i>.json: the cells of every call into this shard, the settings, commit and hardware."""
     path = _record_path(out, shard)
     old = read_json_object(path) if path.is_file() else {}
-    cells_done = [tuple(c) for c in old.get("cells", [])]
+    cells_done = [Cell.of(c) for c in old.get("cells", [])]
     cells_all = cells_done + [c for c in todo if c not in cells_done]
     first = next(iter(cfgs.values()), None)
     write_json_atomic(
@@ -261,6 +323,7 @@ def _write_record(out: Path, shard: str | None, *, todo, model, data, epochs, cf
             "strategies": list(dict.fromkeys(c[0] for c in cells_all)),
             "seeds": list(dict.fromkeys(c[1] for c in cells_all)),
             "train_cases": list(dict.fromkeys(ALL_CASES if c[2] is None else c[2] for c in cells_all)),
+            "folds": list(dict.fromkeys(c.fold for c in cells_all if c.fold is not None)),
             "cells": [list(c) for c in cells_all],  # what `report` lists as never started if absent
             "shard": shard or "0/1",
             "model": model,
@@ -291,6 +354,9 @@ def run_matrix(
     extra: dict | None = None,
     strategy_lr: dict[str, float] | None = None,
     train_cases: str | None = None,
+    folds: str | None = None,
+    postprocess: str = "none",
+    test: bool = False,
     overwrite: bool = False,
 ) -> list[dict]:
     """Train (and evaluate) every cell of this shard; returns one status dict per cell.
@@ -302,14 +368,27 @@ def run_matrix(
         extra: more TrainConfig fields shared by every run.
         train_cases: the data-efficiency axis, e.g. "1,5,all" (see :func:`parse_train_cases`);
             None trains every run on all training cases.
+        folds: "all" or "0,2": the fold axis (see :func:`parse_folds`); None: the train/val split.
+        postprocess: "auto": after the runs, choose the per-organ clean-up on the out-of-fold scores
+            and record it (:mod:`clipseg_bench.study.choices`; needs ``folds``); "none": no choice.
+        test: train nothing; evaluate every finished cell on the held-out test split (with the
+            recorded clean-up when ``postprocess`` is "auto").
         overwrite: write into a non-empty folder that is not a BENCH folder.
 
     Raises:
         InputError: see :func:`plan`; nothing is written then.
     """
     out = Path(out)
-    counts = [None] if train_cases is None else parse_train_cases(train_cases, _n_train_cases(data))
-    todo = cells(strategies, seeds, shard, counts)
+    if postprocess not in ("none", "auto"):
+        raise FieldError("postprocess", f"must be none or auto, got {postprocess!r}")
+    if postprocess == "auto" and folds is None:
+        raise FieldError(
+            "postprocess",
+            "auto chooses per organ on out-of-fold scores and needs --folds: without folds the only "
+            "scores are the val cases the report scores",
+        )
+    fold_list, counts = _axes(data, folds, train_cases)
+    todo = cells(strategies, seeds, shard, counts, fold_list)
     train_cmd = launcher_command(launcher) + ["-m", "clipseg_bench.cli"]
     strategy_lr = strategy_lr or {}
     overrides = {**(extra or {}), "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size}
@@ -319,6 +398,8 @@ def run_matrix(
     scope = f"shard{parse_shard(shard)[0]}"
     with output_lock(out, "benchmark", scope=scope):
         _refuse_other_settings(out, cfgs)  # again: a call that ended meanwhile may have recorded others
+        if test:
+            return _evaluate_test(out, todo, postprocess)
         return _run_cells(
             out,
             shard,
@@ -330,27 +411,27 @@ def run_matrix(
             strategy_lr=strategy_lr,
             train_cmd=train_cmd,
             evaluate=evaluate,
+            postprocess=postprocess,
         )
 
 
 def _run_cells(
-    out: Path, shard, todo, cfgs, *, model, data, epochs, strategy_lr, train_cmd, evaluate
+    out: Path, shard, todo, cfgs, *, model, data, epochs, strategy_lr, train_cmd, evaluate, postprocess
 ) -> list[dict]:
-    """Record the call, then train (and evaluate) every cell of ``todo`` (the BENCH folder is locked)."""
+    """Record the call, then train (and evaluate) every cell of ``todo`` (the BENCH folder is locked),
+    and with ``postprocess`` "auto" choose the clean-up on the folder's out-of-fold scores."""
     (out / "runs").mkdir(parents=True, exist_ok=True)
     _write_record(
         out, shard, todo=todo, model=model, data=data, epochs=epochs, cfgs=cfgs, strategy_lr=strategy_lr
     )
     results = [
         _run_cell(
-            RunFolder(out / "runs" / run_name(*cell)),
-            cfgs[cell],
-            out=out,
-            train_cmd=train_cmd,
-            evaluate=evaluate,
+            RunFolder(out / "runs" / cell.name), cfgs[cell], out=out, train_cmd=train_cmd, evaluate=evaluate
         )
         for cell in todo
     ]
+    if postprocess == "auto":
+        _choose_postprocess(out)
     failed = [r["run"] for r in results if r["status"] == "failed"]
     print(
         f"[benchmark] {len(results) - len(failed)}/{len(results)} runs done in {out}"
@@ -398,13 +479,78 @@ def _run_cell(run: RunFolder, cfg: TrainConfig, *, out: Path, train_cmd: list[st
     return {"run": str(run.path), "status": "done"}
 
 
-def _n_train_cases(data) -> int:
+def _axes(data, folds: str | None, train_cases: str | None) -> tuple[list[int | None], list[int | None]]:
+    """The fold and training-case axes of a call, checked against the data.
+
+    With folds, training-case counts are counted against the smallest fold's training set; a count
+    stands for "all" only when every fold's training set has exactly that many cases.
+
+    Raises:
+        FieldError: a fold the data lacks, a count above a fold's training cases.
+        InputError: a train split without cases.
+    """
     from clipseg_bench.data.dataset import PreparedData
 
-    n = len(PreparedData(data).cases("train"))
-    if n == 0:
+    prepared = PreparedData(data)
+    fold_list = parse_folds(folds, prepared.n_folds)
+    if train_cases is None:
+        return fold_list, [None]
+    sizes = {len(prepared.cases("train", f)) for f in fold_list}
+    if min(sizes) == 0:
         raise InputError(data, "the train split has no cases")
-    return n
+    # Folds of different sizes: "all" differs between them, so a count stays a count.
+    return fold_list, parse_train_cases(train_cases, min(sizes), collapse=len(sizes) == 1)
+
+
+def _choose_postprocess(out: Path) -> None:
+    """``--postprocess auto``: choose the clean-up on the folder's out-of-fold scores and record it."""
+    from clipseg_bench.study.choices import CHOICE_FILE, record_choices
+
+    choices, skipped = record_choices(out)
+    for c in choices:
+        lcc = [k for k, m in c["organs"].items() if m == "lcc"]
+        print(
+            f"[benchmark] {c['strategy']} ({c['train_cases']} cases): lcc for {', '.join(lcc) or 'no organ'}, "
+            f"chosen on {len(c['chosen_on']['cases'])} out-of-fold cases"
+        )
+    for s in skipped:
+        print(f"[benchmark] {s['strategy']} ({s['train_cases']} cases): no clean-up chosen ({s['why']})")
+    print(f"[benchmark] clean-up choices -> {out / CHOICE_FILE}")
+
+
+def _evaluate_test(out: Path, todo: list[Cell], postprocess: str) -> list[dict]:
+    """``--test``: evaluate every cell's finished run on the held-out test split (metrics-test.json);
+    a run already evaluated there with the same clean-up is skipped, an unfinished one fails."""
+    results = []
+    for cell in todo:
+        run = RunFolder(out / "runs" / cell.name)
+        log = out / "logs" / f"{cell.name}.log"
+        done = run.metrics("test") if run.has_metrics("test") else None
+        if done is not None and done.get("postprocess") == postprocess:
+            print(f"[benchmark] {cell.name}: test split done, skipped")
+            results.append({"run": str(run.path), "status": "skipped"})
+            continue
+        if run.record().status != RunStatus.FINISHED:
+            why = "not finished: train it first (the same command without --test)"
+            results.append({"run": str(run.path), "status": "failed", "why": why, "log": str(log)})
+            continue
+        log.parent.mkdir(exist_ok=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "clipseg_bench.cli",
+            "evaluate",
+            "--run",
+            str(run.path),
+            "--split",
+            "test",
+        ]
+        rc = _call(cmd + ["--postprocess", postprocess], log)
+        status = {"status": "done"} if rc == 0 else {"status": "failed", "why": f"evaluate exited with {rc}"}
+        results.append({"run": str(run.path), **status, "log": str(log)})
+    failed = sum(r["status"] == "failed" for r in results)
+    print(f"[benchmark] test split: {len(results) - failed}/{len(results)} runs evaluated in {out}")
+    return results
 
 
 def raise_failed(results: list[dict], out: Path) -> None:

@@ -25,6 +25,7 @@ from clipseg_bench.provenance import (
     mark_folder,
     output_lock,
     replacing,
+    write_json_atomic,
     write_text_atomic,
 )
 from clipseg_bench.study import evidence, plots, stats
@@ -45,6 +46,7 @@ from clipseg_bench.study.results import (
     organ_scores,
     organ_summary_table,
     paired_differences,
+    pool_folds,
     prompt_confusion_table,
     ranking_table,
     read_bench,
@@ -180,6 +182,8 @@ def runs_display(table: pd.DataFrame) -> pd.DataFrame:
         return f"{x:.{d}f}" if _finite(x) else "–"
 
     cases = {"Training cases": table["train_cases"]} if _has_data_axis(table) else {}
+    if "fold" in table and table["fold"].notna().any():
+        cases["Scored on"] = table["scored_on"]
     return pd.DataFrame(
         {
             "Strategy": table["strategy"],
@@ -270,6 +274,59 @@ def _efficiency_cell(r: pd.Series) -> str:
     if not _finite(r.get("ci_low")):
         return fmt_pm(r["mean"], r["std"], 3) + " (sd over seeds)"
     return f"{evidence.fmt_ci(r['mean'], r['ci_low'], r['ci_high'], 3)}; sd(seeds) {evidence.num(r['std'], '.3f')}"
+
+
+def choices_display(choices: list[dict]) -> pd.DataFrame:
+    """The clean-up choices (:func:`~clipseg_bench.study.choices.postprocess_choices`): per strategy
+    the organs that get ``lcc`` with their mean gain, and the data the choice was made on."""
+    rows = []
+    for c in choices:
+        on = c["chosen_on"]
+        lcc = [f"{k} ({c['gain'][k]:+.3f})" for k, m in c["organs"].items() if m == "lcc"]
+        rows.append(
+            {
+                "Strategy": c["strategy"],
+                "Training cases": c["train_cases"],
+                f"lcc for (mean {c['metric'].upper()} gain)": ", ".join(lcc) or "no organ",
+                "Chosen on": f"{len(on['cases'])} out-of-fold cases (folds "
+                f"{','.join(map(str, on['folds']))}; seeds {','.join(map(str, on['seeds']))})",
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def scores_note(runs: list[Run]) -> str:
+    """Which split every score of the report comes from: the val split of one train/val split,
+    pooled out of fold over K folds, or the held-out test split (with the clean-up it was scored with)."""
+    done = [r for r in runs if r.finished and (r.metrics or {}).get("cases")]
+    if not done:
+        return ""
+
+    def n_cases(rs) -> int:
+        return len({c for r in rs for c in r.metrics["cases"]})
+
+    folded, plain = [r for r in done if r.fold is not None], [r for r in done if r.fold is None]
+    if done[0].split == "test":
+        modes = sorted({str(r.metrics.get("postprocess", "none")) for r in done})
+        return (
+            f"Every score is from the held-out test split ({n_cases(done)} cases), which no training, "
+            "tuning or choice read"
+            + ("; with folds, a case's score is the mean over the fold models' scores" if folded else "")
+            + f". 3D clean-up of these scores: {', '.join(modes)}"
+            + (" (per organ, as chosen on out-of-fold scores)" if "auto" in modes else "")
+            + ". 'Val' in the tables below means these test scores."
+        )
+    parts = []
+    if folded:
+        k = max(int(r.info.get("folds") or 0) for r in folded)
+        parts.append(
+            f"Scores are pooled out of fold over {k} folds: each of the {n_cases(folded)} labelled non-test "
+            "cases is scored once per strategy and seed, by the run that did not train on it ('Val' in the "
+            "tables means these out-of-fold scores)."
+        )
+    if plain:
+        parts.append(f"Scores are from the val split of one train/val split ({n_cases(plain)} cases).")
+    return " ".join(parts)
 
 
 # --- explanations ----------------------------------------------------------------------------
@@ -405,10 +462,11 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def config_tables(runs: list[Run]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(settings that differ between runs: one row per run; settings all runs share: key, value).
 
-    ``out``, ``strategy``, ``seed`` and ``train_cases`` are left out: the run's name already says them.
+    ``out``, ``strategy``, ``seed``, ``train_cases`` and ``fold`` are left out: the run's name already
+    says them.
     """
     flat = [_flatten(r.config) for r in runs]
-    keys = sorted({k for f in flat for k in f} - {"out", "strategy", "seed", "train_cases"})
+    keys = sorted({k for f in flat for k in f} - {"out", "strategy", "seed", "train_cases", "fold"})
     varying = [k for k in keys if len({repr(f.get(k)) for f in flat}) > 1]
     diff = pd.DataFrame(
         [{"run": r.path.name, **{k: f.get(k, "–") for k in varying}} for r, f in zip(runs, flat)]
@@ -509,6 +567,7 @@ def write_markdown(
     sections: dict[str, pd.DataFrame] | None = None,
     over_cases: pd.DataFrame | None = None,
     findings: list[dict] | None = None,
+    scores: str = "",
 ) -> Path:
     """results.md: the findings, the aggregate table and the per-organ tables, in Markdown.
 
@@ -520,8 +579,9 @@ def write_markdown(
         over_cases: :func:`~clipseg_bench.study.results.case_summary_table` rows of the largest
             training set (the 3D columns of the strategy table).
         findings: :func:`~clipseg_bench.study.evidence.findings`, placed first.
+        scores: :func:`scores_note`, which split the scores come from (placed before the findings).
     """
-    lines = ["# clipseg-bench results", ""]
+    lines = ["# clipseg-bench results", ""] + ([f"> {scores}", ""] if scores else [])
     if findings:
         lines += ["## Findings", ""] + evidence.findings_markdown(findings)
     lines += [WHAT_SPREADS_MEAN, ""]
@@ -754,6 +814,8 @@ def render_html(
     pngs: dict[str, Path | None],
     sources: list[Path],
     questions: dict | None = None,
+    scores: str = "",
+    choices: pd.DataFrame | None = None,
 ) -> str:
     """The whole report as one HTML string (images inline), from ``templates/report.html.j2``.
 
@@ -762,6 +824,7 @@ def render_html(
             the runs on the largest training set.
         questions: :func:`question_tables`, for the findings, the reliance, data-efficiency,
             paired, ranking and per-organ sections.
+        scores: :func:`scores_note`; choices: :func:`choices_display` (None or empty: no section).
     """
     unfinished = ["" if s == FINISHED else "unfinished" for s in table["status"]]
     over_cases = None if questions is None else at_level(questions["over_cases"], questions["level"])
@@ -769,6 +832,8 @@ def render_html(
         n_runs=len(table),
         n_finished=int((table["status"] == FINISHED).sum()),
         sources=sources,
+        scores=scores,
+        choices=_table(choices, "choices") if choices is not None and not choices.empty else None,
         findings=[] if questions is None else questions["findings"],
         excluded=_excluded_note(table),
         no_val=no_val_note(table),
@@ -830,65 +895,102 @@ def csv_tables(runs: list[Run], summary: pd.DataFrame, questions: dict) -> dict[
     }
 
 
+TEST_REPORT = "test_report"  # where `report --split test` writes by default, inside the first BENCH
+CHOICES = "choices.json"  # beside the report: every data-driven choice it shows, with its data
+CHOICES_HEADING = "3D clean-up chosen on out-of-fold scores (--postprocess auto)"
+
+
 def write_report(
     bench_dirs: list[Path],
     out: Path | None = None,
     *,
     overwrite: bool = False,
     equivalence_margin: float = stats.EQUIVALENCE_MARGIN,
+    split: str = "val",
 ) -> Path:
     """Write results.csv, results.md, the tables' CSVs, plots/*.png and report.html for one benchmark.
+
+    With runs on folds, every table pools each (strategy, seed)'s folds: its scores cover every
+    labelled non-test case once, out of fold (:func:`~clipseg_bench.study.results.pool_folds`,
+    :func:`~clipseg_bench.study.results.case_scores`); results.csv keeps one row per run. The page
+    says which split its scores come from (:func:`scores_note`). On the val split, the per-organ
+    clean-up chosen on the out-of-fold scores is shown and written to choices.json.
 
     Args:
         bench_dirs: BENCH folders; several are shards of one benchmark and are merged
             (see :func:`clipseg_bench.study.results.merge_runs`).
-        out: folder to write into (default: the first BENCH folder). Another folder must be new,
-            empty, or one an earlier report wrote into, unless ``overwrite``.
+        out: folder to write into (default: the first BENCH folder; for the test split its
+            ``test_report/``). Another folder must be new, empty, or one an earlier report wrote
+            into, unless ``overwrite``.
         overwrite: write into a non-empty ``out`` that is not ours.
         equivalence_margin: the margin (DSC and NSD units) within which two strategies can be
             shown equivalent; recorded in paired.csv and the report.
+        split: "val" (metrics.json: the val split, or out of fold with folds) or "test"
+            (metrics-test.json: the held-out test split).
 
     Returns:
         Path of report.html.
 
     Raises:
         InputError: a folder is absent or has no runs, a run file is unreadable, two shards
-            disagree about the same finished run, ``out`` cannot or may not be written, or the
-            margin is not in (0, 1).
+            disagree about the same finished run, a case is scored twice, ``out`` cannot or may not
+            be written, the margin is not in (0, 1), or the split is neither val nor test.
     """
     if not (0 < equivalence_margin < 1):
         raise FieldError(
             "equivalence_margin", f"must be between 0 and 1 (a DSC difference), got {equivalence_margin}"
         )
+    if split not in ("val", "test"):
+        raise FieldError("split", f"must be val or test, got {split!r}")
     bench_dirs = [Path(b) for b in bench_dirs]
-    every = read_bench(bench_dirs)
+    every = read_bench(bench_dirs, split)
     for run in every:  # the plots read these later: a bad one must refuse before the first write
         if run.finished and run.samples is not None:
             plots.load_samples(run.samples)
-    out = Path(out) if out is not None else bench_dirs[0]
+    table = runs_table(every)
+    # A seed's runs on the K folds count as one run whose scores cover every case (pool_folds).
+    pooled = pool_folds(table)
+    # The strategy tables and plots describe the largest training set; the data axis has its own.
+    summary = summary_table(pool_folds(runs_table(full_data_runs(every))))
+    questions = question_tables(every, pooled, summary, margin=equivalence_margin)  # refuses a case twice
+    choices = _choices(every) if split == "val" else None
+    out = Path(out) if out is not None else bench_dirs[0] / ("" if split == "val" else TEST_REPORT)
     check_output_folder(out, command="report", ours=_ours, overwrite=overwrite)
     with output_lock(out, "report"):  # a second `report` into this folder is refused while this one writes
-        return _write(out, every, bench_dirs, equivalence_margin)
+        tables = {"table": table, "pooled": pooled, "summary": summary, "questions": questions}
+        return _write(out, every, bench_dirs, **tables, choices=choices)
 
 
-def _write(out: Path, every: list[Run], bench_dirs: list[Path], equivalence_margin: float) -> Path:
-    """Write the report's files into ``out`` (locked); returns report.html."""
+def _write(
+    out: Path,
+    every: list[Run],
+    bench_dirs: list[Path],
+    *,
+    table: pd.DataFrame,
+    pooled: pd.DataFrame,
+    summary: pd.DataFrame,
+    questions: dict,
+    choices: tuple[list[dict], list[dict]] | None,
+) -> Path:
+    """Write the report's files into ``out`` (locked; every table computed before); returns report.html.
+
+    Args:
+        table: one row per run; pooled: each seed's folds pooled; summary, questions: the strategy
+            tables and the study's questions (:func:`question_tables`); choices: the clean-up
+            choices, None off folds or on the test split.
+    """
     if not _ours(out):
         mark_folder(out, REPORT_FORMAT)
-    table = runs_table(every)
     with replacing(out / "results.csv") as tmp:
         table.to_csv(tmp, index=False)
-    # The strategy tables and plots describe the largest training set; the data axis has its own.
-    runs = full_data_runs(every)
-    main = runs_table(runs)
-    summary = summary_table(main)
     with replacing(out / "results_summary.csv") as tmp:
         summary.to_csv(tmp, index=False)
-    questions = question_tables(every, table, summary, margin=equivalence_margin)
     for name, df in csv_tables(every, summary, questions).items():
         with replacing(out / name) as tmp:
             df.to_csv(tmp, index=False)
-    return _write_pages(out, every, table, summary, questions, bench_dirs)
+    if choices is not None:
+        write_choices_file(out / CHOICES, *choices)
+    return _write_pages(out, every, pooled, summary, questions, bench_dirs, choices)
 
 
 def _write_pages(
@@ -898,33 +1000,62 @@ def _write_pages(
     summary: pd.DataFrame,
     questions: dict,
     sources: list[Path],
+    choices: tuple[list[dict], list[dict]] | None = None,
 ) -> Path:
-    """results.md, plots/*.png and report.html (the last file written); returns report.html's path."""
+    """results.md, plots/*.png and report.html (the last file written); returns report.html's path.
+
+    Args:
+        table: the runs table with each seed's folds pooled (:func:`~clipseg_bench.study.results.pool_folds`).
+    """
     runs = full_data_runs(every)
     level = questions["level"]
     dsc, nsd = at_level(questions["organs_dsc"], level), at_level(questions["organs_nsd"], level)
+    sections = question_sections(questions)
+    shown = None if choices is None else choices_display(choices[0])
+    if shown is not None:
+        sections[CHOICES_HEADING] = shown
+    scores = scores_note(every)
     write_markdown(
         out / "results.md",
         summary,
         dsc,
         nsd,
-        table,
+        runs_table(every),
         runs,
-        sections=question_sections(questions),
+        sections=sections,
         over_cases=at_level(questions["over_cases"], level),
         findings=questions["findings"],
+        scores=scores,
     )
-    pngs = make_plots(runs, runs_table(runs), summary, dsc, nsd, out / "plots")
+    pngs = make_plots(runs, pool_folds(runs_table(runs)), summary, dsc, nsd, out / "plots")
     pngs.update(make_question_plots(questions, out / "plots"))
     html = render_html(
         runs=every,
-        table=table,
+        table=runs_table(every),
         summary=summary,
         dsc=dsc,
         nsd=nsd,
         pngs=pngs,
         sources=sources,
         questions=questions,
+        scores=scores,
+        choices=shown,
     )
     write_text_atomic(out / "report.html", html)
     return out / "report.html"
+
+
+def _choices(runs: list[Run]) -> tuple[list[dict], list[dict]] | None:
+    """The clean-up choices of runs on folds (None when no run is on a fold: nothing to choose on)."""
+    from clipseg_bench.study.choices import postprocess_choices
+
+    if not any(r.fold is not None for r in runs):
+        return None
+    return postprocess_choices(runs)
+
+
+def write_choices_file(path: Path, choices: list[dict], skipped: list[dict]) -> None:
+    """choices.json beside the report: the clean-up choices with the data each was made on."""
+    from clipseg_bench.study.choices import RULE
+
+    write_json_atomic(path, {"postprocess": {"rule": RULE, "choices": choices, "skipped": skipped}})

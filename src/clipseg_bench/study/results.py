@@ -1,9 +1,17 @@
 """Load BENCH run folders, merge shards, and turn them into tables (one row per run, mean ± std).
 
-A BENCH folder holds ``runs/<strategy>-s<seed>/`` (``runs/<strategy>-s<seed>-n<cases>/`` for a run
-on a subset of the training cases) with the files ``train`` and ``evaluate`` write (see
-docs/architecture.md): ``run.json``, ``config.yaml``, ``history.csv``, ``metrics.json`` and
-``samples.npz``. Several BENCH folders are shards of one benchmark; their runs are unioned here.
+A BENCH folder holds ``runs/<strategy>-s<seed>/`` (``-f<fold>`` for a run on one fold of a folder
+prepared with ``--folds``, ``-n<cases>`` for a run on a subset of the training cases) with the
+files ``train`` and ``evaluate`` write (see docs/architecture.md): ``run.json``, ``config.yaml``,
+``history.csv``, ``metrics.json`` (``metrics-test.json`` for the test split) and ``samples.npz``.
+Several BENCH folders are shards of one benchmark; their runs are unioned here.
+
+**Folds.** The runs of one (strategy, training cases, seed) on the K folds each score their own
+fold's cases, which they never trained on: together every labelled non-test case is scored once,
+out of fold. :func:`case_scores` is that pooled long table (one row per strategy, seed and case),
+and :func:`pool_folds` turns the per-run table into one row per (strategy, training cases, seed)
+whose scores are those pooled cases' means. On the test split every fold's model scores the same
+test cases; a case's score is then the mean over the fold models.
 Everything in this module is pure data handling: no plotting, no HTML.
 """
 
@@ -13,6 +21,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 
@@ -25,13 +34,45 @@ from clipseg_bench.study import stats
 FINISHED = RunStatus.FINISHED
 # results.csv's train_cases of a run on the whole train split (and of runs from before that axis).
 ALL_CASES = "all"
-# Run folder names: <strategy>-s<seed>, or <strategy>-s<seed>-n<training cases>.
-_RUN_NAME = re.compile(r"^(?P<strategy>.+)-s(?P<seed>[^-]+)(?:-n(?P<cases>\d+))?$")
+# Run folder names: <strategy>-s<seed>[-f<fold>][-n<training cases>].
+_RUN_NAME = re.compile(r"^(?P<strategy>.+)-s(?P<seed>[^-]+)(?:-f(?P<fold>\d+))?(?:-n(?P<cases>\d+))?$")
 
 
-def run_name(strategy: str, seed: int, train_cases: int | None = None) -> str:
-    """``<strategy>-s<seed>``, with ``-n<cases>`` for a run on a subset of the training cases."""
-    return f"{strategy}-s{seed}" + ("" if train_cases is None else f"-n{train_cases}")
+def run_name(strategy: str, seed: int, train_cases: int | None = None, fold: int | None = None) -> str:
+    """``<strategy>-s<seed>``, with ``-f<fold>`` for a run on one fold and ``-n<cases>`` for a run on a
+    subset of the training cases (runs without either keep the names they always had)."""
+    return (
+        f"{strategy}-s{seed}"
+        + ("" if fold is None else f"-f{fold}")
+        + ("" if train_cases is None else f"-n{train_cases}")
+    )
+
+
+class Cell(NamedTuple):
+    """One run of a benchmark matrix. A new axis (a learning-rate tag) is a new field at the end with
+    a default, so cells recorded before it still read (:meth:`of`) and keep their names."""
+
+    strategy: str
+    seed: int
+    train_cases: int | None = None  # None: every training case
+    fold: int | None = None  # None: the folder's train/val split
+
+    @property
+    def name(self) -> str:
+        """The run folder's name (:func:`run_name`)."""
+        return run_name(*self)
+
+    @classmethod
+    def of(cls, entry) -> Cell:
+        """A cell from a bench record's ``cells`` entry: ``[strategy, seed]``, ``[..., training cases]``
+        or ``[..., training cases, fold]`` (older records have fewer fields).
+
+        Raises:
+            ValueError, TypeError, IndexError: not such a list.
+        """
+        strategy, seed = str(entry[0]), int(entry[1])
+        rest = [None if v is None else int(v) for v in list(entry[2:4])]
+        return cls(strategy, seed, *rest)
 
 
 # A run whose run.json says "running" but whose process is gone (SIGKILL, the OOM killer, a reboot):
@@ -90,6 +131,9 @@ class Run:
         metrics: ``metrics.json`` as a dict, or None when evaluate has not run.
         history: ``history.csv`` (one row per epoch), or None when absent or empty.
         train_cases: how many training cases the run trained on; None for the whole train split.
+        fold: the fold it validated on (trained on the others); None without folds.
+        split: which of evaluate's files ``metrics`` holds: "val" (metrics.json; out of fold with
+            folds) or "test" (metrics-test.json).
     """
 
     bench: Path
@@ -102,6 +146,12 @@ class Run:
     metrics: dict | None
     history: pd.DataFrame | None
     train_cases: int | None = None
+    fold: int | None = None
+    split: str = "val"
+
+    @property
+    def cell(self) -> Cell:
+        return Cell(self.strategy, self.seed, self.train_cases, self.fold)
 
     @property
     def train_cases_label(self) -> str:
@@ -114,8 +164,9 @@ class Run:
 
     @property
     def samples(self) -> Path | None:
-        """``samples.npz`` (CT slices, ground truth, prediction) when evaluate wrote it."""
-        p = self.path / "samples.npz"
+        """``samples.npz`` (``samples-test.npz`` for the test split): CT slices, ground truth and
+        prediction, when evaluate wrote it."""
+        p = RunFolder(self.path).samples_file(self.split)
         return p if p.is_file() else None
 
 
@@ -127,17 +178,20 @@ def strategy_order(names: list[str] | set[str]) -> list[str]:
     return display_order(names)
 
 
-def read_run(path: Path, bench: Path) -> Run:
-    """Read one run folder. The folder name ``<strategy>-s<seed>[-n<cases>]`` is used when run.json
-    and config.yaml lack them; a run with no training-case count trained on all cases.
+def read_run(path: Path, bench: Path, split: str = "val") -> Run:
+    """Read one run folder. The folder name ``<strategy>-s<seed>[-f<fold>][-n<cases>]`` is used when
+    run.json and config.yaml lack them; a run with no training-case count trained on all cases.
 
     A folder without ``run.json`` (a run that never started writing) is kept with status ``missing``
     so that the report can list it.
+
+    Args:
+        split: whose scores ``metrics`` holds: "val" (metrics.json) or "test" (metrics-test.json).
     """
     folder = RunFolder(path)
     info = folder.record().to_dict()  # typed on the way: old layouts read as today's
     named = _RUN_NAME.match(path.name)
-    name_strategy, name_seed, name_cases = named.groups() if named else ("", None, None)
+    name_strategy, name_seed, name_fold, name_cases = named.groups() if named else ("", None, None, None)
     strategy = info.get("strategy") or name_strategy
     seed = info.get("seed", name_seed)
     try:
@@ -150,6 +204,7 @@ def read_run(path: Path, bench: Path) -> Run:
         raise InputError(path, "no strategy in run.json and the folder is not named <strategy>-s<seed>")
     config = folder.config().model_dump(mode="json") if folder.has_config() else {}
     train_cases = config.get("train_cases", name_cases)
+    fold = config.get("fold", name_fold)
     return Run(
         bench=bench,
         path=path,
@@ -158,9 +213,11 @@ def read_run(path: Path, bench: Path) -> Run:
         status=_status(info),
         info=info,
         config=config,
-        metrics=folder.metrics(),
+        metrics=folder.metrics(split),
         history=folder.history(),
         train_cases=None if train_cases is None else int(train_cases),
+        fold=None if fold is None else int(fold),
+        split=split,
     )
 
 
@@ -177,29 +234,54 @@ def _status(info: dict) -> str:
     return status
 
 
-def _not_started(bench: Path, root: Path, present: set[tuple[str, int, int | None]]) -> list[Run]:
-    """The cells the BENCH folder's records list that have no run folder.
+def recorded_cells(bench: Path) -> list[Cell]:
+    """Every cell the BENCH folder's records (bench-shard*.json) list, in record order.
 
-    A cell is ``[strategy, seed, training cases or null]`` (``[strategy, seed]`` before the data axis).
+    A cell is ``[strategy, seed, training cases or null, fold or null]`` (``[strategy, seed]`` before
+    the data axis, three entries before folds).
+
+    Raises:
+        InputError: naming the record whose entry is not such a list.
     """
-    runs = []
-    for record in sorted(bench.glob("bench-shard*.json")):
-        for cell in read_json_object(record).get("cells") or []:
+    cells = []
+    for record in sorted(Path(bench).glob("bench-shard*.json")):
+        for entry in read_json_object(record).get("cells") or []:
             try:
-                strategy, seed = str(cell[0]), int(cell[1])
-                cases = None if len(cell) < 3 or cell[2] is None else int(cell[2])
+                cells.append(Cell.of(entry))
             except (TypeError, ValueError, IndexError):
                 raise InputError(
-                    record, f"'cells' entry {cell!r} is not [strategy, seed, training cases]"
+                    record, f"'cells' entry {entry!r} is not [strategy, seed, training cases, fold]"
                 ) from None
-            if (strategy, seed, cases) not in present:
-                present.add((strategy, seed, cases))
-                path = root / run_name(strategy, seed, cases)
-                runs.append(Run(bench, path, strategy, seed, NOT_STARTED, {}, {}, None, None, cases))
+    return cells
+
+
+def _not_started(bench: Path, root: Path, present: set[Cell], split: str) -> list[Run]:
+    """The cells the BENCH folder's records list that have no run folder."""
+    runs = []
+    for cell in recorded_cells(bench):
+        if cell not in present:
+            present.add(cell)
+            path = root / cell.name
+            runs.append(
+                Run(
+                    bench,
+                    path,
+                    cell.strategy,
+                    cell.seed,
+                    NOT_STARTED,
+                    {},
+                    {},
+                    None,
+                    None,
+                    cell.train_cases,
+                    cell.fold,
+                    split,
+                )
+            )
     return runs
 
 
-def find_runs(bench: Path) -> list[Run]:
+def find_runs(bench: Path, split: str = "val") -> list[Run]:
     """All runs of one BENCH folder: its run folders (``BENCH/runs/*``; BENCH/runs itself is
     accepted too), and, as :data:`NOT_STARTED`, the cells its records list without a folder.
 
@@ -211,8 +293,8 @@ def find_runs(bench: Path) -> list[Run]:
         raise InputError(bench, "BENCH folder not found")
     root = bench / "runs" if (bench / "runs").is_dir() else bench
     dirs = sorted(d for d in root.iterdir() if d.is_dir() and ((d / "run.json").is_file() or "-s" in d.name))
-    runs = [read_run(d, bench) for d in dirs]
-    runs += _not_started(bench, root, {(r.strategy, r.seed, r.train_cases) for r in runs})
+    runs = [read_run(d, bench, split) for d in dirs]
+    runs += _not_started(bench, root, {r.cell for r in runs}, split)
     if not runs:
         raise InputError(bench, "no run folders (expected runs/<strategy>-s<seed>/run.json)")
     return runs
@@ -249,8 +331,8 @@ def settings_difference(a: Run, b: Run) -> tuple[str, object, object] | None:
 
 
 def merge_runs(runs: list[Run]) -> list[Run]:
-    """Union of runs from several shards, one per (strategy, training cases, seed), in report order
-    (strategy, then training cases from fewest to all, then seed).
+    """Union of runs from several shards, one per (strategy, training cases, seed, fold), in report
+    order (strategy, then training cases from fewest to all, then seed, then fold).
 
     A duplicate keeps the more complete status (finished > interrupted > running > failed).
 
@@ -259,14 +341,15 @@ def merge_runs(runs: list[Run]) -> list[Run]:
             settings (:func:`settings_difference`), whatever its numbers; or finished in both with
             different numbers.
     """
-    chosen: dict[tuple[str, int | None, int], Run] = {}
+    chosen: dict[tuple[str, int | None, int, int | None], Run] = {}
     for run in runs:
-        key = (run.strategy, run.train_cases, run.seed)
+        key = (run.strategy, run.train_cases, run.seed, run.fold)
         other = chosen.get(key)
         if other is None:
             chosen[key] = run
             continue
         cases = "" if run.train_cases is None else f" on {run.train_cases} training cases"
+        cases += "" if run.fold is None else f" fold {run.fold}"
         differs = settings_difference(other, run)
         if differs is not None:
             field, old, new = differs
@@ -289,17 +372,21 @@ def merge_runs(runs: list[Run]) -> list[Run]:
     order = {s: i for i, s in enumerate(strategy_order({k[0] for k in chosen}))}
 
     def report_order(k):
-        strategy, cases, seed = k
-        return order[strategy], cases is None, cases or 0, seed
+        strategy, cases, seed, fold = k
+        return order[strategy], cases is None, cases or 0, seed, -1 if fold is None else fold
 
     return [chosen[k] for k in sorted(chosen, key=report_order)]
 
 
-def read_bench(bench_dirs: list[Path]) -> list[Run]:
-    """Read and merge the runs of one or more BENCH folders (shards). See :func:`merge_runs`."""
+def read_bench(bench_dirs: list[Path], split: str = "val") -> list[Run]:
+    """Read and merge the runs of one or more BENCH folders (shards). See :func:`merge_runs`.
+
+    Args:
+        split: whose scores the runs carry: "val" (out of fold with folds) or "test".
+    """
     if not bench_dirs:
         raise InputError(None, "no BENCH folder given")
-    return merge_runs([r for b in bench_dirs for r in find_runs(Path(b))])
+    return merge_runs([r for b in bench_dirs for r in find_runs(Path(b), split)])
 
 
 def _num(x) -> float:
@@ -374,6 +461,10 @@ def run_row(run: Run, breakdown: list[str] | None = None) -> dict:
         "seed": run.seed,
         "train_cases": run.train_cases_label,  # config.yaml train_cases, "all" without one
         "n_train_cases": _num(len(case_ids) if case_ids is not None else run.train_cases),
+        "fold": _num(run.fold),  # config.yaml fold (NaN: the folder's train/val split)
+        "n_folds": _num(info.get("folds")),  # run.json: how many folds the data has (runs on a fold)
+        "scored_on": scored_on(run),
+        "scored_cases": _num(len(metrics["cases"]) if "cases" in metrics else None),  # metrics.json cases
         "status": run.status,
         "model": info.get("model", run.config.get("model")),
         "trainable_params": _num(params.get("trainable")),  # run.json params
@@ -427,6 +518,76 @@ def run_row(run: Run, breakdown: list[str] | None = None) -> dict:
     return row
 
 
+def scored_on(run: Run) -> str:
+    """Which split a run's scores come from: ``val``, ``fold k (out of fold)`` or ``test``."""
+    if run.split == "test":
+        return "test"
+    return "val" if run.fold is None else f"fold {run.fold} (out of fold)"
+
+
+# Columns pool_folds averages over a group's folds weighted by their scored cases (the scores of the
+# cases each fold scored); every other number is the plain mean over the folds' runs (costs).
+_CASE_WEIGHTED = ("val_", "dsc_", "nsd_", "prompt_", "dice2d", "empty_specificity", "fp_slice_rate")
+_UNIT = ["strategy", "train_cases", "seed"]
+
+
+def pool_folds(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per (strategy, training cases, seed): a seed's runs on the K folds pooled into one.
+
+    Runs without a fold pass through unchanged. For a seed's fold runs, the scores (``val_*``,
+    per-organ ``dsc_*``/``nsd_*``, prompt reliance, ...) are the means over the cases the folds
+    scored (each fold's mean weighted by its ``scored_cases``: the pooled out-of-fold mean on the val
+    split, the mean over the fold models on the test split), the costs (time, memory, parameters,
+    train Dice) the mean over the folds' runs; ``val_cases`` and ``scored_cases`` add up. The pooled
+    row is ``finished`` only when every one of the data's folds finished (else ``k of K folds``), so
+    a partial set of folds never stands in for the whole.
+
+    Args:
+        table: :func:`runs_table` output.
+
+    Returns:
+        The same columns; ``fold`` holds the pooled folds (``0,1,2``), ``scored_on`` says
+        ``out of fold (K folds)`` or ``test (K fold models)``.
+    """
+    if "fold" not in table or table["fold"].isna().all():
+        return table
+    rows: list[dict] = []
+    for _, g in table.groupby(_UNIT, sort=False):  # in report order
+        rows += g[g["fold"].isna()].to_dict("records")
+        if g["fold"].notna().any():
+            rows.append(_pool_group(g[g["fold"].notna()]))
+    return pd.DataFrame(rows, columns=table.columns)
+
+
+def _pool_group(g: pd.DataFrame) -> dict:
+    """One seed's fold runs as one row (see :func:`pool_folds`)."""
+    done = g[g["status"] == FINISHED]
+    row = dict((done if len(done) else g).iloc[0])
+    n_folds = int(g["n_folds"].max()) if g["n_folds"].notna().any() else len(g)
+    folds = sorted(int(f) for f in done["fold"])
+    test = (g["scored_on"] == "test").all()
+    row.update(
+        fold=",".join(map(str, folds)),
+        scored_on=f"test ({len(folds)} fold models)" if test else f"out of fold ({n_folds} folds)",
+        status=FINISHED if folds == list(range(n_folds)) else f"{len(folds)} of {n_folds} folds",
+    )
+    if done.empty:
+        return row
+    weights = done["scored_cases"].fillna(1.0).astype(float)
+    for col in g.columns:
+        if col in ("fold", "n_folds", "seed") or not pd.api.types.is_numeric_dtype(g[col]):
+            continue
+        values = done[col].astype(float)
+        if col in ("val_cases", "scored_cases"):
+            row[col] = values.sum()
+        elif col.startswith(_CASE_WEIGHTED):
+            ok = values.notna()
+            row[col] = float((values[ok] * weights[ok]).sum() / weights[ok].sum()) if ok.any() else math.nan
+        else:
+            row[col] = values.mean()
+    return row
+
+
 def runs_table(runs: list[Run]) -> pd.DataFrame:
     """results.csv: one row per run (all statuses), in report order."""
     keys = breakdown_keys(runs)
@@ -473,11 +634,22 @@ def _cleanup_gain(postprocess_3d: dict, organ: str, metric: str) -> float:
     return score("lcc") - score("none")
 
 
+def _pooled_gain(runs: list[Run], organ: str, metric: str) -> float:
+    """One seed's clean-up gain: its run's, or its fold runs' weighted by the cases each scored (the
+    gain over the pooled out-of-fold cases)."""
+    gains = [_cleanup_gain(r.metrics["postprocess_3d"], organ, metric) for r in runs]
+    if len(runs) == 1:
+        return gains[0]
+    weights = [len(r.metrics.get("cases") or []) or 1 for r in runs]
+    return math.fsum(g * w for g, w in zip(gains, weights)) / sum(weights)
+
+
 def cleanup_gain_table(runs: list[Run], metric: str) -> pd.DataFrame:
     """What the 3D clean-up gains, per strategy and organ, over finished evaluated seeds.
 
     Reads ``metrics.json`` ``postprocess_3d`` (evaluate scores every run as predicted and after
-    ``lcc``); runs evaluated before it existed are left out.
+    ``lcc``); runs evaluated before it existed are left out. A seed's fold runs count as one (their
+    gains weighted by the cases each scored).
 
     Args:
         runs: the benchmark's runs.
@@ -492,9 +664,12 @@ def cleanup_gain_table(runs: list[Run], metric: str) -> pd.DataFrame:
     organs = [(o.key, o.name) for o in ORGANS] + [(CLEANUP_MEAN, "all organs (mean)")]
     rows = []
     for strategy in strategy_order({r.strategy for r in done}):
-        group = [r.metrics["postprocess_3d"] for r in done if r.strategy == strategy]
+        seeds: dict[tuple, list[Run]] = {}  # a seed's runs: one, or its K fold runs
+        for r in done:
+            if r.strategy == strategy:
+                seeds.setdefault((r.train_cases, r.seed), []).append(r)
         for key, name in organs:
-            v = pd.Series([_cleanup_gain(pp, key, metric) for pp in group], dtype=float)
+            v = pd.Series([_pooled_gain(group, key, metric) for group in seeds.values()], dtype=float)
             rows.append(
                 {
                     "strategy": strategy,
@@ -565,17 +740,27 @@ def _case_mean(organs: dict, metric: str, keys) -> float:
 
 
 def case_scores(runs: list[Run]) -> pd.DataFrame:
-    """Per (run, val case) scores: the long table every statistic of :mod:`.stats` starts from.
+    """Per (strategy, training cases, seed, case) scores: the long table every statistic of
+    :mod:`.stats` starts from (keyed by case id).
+
+    With folds this is the pooled out-of-fold table: each fold's run contributes the cases of its
+    own fold, so every labelled non-test case appears once per strategy and seed. On the test split
+    every fold's model scores the same cases, and a case's score is the mean over those models.
 
     Returns:
-        Columns ``strategy, train_cases, seed, case, dsc, nsd, dsc_present, nsd_present`` for every
-        finished, evaluated run: a case's 3D DSC/NSD is the mean over its organs in metrics.json
-        ``per_case``, the rule by which ``evaluation.metrics.summarize`` makes the run's own summary
-        (not imported: it brings MONAI, seconds of start-up a report does not otherwise need);
-        ``*_present`` is the mean over the organs present in that case's truth (metrics.json
-        ``organs_present``), NaN for runs evaluated before it was recorded.
+        Columns ``strategy, train_cases, seed, case, dsc, nsd, dsc_present, nsd_present, folds`` for
+        every finished, evaluated run: a case's 3D DSC/NSD is the mean over its organs in
+        metrics.json ``per_case``, the rule by which ``evaluation.metrics.summarize`` makes the run's
+        own summary (not imported: it brings MONAI, seconds of start-up a report does not otherwise
+        need); ``*_present`` is the mean over the organs present in that case's truth (metrics.json
+        ``organs_present``), NaN for runs evaluated before it was recorded; ``folds`` names the fold
+        whose run scored the case (the folds averaged, on the test split; empty without folds).
+
+    Raises:
+        InputError: a case scored twice on the val split for one strategy, training-case count and
+            seed (e.g. a run on the train/val split beside runs on folds), naming both runs.
     """
-    rows = []
+    rows, source = [], {}
     for r in runs:
         per_case = (r.metrics or {}).get("per_case") or {}
         present = (r.metrics or {}).get("organs_present") or {}
@@ -585,6 +770,13 @@ def case_scores(runs: list[Run]) -> pd.DataFrame:
             if not organs:
                 continue
             known = present.get(case)
+            key = (r.strategy, r.train_cases_label, r.seed, str(case))
+            if r.split != "test" and key in source:
+                raise InputError(
+                    r.path,
+                    f"scores case {case!r}, which {source[key]} scores too: a case is scored once, out of fold",
+                )
+            source[key] = r.path
             rows.append(
                 {
                     "strategy": r.strategy,
@@ -596,16 +788,28 @@ def case_scores(runs: list[Run]) -> pd.DataFrame:
                         f"{m}_present": math.nan if known is None else _case_mean(organs, m, known)
                         for m in ("dsc", "nsd")
                     },
+                    "folds": "" if r.fold is None else str(r.fold),
                 }
             )
-    return pd.DataFrame(rows, columns=["strategy", "train_cases", "seed", "case", *CASE_METRICS])
+    table = pd.DataFrame(rows, columns=["strategy", "train_cases", "seed", "case", *CASE_METRICS, "folds"])
+    return _mean_over_fold_models(table, ["strategy", "train_cases", "seed", "case"], CASE_METRICS)
+
+
+def _mean_over_fold_models(table: pd.DataFrame, keys: list[str], metrics) -> pd.DataFrame:
+    """The test split of fold runs: every fold's model scored the same case, so a case's score is
+    the mean over the fold models (``folds`` joined); any other table comes back as it is."""
+    if table.empty or not table.duplicated(keys).any():
+        return table
+    means = {m: (m, "mean") for m in metrics}
+    return table.groupby(keys, sort=False).agg(**means, folds=("folds", ",".join)).reset_index()
 
 
 def organ_scores(runs: list[Run]) -> pd.DataFrame:
-    """Per (run, val case, organ) 3D scores from metrics.json ``per_case``, finished runs only.
+    """Per (run, val case, organ) 3D scores from metrics.json ``per_case``, finished runs only
+    (with folds pooled out of fold, as :func:`case_scores`).
 
     Returns:
-        Columns ``strategy, train_cases, seed, case, organ, dsc, nsd`` (FLARE22 rules: an organ
+        Columns ``strategy, train_cases, seed, case, organ, dsc, nsd, folds`` (FLARE22 rules: an organ
         absent from both truth and prediction scores 1, as in the run's own per-organ summary).
     """
     rows = [
@@ -617,13 +821,17 @@ def organ_scores(runs: list[Run]) -> pd.DataFrame:
             "organ": key,
             "dsc": _num((s or {}).get("dsc")),
             "nsd": _num((s or {}).get("nsd")),
+            "folds": "" if r.fold is None else str(r.fold),
         }
         for r in runs
         if r.finished
         for case, organs in ((r.metrics or {}).get("per_case") or {}).items()
         for key, s in (organs or {}).items()
     ]
-    return pd.DataFrame(rows, columns=["strategy", "train_cases", "seed", "case", "organ", "dsc", "nsd"])
+    table = pd.DataFrame(
+        rows, columns=["strategy", "train_cases", "seed", "case", "organ", "dsc", "nsd", "folds"]
+    )
+    return _mean_over_fold_models(table, ["strategy", "train_cases", "seed", "case", "organ"], ("dsc", "nsd"))
 
 
 def _levels(labels) -> list[str]:

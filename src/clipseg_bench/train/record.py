@@ -122,7 +122,9 @@ def start_record(setup) -> RunRecord:
         params={"trainable": setup.counts.trainable, "total": setup.counts.total},
         lr=cfg.lr,
         preprocessing=setup.preprocessing,  # segment and evaluate rebuild the inputs from it
-        cases={split: len(setup.data.cases(split)) for split in ("train", "val")},
+        fold=cfg.fold,  # None: the folder's train/val split
+        folds=setup.data.n_folds if cfg.fold is not None else None,  # how many folds the data has
+        cases=case_counts(setup.data, cfg.fold),
         validation=setup.validation_record(),
         # where the vision activations come from: the feature cache in its dtype, or computed live
         vision_features={
@@ -131,6 +133,7 @@ def start_record(setup) -> RunRecord:
         },
         train_case_ids=setup.train_cases,  # the cases trained on (a subset with `train_cases`)
         data=data_record(setup.data, Path(cfg.out)),  # how evaluate finds it again, wherever it moved
+        val_case_ids=setup.val_cases,  # the cases validation and `evaluate` score (the fold's)
         process=process_record(),  # lets `report` tell a killed run from a running one
     )
 
@@ -144,6 +147,14 @@ def data_record(data, out: Path) -> dict:
         "relative": os.path.relpath(path, out.resolve()),
         "fingerprint": data.fingerprint,
     }
+
+
+def case_counts(data, fold: int | None) -> dict[str, int]:
+    """run.json's ``cases``: how many cases the train and val split (of ``fold``) hold, and how many
+    the folder holds out as test (only when it has any; their arrays are never opened)."""
+    counts = {split: len(data.cases(split, fold)) for split in ("train", "val")}
+    held_out = len(data.held_out)
+    return {**counts, "test": held_out} if held_out else counts
 
 
 def write_start(setup, run: RunFolder, record: RunRecord) -> None:

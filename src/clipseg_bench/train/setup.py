@@ -26,7 +26,13 @@ from clipseg_bench.data.sampling import EpochSampler, train_case_subset
 from clipseg_bench.errors import InputError, RunFailed
 from clipseg_bench.evaluation.predict import Segmenter
 from clipseg_bench.evaluation.validation import even_sample, sample_record
-from clipseg_bench.model.feature_cache import CacheInfo, build_feature_cache, cache_key, cache_root
+from clipseg_bench.model.feature_cache import (
+    CacheInfo,
+    build_feature_cache,
+    cache_key,
+    cache_root,
+    fold_suffix,
+)
 from clipseg_bench.model.forward import (
     encode_prompts,
     set_gradient_checkpointing,
@@ -118,7 +124,9 @@ class TrainingSetup:
         """run.json's ``validation``: the cap, and which slices validation and the final train Dice score."""
         return {
             "max_slices": self.cfg.val_max_slices,
-            "val": sample_record(self.val_rows, of=len(self.data.slices("val", kept_only=True))),
+            "val": sample_record(
+                self.val_rows, of=len(self.data.slices("val", kept_only=True, fold=self.cfg.fold))
+            ),
             "train": sample_record(self.train_rows.iloc[self.train_check], of=len(self.train_rows)),
         }
 
@@ -126,6 +134,11 @@ class TrainingSetup:
     def train_cases(self) -> list[str]:
         """The ids of the cases whose slices the run trains on, sorted."""
         return sorted(set(self.train_rows["case"]))
+
+    @property
+    def val_cases(self) -> list[str]:
+        """The ids of the val split's (or fold's) cases, what ``evaluate`` scores, sorted."""
+        return self.data.cases("val", self.cfg.fold)
 
     @property
     def trains(self) -> bool:
@@ -171,9 +184,10 @@ def release_frozen_vision(setup: TrainingSetup) -> None:
 
 
 def build_data(cfg: TrainConfig) -> PreparedData:
-    """The prepared dataset, checked for the run's input channels."""
+    """The prepared dataset, checked for the run's input channels and fold (its test cases unread)."""
     data = PreparedData(cfg.data)
     data.check_channels(cfg.input_channels)
+    data.check_fold(cfg.fold)
     return data
 
 
@@ -275,10 +289,10 @@ def build_rows(
         InputError: nothing to train on, or more ``train_cases`` than the folder has.
     """
     if train_rows is None:
-        train_rows = data.slices("train", kept_only=True)
+        train_rows = data.slices("train", kept_only=True, fold=cfg.fold)
         if cfg.train_cases is not None:  # the data-efficiency axis: a nested subset of the cases
             try:
-                keep = train_case_subset(data.cases("train"), cfg.train_cases, seed=cfg.seed)
+                keep = train_case_subset(data.cases("train", cfg.fold), cfg.train_cases, seed=cfg.seed)
             except InputError as exc:  # the count is fine as a number; it is this folder that is short
                 raise InputError(data.root, f"train_cases: {exc.problem}") from None
             train_rows = train_rows[train_rows["case"].isin(keep)]
@@ -286,7 +300,7 @@ def build_rows(
         raise InputError(
             data.root, "no slice to train on: the train split has no case, or none of its slices was kept"
         )
-    val_rows = data.slices("val", kept_only=True)
+    val_rows = data.slices("val", kept_only=True, fold=cfg.fold)
     val_rows = val_rows.iloc[even_sample(val_rows, cfg.val_max_slices)].reset_index(drop=True)
     return train_rows.reset_index(drop=True), val_rows
 
@@ -459,7 +473,7 @@ def _cache_frozen_vision(
         if not cfg.augment:  # augmented images change every epoch: their encodings cannot be cached
             # A subset of the cases gets a file of its own: it must not replace the full set's.
             name = "train_kept" if cfg.train_cases is None else f"train_kept_n{cfg.train_cases}_s{cfg.seed}"
-            features, infos["train_kept"] = build(rows=train_rows, name=name)
+            features, infos["train_kept"] = build(rows=train_rows, name=name + fold_suffix(cfg.fold))
         if len(val_rows):
-            val_features, infos["val_kept"] = build(rows=val_rows, name="val_kept")
+            val_features, infos["val_kept"] = build(rows=val_rows, name="val_kept" + fold_suffix(cfg.fold))
     return features, val_features, infos
