@@ -1,10 +1,12 @@
 """`clipseg-bench demo` (`make demo`): the whole study at smoke scale, with nothing downloaded.
 
 phantoms (style A) -> prepare -> pretrain a tiny CLIPSeg on A   (stands in for CLIP's pretraining)
-phantoms (style B) -> prepare -> benchmark all strategies x 2 seeds from that checkpoint
+phantoms (style B) -> prepare --folds 3 -> benchmark all strategies x 3 folds from that checkpoint
                               -> the data-efficiency axis: a few strategies on 1 and 3 of the
-                                 training cases (the full set comes from the benchmark)
-                              -> report (strategies, prompt reliance, data efficiency, paired differences)
+                                 training cases, on every fold (the full set comes from the benchmark)
+                              -> report (every style-B case scored once, out of fold: strategies,
+                                 prompt reliance, data efficiency, paired differences, the clean-up
+                                 chosen per organ on those out-of-fold scores)
 
 Style B shifts contrast, noise and organ shapes, so fine-tuning has a real domain gap to close and
 zero-shot has a real handicap. Every stage writes files and is skipped when its files exist, so an
@@ -38,7 +40,8 @@ class DemoSize:
 
     cases_a: int  # phantom cases of style A (pretraining; a quarter of them are val cases)
     cases_b: int  # phantom cases of style B (the benchmark)
-    val_fraction_b: float  # of the style-B cases: the val cases are the units of the paired tests
+    val_fraction_b: float  # of the style-B cases, without folds: the val cases the report scores
+    folds_b: int | None  # K folds of the style-B cases: every case is scored once, out of fold
     pretrain_steps: int
     steps: int  # fine-tuning steps of every benchmark run, on any number of training cases
     seeds: list[int]
@@ -51,10 +54,11 @@ SIZES = {
     "full": DemoSize(
         cases_a=8,
         cases_b=10,
-        val_fraction_b=0.3,  # 3 val cases: too few for a verdict (5 needed, 6 to reach p < 0.05)
+        val_fraction_b=0.3,  # without folds, 3 val cases: too few for a verdict (5 needed, 6 to reach p < 0.05)
+        folds_b=3,  # folds of 4/3/3 cases: all 10 cases scored out of fold, each run trains on 6-7
         pretrain_steps=1000,
         steps=60,
-        seeds=[0, 1],
+        seeds=[0],  # one seed x 3 folds: 18 runs; with 10 scored cases the tests over cases can decide
         axis_strategies=["full", "lora"],
         axis_cases="1,3",
     ),
@@ -62,6 +66,7 @@ SIZES = {
         cases_a=4,
         cases_b=4,
         val_fraction_b=0.25,
+        folds_b=2,
         pretrain_steps=60,
         steps=10,
         seeds=[0],
@@ -74,6 +79,7 @@ SIZES = {
         cases_a=8,
         cases_b=8,
         val_fraction_b=0.25,
+        folds_b=None,
         pretrain_steps=1500,
         steps=300,
         seeds=[0],
@@ -126,9 +132,16 @@ def run_demo(*, out: Path, quick: bool = False, strategies: list[str] | None = N
         "max_steps": size.steps,
         "strategy_lr": demo_lrs(strategies),
         "extra": {**COMMON, "val_every": 0},
+        "folds": "all" if size.folds_b else None,
     }
-    stages.start(f"benchmark on style B ({size.steps} steps per run, seeds {size.seeds})")
-    outcomes = [(run_matrix(strategies=strategies, out=out / "bench", **matrix), out / "bench")]
+    stages.start(
+        f"benchmark on style B ({size.steps} steps per run, seeds {size.seeds}"
+        + (f", {size.folds_b} folds)" if size.folds_b else ")")
+    )
+    auto = "auto" if size.folds_b else "none"  # the per-organ clean-up, chosen on out-of-fold scores
+    outcomes = [
+        (run_matrix(strategies=strategies, out=out / "bench", postprocess=auto, **matrix), out / "bench")
+    ]
     axis = [s for s in size.axis_strategies if s in strategies]
     if axis:
         stages.start(f"data efficiency: {', '.join(axis)} on {size.axis_cases} of the training cases")
@@ -160,9 +173,9 @@ def prepare_demo(out: Path, *, size: DemoSize, stages: _Stages | None = None) ->
     out.mkdir(parents=True, exist_ok=True)
     stages = stages or _Stages()
     stages.start("phantoms and prepare")
-    for style, n, seed, val in (
-        ("A", size.cases_a, 100, 0.25),
-        ("B", size.cases_b, 200, size.val_fraction_b),
+    for style, n, seed, val, folds in (
+        ("A", size.cases_a, 100, 0.25, None),
+        ("B", size.cases_b, 200, size.val_fraction_b, size.folds_b),
     ):
         if not (out / f"prepared_{style}" / "dataset.json").is_file():
             write_phantoms(out / f"phantoms_{style}", cases=n, seed=seed, style=style, size=96)
@@ -171,6 +184,7 @@ def prepare_demo(out: Path, *, size: DemoSize, stages: _Stages | None = None) ->
                 labels=out / f"phantoms_{style}" / "labels",
                 out=out / f"prepared_{style}",
                 val_fraction=val,
+                folds=folds,
                 seed=0,
                 png=False,
             )
