@@ -990,7 +990,7 @@ def _write(
             df.to_csv(tmp, index=False)
     if choices is not None:
         write_choices_file(out / CHOICES, *choices)
-    return _write_pages(out, every, pooled, summary, questions, bench_dirs, choices)
+    return _write_pages(out, every, table, summary, questions, bench_dirs, choices)
 
 
 def _write_pages(
@@ -1005,7 +1005,7 @@ def _write_pages(
     """results.md, plots/*.png and report.html (the last file written); returns report.html's path.
 
     Args:
-        table: the runs table with each seed's folds pooled (:func:`~clipseg_bench.study.results.pool_folds`).
+        table: one row per run (results.csv); the plots pool each seed's folds themselves.
     """
     runs = full_data_runs(every)
     level = questions["level"]
@@ -1020,7 +1020,7 @@ def _write_pages(
         summary,
         dsc,
         nsd,
-        runs_table(every),
+        table,
         runs,
         sections=sections,
         over_cases=at_level(questions["over_cases"], level),
@@ -1031,7 +1031,7 @@ def _write_pages(
     pngs.update(make_question_plots(questions, out / "plots"))
     html = render_html(
         runs=every,
-        table=runs_table(every),
+        table=table,
         summary=summary,
         dsc=dsc,
         nsd=nsd,
