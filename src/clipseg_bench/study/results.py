@@ -578,8 +578,8 @@ def _pool_group(g: pd.DataFrame) -> dict:
         if col in ("fold", "n_folds", "seed") or not pd.api.types.is_numeric_dtype(g[col]):
             continue
         values = done[col].astype(float)
-        if col in ("val_cases", "scored_cases"):
-            row[col] = values.sum()
+        if col in ("val_cases", "scored_cases"):  # the folds' cases add up; the test cases are shared
+            row[col] = values.max() if test and col == "scored_cases" else values.sum()
         elif col.startswith(_CASE_WEIGHTED):
             ok = values.notna()
             row[col] = float((values[ok] * weights[ok]).sum() / weights[ok].sum()) if ok.any() else math.nan
