@@ -137,6 +137,7 @@ _TRAIN_FLAGS = (
     "batch_size",
     "lr",
     "seed",
+    "fold",
     "image_size",
     "mixed_precision",
     "num_workers",
@@ -415,6 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=_positive_int, help="slices per step (default 8)")
     s.add_argument("--lr", type=float, help="peak learning rate (default: per strategy)")
     s.add_argument("--seed", type=int, help="seed of the run (weights of injected modules, order, dropout)")
+    s.add_argument(
+        "--fold",
+        type=int,
+        help="with data prepared with --folds K: train on the other folds, validate on this one (0..K-1)",
+    )
     s.add_argument("--image-size", type=int, help="square input side in px (default: the model's own)")
     s.add_argument(
         "--mixed-precision", choices=["no", "bf16", "fp16"], help="autocast precision (Accelerate)"

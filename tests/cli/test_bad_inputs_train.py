@@ -94,6 +94,8 @@ NEW_RUN = {
     "--batch-size 0": lambda c: (c.args("--batch-size", "0"), "--batch-size"),
     "--max-steps -1": lambda c: (c.args("--max-steps", "-1"), "--max-steps"),
     "--lr -1": lambda c: (c.args("--lr", "-1"), "--lr"),
+    "--fold -1": lambda c: (c.args("--fold", "-1"), "--fold"),
+    "--fold on data without folds": lambda c: (c.args("--fold", "0"), "--fold"),
     "--lr abc": lambda c: (c.args("--lr", "abc"), "--lr"),
     "--lr inf": lambda c: (c.args("--lr", "inf"), "--lr"),
     "--lr nan": lambda c: (c.args("--lr", "nan"), "--lr"),
