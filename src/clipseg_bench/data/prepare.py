@@ -661,29 +661,14 @@ def prepare(
     if workers < 1:
         raise FieldError("workers", f"must be >= 1, got {workers}")
     window_dict, lmap, sources = _read_inputs(images, labels, dataset, layout, window, label_map)
-    case_ids = [s.case for s in sources]
-    patients = read_groups(groups, case_ids) if groups is not None else {c: c for c in case_ids}
-    assigned = assign_cases(
-        case_ids,
-        val_fraction=val_fraction,
-        folds=folds,
-        test_fraction=test_fraction,
-        seed=seed,
-        split_file=split_file,
-        groups=patients if groups is not None else None,
-    )
+    draw = {"val_fraction": val_fraction, "folds": folds, "test_fraction": test_fraction, "seed": seed}
+    assigned, split_info = _split([s.case for s in sources], groups=groups, split_file=split_file, **draw)
     _check_output(out, overwrite, [images, labels, dataset])
     _check_headers(sources)
 
     options = Options(window=window_dict, label_map=lmap, keep_empty=bool(keep_empty), png=bool(png))
     prints = {s.case: _fingerprint(s, options) for s in sources}
     created, had_marker = not out.exists(), (out / MARKER).is_file()
-    split_info = {"val_fraction": val_fraction, "seed": seed, "split_file": split_file, "groups_file": groups}
-    split_info = {
-        **{k: str(v) if isinstance(v, Path) else v for k, v in split_info.items()},
-        **assigned.info,  # folds, test_fraction, how they were drawn (val_fraction None with folds)
-        "patients": patients,
-    }
     with output_lock(out, "prepare"):  # a second `prepare` into this folder is refused while this one runs
         records, counts = _stage(out, sources, options, prints, workers, overwrite, created, had_marker)
         try:
@@ -709,6 +694,27 @@ def _stage(out: Path, sources, options: Options, prints, workers: int, overwrite
         _roll_back(out, created=created, had_marker=had_marker)
         raise
     return {**done, **{r["case"]: r for r in staged}}, {"processed": len(staged), "skipped": len(done)}
+
+
+def _split(case_ids: list[str], *, groups, split_file, **draw) -> tuple[Assignment, dict]:
+    """Where the cases go (:func:`~clipseg_bench.data.splits.assign_cases`: test, then train/val or
+    folds, by the patients of ``groups``) and dataset.json's ``split`` record of it.
+
+    Args:
+        draw: val_fraction, folds, test_fraction and seed.
+    """
+    patients = read_groups(groups, case_ids) if groups is not None else {c: c for c in case_ids}
+    assigned = assign_cases(
+        case_ids, split_file=split_file, groups=patients if groups is not None else None, **draw
+    )
+    info = {"val_fraction": draw["val_fraction"], "seed": draw["seed"], "split_file": split_file}
+    info = {**info, "groups_file": groups}
+    info = {
+        **{k: str(v) if isinstance(v, Path) else v for k, v in info.items()},
+        **assigned.info,  # folds, test_fraction, how they were drawn (val_fraction None with folds)
+        "patients": patients,
+    }
+    return assigned, info
 
 
 def _read_inputs(images, labels, dataset, layout: str, window: str, label_map: str | None):

@@ -373,17 +373,15 @@ def segment(
 
     Raises:
         InputError: bad arguments, an output that is an input or a file segment did not write
-            (without ``overwrite``), or a CT that cannot be read; over a folder, a CT that cannot
-            be read is raised at the end naming every CT that failed, after all the others were
-            written. Everything but unreadable CTs is refused before the first write.
+            (without ``overwrite``), or an unreadable CT (over a folder: raised at the end naming
+            every CT that failed). Everything but unreadable CTs is refused before the first write.
     """
     _check_options(threshold=threshold, organs=organs, postprocess_mode=postprocess_mode, per_organ=per_organ)
     ct, out = Path(ct), Path(out)
     sources = ct_sources(ct)
     single = _single_ct(sources, ct, out)
-    loaded = load_for_segment(
-        run=run, model=model, strategy=strategy, organs=organs, device=device, auto=postprocess_mode == AUTO
-    )
+    source = {"run": run, "model": model, "strategy": strategy, "organs": organs, "device": device}
+    loaded = load_for_segment(**source, auto=postprocess_mode == AUTO)
     options = {"per_organ": per_organ, "probabilities": probabilities}
     inputs = [ct, *sources.values()] + (sorted(Path(run).iterdir()) if run and Path(run).is_dir() else [])
     if single:

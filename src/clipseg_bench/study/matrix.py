@@ -379,14 +379,7 @@ def run_matrix(
         InputError: see :func:`plan`; nothing is written then.
     """
     out = Path(out)
-    if postprocess not in ("none", "auto"):
-        raise FieldError("postprocess", f"must be none or auto, got {postprocess!r}")
-    if postprocess == "auto" and folds is None:
-        raise FieldError(
-            "postprocess",
-            "auto chooses per organ on out-of-fold scores and needs --folds: without folds the only "
-            "scores are the val cases the report scores",
-        )
+    _check_postprocess(postprocess, folds)
     fold_list, counts = _axes(data, folds, train_cases)
     todo = cells(strategies, seeds, shard, counts, fold_list)
     train_cmd = launcher_command(launcher) + ["-m", "clipseg_bench.cli"]
@@ -477,6 +470,19 @@ def _run_cell(run: RunFolder, cfg: TrainConfig, *, out: Path, train_cmd: list[st
                 "log": str(log),
             }
     return {"run": str(run.path), "status": "done"}
+
+
+def _check_postprocess(postprocess: str, folds: str | None) -> None:
+    """``--postprocess``: none, or auto with folds (the only scores to choose on that the report does
+    not score are out-of-fold ones)."""
+    if postprocess not in ("none", "auto"):
+        raise FieldError("postprocess", f"must be none or auto, got {postprocess!r}")
+    if postprocess == "auto" and folds is None:
+        raise FieldError(
+            "postprocess",
+            "auto chooses per organ on out-of-fold scores and needs --folds: without folds the only "
+            "scores are the val cases the report scores",
+        )
 
 
 def _axes(data, folds: str | None, train_cases: str | None) -> tuple[list[int | None], list[int | None]]:
