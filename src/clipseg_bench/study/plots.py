@@ -658,8 +658,8 @@ def plot_reliance(summary: pd.DataFrame, path: Path) -> Path | None:
 
 
 def plot_prompt_confusion(confusion: pd.DataFrame, path: Path) -> Path | None:
-    """One heatmap per strategy: the prompt-confusion matrix averaged over seeds (rows: the organ
-    named in the prompt; columns: the organ whose truth the mask is scored against).
+    """One heatmap per strategy: the prompt-confusion matrix averaged over seeds and folds (rows:
+    the organ named in the prompt; columns: the organ whose truth the mask is scored against).
 
     A model that reads its prompt has a bright diagonal and a dark rest; one that ignores it has
     columns of one colour (every name gets the same mask).
@@ -686,7 +686,7 @@ def plot_prompt_confusion(confusion: pd.DataFrame, path: Path) -> Path | None:
         ax.set_yticks(range(len(keys)), [short[k] for k in keys], fontsize=6)
     for ax in axes[len(names) :]:
         ax.set_visible(False)
-    fig.colorbar(im, ax=list(axes[: len(names)]), shrink=0.6).set_label("Dice (mean over seeds)")
+    fig.colorbar(im, ax=list(axes[: len(names)]), shrink=0.6).set_label("Dice (mean over seeds and folds)")
     fig.suptitle("Prompt confusion: row = organ named, column = organ scored against", fontsize=10)
     return _save(fig, path)
 

@@ -1059,9 +1059,10 @@ def prompt_confusion_table(runs: list[Run]) -> pd.DataFrame:
     """The prompt-confusion matrices of finished runs (metrics.json ``prompt_confusion``), long.
 
     Returns:
-        Columns ``strategy, train_cases, seed, named, organ, dice``: the Dice of the mask for the
-        prompt naming ``named`` against the truth of ``organ`` (NaN where that organ was never
-        present). Runs evaluated before the matrix existed have no rows.
+        Columns ``strategy, train_cases, seed, fold, named, organ, dice``: the Dice of the mask for
+        the prompt naming ``named`` against the truth of ``organ`` (NaN where that organ was never
+        present); a run on a fold gives its fold's matrix (``fold`` NaN without folds). Runs
+        evaluated before the matrix existed have no rows.
     """
     rows = []
     for r in runs:
@@ -1076,9 +1077,10 @@ def prompt_confusion_table(runs: list[Run]) -> pd.DataFrame:
                         "strategy": r.strategy,
                         "train_cases": r.train_cases_label,
                         "seed": r.seed,
+                        "fold": _num(r.fold),
                         "named": named,
                         "organ": organ,
                         "dice": _num(value),
                     }
                 )
-    return pd.DataFrame(rows, columns=["strategy", "train_cases", "seed", "named", "organ", "dice"])
+    return pd.DataFrame(rows, columns=["strategy", "train_cases", "seed", "fold", "named", "organ", "dice"])
