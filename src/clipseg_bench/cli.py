@@ -329,6 +329,58 @@ def _add_postprocess_flag(s: argparse.ArgumentParser, what: str, *, auto: bool =
     )
 
 
+def _add_split_flags(s: argparse.ArgumentParser) -> None:
+    """prepare's split: train/val or K folds, and the held-out test cases (issue 22)."""
+    s.add_argument(
+        "--val-fraction", type=float, default=0.2, help="share of cases for validation (without --folds)"
+    )
+    s.add_argument(
+        "--folds",
+        type=int,
+        help="K: every non-test case in one of K folds (by patient, balanced, seeded); a run on fold k "
+        "trains on the others and validates on k (`benchmark --folds all`)",
+    )
+    s.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.0,
+        help="share of patients set aside as the test split before the split or folds: read only by "
+        "`evaluate --split test` and `report --split test` (default 0)",
+    )
+    s.add_argument(
+        "--seed", type=_seed, default=0, help="seed of the patient-level split, folds and test draw (>= 0)"
+    )
+    s.add_argument(
+        "--split-file",
+        help='JSON {"train": [...], "val": [...], "test": [...]} or {"folds": [[...], ...], "test": [...]} '
+        "instead of a random split ('test' optional)",
+    )
+
+
+def _add_fold_flags(s: argparse.ArgumentParser) -> None:
+    """benchmark's fold axis, the clean-up choice made on its out-of-fold scores, the test split."""
+    s.add_argument(
+        "--folds",
+        help="'all' or fold numbers such as 0,2 (data prepared with --folds K): each cell trains on the "
+        "other folds and is evaluated on its own, and `report` pools the out-of-fold scores; runs = "
+        "strategies x seeds x folds (x training-case counts), e.g. 6 x 3 x 5 = 90 for FLARE22",
+    )
+    s.add_argument(
+        "--postprocess",
+        default="none",
+        choices=["none", "auto"],
+        help="auto (needs --folds): after the runs, choose per organ whether the 3D clean-up (lcc) "
+        "raises the out-of-fold score, and record it in BENCH/postprocess-auto.json and each run "
+        "(what `segment --postprocess auto` and `--test` apply)",
+    )
+    s.add_argument(
+        "--test",
+        action="store_true",
+        help="train nothing: evaluate every finished run of the matrix on the held-out test split "
+        "(RUN/metrics-test.json), once choices are frozen; then `report --split test`",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="clipseg-bench", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -362,30 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="40,400",
         help="'minmax' (original study) or 'LEVEL,WIDTH' in HU (default 40,400 = [-160,240])",
     )
-    s.add_argument(
-        "--val-fraction", type=float, default=0.2, help="share of cases for validation (without --folds)"
-    )
-    s.add_argument(
-        "--folds",
-        type=int,
-        help="K: every non-test case in one of K folds (by patient, balanced, seeded); a run on fold k "
-        "trains on the others and validates on k (`benchmark --folds all`)",
-    )
-    s.add_argument(
-        "--test-fraction",
-        type=float,
-        default=0.0,
-        help="share of patients set aside as the test split before the split or folds: read only by "
-        "`evaluate --split test` and `report --split test` (default 0)",
-    )
-    s.add_argument(
-        "--seed", type=_seed, default=0, help="seed of the patient-level split, folds and test draw (>= 0)"
-    )
-    s.add_argument(
-        "--split-file",
-        help='JSON {"train": [...], "val": [...], "test": [...]} or {"folds": [[...], ...], "test": [...]} '
-        "instead of a random split ('test' optional)",
-    )
+    _add_split_flags(s)
     s.add_argument("--groups", help="CSV with columns case,patient: a patient's cases stay on one side")
     s.add_argument("--keep-empty", action="store_true", help="also list slices with no organ for training")
     s.add_argument(
@@ -534,26 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="data-efficiency axis: training-case counts, fractions or 'all', e.g. 1,5,all or 0.25,0.5,1.0 "
         "(nested subsets fixed by the seed; the val split stays the same)",
     )
-    s.add_argument(
-        "--folds",
-        help="'all' or fold numbers such as 0,2 (data prepared with --folds K): each cell trains on the "
-        "other folds and is evaluated on its own, and `report` pools the out-of-fold scores; runs = "
-        "strategies x seeds x folds (x training-case counts), e.g. 6 x 3 x 5 = 90 for FLARE22",
-    )
-    s.add_argument(
-        "--postprocess",
-        default="none",
-        choices=["none", "auto"],
-        help="auto (needs --folds): after the runs, choose per organ whether the 3D clean-up (lcc) "
-        "raises the out-of-fold score, and record it in BENCH/postprocess-auto.json and each run "
-        "(what `segment --postprocess auto` and `--test` apply)",
-    )
-    s.add_argument(
-        "--test",
-        action="store_true",
-        help="train nothing: evaluate every finished run of the matrix on the held-out test split "
-        "(RUN/metrics-test.json), once choices are frozen; then `report --split test`",
-    )
+    _add_fold_flags(s)
     s.add_argument(
         "--overwrite", action="store_true", help="write into a non-empty folder that is not a BENCH folder"
     )

@@ -64,6 +64,7 @@ class TrainConfig(BaseModel):
     )
     fold: int | None = Field(
         None,
+        strict=True,
         ge=0,
         description="With a folder prepared with --folds K: train on every non-test case outside this "
         "fold (0..K-1) and validate on the fold's cases; None: the folder's train/val split.",

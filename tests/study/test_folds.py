@@ -19,6 +19,7 @@ from clipseg_bench.errors import InputError
 from clipseg_bench.evaluation.evaluate import evaluate_run
 from clipseg_bench.evaluation.postprocess import keep_largest_components
 from clipseg_bench.evaluation.segment import segment
+from clipseg_bench.provenance import output_lock
 from clipseg_bench.study.matrix import run_matrix
 from clipseg_bench.study.report import write_report
 from clipseg_bench.study.results import Cell, case_scores, pool_folds, read_bench, runs_table
@@ -193,3 +194,29 @@ def test_test_split_evaluation_report_and_segment(study, tmp_path):
     raw, got = (np.asarray(nib.load(p).dataobj) for p in (plain, auto))
     expected = np.where(raw == 1, keep_largest_components(raw, nib.load(plain).affine), raw)
     assert np.array_equal(got, expected) and not np.array_equal(got, raw)
+
+
+def test_the_test_split_writers_hold_their_locks(study):
+    """`benchmark --test` writes under its shard's lock and `report --split test` under test_report's:
+    a second writer of either is refused before it writes anything."""
+    bench = study["bench"]
+    before = sorted(p.name for p in (bench / "runs" / "decoder-s0-f0").iterdir())
+    with output_lock(bench, "benchmark", scope="shard0"):
+        with pytest.raises(InputError, match="writing into it right now"):
+            run_matrix(
+                data=study["data"],
+                model="tiny",
+                strategies=["decoder"],
+                seeds=[0],
+                epochs=50,
+                max_steps=2,
+                batch_size=8,
+                out=bench,
+                folds="all",
+                test=True,
+                extra={"image_size": 64, "val_max_slices": 4, "val_every": 0, "threads": 1},
+            )
+    assert sorted(p.name for p in (bench / "runs" / "decoder-s0-f0").iterdir()) == before
+    with output_lock(bench / "test_report", "report"):
+        with pytest.raises(InputError, match="writing into it right now"):
+            write_report([bench], split="test")
