@@ -101,7 +101,10 @@ NEW_RUN = {
     "--lr nan": lambda c: (c.args("--lr", "nan"), "--lr"),
     "--set lr=yes (a YAML boolean)": lambda c: (c.args("--set", "lr=yes"), "--set lr"),
     "--set epochs=yes (a YAML boolean)": lambda c: (c.args("--set", "epochs=yes"), "--set epochs"),
-    "--set fold=yes (a YAML boolean)": lambda c: (c.args("--set", "fold=yes"), "--set fold"),
+    "--set fold=yes (a YAML boolean)": lambda c: (
+        c.args("--set", "fold=yes"),
+        "--set fold: Input should be a",
+    ),
     "--set epochs=2.5": lambda c: (c.args("--set", "epochs=2.5"), "--set epochs"),
     "--set weight_decay=.inf": lambda c: (c.args("--set", "weight_decay=.inf"), "--set weight_decay"),
     "--seed x": lambda c: (c.args("--seed", "x"), "--seed"),
