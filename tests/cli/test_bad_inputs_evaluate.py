@@ -58,6 +58,12 @@ def _case_without_entry(run, data, tmp):
     return ["evaluate", "--run", run, "--data", d], d / "dataset.json"
 
 
+def _choice_without_organs(run, data, tmp):
+    r = _run_copy(run, tmp)
+    (r / "postprocess.json").write_text('{"organs": {"liver": "biggest"}}')
+    return ["evaluate", "--run", r, "--postprocess", "auto"], r / "postprocess.json"
+
+
 CASES = {
     "--run missing": lambda r, d, t: (["evaluate", "--run", t / "nope"], t / "nope"),
     "--run is the prepared folder": lambda r, d, t: (["evaluate", "--run", d], d),
@@ -84,6 +90,7 @@ CASES = {
         ["evaluate", "--run", r, "--postprocess", "auto"],
         str(r),
     ),
+    "--postprocess auto with a malformed postprocess.json": _choice_without_organs,
     "--postprocess biggest": lambda r, d, t: (
         ["evaluate", "--run", r, "--postprocess", "biggest"],
         "--postprocess",

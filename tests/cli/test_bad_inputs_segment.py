@@ -93,6 +93,13 @@ def _corrupt_run_json(r, ct, t):
     return _args(run, ct, t / "m.nii.gz"), run / "run.json"
 
 
+def _choice_of_an_unknown_organ(r, ct, t):
+    run = t / "run"
+    shutil.copytree(r, run)
+    (run / "postprocess.json").write_text('{"organs": {"brain": "lcc"}}')
+    return _args(run, ct, t / "m.nii.gz", "--postprocess", "auto"), run / "postprocess.json"
+
+
 def _text_ct(r, ct, t):
     bad = t / "ct_text.nii.gz"
     bad.write_bytes(b"this is a README")
@@ -215,6 +222,7 @@ CASES = {
         _args(r, ct, t / "m.nii.gz", "--postprocess", "auto"),
         r,
     ),
+    "--postprocess auto with a postprocess.json naming an unknown organ": _choice_of_an_unknown_organ,
     "--postprocess auto without --run": lambda r, ct, t: (
         [
             "segment",

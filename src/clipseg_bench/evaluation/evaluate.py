@@ -38,8 +38,8 @@ from clipseg_bench.evaluation.postprocess import (
     AUTO,
     POSTPROCESS_MODES,
     check_postprocess_mode,
-    organ_modes,
     postprocess,
+    recorded_choice,
 )
 from clipseg_bench.evaluation.predict import probabilities_to_labels
 from clipseg_bench.evaluation.reliance import RIGHT, PromptCheck
@@ -184,13 +184,7 @@ def _check_held_out(folder: RunFolder, prepared: PreparedData, cases: list[str])
 
 def _recorded_modes(folder: RunFolder, cases: list[str]) -> dict[int, str]:
     """``--postprocess auto``: the run's recorded per-organ choice, refused on the cases it was made on."""
-    choice = folder.postprocess_choice()
-    if choice is None:
-        raise InputError(
-            folder.path,
-            "has no recorded clean-up choice (postprocess.json) for --postprocess auto: "
-            "`benchmark --folds all --postprocess auto` makes it on out-of-fold scores",
-        )
+    choice, modes = recorded_choice(folder.path)
     seen = sorted(set((choice.get("chosen_on") or {}).get("cases") or []) & set(cases))
     if seen:
         raise InputError(
@@ -198,7 +192,7 @@ def _recorded_modes(folder: RunFolder, cases: list[str]) -> dict[int, str]:
             f"its clean-up was chosen on case {seen[0]!r}, which this evaluation scores: auto scores only "
             "cases the choice did not see (--split test, or new CTs with segment)",
         )
-    return organ_modes(choice)
+    return modes
 
 
 def _headline(per_mode: dict[str, dict], mode: str, modes: dict[int, str] | None) -> dict:

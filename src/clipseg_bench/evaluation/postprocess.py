@@ -93,6 +93,33 @@ def organ_modes(choice: Mapping) -> dict[int, str]:
     return out
 
 
+def recorded_choice(run) -> tuple[dict, dict[int, str]]:
+    """``--postprocess auto``: a run's recorded clean-up choice (RUN/postprocess.json, written by
+    ``benchmark --postprocess auto``) and its per-organ modes (:func:`organ_modes`).
+
+    Returns:
+        (the choice as recorded, FLARE22 id -> ``none`` | ``lcc``).
+
+    Raises:
+        InputError: the run records no choice (naming the run folder), or a malformed one (naming
+            postprocess.json).
+    """
+    from clipseg_bench.run_folder import RunFolder
+
+    folder = RunFolder(run)
+    choice = folder.postprocess_choice()
+    if choice is None:
+        raise InputError(
+            folder.path,
+            "has no recorded clean-up choice (postprocess.json) for --postprocess auto: "
+            "`benchmark --folds all --postprocess auto` makes it on out-of-fold scores",
+        )
+    try:
+        return choice, organ_modes(choice)
+    except FieldError as exc:  # the file is what is wrong, not the flag
+        raise InputError(folder.postprocess_path, exc.problem) from None
+
+
 # FLARE22 ids of paired organs -> the side they belong on (patient's side).
 PAIRED_SIDES = {2: "right", 7: "right", 8: "left", 13: "left"}
 

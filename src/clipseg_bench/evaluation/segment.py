@@ -34,12 +34,11 @@ from clipseg_bench.data.volumes import (
     volume_to_slices,
 )
 from clipseg_bench.errors import FieldError, InputError
-from clipseg_bench.evaluation.postprocess import AUTO, check_postprocess_mode, organ_modes, postprocess
+from clipseg_bench.evaluation.postprocess import AUTO, check_postprocess_mode, postprocess, recorded_choice
 from clipseg_bench.evaluation.predict import Segmenter, probabilities_to_labels
 from clipseg_bench.model.trained import TrainedModel, load_run_model, zeroshot_model
 from clipseg_bench.organs import Organ, parse_organs
 from clipseg_bench.provenance import check_free_space, check_output_file, replacing, write_error
-from clipseg_bench.run_folder import RunFolder
 
 PER_ORGAN_MODES = ("also", "only")  # --per-organ: beside the multi-label file, or instead of it
 MAX_FAILURES_SHOWN = 5
@@ -117,14 +116,7 @@ def _recorded_cleanup(run) -> dict[int, str]:
     """``--postprocess auto``: the per-organ choice the run records (postprocess.json)."""
     if not run:
         raise FieldError("postprocess", "auto applies a run's recorded choice: give --run RUN")
-    choice = RunFolder(run).postprocess_choice()
-    if choice is None:
-        raise InputError(
-            run,
-            "has no recorded clean-up choice (postprocess.json) for --postprocess auto: "
-            "`benchmark --folds all --postprocess auto` makes it on out-of-fold scores",
-        )
-    return organ_modes(choice)
+    return recorded_choice(run)[1]
 
 
 # --- one CT -------------------------------------------------------------------------------------
