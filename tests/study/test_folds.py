@@ -26,6 +26,16 @@ from clipseg_bench.study.results import Cell, case_scores, pool_folds, read_benc
 from clipseg_bench.study.results import read_run as read_one
 
 STRATEGIES = ["zeroshot", "decoder"]
+# The study's settings (a later call into its BENCH folder must repeat them): 2 steps on 64 px.
+MATRIX = {
+    "model": "tiny",
+    "seeds": [0],
+    "epochs": 50,
+    "max_steps": 2,
+    "batch_size": 8,
+    "folds": "all",
+    "extra": {"image_size": 64, "val_max_slices": 4, "val_every": 0, "threads": 1},
+}
 
 
 @pytest.fixture(scope="module")
@@ -48,19 +58,7 @@ def study(phantom_dir, tmp_path_factory):
     for f in held:
         shutil.move(f, away / f.name)
     bench = root / "B"
-    results = run_matrix(
-        data=data,
-        model="tiny",
-        strategies=STRATEGIES,
-        seeds=[0],
-        epochs=50,
-        max_steps=2,
-        batch_size=8,
-        out=bench,
-        folds="all",
-        postprocess="auto",
-        extra={"image_size": 64, "val_max_slices": 4, "val_every": 0, "threads": 1},
-    )
+    results = run_matrix(data=data, strategies=STRATEGIES, out=bench, postprocess="auto", **MATRIX)
     assert [r["status"] for r in results] == ["done"] * 4
     report = write_report([bench])
     with pytest.raises(InputError, match="missing from the prepared array cache"):
@@ -203,19 +201,7 @@ def test_the_test_split_writers_hold_their_locks(study):
     before = sorted(p.name for p in (bench / "runs" / "decoder-s0-f0").iterdir())
     with output_lock(bench, "benchmark", scope="shard0"):
         with pytest.raises(InputError, match="writing into it right now"):
-            run_matrix(
-                data=study["data"],
-                model="tiny",
-                strategies=["decoder"],
-                seeds=[0],
-                epochs=50,
-                max_steps=2,
-                batch_size=8,
-                out=bench,
-                folds="all",
-                test=True,
-                extra={"image_size": 64, "val_max_slices": 4, "val_every": 0, "threads": 1},
-            )
+            run_matrix(data=study["data"], strategies=["decoder"], out=bench, test=True, **MATRIX)
     assert sorted(p.name for p in (bench / "runs" / "decoder-s0-f0").iterdir()) == before
     with output_lock(bench / "test_report", "report"):
         with pytest.raises(InputError, match="writing into it right now"):
