@@ -42,6 +42,7 @@ SAMPLES = "samples.npz"
 POSTPROCESS_CHOICE = "postprocess.json"
 CHECKPOINT = "checkpoints/last"
 TENSORBOARD = "tb"
+TRAIN_LOCK = "train"  # the command whose lock (provenance.output_lock) a live `train` holds in its run folder
 
 HISTORY_COLUMNS = ["epoch", "step", "loss", "train_dice", "val_dice", "epoch_time_s", "lr"]
 

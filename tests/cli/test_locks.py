@@ -1,5 +1,5 @@
-"""One writer per output folder (issue 25): a second `train`, `prepare`, `benchmark` or `report` into a
-folder another live process is writing is refused up front with one line naming that process; a
+"""One writer per output folder (issue 25): a second `train`, `prepare`, `benchmark`, `report` or
+`evaluate` (also of a run a live `train` writes) into a folder another live process is writing is refused up front with one line naming that process; a
 lock whose process died (SIGKILL) is taken over and said so; a lock from another host is refused
 with the file to remove. Two concurrent `train` calls into one folder: one refused, the other's run
 intact."""
@@ -73,6 +73,11 @@ def _prepare_args(phantom_dir: Path, out: Path) -> list:
     return ["prepare", "--images", phantom_dir / "images", "--labels", phantom_dir / "labels", "--out", out]
 
 
+def _run_copy(tiny_run: Path, tmp: Path) -> Path:
+    shutil.copytree(tiny_run, tmp / "R")
+    return tmp / "R"
+
+
 CASES = {  # command line, the folder it writes, the lock's command and scope
     "train": lambda p, r, ph, t: (_train(p, t / "run"), t / "run", "train", ""),
     "prepare": lambda p, r, ph, t: (_prepare_args(ph, t / "P"), t / "P", "prepare", ""),
@@ -83,6 +88,14 @@ CASES = {  # command line, the folder it writes, the lock's command and scope
         "shard0",
     ),
     "report": lambda p, r, ph, t: (["report", _bench_copy(r, t)], t / "B", "report", ""),
+    # a second evaluation of one split, and one of a run whose `train` still writes its weights
+    "evaluate": lambda p, r, ph, t: (["evaluate", "--run", _run_copy(r, t)], t / "R", "evaluate", "val"),
+    "evaluate-during-train": lambda p, r, ph, t: (
+        ["evaluate", "--run", _run_copy(r, t)],
+        t / "R",
+        "train",
+        "",
+    ),
 }
 
 

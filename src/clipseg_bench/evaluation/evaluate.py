@@ -46,8 +46,8 @@ from clipseg_bench.evaluation.reliance import RIGHT, PromptCheck
 from clipseg_bench.model.feature_cache import cache_root
 from clipseg_bench.model.trained import load_run_model
 from clipseg_bench.organs import BY_ID
-from clipseg_bench.provenance import check_output_file, replacing
-from clipseg_bench.run_folder import RunFolder
+from clipseg_bench.provenance import check_output_file, check_unlocked, output_lock, replacing
+from clipseg_bench.run_folder import TRAIN_LOCK, RunFolder
 
 N_SAMPLES = 4  # slices kept for the report's qualitative overlays
 
@@ -118,8 +118,28 @@ def evaluate_run(
         raise InputError("max_cases", f"must be >= 1, got {max_cases}")
     folder = RunFolder(run)
     folder.config()  # not a run folder: say so before anything else
+    check_unlocked(folder.path, TRAIN_LOCK)  # a live `train` is still writing this run's weights
     for path in (folder.metrics_file(split), folder.samples_file(split)):  # replaced on a re-run
         check_output_file(path, command="evaluate", ours=lambda _: True)
+    # Two evaluations of one split would race on its files: the second is refused up front.
+    with output_lock(folder.path, "evaluate", scope=split):
+        return _evaluate(
+            folder, data, split, max_cases, device, show_progress, postprocess_mode, cache_dir, t0
+        )
+
+
+def _evaluate(
+    folder: RunFolder,
+    data: Path | None,
+    split: str,
+    max_cases: int | None,
+    device: str | None,
+    show_progress: bool,
+    postprocess_mode: str,
+    cache_dir: str | Path | None,
+    t0: float,
+) -> dict:
+    """:func:`evaluate_run`'s work, under its lock."""
     trained = load_run_model(folder)
     prepared = folder.prepared(data, test=split == "test")
     prepared.check_channels(trained.preprocessing.input_channels)

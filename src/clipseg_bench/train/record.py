@@ -25,9 +25,9 @@ from clipseg_bench.provenance import (
     peak_memory_mb,
     process_record,
 )
-from clipseg_bench.run_folder import RunFolder, RunRecord, RunStatus
+from clipseg_bench.run_folder import TRAIN_LOCK, RunFolder, RunRecord, RunStatus
 
-LOCK = "train"  # the command whose lock a run folder takes (provenance.output_lock)
+LOCK = TRAIN_LOCK  # the command whose lock a run folder takes (provenance.output_lock)
 
 
 def check_run_folder(out: Path, resume: bool, cfg: TrainConfig | None = None) -> None:
