@@ -136,6 +136,7 @@ _TRAIN_FLAGS = (
     "max_steps",
     "batch_size",
     "lr",
+    "decoder_lr",
     "seed",
     "fold",
     "image_size",
@@ -443,7 +444,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=_positive_int, help="default 20")
     s.add_argument("--max-steps", type=_positive_int, help="stop after N optimizer steps")
     s.add_argument("--batch-size", type=_positive_int, help="slices per step (default 8)")
-    s.add_argument("--lr", type=float, help="peak learning rate (default: per strategy)")
+    s.add_argument(
+        "--lr", type=float, help="peak learning rate of the strategy's own trainables (default: per strategy)"
+    )
+    s.add_argument(
+        "--decoder-lr", type=float, help="peak learning rate of the decoder, shared by every strategy (1e-3)"
+    )
     s.add_argument("--seed", type=int, help="seed of the run (weights of injected modules, order, dropout)")
     s.add_argument(
         "--fold",

@@ -38,7 +38,18 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(
         8, strict=True, ge=1, description="Slices per step; each slice brings its organ prompts."
     )
-    lr: float | None = Field(None, gt=0, description="Peak learning rate; None takes the strategy default.")
+    lr: float | None = Field(
+        None,
+        gt=0,
+        description="Peak learning rate of the strategy's own trainables (encoders, adapters, LoRA, "
+        "biases); None takes the strategy default. The decoder trains at `decoder_lr`.",
+    )
+    decoder_lr: float = Field(
+        1e-3,
+        gt=0,
+        description="Peak learning rate of the decoder, the same in every strategy (CLIPSeg's own 1e-3), "
+        "so that strategies differ in what else trains, not in how fast the shared decoder learns.",
+    )
     weight_decay: float = Field(1e-4, ge=0)
     warmup_steps: int = Field(20, strict=True, ge=0, description="Linear warm-up steps before cosine decay.")
     grad_clip: float = Field(1.0, ge=0, description="Max gradient norm; 0 disables clipping.")

@@ -115,6 +115,7 @@ _RECORD_KEYS = (
     "hardware",
     "params",
     "lr",
+    "param_groups",
     "preprocessing",
     "cases",
     "validation",
@@ -148,6 +149,7 @@ class RunRecord:
     hardware: dict | None = None
     params: dict | None = None
     lr: float | None = None
+    param_groups: list | None = None
     preprocessing: Preprocessing | None = None
     cases: dict | None = None
     validation: dict | None = None
@@ -192,6 +194,14 @@ class RunRecord:
         status = str(values.get("status", "unknown"))
         values["status"] = RunStatus(status) if status in RunStatus._value2member_map_ else status
         return cls(**values, extra=extra)
+
+    def groups(self) -> list[dict]:
+        """The run's parameter groups ``[{name, lr, params}]``; a run recorded before groups existed
+        trained every parameter at its one ``lr``: one group named ``all``."""
+        if self.param_groups is not None:
+            return list(self.param_groups)
+        trainable = (self.params or {}).get("trainable", 0)
+        return [{"name": "all", "lr": self.lr, "params": trainable}] if trainable else []
 
     def with_status(self, status: RunStatus, **changes) -> RunRecord:
         """A copy with another status and some fields changed (``error=``, ``gradient_audit=``...)."""

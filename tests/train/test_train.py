@@ -103,6 +103,10 @@ def test_run_folder_records_provenance(prepared_dir, tmp_path):
     assert saved.strategy == "decoder" and saved.max_steps == 3
     # every value resolved: the rate the run used (the strategy's default), never null
     assert saved.lr == get("decoder").lr == info["lr"]
+    # decoder-only trains the decoder alone, at decoder_lr, which config.yaml records resolved
+    assert saved.decoder_lr == 1e-3
+    assert [(g["name"], g["lr"]) for g in info["param_groups"]] == [("decoder", saved.decoder_lr)]
+    assert info["param_groups"][0]["params"] == info["params"]["trainable"]
     hist = pd.read_csv(run / "history.csv")
     assert list(hist.columns) == ["epoch", "step", "loss", "train_dice", "val_dice", "epoch_time_s", "lr"]
     assert (run / "weights.safetensors").is_file() and any((run / "tb").iterdir())

@@ -26,6 +26,7 @@ from clipseg_bench.provenance import (
     process_record,
 )
 from clipseg_bench.run_folder import TRAIN_LOCK, RunFolder, RunRecord, RunStatus
+from clipseg_bench.train.setup import group_record
 
 LOCK = TRAIN_LOCK  # the command whose lock a run folder takes (provenance.output_lock)
 
@@ -121,6 +122,7 @@ def start_record(setup) -> RunRecord:
         hardware=hardware_info(setup.accelerator.num_processes),
         params={"trainable": setup.counts.trainable, "total": setup.counts.total},
         lr=cfg.lr,
+        param_groups=group_record(setup.optimizer),  # the rate each group trains at, from the optimizer
         preprocessing=setup.preprocessing,  # segment and evaluate rebuild the inputs from it
         fold=cfg.fold,  # None: the folder's train/val split
         folds=setup.data.n_folds if cfg.fold is not None else None,  # how many folds the data has

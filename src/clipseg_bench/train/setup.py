@@ -26,6 +26,8 @@ from clipseg_bench.data.sampling import EpochSampler, train_case_subset
 from clipseg_bench.errors import InputError, RunFailed
 from clipseg_bench.evaluation.predict import Segmenter
 from clipseg_bench.evaluation.validation import even_sample, sample_record
+from clipseg_bench.model.families import family_of
+from clipseg_bench.model.families.base import parameters_of
 from clipseg_bench.model.feature_cache import (
     CacheInfo,
     build_feature_cache,
@@ -165,7 +167,8 @@ def make_accelerator(cfg: TrainConfig):
 
 
 def make_optimizer(params, *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; fused: one kernel for all tensors, not a Python loop."""
+    """AdamW over the trainable parameters (or parameter groups, each with its own ``lr``); fused:
+    one kernel for all tensors, not a Python loop."""
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
@@ -359,15 +362,54 @@ def build_schedule(cfg: TrainConfig, n_slices: int, num_processes: int) -> tuple
     return total_steps, math.ceil(total_steps / steps_per_epoch)
 
 
+def param_groups(cfg: TrainConfig, model: nn.Module) -> list[dict]:
+    """The optimizer's parameter groups: the strategy's own trainables at its ``lr``, the decoder at
+    ``decoder_lr`` (the same rate in every strategy); a group with nothing trainable is left out.
+
+    The decoder is the model family's ``decoder`` part (:meth:`ModelFamily.parts`), so no attribute
+    path of a particular model is named here.
+
+    Returns:
+        ``[{"name", "lr", "params": [Parameter, ...]}]``, strategy group first; [] when nothing trains.
+    """
+    decoder = {id(p) for p in parameters_of(family_of(model).parts(model).decoder)}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"name": "strategy", "lr": resolve_lr(cfg), "params": [p for p in trainable if id(p) not in decoder]},
+        {
+            "name": "decoder",
+            "lr": float(cfg.decoder_lr),
+            "params": [p for p in trainable if id(p) in decoder],
+        },
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def group_record(optimizer: torch.optim.Optimizer | None) -> list[dict]:
+    """run.json's ``param_groups``, read from the optimizer itself: ``[{name, lr, params}]`` with
+    ``lr`` the group's peak rate and ``params`` its number of weights; [] when nothing trains."""
+    if optimizer is None:
+        return []
+    return [
+        {
+            "name": g["name"],
+            "lr": float(g.get("initial_lr", g["lr"])),  # the scheduler keeps the peak in initial_lr
+            "params": sum(p.numel() for p in g["params"]),
+        }
+        for g in optimizer.param_groups
+    ]
+
+
 def build_optimizer(cfg: TrainConfig, model: nn.Module, total_steps: int, num_processes: int):
-    """AdamW and its warm-up + cosine schedule over the trainable parameters; (None, None) when
-    nothing trains (zero-shot)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    """AdamW over :func:`param_groups` and its warm-up + cosine schedule; (None, None) when nothing
+    trains (zero-shot)."""
+    groups = param_groups(cfg, model)
+    if not groups:
         return None, None
     from transformers import get_cosine_schedule_with_warmup
 
-    optimizer = make_optimizer(params, lr=resolve_lr(cfg), weight_decay=cfg.weight_decay)
+    # torch keeps a group's extra keys ("name"), so the optimizer itself says which group is which.
+    optimizer = make_optimizer(groups, lr=groups[0]["lr"], weight_decay=cfg.weight_decay)
     # Accelerate's AcceleratedScheduler (split_batches=False) steps the wrapped scheduler once per
     # process at every optimizer step, so the schedule is sized in those ticks, as Accelerate's and
     # transformers' no_trainer examples do: the learning rate after k optimizer steps is then the
