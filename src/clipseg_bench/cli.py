@@ -255,6 +255,7 @@ def _cmd_benchmark(a: argparse.Namespace) -> None:
         config=a.config,
         max_steps=a.max_steps,
         batch_size=a.batch_size,
+        extra={"budget": a.budget},
         evaluate=not a.no_evaluate,
         launcher=a.launcher,
         strategy_lr=_parse_lrs(a.lrs),
@@ -551,6 +552,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop every run after this many optimizer steps (a step budget)",
     )
     s.add_argument("--batch-size", type=_positive_int, help="slices per optimizer step (default 8)")
+    s.add_argument(
+        "--budget",
+        choices=["steps", "epochs"],
+        help="with --train-cases: steps (default) gives every training-set size the optimizer steps "
+        "of the whole training set (--epochs passes over all its slices); epochs makes --epochs "
+        "passes over each subset's own slices",
+    )
     s.add_argument("--config", help="YAML of TrainConfig fields shared by every run; the flags here win")
     s.add_argument("--out", required=True, help="BENCH folder (runs/, configs/, logs/, bench-shard<i>.json)")
     s.add_argument("--shard", help="i/n: run only every n-th cell starting at i (e.g. a SLURM array task)")

@@ -51,7 +51,27 @@ class TrainConfig(BaseModel):
         "so that strategies differ in what else trains, not in how fast the shared decoder learns.",
     )
     weight_decay: float = Field(1e-4, ge=0)
-    warmup_steps: int = Field(20, strict=True, ge=0, description="Linear warm-up steps before cosine decay.")
+    warmup_fraction: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Linear warm-up before the cosine decay, as a share of the run's optimizer steps "
+        "(so a short run is not left inside its warm-up).",
+    )
+    warmup_steps: int | None = Field(
+        None,
+        strict=True,
+        ge=0,
+        description="A fixed warm-up length in optimizer steps instead of `warmup_fraction` (runs "
+        "from before the fraction recorded one); None: use the fraction.",
+    )
+    budget: Literal["steps", "epochs"] = Field(
+        "steps",
+        description="With `train_cases`: `steps` gives every training-set size the optimizer steps of "
+        "the whole training set (`epochs` passes over all its slices, capped by `max_steps`), so a "
+        "1-case run anneals like the full one; `epochs` makes `epochs` passes over the subset's own "
+        "slices. The same without `train_cases`.",
+    )
     grad_clip: float = Field(1.0, ge=0, description="Max gradient norm; 0 disables clipping.")
     bce_weight: float = Field(1.0, ge=0)
     dice_weight: float = Field(1.0, ge=0)
@@ -210,6 +230,17 @@ def config_differences(saved: TrainConfig, other: TrainConfig, fields=None) -> l
         if not same:
             diffs.append((field, a, b))
     return diffs
+
+
+def upgrade_saved(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A run folder's saved config.yaml values as today's fields mean them: a run from before
+    parameter groups trained its decoder at its one ``lr``, and one from before ``budget`` trained a
+    ``train_cases`` subset for ``epochs`` passes (its ``warmup_steps`` count is kept as it is)."""
+    values = dict(values)
+    if "decoder_lr" not in values and values.get("lr") is not None:
+        values["decoder_lr"] = values["lr"]
+    values.setdefault("budget", "epochs")
+    return values
 
 
 def resolve_lr(cfg: TrainConfig) -> float:

@@ -295,7 +295,9 @@ class RunFolder:
             raise InputError(
                 self.path, "not a run folder (no config.yaml); train one with `clipseg-bench train`"
             )
-        return load_config(self.config_path)
+        from clipseg_bench.config import read_yaml_config, upgrade_saved
+
+        return load_config(None, base=upgrade_saved(read_yaml_config(self.config_path)))
 
     def record(self) -> RunRecord:
         """run.json as a :class:`RunRecord` (a folder without one: status ``missing``)."""

@@ -92,7 +92,7 @@ def test_matrix_with_train_cases_resumes_after_a_kill(prepared_dir, tmp_path):
     common = tmp_path / "common.yaml"
     common.write_text("image_size: 64\nval_max_slices: 4\nval_every: 0\n")
     args = f"--data {shlex.quote(str(prepared_dir))} --out {shlex.quote(str(out))} --config {shlex.quote(str(common))}"
-    args += " --strategies adapter --seeds 0 --train-cases 1,2 --epochs 4 --batch-size 8 --no-evaluate"
+    args += " --strategies adapter --seeds 0 --train-cases 1,2 --epochs 4 --budget epochs --batch-size 8 --no-evaluate"
     cmd = [sys.executable, "-m", "clipseg_bench.cli", "benchmark", *shlex.split(args)]
     first = out / "runs" / "adapter-s0-n1"  # the first cell: fewest cases first
     state = first / "checkpoints" / "last" / "state.json"

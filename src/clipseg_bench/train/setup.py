@@ -308,6 +308,14 @@ def build_rows(
     return train_rows.reset_index(drop=True), val_rows
 
 
+def budget_slices(cfg: TrainConfig, data: PreparedData) -> int | None:
+    """The slices whose ``epochs`` passes make the run's step budget: the whole training set's (of
+    the fold) for a ``train_cases`` subset under ``budget: steps``; None: the run's own slices."""
+    if cfg.budget != "steps" or cfg.train_cases is None:
+        return None
+    return len(data.slices("train", kept_only=True, fold=cfg.fold))
+
+
 def build_preprocessing(cfg: TrainConfig, data: PreparedData, loaded: LoadedModel) -> Preprocessing:
     """How this run turns slices into model input (recorded in run.json; segment and evaluate reuse
     it): the prepared data's window, the input channels with today's HU windows, the model's side and
@@ -350,16 +358,24 @@ def build_loader(cfg: TrainConfig, data, rows, features, size: int, preprocessin
     return loader, sampler
 
 
-def build_schedule(cfg: TrainConfig, n_slices: int, num_processes: int) -> tuple[int, int]:
+def build_schedule(
+    cfg: TrainConfig, n_slices: int, num_processes: int, n_budget: int | None = None
+) -> tuple[int, int]:
     """(total optimizer steps, epochs) of a run over ``n_slices`` training slices.
 
     Counted in global batches (batch_size slices on each of the processes): Accelerate's loader
     gives each process every num_processes-th batch, so a run's steps and epochs depend on the
     global batch only, not on how it is split over processes.
+
+    Args:
+        n_budget: the slices whose ``epochs`` passes set the step budget (``budget: steps`` with a
+            ``train_cases`` subset: the whole training set's); None: ``n_slices``. The run then
+            makes as many passes over its own ``n_slices`` as those steps take.
     """
-    steps_per_epoch = math.ceil(n_slices / (cfg.batch_size * num_processes))
-    total_steps = min(cfg.max_steps or 10**12, steps_per_epoch * cfg.epochs)
-    return total_steps, math.ceil(total_steps / steps_per_epoch)
+    global_batch = cfg.batch_size * num_processes
+    budget_per_epoch = math.ceil((n_budget or n_slices) / global_batch)
+    total_steps = min(cfg.max_steps or 10**12, budget_per_epoch * cfg.epochs)
+    return total_steps, math.ceil(total_steps / math.ceil(n_slices / global_batch))
 
 
 def param_groups(cfg: TrainConfig, model: nn.Module) -> list[dict]:
@@ -400,6 +416,14 @@ def group_record(optimizer: torch.optim.Optimizer | None) -> list[dict]:
     ]
 
 
+def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
+    """The linear warm-up's length in optimizer steps: ``warmup_fraction`` of the run's steps, or
+    the fixed ``warmup_steps`` of a config that sets it (older runs), never past the run's end."""
+    if cfg.warmup_steps is not None:
+        return min(cfg.warmup_steps, total_steps)
+    return min(round(cfg.warmup_fraction * total_steps), total_steps)
+
+
 def build_optimizer(cfg: TrainConfig, model: nn.Module, total_steps: int, num_processes: int):
     """AdamW over :func:`param_groups` and its warm-up + cosine schedule; (None, None) when nothing
     trains (zero-shot)."""
@@ -416,7 +440,7 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, total_steps: int, num_pr
     # same rational function of k on any number of processes (the lr column of history.csv).
     ticks = num_processes
     scheduler = get_cosine_schedule_with_warmup(
-        optimizer, min(cfg.warmup_steps, total_steps) * ticks, total_steps * ticks
+        optimizer, warmup_steps(cfg, total_steps) * ticks, total_steps * ticks
     )
     return optimizer, scheduler
 
@@ -448,7 +472,7 @@ def build_training(
             cfg, acc, data, loaded, train_rows, val_rows, preprocessing
         )
     loader, sampler = build_loader(cfg, data, train_rows, features, loaded.image_size, preprocessing)
-    total_steps, n_epochs = build_schedule(cfg, len(sampler), acc.num_processes)
+    total_steps, n_epochs = build_schedule(cfg, len(sampler), acc.num_processes, budget_slices(cfg, data))
     module = PromptedModule(loaded.model, prompt.tokens["input_ids"], prompt.tokens["attention_mask"])
     if cfg.compile:  # in place, so Accelerate/DDP still wrap an ordinary module (measured in benchmarks/)
         module.compile()
