@@ -264,6 +264,9 @@ def _cmd_benchmark(a: argparse.Namespace) -> None:
         postprocess=a.postprocess,
         test=a.test,
         overwrite=a.overwrite,
+        lr_sweep=a.lr_sweep,
+        lr_grid=a.lr_grid,
+        tune_fraction=a.tune_fraction,
     )
     raise_failed(results, out)
 
@@ -567,6 +570,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--lrs",
         help="per-strategy learning rates, e.g. full=1e-5,decoder=1e-3 (default: each strategy's own, "
         "in its file under strategies/)",
+    )
+    s.add_argument(
+        "--lr-sweep",
+        type=_positive_int,
+        metavar="N",
+        help="first choose each strategy's rate (decoder-only: decoder_lr) from N log-spaced rates "
+        "around its default, a factor sqrt(10) apart (3: x1/sqrt(10), x1, x sqrt(10); 5: x1/10..x10), "
+        "on tune cases carved from the training cases (--tune-fraction), on the first seed and fold; "
+        "the matrix then trains at the chosen rates. Adds N runs per strategy that trains (5 x 3 = 15 "
+        "for --lr-sweep 3), recorded in BENCH/lr-sweep.json and counted in each strategy's cost",
+    )
+    s.add_argument(
+        "--lr-grid",
+        action="append",
+        metavar="STRATEGY=A,B,C",
+        help="an explicit sweep grid for one strategy, e.g. full=1e-5,3e-5,1e-4 (repeat per strategy; "
+        "wins over --lr-sweep's grid for that strategy)",
+    )
+    s.add_argument(
+        "--tune-fraction",
+        type=float,
+        default=0.2,
+        help="share of the training cases (by patient, fixed by the first seed) the sweep tunes on; "
+        "never the cases the report scores (default 0.2)",
     )
     s.add_argument(
         "--launcher",

@@ -100,6 +100,12 @@ class TrainConfig(BaseModel):
         description="With a folder prepared with --folds K: train on every non-test case outside this "
         "fold (0..K-1) and validate on the fold's cases; None: the folder's train/val split.",
     )
+    tune_cases: list[str] | None = Field(
+        None,
+        description="A learning-rate sweep run (`benchmark --lr-sweep`): train on the training cases "
+        "(of the fold) minus these and validate on these instead of the val split (or fold), whose "
+        "arrays are then never opened; None: an ordinary run.",
+    )
     seed: int = Field(
         0, ge=0, strict=True, description="Seed of the run (weights of injected modules, order, dropout)."
     )

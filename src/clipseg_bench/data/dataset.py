@@ -37,9 +37,14 @@ class PreparedData:
     Args:
         root: the PREPARED folder.
         test: open the test split too (``evaluate --split test`` only).
+        seal_val: hold out the val cases of ``fold`` the same way (a learning-rate sweep run,
+            which tunes on training cases and must not read the cases the report scores).
+        fold: the fold whose val cases ``seal_val`` holds out (None: the val split).
     """
 
-    def __init__(self, root: str | Path, *, test: bool = False):
+    def __init__(
+        self, root: str | Path, *, test: bool = False, seal_val: bool = False, fold: int | None = None
+    ):
         self.root = Path(root)
         self.test = test
         meta_path = self.root / "dataset.json"
@@ -65,10 +70,12 @@ class PreparedData:
         if not test:  # the test cases' slice rows (organ pixel counts come from their labels) go
             self.manifest = self.manifest[~self.manifest["case"].isin(self.held_out)]
         self._arrays: dict[tuple[str, str], np.ndarray] = {}
+        # A learning-rate sweep never reads the cases the report scores: not even their arrays' headers.
+        self.sealed = set(self.cases("val", fold)) if seal_val else set()
         # A truncated array fails here, not mid-training. Checked and let go: a memmap holds a file
         # descriptor, and keeping every case's two would hit the open-file limit on large datasets.
         for case in self.cases_meta:
-            if test or case not in self.held_out:
+            if (test or case not in self.held_out) and case not in self.sealed:
                 for kind in ("image", "label"):
                     self._open(case, kind)
 
@@ -143,6 +150,10 @@ class PreparedData:
             raise InputError(
                 self.root,
                 f"case {case!r} is in the held-out test split: only `evaluate --split test` reads it",
+            )
+        if case in self.sealed:
+            raise InputError(
+                self.root, f"case {case!r} is scored by the report: a learning-rate sweep does not read it"
             )
         if key not in self._arrays:
             self._arrays[key] = self._open(case, kind)

@@ -43,6 +43,8 @@ class Strategy:
         lr: the default peak learning rate for a pretrained checkpoint (the real study's).
         demo_lr: the rate of the demo's tiny model (pretrained on phantoms, fine-tuned on another
             style): a 250k-parameter model trained for a few dozen steps wants far higher rates.
+        tuned_rate: the TrainConfig field ``benchmark --lr-sweep`` varies: ``lr`` (the strategy's
+            own trainables), ``decoder_lr`` when the decoder is all it trains, None when nothing trains.
         order: where the strategy appears in every table and plot (lower first).
         color: its colour in every plot (a matplotlib colour); None takes the next free one.
         Options: optionally a dataclass of options; each field's ``metadata["help"]`` documents it,
@@ -54,6 +56,7 @@ class Strategy:
     description: ClassVar[str]
     lr: ClassVar[float]
     demo_lr: ClassVar[float | None] = None
+    tuned_rate: ClassVar[str | None] = "lr"
     order: ClassVar[float] = float("inf")
     color: ClassVar[str | None] = None
     Options: ClassVar[type] = NoOptions

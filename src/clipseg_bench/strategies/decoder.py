@@ -16,6 +16,7 @@ class DecoderOnly(Strategy):
     # CLIPSeg's own decoder was trained with 1e-3 (Lüddecke & Ecker 2022).
     lr = 1e-3
     demo_lr = 1e-3
+    tuned_rate = "decoder_lr"  # it trains the decoder alone: its rate is the decoder's
     order = 2
     color = "#ff7f0e"
 

@@ -13,6 +13,7 @@ class ZeroShot(Strategy):
     description = "No training: the pretrained model as it is, the baseline every strategy must beat."
     # Nothing trains; a rate is still recorded so every run's config is complete.
     lr = 1e-3
+    tuned_rate = None  # nothing trains: nothing to tune
     order = 0
     color = "#7f7f7f"
 

@@ -48,10 +48,11 @@ from clipseg_bench.run_folder import RunFolder, RunRecord, RunStatus
 from clipseg_bench.strategies import available
 from clipseg_bench.study.results import ALL_CASES, Cell, is_bench_folder, recorded_cells
 from clipseg_bench.study.results import run_name as run_name  # re-exported: where callers found it
+from clipseg_bench.study.sweep import SweepPlan, choices, parse_lr_grid, plan_sweep, write_choices
 from clipseg_bench.train.record import LOCK as TRAIN_LOCK  # the lock `train` takes in each run folder
 
 # What a run's config holds besides the benchmark's shared settings.
-PER_CELL = ("strategy", "seed", "lr", "train_cases", "fold", *RUNTIME_FIELDS)
+PER_CELL = ("strategy", "seed", "lr", "decoder_lr", "train_cases", "fold", *RUNTIME_FIELDS)
 
 
 def parse_shard(spec: str | None) -> tuple[int, int]:
@@ -212,8 +213,13 @@ def plan(
     overrides: dict,
     strategy_lr: dict[str, float],
     overwrite: bool,
+    tuned: dict[str, dict[str, float]] | None = None,
 ) -> dict[Cell, TrainConfig]:
     """Check everything a benchmark call needs, writing nothing; return each cell's config.
+
+    Args:
+        tuned: per strategy, the rate fields a learning-rate sweep chose ({field: rate}); they win
+            over ``strategy_lr``.
 
     Raises:
         InputError: a bad flag, config file, data folder, model or output folder, or settings that
@@ -243,6 +249,7 @@ def plan(
             "lr": strategy_lr.get(cell.strategy),
             "train_cases": cell.train_cases,
             "fold": cell.fold,
+            **(tuned or {}).get(cell.strategy, {}),
         }
         cfgs[cell] = load_config(config, values)
     _refuse_mixed_folds(out, todo)
@@ -358,6 +365,9 @@ def run_matrix(
     postprocess: str = "none",
     test: bool = False,
     overwrite: bool = False,
+    lr_sweep: int | None = None,
+    lr_grid: list[str] | None = None,
+    tune_fraction: float = 0.2,
 ) -> list[dict]:
     """Train (and evaluate) every cell of this shard; returns one status dict per cell.
 
@@ -374,6 +384,11 @@ def run_matrix(
         test: train nothing; evaluate every finished cell on the held-out test split (with the
             recorded clean-up when ``postprocess`` is "auto").
         overwrite: write into a non-empty folder that is not a BENCH folder.
+        lr_sweep: N: first choose each strategy's rate from a grid of N around its default, on tune
+            cases carved from the training cases (:mod:`clipseg_bench.study.sweep`), on the first
+            seed and fold; the matrix's runs then train at the chosen rates.
+        lr_grid: explicit grids, ``strategy=a,b,c`` each (win over ``lr_sweep``'s).
+        tune_fraction: the share of the training cases the sweep tunes on (by patient).
 
     Raises:
         InputError: see :func:`plan`; nothing is written then.
@@ -385,8 +400,10 @@ def run_matrix(
     train_cmd = launcher_command(launcher) + ["-m", "clipseg_bench.cli"]
     strategy_lr = strategy_lr or {}
     overrides = {**(extra or {}), "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size}
-    plan_args = dict(data=data, model=model, todo=todo, out=out, config=config, overrides=overrides)
-    cfgs = plan(**plan_args, strategy_lr=strategy_lr, overwrite=overwrite)
+    args = dict(data=data, model=model, out=out, config=config, overrides=overrides, strategy_lr=strategy_lr)
+    sweep = _sweep_of(args, strategies, seeds[0], fold_list[0], lr_sweep, lr_grid, tune_fraction)
+    chosen = choices(out, sweep) if sweep else {}
+    cfgs = plan(**args, todo=todo, overwrite=overwrite, tuned=_tuned(chosen))
     # One call per shard of a folder at a time; shards run side by side (their cells differ).
     scope = f"shard{parse_shard(shard)[0]}"
     with output_lock(out, "benchmark", scope=scope):
@@ -398,10 +415,9 @@ def run_matrix(
             shard,
             todo,
             cfgs,
-            model=model,
-            data=data,
+            args=args,
+            sweep=sweep,
             epochs=epochs,
-            strategy_lr=strategy_lr,
             train_cmd=train_cmd,
             evaluate=evaluate,
             postprocess=postprocess,
@@ -409,28 +425,116 @@ def run_matrix(
 
 
 def _run_cells(
-    out: Path, shard, todo, cfgs, *, model, data, epochs, strategy_lr, train_cmd, evaluate, postprocess
+    out: Path,
+    shard,
+    todo,
+    cfgs,
+    *,
+    args: dict,
+    sweep: SweepPlan | None,
+    epochs,
+    train_cmd,
+    evaluate,
+    postprocess,
 ) -> list[dict]:
-    """Record the call, then train (and evaluate) every cell of ``todo`` (the BENCH folder is locked),
-    and with ``postprocess`` "auto" choose the clean-up on the folder's out-of-fold scores."""
+    """Record the call, run this shard's learning-rate sweep points if any, then train (and
+    evaluate) every cell of ``todo`` whose rate is settled (the BENCH folder is locked), and with
+    ``postprocess`` "auto" choose the clean-up on the folder's out-of-fold scores.
+
+    Args:
+        args: :func:`plan`'s shared arguments (data, model, out, config, overrides, strategy_lr).
+    """
     (out / "runs").mkdir(parents=True, exist_ok=True)
     _write_record(
-        out, shard, todo=todo, model=model, data=data, epochs=epochs, cfgs=cfgs, strategy_lr=strategy_lr
+        out,
+        shard,
+        todo=todo,
+        model=args["model"],
+        data=args["data"],
+        epochs=epochs,
+        cfgs=cfgs,
+        strategy_lr=args["strategy_lr"],
     )
+    chosen = {}
+    if sweep:
+        chosen = _run_sweep(sweep, out=out, shard=shard, train_cmd=train_cmd)
+        cfgs = plan(**args, todo=todo, overwrite=True, tuned=_tuned(chosen))
+    ready = [c for c in todo if sweep is None or c.strategy in chosen or c.strategy not in sweep.defaults]
     results = [
-        _run_cell(
-            RunFolder(out / "runs" / cell.name), cfgs[cell], out=out, train_cmd=train_cmd, evaluate=evaluate
-        )
-        for cell in todo
+        _run_cell(RunFolder(out / "runs" / c.name), cfgs[c], out=out, train_cmd=train_cmd, evaluate=evaluate)
+        if c in ready
+        else _pending(out, c)
+        for c in todo
     ]
     if postprocess == "auto":
         _choose_postprocess(out)
-    failed = [r["run"] for r in results if r["status"] == "failed"]
-    print(
-        f"[benchmark] {len(results) - len(failed)}/{len(results)} runs done in {out}"
-        + (f"; failed: {', '.join(failed)} (re-run the same command to retry)" if failed else "")
-    )
+    _print_summary(results, out)
     return results
+
+
+def _print_summary(results: list[dict], out: Path) -> None:
+    """One line: how many cells are done, which failed, how many wait for a sweep."""
+    failed = [r["run"] for r in results if r["status"] == "failed"]
+    waiting = sum(r["status"] == "pending" for r in results)
+    print(
+        f"[benchmark] {len(results) - len(failed) - waiting}/{len(results)} runs done in {out}"
+        + (f"; failed: {', '.join(failed)} (re-run the same command to retry)" if failed else "")
+        + (f"; {waiting} waiting for their learning-rate sweep" if waiting else "")
+    )
+
+
+def _sweep_of(args: dict, strategies, seed: int, fold, n_points, grid, fraction: float) -> SweepPlan | None:
+    """The call's learning-rate sweep (on the first seed and fold), checked; None without one.
+
+    Args:
+        args: :func:`plan`'s shared arguments (data, model, out, config, overrides, strategy_lr).
+    """
+    if not (n_points or grid):
+        return None
+    return plan_sweep(
+        out=args["out"],
+        data=args["data"],
+        strategies=strategies,
+        n_points=n_points,
+        grids=parse_lr_grid(grid),
+        fraction=fraction,
+        seed=seed,
+        fold=fold,
+        config=args["config"],
+        values={**args["overrides"], "data": str(args["data"]), "model": args["model"]},
+        strategy_lr=args["strategy_lr"],
+    )
+
+
+def _tuned(chosen: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """The sweep's choices as config values per strategy: {strategy: {field: rate}}."""
+    return {s: {c["field"]: c["chosen"]} for s, c in chosen.items()}
+
+
+def _run_sweep(sweep: SweepPlan, *, out: Path, shard: str | None, train_cmd: list[str]) -> dict[str, dict]:
+    """Train this shard's share of the grid points (finished ones are skipped, unfinished ones
+    resumed), then record every strategy whose points have all finished; returns those choices."""
+    i, n = parse_shard(shard)
+    for point in list(sweep.points)[i::n]:
+        cfg = sweep.points[point]
+        _run_cell(RunFolder(cfg.out), cfg, out=out, train_cmd=train_cmd, evaluate=False)
+    chosen = choices(out, sweep)
+    if chosen:
+        write_choices(out, sweep, chosen)
+    for s, c in chosen.items():
+        edge = " (at the grid's edge: widen the grid)" if c["at_edge"] else ""
+        print(
+            f"[benchmark] {s}: {c['field']} {c['chosen']:.3g} chosen on {len(sweep.tune_cases)} tune cases{edge}"
+        )
+    return chosen
+
+
+def _pending(out: Path, cell: Cell) -> dict:
+    """A cell whose strategy's sweep is not complete yet (another shard's points are unfinished)."""
+    print(
+        f"[benchmark] {cell.name}: waiting for its learning-rate sweep (re-run once every shard's points are done)"
+    )
+    return {"run": str(out / "runs" / cell.name), "status": "pending"}
 
 
 def _run_cell(run: RunFolder, cfg: TrainConfig, *, out: Path, train_cmd: list[str], evaluate: bool) -> dict:

@@ -126,7 +126,7 @@ def start_record(setup) -> RunRecord:
         preprocessing=setup.preprocessing,  # segment and evaluate rebuild the inputs from it
         fold=cfg.fold,  # None: the folder's train/val split
         folds=setup.data.n_folds if cfg.fold is not None else None,  # how many folds the data has
-        cases=case_counts(setup.data, cfg.fold),
+        cases=case_counts(setup.data, cfg.fold, cfg.tune_cases),
         validation=setup.validation_record(),
         # where the vision activations come from: the feature cache in its dtype, or computed live
         vision_features={
@@ -151,10 +151,13 @@ def data_record(data, out: Path) -> dict:
     }
 
 
-def case_counts(data, fold: int | None) -> dict[str, int]:
+def case_counts(data, fold: int | None, tune_cases: list[str] | None = None) -> dict[str, int]:
     """run.json's ``cases``: how many cases the train and val split (of ``fold``) hold, and how many
-    the folder holds out as test (only when it has any; their arrays are never opened)."""
+    the folder holds out as test (only when it has any; their arrays are never opened); a sweep run
+    also counts its ``tune`` cases (taken out of ``train``)."""
     counts = {split: len(data.cases(split, fold)) for split in ("train", "val")}
+    if tune_cases:
+        counts = {**counts, "train": counts["train"] - len(tune_cases), "tune": len(tune_cases)}
     held_out = len(data.held_out)
     return {**counts, "test": held_out} if held_out else counts
 

@@ -126,11 +126,16 @@ class TrainingSetup:
         """run.json's ``validation``: the cap, and which slices validation and the final train Dice score."""
         return {
             "max_slices": self.cfg.val_max_slices,
-            "val": sample_record(
-                self.val_rows, of=len(self.data.slices("val", kept_only=True, fold=self.cfg.fold))
-            ),
+            "val": sample_record(self.val_rows, of=self._val_pool()),
             "train": sample_record(self.train_rows.iloc[self.train_check], of=len(self.train_rows)),
         }
+
+    def _val_pool(self) -> int:
+        """How many kept slices the val sample is drawn from (the tune cases' for a sweep run)."""
+        if self.cfg.tune_cases:
+            kept = self.data.slices("train", kept_only=True, fold=self.cfg.fold)
+            return int(kept["case"].isin(self.cfg.tune_cases).sum())
+        return len(self.data.slices("val", kept_only=True, fold=self.cfg.fold))
 
     @property
     def train_cases(self) -> list[str]:
@@ -140,6 +145,8 @@ class TrainingSetup:
     @property
     def val_cases(self) -> list[str]:
         """The ids of the val split's (or fold's) cases, what ``evaluate`` scores, sorted."""
+        if self.cfg.tune_cases:
+            return sorted(self.cfg.tune_cases)
         return self.data.cases("val", self.cfg.fold)
 
     @property
@@ -188,7 +195,7 @@ def release_frozen_vision(setup: TrainingSetup) -> None:
 
 def build_data(cfg: TrainConfig) -> PreparedData:
     """The prepared dataset, checked for the run's input channels and fold (its test cases unread)."""
-    data = PreparedData(cfg.data)
+    data = PreparedData(cfg.data, seal_val=cfg.tune_cases is not None, fold=cfg.fold)
     data.check_channels(cfg.input_channels)
     data.check_fold(cfg.fold)
     return data
@@ -291,8 +298,11 @@ def build_rows(
     Raises:
         InputError: nothing to train on, or more ``train_cases`` than the folder has.
     """
+    val_rows = data.slices("val", kept_only=True, fold=cfg.fold) if not cfg.tune_cases else None
     if train_rows is None:
         train_rows = data.slices("train", kept_only=True, fold=cfg.fold)
+        if cfg.tune_cases:  # a sweep run: the tune cases leave training and take the val split's place
+            train_rows, val_rows = _split_tune(cfg, data, train_rows)
         if cfg.train_cases is not None:  # the data-efficiency axis: a nested subset of the cases
             try:
                 keep = train_case_subset(data.cases("train", cfg.fold), cfg.train_cases, seed=cfg.seed)
@@ -303,15 +313,37 @@ def build_rows(
         raise InputError(
             data.root, "no slice to train on: the train split has no case, or none of its slices was kept"
         )
-    val_rows = data.slices("val", kept_only=True, fold=cfg.fold)
+    if val_rows is None:
+        val_rows = data.slices("val", kept_only=True, fold=cfg.fold)
     val_rows = val_rows.iloc[even_sample(val_rows, cfg.val_max_slices)].reset_index(drop=True)
     return train_rows.reset_index(drop=True), val_rows
 
 
+def _split_tune(
+    cfg: TrainConfig, data: PreparedData, rows: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(training rows without the tune cases, the tune cases' kept rows) of a sweep run.
+
+    Raises:
+        InputError: a tune case that is not a training case, or no training case left.
+    """
+    train = set(data.cases("train", cfg.fold))
+    stray = sorted(set(cfg.tune_cases) - train)
+    if stray:
+        raise InputError(data.root, f"tune_cases: {stray[0]!r} is not a training case (of the fold)")
+    if not train - set(cfg.tune_cases):
+        raise InputError(
+            data.root, "tune_cases: every training case is a tune case; none is left to train on"
+        )
+    tune = rows["case"].isin(cfg.tune_cases)
+    return rows[~tune], rows[tune]
+
+
 def budget_slices(cfg: TrainConfig, data: PreparedData) -> int | None:
     """The slices whose ``epochs`` passes make the run's step budget: the whole training set's (of
-    the fold) for a ``train_cases`` subset under ``budget: steps``; None: the run's own slices."""
-    if cfg.budget != "steps" or cfg.train_cases is None:
+    the fold) for a ``train_cases`` subset or a sweep run (``tune_cases``) under ``budget: steps``,
+    so a sweep point trains for the steps of the run its rate is chosen for; None: the run's own slices."""
+    if cfg.budget != "steps" or (cfg.train_cases is None and not cfg.tune_cases):
         return None
     return len(data.slices("train", kept_only=True, fold=cfg.fold))
 
@@ -508,6 +540,15 @@ def build_training(
     )
 
 
+def tune_suffix(tune_cases: list[str] | None) -> str:
+    """The feature cache files' suffix for a sweep run: its rows depend on which cases are tune cases."""
+    if not tune_cases:
+        return ""
+    import hashlib
+
+    return "_tune" + hashlib.sha1(",".join(sorted(tune_cases)).encode()).hexdigest()[:8]
+
+
 def _cache_frozen_vision(
     cfg: TrainConfig, acc, data: PreparedData, loaded: LoadedModel, train_rows, val_rows, preprocessing
 ):
@@ -539,7 +580,9 @@ def _cache_frozen_vision(
         if not cfg.augment:  # augmented images change every epoch: their encodings cannot be cached
             # A subset of the cases gets a file of its own: it must not replace the full set's.
             name = "train_kept" if cfg.train_cases is None else f"train_kept_n{cfg.train_cases}_s{cfg.seed}"
-            features, infos["train_kept"] = build(rows=train_rows, name=name + fold_suffix(cfg.fold))
+            name += fold_suffix(cfg.fold) + tune_suffix(cfg.tune_cases)
+            features, infos["train_kept"] = build(rows=train_rows, name=name)
         if len(val_rows):
-            val_features, infos["val_kept"] = build(rows=val_rows, name="val_kept" + fold_suffix(cfg.fold))
+            name = ("tune_kept" if cfg.tune_cases else "val_kept") + fold_suffix(cfg.fold)
+            val_features, infos["val_kept"] = build(rows=val_rows, name=name + tune_suffix(cfg.tune_cases))
     return features, val_features, infos
