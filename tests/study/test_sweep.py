@@ -4,6 +4,7 @@ scored case (whose arrays the sweep cannot even open), resumed point by point, s
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -125,3 +126,18 @@ def test_sweep_resumes_point_by_point_and_shards_merge(swept):
     assert third == ["done"] and trained_c == ["decoder-s0"]
     record = json.loads((out / SWEEP_FILE).read_text())
     assert [g["rate"] for g in record["strategies"]["decoder"]["grid"]] == [1e-3, 3e-3]
+
+
+def test_report_shows_the_sweep_and_counts_its_compute(swept, tmp_path):
+    from clipseg_bench.study.report import write_report
+
+    out, _ = swept
+    html = write_report([out], out=tmp_path / "r")
+    md = (tmp_path / "r" / "results.md").read_text()
+    assert "## Learning-rate sweep" in md and "widen the grid" in md  # 2 points: the best is an edge
+    record = json.loads((out / SWEEP_FILE).read_text())["strategies"]["decoder"]
+    sweep_s = sum(g["train_time_s"] for g in record["grid"])
+    run_s = json.loads((out / "runs" / "decoder-s0" / "run.json").read_text())["timing"]["train_time_s"]
+    share = f"{sweep_s / (sweep_s + run_s):.0%}"
+    assert re.search(rf"\|\s*{share}\s*\|", md), share  # the sweep's share of decoder's compute
+    assert (tmp_path / "r" / "plots" / "lr_sweep.png").is_file() and "Learning-rate sweep" in html.read_text()

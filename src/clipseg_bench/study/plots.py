@@ -737,3 +737,43 @@ def plot_data_efficiency(efficiency: pd.DataFrame, path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return _save(fig, path)
+
+
+def plot_lr_sweep(sweep: pd.DataFrame, path: Path) -> Path | None:
+    """Tune score against learning rate, one line per strategy (log rate axis); the chosen rate is
+    a filled marker, the strategy's default a hollow ring, a choice at the grid's edge is named.
+
+    Args:
+        sweep: :func:`~clipseg_bench.study.sweep.sweep_table` output.
+        path: PNG to write; None (nothing drawn) without a sweep.
+    """
+    data = sweep[sweep["score"].notna()]
+    if data.empty:
+        return None
+    names = strategy_order(set(data["strategy"]))
+    fig = Figure(figsize=(7.5, 4.5))
+    ax = fig.subplots()
+    for name in names:
+        g = data[data["strategy"] == name].sort_values("rate")
+        c = strategy_color(name, names)
+        edge = " (edge: widen the grid)" if g["at_edge"].iloc[0] else ""
+        ax.plot(
+            g["rate"],
+            g["score"],
+            color=c,
+            marker="o",
+            ms=4,
+            lw=1.5,
+            label=f"{name}: {g['field'].iloc[0]}{edge}",
+        )
+        best = g[g["chosen"]]
+        ax.scatter(best["rate"], best["score"], s=90, color=c, edgecolor="k", zorder=3)
+        default = g[g["default"]]
+        ax.scatter(default["rate"], default["score"], s=160, facecolor="none", edgecolor=c, lw=1.5, zorder=3)
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate (log scale)")
+    ax.set_ylabel("tune-case val 2D Dice")
+    ax.set_title("Learning-rate sweep on the tune cases (filled: chosen; ring: default)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return _save(fig, path)

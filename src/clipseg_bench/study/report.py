@@ -53,6 +53,7 @@ from clipseg_bench.study.results import (
     runs_table,
     summary_table,
 )
+from clipseg_bench.study.sweep import sweep_display, sweep_table
 
 # The original study (FLARE22, 20 epochs), as it reported its results; shown for reference only.
 ORIGINAL_STUDY = pd.DataFrame(
@@ -816,6 +817,7 @@ def render_html(
     questions: dict | None = None,
     scores: str = "",
     choices: pd.DataFrame | None = None,
+    lr_sweep: pd.DataFrame | None = None,
 ) -> str:
     """The whole report as one HTML string (images inline), from ``templates/report.html.j2``.
 
@@ -825,6 +827,7 @@ def render_html(
         questions: :func:`question_tables`, for the findings, the reliance, data-efficiency,
             paired, ranking and per-organ sections.
         scores: :func:`scores_note`; choices: :func:`choices_display` (None or empty: no section).
+        lr_sweep: :func:`~clipseg_bench.study.sweep.sweep_display` (None or empty: no section).
     """
     unfinished = ["" if s == FINISHED else "unfinished" for s in table["status"]]
     over_cases = None if questions is None else at_level(questions["over_cases"], questions["level"])
@@ -834,6 +837,7 @@ def render_html(
         sources=sources,
         scores=scores,
         choices=_table(choices, "choices") if choices is not None and not choices.empty else None,
+        lr_sweep=_table(lr_sweep, "lr_sweep") if lr_sweep is not None and not lr_sweep.empty else None,
         findings=[] if questions is None else questions["findings"],
         excluded=_excluded_note(table),
         no_val=no_val_note(table),
@@ -1015,6 +1019,7 @@ def _write_pages(
     if shown is not None:
         sections[CHOICES_HEADING] = shown
     scores = scores_note(every)
+    sections[SWEEP_HEADING] = sweep_display(sweep_table(sources), _runs_time(table))
     write_markdown(
         out / "results.md",
         summary,
@@ -1029,6 +1034,10 @@ def _write_pages(
     )
     pngs = make_plots(runs, pool_folds(runs_table(runs)), summary, dsc, nsd, out / "plots")
     pngs.update(make_question_plots(questions, out / "plots"))
+    swept = sweep_table(sources)
+    pngs.update(
+        _drop_stale({"lr_sweep": plots.plot_lr_sweep(swept, out / "plots" / "lr_sweep.png")}, out / "plots")
+    )
     html = render_html(
         runs=every,
         table=table,
@@ -1040,9 +1049,19 @@ def _write_pages(
         questions=questions,
         scores=scores,
         choices=shown,
+        lr_sweep=sections[SWEEP_HEADING],
     )
     write_text_atomic(out / "report.html", html)
     return out / "report.html"
+
+
+SWEEP_HEADING = "Learning-rate sweep (chosen on tune cases the report never scores)"
+
+
+def _runs_time(table: pd.DataFrame) -> dict[str, float]:
+    """Per strategy, the summed training time of its finished runs (every seed, fold and size)."""
+    done = table[table["status"] == FINISHED]
+    return {str(k): float(v) for k, v in done.groupby("strategy")["train_time_s"].sum().items()}
 
 
 def _choices(runs: list[Run]) -> tuple[list[dict], list[dict]] | None:

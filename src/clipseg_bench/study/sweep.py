@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from clipseg_bench.config import TrainConfig, config_differences, load_config, resolved
 from clipseg_bench.errors import FieldError, InputError
@@ -239,3 +240,78 @@ def read_choices(bench: Path) -> dict:
     """A BENCH folder's ``lr-sweep.json`` ({} without a sweep)."""
     path = Path(bench) / SWEEP_FILE
     return read_json_object(path) if path.is_file() else {}
+
+
+def sweep_table(bench_dirs: list[Path]) -> pd.DataFrame:
+    """One row per grid point of every BENCH folder's ``lr-sweep.json`` (shards merged: a strategy
+    recorded by several is the same sweep).
+
+    Returns:
+        Columns strategy, field, rate, score, chosen, default, at_edge, train_time_s, tune_cases;
+        empty without a sweep.
+    """
+    rows, seen = [], set()
+    for bench in bench_dirs:
+        record = read_choices(bench)
+        for s, c in (record.get("strategies") or {}).items():
+            if s in seen:
+                continue
+            seen.add(s)
+            for g in c["grid"]:
+                rows.append(
+                    {
+                        "strategy": s,
+                        "field": c["field"],
+                        "rate": g["rate"],
+                        "score": g["score"],
+                        "chosen": g["rate"] == c["chosen"],
+                        "default": bool(np.isclose(g["rate"], c["default"], rtol=1e-2)),
+                        "at_edge": c["at_edge"],
+                        "train_time_s": g.get("train_time_s") or 0.0,
+                        "tune_cases": len(record.get("tune_cases") or []),
+                    }
+                )
+    columns = [
+        "strategy",
+        "field",
+        "rate",
+        "score",
+        "chosen",
+        "default",
+        "at_edge",
+        "train_time_s",
+        "tune_cases",
+    ]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def sweep_display(sweep: pd.DataFrame, runs_time_s: dict[str, float]) -> pd.DataFrame:
+    """The report's sweep table: per strategy the rate swept, default and chosen rate, each grid
+    point's tune score, and the sweep's compute beside the reported runs' (its share of the
+    strategy's whole cost).
+
+    Args:
+        sweep: :func:`sweep_table`.
+        runs_time_s: per strategy, the summed training time of its reported (finished) runs.
+    """
+    rows = []
+    for s, g in sweep.groupby("strategy", sort=False):
+        sweep_s = float(g["train_time_s"].sum())
+        total = sweep_s + runs_time_s.get(s, 0.0)
+        default = g.loc[g["default"], "rate"]
+        rows.append(
+            {
+                "strategy": s,
+                "rate swept": g["field"].iloc[0],
+                "default": f"{default.iloc[0]:.3g}" if len(default) else "–",
+                "chosen": f"{g.loc[g['chosen'], 'rate'].iloc[0]:.3g}",
+                "tune score per rate": ", ".join(
+                    f"{r:.3g}: {'–' if sc is None or not np.isfinite(sc) else f'{sc:.3f}'}"
+                    for r, sc in zip(g["rate"], g["score"])
+                ),
+                "sweep compute (s)": f"{sweep_s:.1f}",
+                "share of the strategy's compute": f"{sweep_s / total:.0%}" if total else "–",
+                "note": "optimum at the grid's edge: widen the grid" if g["at_edge"].iloc[0] else "",
+            }
+        )
+    return pd.DataFrame(rows)
