@@ -29,8 +29,10 @@ def _run(prepared, out, **kw):
         "threads": 1,
     }
     train(load_config(None, {**base, **kw}))
-    record = json.loads((out / "run.json").read_text())
-    return record["timing"]["steps"], pd.read_csv(out / "history.csv")
+    timing = json.loads((out / "run.json").read_text())["timing"]
+    # the costs beside the wall time (tests/train/test_cost.py checks how they are computed)
+    assert timing["train_cpu_s"] > 0 and 0 < timing["step_time_s"] < timing["train_time_s"]
+    return timing["steps"], pd.read_csv(out / "history.csv")
 
 
 @pytest.fixture(scope="module")

@@ -102,6 +102,16 @@ def _marker_area(params: np.ndarray, pmax: float) -> np.ndarray:
     return 20 + 900 * np.sqrt(np.nan_to_num(params) / max(pmax, 1.0))
 
 
+def cost_axis(summary: pd.DataFrame) -> tuple[str, str]:
+    """The cost the Pareto plot shows, as (results column, axis words): the training's process CPU
+    time when every strategy's runs recorded it (on a shared machine wall time also counts the
+    waits for a core), else the wall time. One-off costs (feature cache, sweep) are not in either."""
+    cpu = summary.get("train_cpu_s_mean")
+    if cpu is not None and np.isfinite(cpu.to_numpy(float)).all():
+        return "train_cpu_s", "training CPU time of the process, one-off costs excluded"
+    return "train_time_s", "training wall time, one-off costs excluded"
+
+
 def plot_pareto(summary: pd.DataFrame, table: pd.DataFrame, path: Path) -> Path | None:
     """Val Dice against training time per strategy (mean ± std), seeds as dots, Pareto front drawn.
 
@@ -114,8 +124,9 @@ def plot_pareto(summary: pd.DataFrame, table: pd.DataFrame, path: Path) -> Path 
         return None
     names = list(summary["strategy"])
     done = table[table["status"] == "finished"]
-    div, unit = time_unit(float(np.nanmax(summary["train_time_s_mean"].to_numpy(float), initial=0)))
-    x = summary["train_time_s_mean"].to_numpy(float) / div
+    cost, what = cost_axis(summary)
+    div, unit = time_unit(float(np.nanmax(summary[f"{cost}_mean"].to_numpy(float), initial=0)))
+    x = summary[f"{cost}_mean"].to_numpy(float) / div
     y = summary["val_dice_mean"].to_numpy(float)
     params = summary["trainable_params_mean"].to_numpy(float)
     pmax = float(np.nanmax(params, initial=0))
@@ -131,11 +142,11 @@ def plot_pareto(summary: pd.DataFrame, table: pd.DataFrame, path: Path) -> Path 
     for i, name in enumerate(names):
         c = strategy_color(name, names)
         seeds = done[done["strategy"] == name]
-        ax.scatter(seeds["train_time_s"] / div, seeds["val_dice"], s=12, color=c, alpha=0.5, zorder=2)
+        ax.scatter(seeds[cost] / div, seeds["val_dice"], s=12, color=c, alpha=0.5, zorder=2)
         ax.errorbar(
             x[i],
             y[i],
-            xerr=np.nan_to_num(summary["train_time_s_std"].iloc[i]) / div,
+            xerr=np.nan_to_num(summary[f"{cost}_std"].iloc[i]) / div,
             yerr=np.nan_to_num(summary["val_dice_std"].iloc[i]),
             fmt="none",
             ecolor=c,
@@ -144,7 +155,7 @@ def plot_pareto(summary: pd.DataFrame, table: pd.DataFrame, path: Path) -> Path 
         )
         on_front = i in set(front.tolist())
         ax.scatter(x[i], y[i], s=area[i], color=c, edgecolor="k" if on_front else "none", lw=1.2, zorder=3)
-    ax.set_xlabel(f"training time ({unit}, mean over seeds)")
+    ax.set_xlabel(f"{what} ({unit}, mean over seeds)")
     ax.set_ylabel("val 2D Dice")
     ax.set_title(
         "Quality against cost (marker area ~ sqrt of trainable parameters; outlined: Pareto front)",
@@ -442,13 +453,17 @@ def plot_curves(runs: list[Run], path: Path) -> Path | None:
 def plot_time_breakdown(summary: pd.DataFrame, parts: list[str], path: Path) -> Path | None:
     """Horizontal stacked bars of where each strategy's run time went (mean over seeds).
 
-    The feature-cache build, paid once per run, is a hatched segment; a black diamond marks the
-    run's total training time as the trainer measured it.
+    Data, forward, backward and optimizer make up the training time (a black diamond, as the
+    trainer measured it; the rest is the loop's bookkeeping); validation and the feature-cache
+    build (hatched, paid once per run) come after it: the training time does not count them.
     """
     if summary.empty:
         return None
     names = list(summary["strategy"])
-    segs = [(p, f"time_{p}_s_mean") for p in parts if f"time_{p}_s_mean" in summary]
+    # The training parts first (they make up the training time, the diamond, up to the loop's own
+    # bookkeeping), then what the training time does not count: validation and the cache build.
+    ordered = [p for p in parts if p != "eval"] + [p for p in parts if p == "eval"]
+    segs = [(p, f"time_{p}_s_mean") for p in ordered if f"time_{p}_s_mean" in summary]
     totals = summary["train_time_s_mean"].to_numpy(float)
     stacked = sum((summary[c].fillna(0).to_numpy(float) for _, c in segs), np.zeros(len(names)))
     cache = summary["cache_build_s_mean"].fillna(0).to_numpy(float) if "cache_build_s_mean" in summary else 0
@@ -459,7 +474,8 @@ def plot_time_breakdown(summary: pd.DataFrame, parts: list[str], path: Path) -> 
     left = np.zeros(len(names))
     for part, col in segs:
         w = summary[col].fillna(0).to_numpy(float) / div
-        ax.barh(ys, w, left=left, color=_PART_COLORS.get(part, "#d4a6c8"), label=part, height=0.6)
+        label = "validation (not in the training time)" if part == "eval" else part
+        ax.barh(ys, w, left=left, color=_PART_COLORS.get(part, "#d4a6c8"), label=label, height=0.6)
         left += w
     if np.any(cache):
         ax.barh(
@@ -470,9 +486,9 @@ def plot_time_breakdown(summary: pd.DataFrame, parts: list[str], path: Path) -> 
             edgecolor="0.4",
             hatch="//",
             height=0.6,
-            label="feature cache build (once)",
+            label="feature cache build (one-off, not in the training time)",
         )
-    ax.scatter(totals / div, ys, marker="D", color="k", s=22, zorder=3, label="total training time")
+    ax.scatter(totals / div, ys, marker="D", color="k", s=22, zorder=3, label="training time (wall)")
     ax.set_yticks(ys, names)
     ax.set_xlabel(f"time per run ({unit}, mean over seeds)")
     ax.set_title("Where the time goes", fontsize=10)

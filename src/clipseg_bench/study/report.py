@@ -143,6 +143,16 @@ def summary_display(summary: pd.DataFrame, over_cases: pd.DataFrame | None = Non
                 f"Training time ({unit}) ± sd(seeds)": fmt_pm(
                     r["train_time_s_mean"] / div, r["train_time_s_std"] / div, 2
                 ),
+                f"Training CPU time ({unit}) ± sd(seeds)": fmt_pm(
+                    r.get("train_cpu_s_mean", float("nan")) / div,
+                    r.get("train_cpu_s_std", float("nan")) / div,
+                    2,
+                ),
+                "Steady step (ms) ± sd(seeds)": fmt_pm(
+                    r.get("step_time_s_mean", float("nan")) * 1e3,
+                    r.get("step_time_s_std", float("nan")) * 1e3,
+                    1,
+                ),
                 "s/epoch ± sd(seeds)": fmt_pm(r["s_per_epoch_mean"], r["s_per_epoch_std"], 3),
                 "Peak memory (MB) ± sd(seeds)": fmt_pm(r["peak_mem_mb_mean"], r["peak_mem_mb_std"], 1),
             }

@@ -102,6 +102,8 @@ METRICS = (
     "val_dsc3d",
     "val_nsd3d",
     "train_time_s",
+    "train_cpu_s",
+    "step_time_s",
     "s_per_epoch",
     "peak_mem_mb",
     "masks_per_s",
@@ -489,6 +491,8 @@ def run_row(run: Run, breakdown: list[str] | None = None) -> dict:
         "prompt_reliance_norm": _num(metrics.get("prompt_reliance_norm")),
         **{f"{VARIANT_PREFIX}{k}": _num(v) for k, v in (metrics.get("prompt_variants") or {}).items()},
         "train_time_s": _num(timing.get("train_time_s")),  # run.json timing
+        "train_cpu_s": _num(timing.get("train_cpu_s")),  # NaN for runs from before it was recorded
+        "step_time_s": _num(timing.get("step_time_s")),  # steady-state median step (wall)
         "s_per_epoch": _num(timing.get("s_per_epoch")),
         "epochs": _num(timing.get("epochs")),
         "steps": _num(timing.get("steps")),

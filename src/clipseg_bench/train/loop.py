@@ -65,7 +65,9 @@ def train_epoch(setup: TrainingSetup, epoch: int, global_step: int, pbar) -> tup
     bad_step = torch.full((), -1, dtype=torch.long, device=acc.device)
     lrs = []  # the rate of each step, to name it when the run diverged
     it = iter(setup.loader)
+    step_times = []
     while global_step < setup.total_steps:
+        t_step = time.perf_counter()
         with timer.phase("data"):
             batch = next(it, None)
         if batch is None:
@@ -108,6 +110,7 @@ def train_epoch(setup: TrainingSetup, epoch: int, global_step: int, pbar) -> tup
             setup.optimizer.step()
             setup.scheduler.step()
             setup.optimizer.zero_grad(set_to_none=True)
+        step_times.append(time.perf_counter() - t_step)  # the phases synchronise the device
         global_step += 1
         n_steps += 1
         loss_sum += step_loss
@@ -121,6 +124,7 @@ def train_epoch(setup: TrainingSetup, epoch: int, global_step: int, pbar) -> tup
         "steps": n_steps,
         "bad_step": bad_step,
         "lrs": lrs,
+        "step_times": step_times,
     }
 
 
@@ -234,9 +238,11 @@ def _run_epoch(setup: TrainingSetup, state: LoopState, epoch: int, *, pbar, writ
     setup.sampler.set_epoch(epoch)
     if hasattr(setup.loader, "set_epoch"):  # Accelerate's loader would reset our sampler to its own counter
         setup.loader.set_epoch(epoch)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     global_step, stats = train_epoch(setup, epoch, state.global_step, pbar)
     epoch_time = time.perf_counter() - t0
+    state.train_cpu_s += time.process_time() - cpu0
+    state.step_times_s.extend(stats["step_times"])
     check_finite(setup, stats, state.global_step + 1, run)  # before its checkpoint replaces the last good one
     val_dice = float("nan")
     if main and _validates_after(setup, epoch):

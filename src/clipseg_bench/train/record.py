@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from clipseg_bench.config import (
     TrainConfig,
     config_differences,
@@ -181,6 +183,16 @@ def mark(run: RunFolder, record: RunRecord, status: RunStatus, **changes) -> Non
         pass
 
 
+def steady_step_time(setup, step_times: list[float]) -> float | None:
+    """The steady-state time of one optimizer step: the median over the steps after the learning-rate
+    warm-up (and after the first step, which pays one-off allocations); None without such steps."""
+    from clipseg_bench.train.setup import warmup_steps
+
+    skip = max(1, warmup_steps(setup.cfg, setup.total_steps))
+    steady = step_times[skip:]
+    return float(np.median(steady)) if steady else None
+
+
 def timing_record(setup, state) -> dict:
     """run.json's ``timing``: wall time, throughput, the feature cache, the breakdown, peak memory.
 
@@ -191,6 +203,8 @@ def timing_record(setup, state) -> dict:
     epochs_done = max(len(state.history), 1)
     return {
         "train_time_s": state.train_time_s,
+        "train_cpu_s": state.train_cpu_s,  # beside the wall time: robust to a busy machine
+        "step_time_s": steady_step_time(setup, state.step_times_s),
         "s_per_epoch": state.train_time_s / epochs_done if state.history else 0.0,
         "epochs": len(state.history),
         "steps": state.global_step,

@@ -31,6 +31,9 @@ class LoopState:
         global_step: optimizer steps taken.
         history: one history.csv row (dict) per finished epoch.
         train_time_s: wall time of the finished epochs' training (validation excluded).
+        train_cpu_s: this process's CPU time (all its threads) over the same span: what the training
+            cost on a shared machine, where wall time also counts waiting for a core.
+        step_times_s: wall time of each optimizer step (data to optimizer), in order.
         masks: (slice, organ) masks trained on, over all processes.
         breakdown_s: time per phase (:class:`~clipseg_bench.train.timing.StepTimer`).
         num_processes: processes that wrote it (the scheduler's state counts per-process ticks);
@@ -41,6 +44,8 @@ class LoopState:
     global_step: int = 0
     history: list[dict] = field(default_factory=list)
     train_time_s: float = 0.0
+    train_cpu_s: float = 0.0
+    step_times_s: list[float] = field(default_factory=list)
     masks: int = 0
     breakdown_s: dict = field(default_factory=dict)
     num_processes: int | None = None
