@@ -307,7 +307,7 @@ def _cmd_report(a: argparse.Namespace) -> None:
 def _cmd_demo(a: argparse.Namespace) -> None:
     from clipseg_bench.study.demo import run_demo
 
-    run_demo(out=Path(a.out), quick=a.quick)
+    run_demo(out=Path(a.out), quick=a.quick, lr_sweep=a.lr_sweep)
 
 
 def _add_cache_dir_flag(s: argparse.ArgumentParser) -> None:
@@ -637,6 +637,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default="demo_out", help="folder for everything the demo writes (default demo_out)"
     )
     s.add_argument("--quick", action="store_true", help="fewer steps (tests)")
+    s.add_argument(
+        "--lr-sweep",
+        type=_positive_int,
+        metavar="N",
+        help="choose each strategy's rate first from N around its demo rate (benchmark --lr-sweep): "
+        "N x 5 more runs, past the 10 minutes of `make demo`",
+    )
     s.set_defaults(func=_cmd_demo, parser=s)
     return p
 

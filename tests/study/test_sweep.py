@@ -8,12 +8,20 @@ import re
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from clipseg_bench.data.dataset import PreparedData
 from clipseg_bench.errors import FieldError
 from clipseg_bench.study import matrix
-from clipseg_bench.study.sweep import SWEEP_FILE, _choose, carve_tune_cases, grid_around, parse_lr_grid
+from clipseg_bench.study.sweep import (
+    SWEEP_FILE,
+    _choose,
+    carve_tune_cases,
+    grid_around,
+    parse_lr_grid,
+    sweep_display,
+)
 
 GRID = ["decoder=1e-3,3e-3"]
 
@@ -41,6 +49,49 @@ def test_the_choice_and_the_edge_flag():
     grid[2]["score"] = 0.9
     edge = _choose("lr", 1e-3, grid)
     assert edge["chosen"] == 1e-2 and edge["at_edge"]
+    for g in grid:  # a model that predicts nothing scores alike at every rate: keep the default
+        g["score"] = 0.0186
+    tie = _choose("lr", 1e-3, grid)
+    assert tie["chosen"] == 1e-3 and not tie["at_edge"] and tie["tied"] == 3
+
+
+def test_sweep_display_flags_the_edge_and_ties():
+    rows = [
+        {
+            "strategy": "full",
+            "field": "lr",
+            "rate": r,
+            "score": sc,
+            "chosen": r == 1e-2,
+            "default": r == 1e-3,
+            "at_edge": True,
+            "tied": 1,
+            "train_time_s": 10.0,
+            "tune_cases": 2,
+        }
+        for r, sc in ((1e-4, 0.5), (1e-3, 0.6), (1e-2, 0.7))
+    ]
+    rows += [
+        {
+            "strategy": "lora",
+            "field": "lr",
+            "rate": r,
+            "score": 0.2,
+            "chosen": r == 1e-3,
+            "default": r == 1e-3,
+            "at_edge": False,
+            "tied": 2,
+            "train_time_s": 5.0,
+            "tune_cases": 2,
+        }
+        for r in (1e-3, 1e-2)
+    ]
+    shown = sweep_display(pd.DataFrame(rows), {"full": 90.0}).set_index("strategy")
+    assert "widen the grid" in shown.loc["full", "note"] and shown.loc["full", "chosen"] == "0.01"
+    assert shown.loc["full", "share of the strategy's compute"] == "25%"  # 30 s of sweep, 90 s of runs
+    assert (
+        "tie" in shown.loc["lora", "note"] and shown.loc["lora", "share of the strategy's compute"] == "100%"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +185,7 @@ def test_report_shows_the_sweep_and_counts_its_compute(swept, tmp_path):
     out, _ = swept
     html = write_report([out], out=tmp_path / "r")
     md = (tmp_path / "r" / "results.md").read_text()
-    assert "## Learning-rate sweep" in md and "widen the grid" in md  # 2 points: the best is an edge
+    assert "## Learning-rate sweep" in md
     record = json.loads((out / SWEEP_FILE).read_text())["strategies"]["decoder"]
     sweep_s = sum(g["train_time_s"] for g in record["grid"])
     run_s = json.loads((out / "runs" / "decoder-s0" / "run.json").read_text())["timing"]["train_time_s"]

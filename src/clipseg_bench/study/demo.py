@@ -117,8 +117,16 @@ class _Stages:
         self.name = None
 
 
-def run_demo(*, out: Path, quick: bool = False, strategies: list[str] | None = None) -> Path:
-    """Run the demo into ``out``; returns the report path."""
+def run_demo(
+    *, out: Path, quick: bool = False, strategies: list[str] | None = None, lr_sweep: int | None = None
+) -> Path:
+    """Run the demo into ``out``; returns the report path.
+
+    Args:
+        lr_sweep: choose each strategy's rate first (``benchmark --lr-sweep N`` around its
+            ``demo_lr``, on fold 0 and the first seed): N more runs per trained strategy, off by
+            default because it does not fit `make demo`'s 10 minutes on 2 cores.
+    """
     out = Path(out)
     size = SIZES["quick" if quick else "full"]
     t_start = time.perf_counter()
@@ -141,7 +149,12 @@ def run_demo(*, out: Path, quick: bool = False, strategies: list[str] | None = N
     )
     auto = "auto" if size.folds_b else "none"  # the per-organ clean-up, chosen on out-of-fold scores
     outcomes = [
-        (run_matrix(strategies=strategies, out=out / "bench", postprocess=auto, **matrix), out / "bench")
+        (
+            run_matrix(
+                strategies=strategies, out=out / "bench", postprocess=auto, lr_sweep=lr_sweep, **matrix
+            ),
+            out / "bench",
+        )
     ]
     axis = [s for s in size.axis_strategies if s in strategies]
     if axis:

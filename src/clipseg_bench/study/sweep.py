@@ -209,13 +209,28 @@ def choices(out: Path, plan: SweepPlan) -> dict[str, dict]:
 
 
 def _choose(field: str, default: float, grid: list[dict]) -> dict:
-    """The best-scoring rate (the lowest of tied ones) and whether it sits at the grid's edge."""
+    """The best-scoring rate and whether it sits at the grid's edge.
+
+    Points tied at the best score (equal to the score's 4th decimal: a model that predicts nothing
+    scores the same at every rate) give no reason to move: the default wins among them if it is
+    one, else the lowest rate; ``tied`` counts them.
+    """
     scored = [g for g in grid if g["score"] is not None and np.isfinite(g["score"])]
     if not scored:
         raise InputError(grid[0]["run"], "no grid point has a tune score (did the tune cases keep slices?)")
-    best = max(scored, key=lambda g: (g["score"], -g["rate"]))
-    at_edge = len(grid) > 1 and best["rate"] in (grid[0]["rate"], grid[-1]["rate"])
-    return {"field": field, "default": default, "grid": grid, "chosen": best["rate"], "at_edge": at_edge}
+    top = max(g["score"] for g in scored)
+    best = [g for g in scored if round(g["score"], 4) == round(top, 4)]
+    near_default = [g for g in best if np.isclose(g["rate"], default, rtol=1e-2)]
+    chosen = (near_default or best)[0]
+    at_edge = len(grid) > 1 and len(best) == 1 and chosen["rate"] in (grid[0]["rate"], grid[-1]["rate"])
+    return {
+        "field": field,
+        "default": default,
+        "grid": grid,
+        "chosen": chosen["rate"],
+        "at_edge": at_edge,
+        "tied": len(best),
+    }
 
 
 def write_choices(out: Path, plan: SweepPlan, chosen: dict[str, dict]) -> None:
@@ -247,7 +262,7 @@ def sweep_table(bench_dirs: list[Path]) -> pd.DataFrame:
     recorded by several is the same sweep).
 
     Returns:
-        Columns strategy, field, rate, score, chosen, default, at_edge, train_time_s, tune_cases;
+        Columns strategy, field, rate, score, chosen, default, at_edge, tied, train_time_s, tune_cases;
         empty without a sweep.
     """
     rows, seen = [], set()
@@ -267,6 +282,7 @@ def sweep_table(bench_dirs: list[Path]) -> pd.DataFrame:
                         "chosen": g["rate"] == c["chosen"],
                         "default": bool(np.isclose(g["rate"], c["default"], rtol=1e-2)),
                         "at_edge": c["at_edge"],
+                        "tied": c.get("tied", 1),
                         "train_time_s": g.get("train_time_s") or 0.0,
                         "tune_cases": len(record.get("tune_cases") or []),
                     }
@@ -283,6 +299,14 @@ def sweep_table(bench_dirs: list[Path]) -> pd.DataFrame:
         "tune_cases",
     ]
     return pd.DataFrame(rows, columns=columns)
+
+
+def _note(points: pd.DataFrame) -> str:
+    """A strategy's sweep caveat: an optimum at the edge, or a best score several rates share."""
+    if points["at_edge"].iloc[0]:
+        return "optimum at the grid's edge: widen the grid"
+    tied = int(points["tied"].iloc[0])
+    return f"{tied} rates tie for the best score: the default (or the lowest) kept" if tied > 1 else ""
 
 
 def sweep_display(sweep: pd.DataFrame, runs_time_s: dict[str, float]) -> pd.DataFrame:
@@ -311,7 +335,7 @@ def sweep_display(sweep: pd.DataFrame, runs_time_s: dict[str, float]) -> pd.Data
                 ),
                 "sweep compute (s)": f"{sweep_s:.1f}",
                 "share of the strategy's compute": f"{sweep_s / total:.0%}" if total else "–",
-                "note": "optimum at the grid's edge: widen the grid" if g["at_edge"].iloc[0] else "",
+                "note": _note(g),
             }
         )
     return pd.DataFrame(rows)
