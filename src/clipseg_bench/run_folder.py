@@ -299,6 +299,27 @@ class RunFolder:
 
         return load_config(None, base=upgrade_saved(read_yaml_config(self.config_path)))
 
+    def refuse_other_config(self, cfg, hint: str) -> None:
+        """Refuse to reuse this folder for ``cfg`` when the run in it was trained with other settings.
+
+        Args:
+            cfg: the TrainConfig a call would train here.
+            hint: what to do instead, ending the message.
+
+        Raises:
+            InputError: naming the folder, the first differing field with both values, and ``hint``.
+        """
+        from clipseg_bench.config import config_differences
+
+        if not self.has_config():
+            return
+        diffs = config_differences(self.config(), cfg)
+        if diffs:
+            field, old, new = diffs[0]
+            raise InputError(
+                self.path, f"was run with {field}={old!r}, this call asks {field}={new!r}: {hint}"
+            )
+
     def record(self) -> RunRecord:
         """run.json as a :class:`RunRecord` (a folder without one: status ``missing``)."""
         if not self.has_record():

@@ -122,6 +122,17 @@ NEW = {
     "--lrs zeroshot=inf": lambda d, b, t: (_args(d, t / "B", "--lrs", "zeroshot=inf"), "--lrs"),
     "--lrs given twice": lambda d, b, t: (_args(d, t / "B", "--lrs", "zeroshot=1e-3,zeroshot=1e-4"), "--lrs"),
     "--seeds -1": lambda d, b, t: (_args(d, t / "B", "--seeds", "0,-1"), "--seeds"),
+    "--lr-grid full": lambda d, b, t: (_args(d, t / "B", "--lr-grid", "full"), "--lr-grid"),
+    "--lr-grid full=-1": lambda d, b, t: (_args(d, t / "B", "--lr-grid", "full=-1e-3"), "--lr-grid"),
+    "--lr-grid zeroshot": lambda d, b, t: (_args(d, t / "B", "--lr-grid", "zeroshot=1e-3"), "--lr-grid"),
+    "--lr-grid not benchmarked": lambda d, b, t: (
+        _args(d, t / "B", "--strategies", "decoder", "--lr-grid", "full=1e-3"),
+        "--lr-grid",
+    ),
+    "--tune-fraction 1": lambda d, b, t: (
+        _args(d, t / "B", "--lr-sweep", "3", "--tune-fraction", "1"),
+        "--tune-fraction",
+    ),
     "--epochs 0": lambda d, b, t: (_args(d, t / "B", "--epochs", "0"), "--epochs"),
     "--max-steps 0": lambda d, b, t: (_args(d, t / "B", "--max-steps", "0"), "--max-steps"),
     "--batch-size x": lambda d, b, t: (_args(d, t / "B", "--batch-size", "x"), "--batch-size"),

@@ -32,7 +32,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from clipseg_bench.config import RUNTIME_FIELDS, TrainConfig, config_differences, load_config, save_config
+from clipseg_bench.config import RUNTIME_FIELDS, TrainConfig, load_config, save_config
 from clipseg_bench.errors import FieldError, InputError, RunFailed
 from clipseg_bench.provenance import (
     check_output_folder,
@@ -305,16 +305,10 @@ def _refuse_other_settings(out: Path, cfgs: dict[Cell, TrainConfig]) -> None:
             )
         if run.path.is_dir():  # a `train` that holds it (still building, before its run.json)
             check_unlocked(run.path, TRAIN_LOCK)
-        if not run.has_config():
-            continue
-        diffs = config_differences(run.config(), cfg)
-        if diffs:
-            field, old, new = diffs[0]
-            raise InputError(
-                run.path,
-                f"was run with {field}={old!r}, this call asks {field}={new!r}: a BENCH folder holds "
-                "one set of settings; choose another --out (or delete that run to redo it)",
-            )
+        run.refuse_other_config(
+            cfg,
+            "a BENCH folder holds one set of settings; choose another --out (or delete that run to redo it)",
+        )
 
 
 def _write_record(out: Path, shard: str | None, *, todo, model, data, epochs, cfgs, strategy_lr) -> None:

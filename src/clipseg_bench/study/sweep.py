@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from clipseg_bench.config import TrainConfig, config_differences, load_config, resolved
+from clipseg_bench.config import TrainConfig, load_config, resolved
 from clipseg_bench.errors import FieldError, InputError
 from clipseg_bench.provenance import read_json_object, write_json_atomic
 from clipseg_bench.run_folder import RunFolder, RunStatus
@@ -166,16 +166,9 @@ def plan_sweep(
 def _refuse_changed_points(points: dict[SweepPoint, TrainConfig]) -> None:
     """A grid point already trained with other settings (tune cases, steps...) is not reused."""
     for cfg in points.values():
-        run = RunFolder(cfg.out)
-        if run.has_config():
-            diffs = config_differences(run.config(), cfg)
-            if diffs:
-                field, old, new = diffs[0]
-                raise InputError(
-                    run.path,
-                    f"this sweep point was run with {field}={old!r}, this call asks {field}={new!r}: "
-                    "choose another --out (or delete the sweep folder to redo it)",
-                )
+        RunFolder(cfg.out).refuse_other_config(
+            cfg, "a sweep point is reused only as it was run; choose another --out (or delete it to redo it)"
+        )
 
 
 def choices(out: Path, plan: SweepPlan) -> dict[str, dict]:
