@@ -288,6 +288,7 @@ def sweep_table(bench_dirs: list[Path]) -> pd.DataFrame:
         "chosen",
         "default",
         "at_edge",
+        "tied",
         "train_time_s",
         "tune_cases",
     ]
