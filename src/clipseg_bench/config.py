@@ -238,15 +238,17 @@ def config_differences(saved: TrainConfig, other: TrainConfig, fields=None) -> l
     return diffs
 
 
-def upgrade_saved(values: Mapping[str, Any]) -> dict[str, Any]:
-    """A run folder's saved config.yaml values as today's fields mean them: a run from before
-    parameter groups trained its decoder at its one ``lr``, and one from before ``budget`` trained a
-    ``train_cases`` subset for ``epochs`` passes (its ``warmup_steps`` count is kept as it is)."""
-    values = dict(values)
+def legacy_values(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields a run folder's saved config.yaml leaves out, as they were when it was written: a
+    run from before parameter groups trained its decoder at its one ``lr``, and one from before
+    ``budget`` trained a ``train_cases`` subset for ``epochs`` passes (a saved ``warmup_steps``
+    count is kept as it is). Returns only those fields ({} for a config written today)."""
+    legacy = {}
     if "decoder_lr" not in values and values.get("lr") is not None:
-        values["decoder_lr"] = values["lr"]
-    values.setdefault("budget", "epochs")
-    return values
+        legacy["decoder_lr"] = values["lr"]
+    if "budget" not in values:
+        legacy["budget"] = "epochs"
+    return legacy
 
 
 def resolve_lr(cfg: TrainConfig) -> float:

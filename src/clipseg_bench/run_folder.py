@@ -295,9 +295,11 @@ class RunFolder:
             raise InputError(
                 self.path, "not a run folder (no config.yaml); train one with `clipseg-bench train`"
             )
-        from clipseg_bench.config import read_yaml_config, upgrade_saved
+        from clipseg_bench.config import legacy_values, read_yaml_config
 
-        return load_config(None, base=upgrade_saved(read_yaml_config(self.config_path)))
+        # the file's own values win (and a bad one names the file); beneath them what it left out
+        # meant when it was written
+        return load_config(self.config_path, base=legacy_values(read_yaml_config(self.config_path)))
 
     def refuse_other_config(self, cfg, hint: str) -> None:
         """Refuse to reuse this folder for ``cfg`` when the run in it was trained with other settings.
