@@ -109,10 +109,33 @@ class TrainConfig(BaseModel):
     seed: int = Field(
         0, ge=0, strict=True, description="Seed of the run (weights of injected modules, order, dropout)."
     )
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
-        "no", description="Autocast on GPU via Accelerate."
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto",
+        description="Autocast (Accelerate in training; the same in validation, evaluate, segment and the "
+        "feature cache): `auto` is bf16 on a CUDA device that supports it and fp32 (`no`) elsewhere.",
     )
-    num_workers: int = Field(0, strict=True, ge=0, description="DataLoader workers.")
+    tf32: bool = Field(
+        True, description="On CUDA, run float32 matmuls and convolutions in TF32 (no effect on CPU)."
+    )
+    num_workers: int | None = Field(
+        None,
+        strict=True,
+        ge=0,
+        description="DataLoader workers; None: 4 per process on CUDA (at most the CPU cores per process), "
+        "0 on CPU. Workers read the prepared arrays and the feature cache through their own memory maps.",
+    )
+    log_every: int = Field(
+        50,
+        strict=True,
+        ge=1,
+        description="Read the loss and Dice the device accumulates every N steps (and at each epoch end): "
+        "the progress bar's value; no per-step wait for the device.",
+    )
+    profile_sync: bool = Field(
+        False,
+        description="Time each step phase exactly by synchronising the device around it (slower; on CUDA "
+        "the default reads CUDA events without waiting).",
+    )
     threads: int | None = Field(
         None,
         strict=True,
@@ -125,17 +148,25 @@ class TrainConfig(BaseModel):
         "turns the training feature cache off.",
     )
     feature_cache: bool = Field(True, description="Cache frozen encoder outputs once, on disk.")
+    feature_cache_on_device: Literal["auto", "yes", "no"] = Field(
+        "auto",
+        description="Decoder-only: hold the feature cache and the labels on the device (`auto`: on CUDA when "
+        "they fit in half the free device memory); otherwise batches are read from the memory-mapped cache "
+        "and copied from pinned memory.",
+    )
     feature_cache_dtype: Literal["fp16", "fp32"] = Field(
         "fp16",
         description="Precision of the cached encoder outputs: fp16 halves the cache (benchmarks/README.md "
         "measures what it costs in Dice); fp32 equals computing them live.",
     )
-    pair_chunk: int = Field(
-        16,
+    pair_chunk: int | None = Field(
+        None,
         strict=True,
         ge=0,
         description="When no encoder trains, decode at most this many (slice, organ) pairs at a time "
-        "and accumulate their gradients (exact; bounds decoder memory). 0: all at once.",
+        "and accumulate their gradients (exact; bounds decoder memory). 0: all at once. None: 16 on CPU "
+        "(the decoder's memory, benchmarks/README.md), all at once on CUDA (each chunk costs kernel "
+        "launches the device waits for).",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute encoder activations in backward.")
     compile: bool = Field(
@@ -216,7 +247,15 @@ class TrainConfig(BaseModel):
 
 
 # How a run is carried out, not what it computes: a resumed or re-run run may change these.
-RUNTIME_FIELDS = ("out", "num_workers", "threads", "cache_dir")
+RUNTIME_FIELDS = (
+    "out",
+    "num_workers",
+    "threads",
+    "cache_dir",
+    "log_every",
+    "profile_sync",
+    "feature_cache_on_device",
+)
 
 
 def config_differences(saved: TrainConfig, other: TrainConfig, fields=None) -> list[tuple[str, Any, Any]]:

@@ -293,6 +293,25 @@ def check_free_space(folder: str | Path, need: int, *, what: str, largest: int |
         )
 
 
+def reserve_file(path: str | Path) -> None:
+    """Allocate a file's blocks now (``posix_fallocate``) where the file system can, so that writing
+    it through a memory map later cannot run out of room (SIGBUS) once the reservation succeeded.
+
+    Raises:
+        OSError: ENOSPC and the like (callers turn it into :func:`write_error`'s line).
+    """
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    finally:
+        os.close(fd)
+
+
 def _cgroup_memory_left() -> int | None:
     """Bytes this container may still allocate (cgroup v2 memory.max - memory.current), if limited."""
     root = Path("/sys/fs/cgroup")
@@ -549,7 +568,7 @@ def is_lock_file(path: Path) -> bool:
     return path.name.startswith(LOCK_PREFIX) and path.name.endswith(LOCK_SUFFIX)
 
 
-def _try_flock(fd: int, kind: int = fcntl.LOCK_EX) -> bool | None:
+def try_flock(fd: int, kind: int = fcntl.LOCK_EX) -> bool | None:
     """True: ``fd`` now holds the lock; False: another open file holds it; None: no flock here."""
     try:
         fcntl.flock(fd, kind | fcntl.LOCK_NB)
@@ -562,7 +581,15 @@ def _try_flock(fd: int, kind: int = fcntl.LOCK_EX) -> bool | None:
         raise
 
 
-def _read_holder(fd: int) -> dict | None:
+def write_holder(fd: int, command: str) -> None:
+    """Record this process (:func:`process_record`) and ``command`` in a lock file it holds."""
+    record = json.dumps({**process_record(), "command": command}).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, record, 0)
+
+
+def read_holder(fd: int) -> dict | None:
+    """The record a lock's holder wrote (:func:`write_holder`), None when there is none."""
     try:
         doc = json.loads(os.pread(fd, 65536, 0).decode() or "null")
     except (OSError, ValueError, UnicodeDecodeError):
@@ -579,7 +606,10 @@ def _is_me(holder: dict) -> bool:
     )
 
 
-def _who(holder: dict) -> str:
+def holder_text(holder: dict | None) -> str:
+    """Who holds a lock, for a message: its command, pid, host and start time (from its record)."""
+    if not holder:
+        return "another process"
     return (
         f"`{holder.get('command', '?')}` process {holder.get('pid')} on {holder.get('host')} "
         f"(started {holder.get('started', '?')})"
@@ -591,7 +621,7 @@ def _verdict(path: Path, got: bool | None, holder: dict | None) -> str:
     raise the refusal. ``got``: whether flock was ours (None: no flock on this file system)."""
     folder = path.parent
     if got is False:  # the kernel says a process holds it
-        who = _who(holder) if holder else "another process"
+        who = holder_text(holder)
         raise InputError(
             folder, f"{who} is writing into it right now; wait for it to end, or choose another --out"
         )
@@ -601,13 +631,13 @@ def _verdict(path: Path, got: bool | None, holder: dict | None) -> str:
     if alive is None:  # another host: flock over a network file system cannot be trusted either
         raise InputError(
             folder,
-            f"is locked by {_who(holder)}, which cannot be checked from {socket.gethostname()}; "
+            f"is locked by {holder_text(holder)}, which cannot be checked from {socket.gethostname()}; "
             f"if it no longer runs, remove {path} and run the command again",
         )
     if alive and got is None:  # without flock the record is all there is to go by
         raise InputError(
             folder,
-            f"{_who(holder)} is writing into it right now; wait for it to end, or choose another --out",
+            f"{holder_text(holder)} is writing into it right now; wait for it to end, or choose another --out",
         )
     return "stale"
 
@@ -624,10 +654,10 @@ def check_unlocked(folder: str | Path, command: str, scope: str | None = None) -
     except OSError:
         return  # no lock file: nobody writes here
     try:
-        holder = _read_holder(fd)
+        holder = read_holder(fd)
         if holder and _is_me(holder):  # this process holds it (a check repeated inside the lock)
             return
-        _verdict(path, _try_flock(fd, fcntl.LOCK_SH), holder)
+        _verdict(path, try_flock(fd, fcntl.LOCK_SH), holder)
     finally:
         os.close(fd)  # also releases the probe's shared lock
 
@@ -648,19 +678,17 @@ def _acquire(path: Path, command: str) -> int:
         except OSError as exc:
             raise write_error(path, exc) from None
         try:
-            got = _try_flock(fd)
+            got = try_flock(fd)
             if got and not _holds_path(fd, path):  # its holder removed it while we opened it: again
                 os.close(fd)
                 continue
-            holder = _read_holder(fd)
+            holder = read_holder(fd)
             if _verdict(path, got, holder) == "stale":
                 print(
-                    f"note: {path.parent}: taking over the lock of {_who(holder)}, which no longer runs",
+                    f"note: {path.parent}: taking over the lock of {holder_text(holder)}, which no longer runs",
                     file=sys.stderr,
                 )
-            record = json.dumps({**process_record(), "command": command}).encode()
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, record, 0)
+            write_holder(fd, command)
             return fd
         except BaseException:
             os.close(fd)

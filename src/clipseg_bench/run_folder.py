@@ -117,6 +117,7 @@ _RECORD_KEYS = (
     "lr",
     "param_groups",
     "preprocessing",
+    "compute",
     "cases",
     "validation",
     "vision_features",
@@ -151,6 +152,7 @@ class RunRecord:
     lr: float | None = None
     param_groups: list | None = None
     preprocessing: Preprocessing | None = None
+    compute: dict | None = None
     cases: dict | None = None
     validation: dict | None = None
     vision_features: dict | None = None

@@ -24,6 +24,7 @@ from clipseg_bench.errors import FieldError, InputError
 
 # The dtype of each cached array kind: windowed images and labels uint8, the HU slices int16.
 ARRAY_DTYPES = {"image": np.uint8, "label": np.uint8, "hu": np.int16}
+LABEL_IDS = 256  # uint8 label maps: the length of an item's ``present_ids``
 
 
 class PreparedData:
@@ -274,18 +275,33 @@ def resize_slices(images: torch.Tensor, size: int, *, labels: bool = False) -> t
     return out[:, 0].reshape(*lead, size, size).to(images.dtype)
 
 
-class SliceDataset(Dataset):
-    """One item per slice: ``{"image": uint8 (S,S) or (3,S,S), "labels": uint8 (S,S), "index": int}``.
+def present_ids(labels: np.ndarray) -> np.ndarray:
+    """(LABEL_IDS,) bool: which label ids occur in a uint8 label map (of any shape).
 
-    With ``features``, items carry ``"features"`` instead of ``"image"``.
+    The training loop picks its (slice, organ) pairs from this on the host, before the batch reaches
+    the device (:func:`clipseg_bench.data.sampling.select_pairs`).
+    """
+    return np.bincount(np.asarray(labels).ravel(), minlength=LABEL_IDS) > 0
+
+
+class SliceDataset(Dataset):
+    """One item per slice: ``{"image": uint8 (S,S) or (3,S,S), "labels": uint8 (S,S), "present_ids":
+    bool (256,), "index": int}``.
+
+    With ``features``, items carry ``"features"`` instead of ``"image"``; with ``index_only``, only
+    ``"index"`` (the trainer then reads the rest from copies it holds on the device).
+
+    Pickling it (a DataLoader worker under ``spawn``/``forkserver``) sends no array: the prepared
+    data's and the feature cache's memory maps are reopened by the worker on its first read.
 
     Args:
         data: the prepared dataset.
         split: "train" or "val".
         size: square side S the model takes (slices are resized here, once, in the loader).
         kept_only: only slices `prepare` kept for training (organ present, or all with --keep-empty).
-        features: optional memory-mapped frozen vision activations (N, ...) aligned with the rows;
-            when given, items also carry ``"features"`` (fp16) and the image encoder can be skipped.
+        features: optional frozen vision activations (N, ...) aligned with the rows, e.g. the
+            feature cache's :class:`~clipseg_bench.model.feature_cache.CachedRows`; when given,
+            items carry ``"features"`` (fp16) and the image encoder can be skipped.
         rows: manifest rows to serve instead of the split's (``split`` and ``kept_only`` then unused).
         channels: the input_channels mode: ``gray`` gives (S, S) images, the others (3, S, S).
         windows: the run's HU windows of ``windows`` mode (None: today's).
@@ -304,33 +320,43 @@ class SliceDataset(Dataset):
         windows=None,
     ):
         self.data = data
-        self.rows = data.slices(split, kept_only=kept_only) if rows is None else rows.reset_index(drop=True)
+        rows = data.slices(split, kept_only=kept_only) if rows is None else rows.reset_index(drop=True)
+        # (case, z) only: the whole manifest row would be pickled into every worker
+        self.cases = rows["case"].astype(str).to_numpy()
+        self.zs = rows["z"].astype(np.int64).to_numpy()
         self.size = size
         self.features = features
         self.channels = channels
         self.windows = windows
-        if len(self.rows) == 0:
+        self.index_only = False
+        if len(self.zs) == 0:
             raise InputError(data.root, f"split {split!r} has no slices to use")
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.zs)
+
+    def labels(self, i: int) -> torch.Tensor:
+        """(S, S) uint8 label map of item ``i`` at the model's side."""
+        labels = np.array(self.data.array(self.cases[i], "label")[self.zs[i]])
+        return resize_slices(torch.from_numpy(labels)[None], self.size, labels=True)[0]
 
     def __getitem__(self, i: int) -> dict:
-        case, z = self.rows.at[i, "case"], int(self.rows.at[i, "z"])
-        labels = np.array(self.data.array(case, "label")[z])
-        item = {
-            "labels": resize_slices(torch.from_numpy(labels)[None], self.size, labels=True)[0],
-            "index": i,
-        }
+        if self.index_only:
+            return {"index": i}
+        labels = self.labels(i)
+        item = {"labels": labels, "present_ids": torch.from_numpy(present_ids(labels.numpy())), "index": i}
         if self.features is not None:  # the encoder's output stands in for the image: skip loading it
             item["features"] = torch.from_numpy(np.array(self.features[i]))
         else:
-            image = self.data.inputs(case, [z], self.channels, self.windows)
+            image = self.data.inputs(self.cases[i], [self.zs[i]], self.channels, self.windows)
             item["image"] = resize_slices(torch.from_numpy(image), self.size)[0]
         return item
 
 
-def organ_targets(labels: torch.Tensor, organ_ids: list[int]) -> torch.Tensor:
-    """(B, H, W) FLARE ids -> (B, K, H, W) float one-hot targets for the K prompted organs."""
+def organ_targets(labels: torch.Tensor, organ_ids) -> torch.Tensor:
+    """(B, H, W) FLARE ids -> (B, K, H, W) float one-hot targets for the K prompted organs.
+
+    ``organ_ids``: a list, or a tensor of the labels' dtype on their device (used as it is).
+    """
     ids = torch.as_tensor(organ_ids, device=labels.device, dtype=labels.dtype)
     return (labels[:, None] == ids[None, :, None, None]).float()

@@ -31,21 +31,25 @@ class EpochSampler(Sampler[int]):
 
 
 def select_pairs(
-    targets: torch.Tensor, *, absent_fraction: float, generator: torch.Generator
+    present: torch.Tensor, *, absent_fraction: float, generator: torch.Generator
 ) -> torch.Tensor:
     """The (slice, organ) pairs a step trains on: every present organ and a share of absent ones.
 
+    Runs on the host, from which organs each slice holds (known before the batch reaches the
+    device), so the training loop never waits for the device to learn how many pairs it decodes.
+
     Args:
-        targets: (B, K, H, W) one-hot organ masks of the batch.
+        present: (B, K) bool, whether organ k has a pixel in slice b (at the model's resolution).
         absent_fraction: probability that an absent organ's pair is kept (it teaches "empty").
         generator: the epoch's own generator (CPU), so the draw is reproducible on resume.
 
     Returns:
-        (P, 2) long tensor of (slice index, organ index) rows, never empty: every data-parallel rank
-        must run a backward, so a batch with nothing selected keeps its first pair.
+        (P, 2) long CPU tensor of (slice index, organ index) rows in row-major order, never empty:
+        every data-parallel rank must run a backward, so a batch with nothing selected keeps its
+        first pair.
     """
-    present = targets.flatten(2).amax(-1) > 0
-    rand = torch.rand(present.shape, generator=generator).to(present.device)
+    present = present.to("cpu", torch.bool)
+    rand = torch.rand(present.shape, generator=generator)
     select = present | (rand < absent_fraction)
     if not select.any():
         select[0, 0] = True

@@ -235,6 +235,7 @@ def _score_cases(
     pre, threshold = trained.preprocessing, trained.cfg.threshold
     organ_ids = [o.id for o in trained.organs]
     features = _frozen_features(trained, prepared, cases, split, seg.device, show_progress, root)
+    ids = torch.as_tensor(organ_ids, dtype=torch.uint8, device=seg.device)
     tally, offset = _Tally(), 0
     for case in tqdm(cases, desc=f"evaluate {split}", unit="case", disable=not show_progress):
         images, gt = prepared.array(case, "image"), np.asarray(prepared.array(case, "label"))
@@ -242,13 +243,16 @@ def _score_cases(
         pred = np.zeros_like(gt)
         feats = None if features is None else features[offset : offset + len(images)]
         offset += len(images)
+        # Probabilities stay on the device: thresholds and Dice counts are computed there and only
+        # the uint8 label maps (for the 3D scores) and the counts come back.
         for start, prompt_sets in seg.iter_prompt_sets(
-            inputs, prompt_embs=check.embeddings, batch_size=16, features=feats
+            inputs, prompt_embs=check.embeddings, batch_size=16, features=feats, on_device=True
         ):
             probs = prompt_sets[RIGHT]
             stop = start + len(probs)
-            pred[start:stop] = probabilities_to_labels(probs, organ_ids, threshold=threshold).numpy()
-            target = gt[start:stop, None] == np.asarray(organ_ids)[None, :, None, None]
+            pred[start:stop] = probabilities_to_labels(probs, organ_ids, threshold=threshold).cpu().numpy()
+            gt_b = torch.from_numpy(np.array(gt[start:stop])).to(seg.device)
+            target = gt_b[:, None] == ids[None, :, None, None]  # (b, K, H, W) on the device
             check.add(prompt_sets, target)  # also dice2d and the false-positive slices
         tally.present[case] = organs_present(gt, trained.organs)
         for mode, scores in score_postprocessed(pred, gt, prepared.cases_meta[case], trained.organs).items():
@@ -320,5 +324,6 @@ def _frozen_features(trained, prepared: PreparedData, cases, split, dev, show_pr
         channels=trained.preprocessing.input_channels,
         windows=trained.preprocessing.windows,
         root=root,
+        precision=trained.precision(dev),
     )
     return feats

@@ -20,6 +20,7 @@ and differs by up to a few 1e-3.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -46,10 +47,67 @@ def _on_accelerator(pred, gt) -> bool:
     return isinstance(pred, torch.Tensor) and isinstance(gt, torch.Tensor) and pred.device.type != "cpu"
 
 
+def pair_counts(pred, gt) -> tuple:
+    """The integers Dice is made of, per pair of masks: ``(|P∩G|, |P|, |G|)``.
+
+    Args:
+        pred: predicted masks, bool-like (N, ...); numpy array or torch tensor (any device),
+            nonzero = foreground.
+        gt: ground-truth masks of the same shape.
+
+    Returns:
+        Three int64 (N,) arrays. On an accelerator (both tensors there) they are tensors left on the
+        device, so a caller can keep counting without waiting for the device (the training loop
+        reads them every ``log_every`` steps); otherwise numpy arrays (numpy's view of CPU memory
+        counts several times faster than torch's reductions).
+    """
+    if _on_accelerator(pred, gt):
+        p, g = pred.detach() != 0, gt.detach().to(pred.device) != 0
+    else:
+        p, g = _as_bool(pred), _as_bool(gt)
+    if p.shape != g.shape or p.ndim < 1:
+        raise ValueError(
+            f"expected two (N, ...) arrays of one shape, got {tuple(p.shape)} and {tuple(g.shape)}"
+        )
+    axes = tuple(range(1, p.ndim))
+    if isinstance(p, torch.Tensor):
+        count = functools.partial(torch.sum, dim=axes, dtype=torch.int64)
+        return count(p & g), count(p), count(g)
+    return (
+        np.logical_and(p, g).sum(axis=axes, dtype=np.int64),
+        p.sum(axis=axes, dtype=np.int64),
+        g.sum(axis=axes, dtype=np.int64),
+    )
+
+
+def dice_from_counts(inter, pred_sum, gt_sum) -> np.ndarray:
+    """Dice ``2|P∩G| / (|P| + |G|)`` from :func:`pair_counts` (host arrays or tensors on any device).
+
+    Returns:
+        float64 (N,). Empty-mask rules: a pair empty in both masks scores 1.0 (nothing to find and
+        nothing found, the FLARE22 convention); a pair empty in exactly one scores 0.0.
+    """
+    inter, pred_sum, gt_sum = (_host_int64(x) for x in (inter, pred_sum, gt_sum))
+    total = pred_sum + gt_sum
+    return np.where(total == 0, 1.0, 2.0 * inter / np.maximum(total, 1))
+
+
+def present_dice_from_counts(inter, pred_sum, gt_sum) -> np.ndarray:
+    """:func:`dice_from_counts` of the pairs whose ground truth is not empty (``gt_sum > 0``), in order."""
+    inter, pred_sum, gt_sum = (_host_int64(x) for x in (inter, pred_sum, gt_sum))
+    present = gt_sum > 0
+    return dice_from_counts(inter[present], pred_sum[present], gt_sum[present])
+
+
+def _host_int64(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.int64)
+
+
 def dice_2d_pairs(pred, gt) -> np.ndarray:
     """Dice ``2|P∩G| / (|P| + |G|)`` of each pair of binary masks: the project's one Dice.
 
-    Training progress, validation, ``evaluate`` (2D) and the 3D DSC all call this function.
+    Training progress, validation, ``evaluate`` (2D) and the 3D DSC all call this function (or its
+    two halves, :func:`pair_counts` and :func:`dice_from_counts`).
 
     Args:
         pred: predicted masks, bool-like (N, ...) (e.g. (N, H, W) for N (slice, organ) pairs);
@@ -61,22 +119,7 @@ def dice_2d_pairs(pred, gt) -> np.ndarray:
         find and nothing found, the FLARE22 convention); a pair empty in exactly one scores 0.0.
         Callers that want "Dice where the organ is present" use :func:`present_pairs_dice`.
     """
-    if _on_accelerator(pred, gt):  # count on the device: only two integers per pair come back
-        p, g = pred.detach() != 0, gt.detach().to(pred.device) != 0
-    else:
-        p, g = _as_bool(pred), _as_bool(gt)
-    if p.shape != g.shape or p.ndim < 1:
-        raise ValueError(
-            f"expected two (N, ...) arrays of one shape, got {tuple(p.shape)} and {tuple(g.shape)}"
-        )
-    axes = tuple(range(1, p.ndim))
-    if isinstance(p, torch.Tensor):
-        inter = (p & g).sum(dim=axes, dtype=torch.int64).cpu().numpy()
-        total = (p.sum(dim=axes, dtype=torch.int64) + g.sum(dim=axes, dtype=torch.int64)).cpu().numpy()
-    else:
-        inter = np.logical_and(p, g).sum(axis=axes, dtype=np.int64)
-        total = p.sum(axis=axes, dtype=np.int64) + g.sum(axis=axes, dtype=np.int64)
-    return np.where(total == 0, 1.0, 2.0 * inter / np.maximum(total, 1))
+    return dice_from_counts(*pair_counts(pred, gt))
 
 
 def present_pairs_dice(pred, gt) -> np.ndarray:
@@ -84,14 +127,10 @@ def present_pairs_dice(pred, gt) -> np.ndarray:
 
     This is what ``dice2d`` averages (the original study's number): pairs where the organ is absent
     from the ground truth are left out, so empty-both pairs (Dice 1 by convention) cannot inflate it.
+    Every pair is counted where the masks are and only the counts are selected (on a GPU, selecting
+    masks by a data-dependent mask would make the host wait for the device).
     """
-    if _on_accelerator(pred, gt):  # select on the device: the training step's masks stay there
-        g = gt.detach().to(pred.device) != 0
-        present = g.reshape(len(g), -1).any(1)
-        return dice_2d_pairs(pred.detach()[present], g[present])
-    g = _as_bool(gt)
-    present = g.reshape(len(g), -1).any(1)
-    return dice_2d_pairs(_as_bool(pred)[present], g[present])
+    return present_dice_from_counts(*pair_counts(pred, gt))
 
 
 def cross_dice(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
@@ -108,19 +147,28 @@ def cross_dice(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
 
     Returns:
         (b, K, K) float64. Empty-mask rules as :func:`dice_2d_pairs`: both empty -> 1.0, exactly one
-        empty -> 0.0; the confusion matrix only reads columns whose organ is present.
+        empty -> 0.0; the confusion matrix only reads columns whose organ is present. Tensors on an
+        accelerator are counted there (only the (b, K, K) counts come back).
     """
-    p, g = _as_bool(pred), _as_bool(gt)
+    if _on_accelerator(pred, gt):
+        p, g = pred.detach() != 0, gt.detach().to(pred.device) != 0
+    else:
+        p, g = _as_bool(pred), _as_bool(gt)
     if p.shape != g.shape or p.ndim != 4:
         raise ValueError(f"expected two (b, K, H, W) arrays of one shape, got {p.shape} and {g.shape}")
     b, k = p.shape[:2]
     p, g = p.reshape(b, k, -1), g.reshape(b, k, -1)
     if p.shape[2] >= 2**24:
         raise ValueError(f"{p.shape[2]} pixels per slice: float32 overlap counts would not be exact")
-    inter = np.empty((b, k, k))
-    for i in range(b):  # one slice at a time: the float copies of a batch at 352 px would be ~100 MB
-        inter[i] = p[i].astype(np.float32) @ g[i].astype(np.float32).T
-    total = p.sum(axis=2)[:, :, None] + g.sum(axis=2)[:, None, :]
+    if isinstance(p, torch.Tensor):  # 0/1 inputs are exact in TF32 too; fp32 accumulation
+        inter = torch.bmm(p.float(), g.float().transpose(1, 2)).double().cpu().numpy()
+        p_sum, g_sum = (_host_int64(x.sum(2, dtype=torch.int64)) for x in (p, g))
+    else:
+        inter = np.empty((b, k, k))
+        for i in range(b):  # one slice at a time: the float copies of a batch at 352 px would be ~100 MB
+            inter[i] = p[i].astype(np.float32) @ g[i].astype(np.float32).T
+        p_sum, g_sum = p.sum(axis=2), g.sum(axis=2)
+    total = p_sum[:, :, None] + g_sum[:, None, :]
     return np.where(total == 0, 1.0, 2.0 * inter / np.maximum(total, 1))
 
 
@@ -139,6 +187,10 @@ def false_positive_slices(pred, gt) -> tuple[np.ndarray, np.ndarray]:
         ``(absent, false_positive)``, each (K,) int64: slices whose truth lacks the organ, and how
         many of them got a non-empty mask.
     """
+    if _on_accelerator(pred, gt):  # counted where the masks are; (K,) comes back
+        p, g = pred.detach() != 0, gt.detach().to(pred.device) != 0
+        absent = ~g.any(dim=(2, 3))
+        return _host_int64(absent.sum(0)), _host_int64((absent & p.any(dim=(2, 3))).sum(0))
     p, g = _as_bool(pred), _as_bool(gt)
     absent = ~g.any(axis=(2, 3))
     return absent.sum(axis=0), (absent & p.any(axis=(2, 3))).sum(axis=0)

@@ -150,16 +150,18 @@ class PromptCheck:
         self._absent = np.zeros(k, dtype=np.int64)
         self._false_positive = np.zeros(k, dtype=np.int64)
 
-    def add(self, probabilities: dict[str, torch.Tensor], target: np.ndarray) -> None:
+    def add(self, probabilities: dict[str, torch.Tensor], target) -> None:
         """Add one batch.
 
         Args:
-            probabilities: set name -> (b, K, H, W) probabilities, for every name of :attr:`embeddings`.
-            target: (b, K, H, W) bool ground truth of the K organs.
+            probabilities: set name -> (b, K, H, W) probabilities, for every name of :attr:`embeddings`
+                (on any device: they are thresholded and counted there).
+            target: (b, K, H, W) bool ground truth of the K organs (numpy, or a tensor on that device).
         """
         present = target.any((2, 3))  # (b, K)
+        present = present.cpu().numpy() if isinstance(present, torch.Tensor) else present
         k = len(self.organs)
-        right = (probabilities[RIGHT] > self.threshold).numpy()
+        right = probabilities[RIGHT] > self.threshold  # on the probabilities' device
         self._confusion += np.einsum("bkj,bj->kj", cross_dice(right, target), present)
         self._pairs += present.sum(0)
         absent, false_positive = false_positive_slices(right, target)
@@ -168,7 +170,7 @@ class PromptCheck:
         organ_of_pair = np.nonzero(present)[1]  # present_pairs_dice keeps the present pairs in this order
         pairs_shape = (-1, *target.shape[2:])
         for name in self._sums:
-            binary = (probabilities[name] > self.threshold).numpy().reshape(pairs_shape)
+            binary = (probabilities[name] > self.threshold).reshape(pairs_shape)
             dice = present_pairs_dice(binary, target.reshape(pairs_shape))
             self._sums[name] += np.bincount(organ_of_pair, weights=dice, minlength=k)
 

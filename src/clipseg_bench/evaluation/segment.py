@@ -7,16 +7,26 @@ encoded once for all requested organs, in batches of slices, exactly as for a si
 
 Over a folder, outputs already there are skipped, every file is written under a temporary name and
 renamed, and a CT that cannot be read is reported at the end without stopping the others.
+
+``--probabilities`` writes each organ's probability as uint8 ``round(255 p)`` with the NIfTI scale
+``scl_slope = 1/255`` recorded in the header (readers such as nibabel's ``get_fdata`` give p back
+within half a level, 1/510, plus float32 rounding), streamed organ by organ: while a CT is segmented the quantised probabilities wait in
+a temporary organ-major file beside the output, then each organ's volume is put on the CT's grid and
+appended to the gzip stream. Memory stays at about one organ's volume above a labels-only call,
+instead of the float32 (X, Y, Z, K) array twice over (~16 GB for a 512x512x600 CT with 13 organs).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
+from nibabel.openers import Opener
 from tqdm.auto import tqdm
 
 from clipseg_bench.data.channels import channel_images, hu_slices, needs_hu
@@ -42,6 +52,7 @@ from clipseg_bench.provenance import check_free_space, check_output_file, replac
 
 PER_ORGAN_MODES = ("also", "only")  # --per-organ: beside the multi-label file, or instead of it
 MAX_FAILURES_SHOWN = 5
+PROBABILITY_LEVELS = 255  # --probabilities: uint8 round(255 p), scl_slope 1/255 in the header
 
 
 def model_inputs(slices: np.ndarray, gray: np.ndarray, *, channels: str, windows) -> np.ndarray:
@@ -127,8 +138,8 @@ class Outputs:
     """The files one CT's segmentation writes.
 
     ``labels``: the multi-label mask (None with ``--per-organ only``); ``organ_dir``: the folder of
-    ``<organ_key>.nii.gz`` binary masks (None without ``--per-organ``); ``probabilities``: float32
-    (X, Y, Z, K) or None.
+    ``<organ_key>.nii.gz`` binary masks (None without ``--per-organ``); ``probabilities``: (X, Y, Z, K)
+    uint8 with scale 1/255 (:class:`ProbabilityStore`) or None.
     """
 
     labels: Path | None
@@ -158,55 +169,117 @@ class Outputs:
         return all(p.is_file() and written_by_segment(p) for p in self.files())
 
 
+class ProbabilityStore:
+    """One CT's probabilities, quantised to uint8 and kept organ-major in a temporary file while the
+    CT is segmented, then streamed organ by organ into a NIfTI (see the module docstring).
+
+    Args:
+        beside: the output file; the temporary file sits beside it (same file system, not RAM).
+        shape: (Z, H, W) of the CT's slices; organs: K.
+        meta: the slices' geometry (:func:`~clipseg_bench.data.volumes.volume_to_slices`).
+    """
+
+    def __init__(self, beside: Path, shape: tuple[int, int, int], organs: int, meta: dict):
+        self.path = beside.with_name(f".tmp-{os.getpid()}-{beside.name}.npy")
+        self.meta = meta
+        self.array = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.uint8, shape=(organs, *shape))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the quantised probabilities (what the output holds before gzip)."""
+        return self.array.nbytes
+
+    def put(self, start: int, probs: torch.Tensor) -> None:
+        """Slices ``start:start+b`` from (b, K, H, W) probabilities (quantised on their device)."""
+        q = (probs * PROBABILITY_LEVELS).round_().to(torch.uint8)
+        self.array[:, start : start + len(q)] = q.transpose(0, 1).cpu().numpy()
+
+    def write(self, out: Path, affine: np.ndarray) -> None:
+        """``out`` as (X, Y, Z, K) uint8 on the CT's grid, scale 1/255, written organ by organ."""
+        organs = self.array.shape[0]
+        shape = tuple(int(v) for v in self.meta["shape"])
+        header = nib.Nifti1Header()
+        header.set_data_shape((*shape, organs))
+        header.set_data_dtype(np.uint8)
+        header.set_sform(affine, code="aligned")  # what nib.Nifti1Image(array, affine) writes
+        header.set_zooms((*nib.affines.voxel_sizes(affine), 1.0))
+        header.set_slope_inter(1.0 / PROBABILITY_LEVELS, 0.0)
+        header["descrip"] = SEGMENT_DESCRIPTION
+        with replacing(out) as tmp:
+            with Opener(str(tmp), "wb") as fh:
+                header.write_to(fh)  # the 348-byte header and the empty extension block: data at 352
+                for k in range(organs):  # NIfTI data is Fortran-ordered: organ k's volume is contiguous
+                    fh.write(slices_to_volume(self.array[k], self.meta).tobytes(order="F"))
+
+    def close(self) -> None:
+        self.array = None
+        with contextlib.suppress(OSError):
+            self.path.unlink(missing_ok=True)
+
+
 def predict_volume(
     model: SegmentModel,
     ct: Path,
     *,
     threshold: float,
     batch_size: int,
-    probabilities: bool,
+    probabilities: Path | None = None,
     progress: bool = True,
     postprocess_mode: str = "none",
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+) -> tuple[np.ndarray, ProbabilityStore | None, np.ndarray]:
     """Segment one CT on its own grid.
 
+    Probabilities stay on the model's device: the labels are picked there and only uint8 comes back.
+
     Args:
+        probabilities: also keep the probabilities, for this output file (the store's temporary
+            file goes beside it).
         postprocess_mode: ``none``, ``lcc`` to keep each organ's largest 3D component (paired
             organs on their own side of the midline; evaluation.postprocess), or ``auto``: ``lcc``
             for the organs the run's recorded choice gives it (``model.cleanup``). Probabilities
             stay as predicted.
 
     Returns:
-        labels: uint8 (I, J, K) FLARE22 ids; probs: float32 (I, J, K, n_organs) or None; affine:
-        the CT's (4, 4) RAS affine.
+        labels: uint8 (I, J, K) FLARE22 ids; a :class:`ProbabilityStore` (the caller writes and
+        closes it) or None; affine: the CT's (4, 4) RAS affine.
     """
     pre = model.trained.preprocessing
     volume, affine, _ = read_volume(ct)
     slices, meta = volume_to_slices(volume, affine)
+    del volume
     images = normalize(slices, pre.window)
     inputs = model_inputs(slices, images, channels=pre.input_channels, windows=pre.windows)
+    del slices
     organ_ids = [o.id for o in model.organs]
     labels = np.zeros(images.shape, dtype=np.uint8)
-    probs_out = np.zeros((*images.shape, len(organ_ids)), dtype=np.float32) if probabilities else None
+    store = (
+        None if probabilities is None else ProbabilityStore(probabilities, images.shape, len(organ_ids), meta)
+    )
     bar = tqdm(total=len(images), desc=f"segment {ct.name}", unit="slice", leave=False, disable=not progress)
-    for start, probs in model.segmenter.iter_probabilities(inputs, batch_size=batch_size):
-        stop = start + len(probs)
-        labels[start:stop] = probabilities_to_labels(probs, organ_ids, threshold=threshold).numpy()
-        if probs_out is not None:
-            probs_out[start:stop] = probs.permute(0, 2, 3, 1).numpy()
-        bar.update(len(probs))
+    try:
+        for start, probs in model.segmenter.iter_probabilities(inputs, batch_size=batch_size, on_device=True):
+            stop = start + len(probs)
+            labels[start:stop] = probabilities_to_labels(probs, organ_ids, threshold=threshold).cpu().numpy()
+            if store is not None:
+                store.put(start, probs)
+            bar.update(len(probs))
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
     bar.close()
-    probs_vol = None
-    if probs_out is not None:
-        probs_vol = np.stack(
-            [slices_to_volume(probs_out[..., k], meta) for k in range(len(organ_ids))], axis=-1
-        )
     labels_vol = postprocess(slices_to_volume(labels, meta), affine, postprocess_mode, model.cleanup)
-    return labels_vol, probs_vol, affine
+    return labels_vol, store, affine
 
 
 def write_outputs(
-    outputs: Outputs, labels: np.ndarray, probs: np.ndarray | None, affine: np.ndarray, *, ct: Path, organs
+    outputs: Outputs,
+    labels: np.ndarray,
+    probs: ProbabilityStore | None,
+    affine: np.ndarray,
+    *,
+    ct: Path,
+    organs,
 ) -> None:
     """Write a CT's masks, each atomically; the CT's own NIfTI header is kept where there is one.
 
@@ -228,7 +301,7 @@ def write_outputs(
                 (labels == o.id).astype(np.uint8), like, affine, outputs.organ_dir / f"{o.key}.nii.gz"
             )
     if outputs.probabilities is not None and probs is not None:
-        _save_nifti(probs, None, affine, outputs.probabilities)
+        probs.write(outputs.probabilities, affine)
     if outputs.labels is not None:
         _save_nifti(labels, like, affine, outputs.labels)
 
@@ -249,11 +322,15 @@ def _segment_one(
         ct,
         threshold=threshold,
         batch_size=batch_size,
-        probabilities=outputs.probabilities is not None,
+        probabilities=outputs.probabilities,
         progress=progress,
         postprocess_mode=postprocess_mode,
     )
-    write_outputs(outputs, labels, probs, affine, ct=ct, organs=model.organs)
+    try:
+        write_outputs(outputs, labels, probs, affine, ct=ct, organs=model.organs)
+    finally:
+        if probs is not None:
+            probs.close()
     found = {int(v) for v in np.unique(labels)} - {0}
     return [o.key for o in model.organs if o.id in found]
 
@@ -353,7 +430,8 @@ def segment(
             ``<case>.nii.gz`` per CT (case = file name without ``_0000.nii.gz``, or the series
             folder's name). Over a folder, CTs whose outputs all exist are skipped.
         organs: comma-separated organ keys to segment (default: the organs the run trained on).
-        probabilities: also write ``<mask>_probabilities.nii.gz``, float32 (X, Y, Z, K) in organ order.
+        probabilities: also write ``<mask>_probabilities.nii.gz``, (X, Y, Z, K) in organ order, uint8
+            with the NIfTI scale 1/255 (``get_fdata`` gives probabilities within half a level, 1/510).
         threshold: a pixel is background unless its most probable organ is above it.
         per_organ: "also" or "only": write ``<mask without .nii.gz>/segmentations/<organ_key>.nii.gz``
             (uint8 0/1, one per segmented organ) beside, or instead of, the multi-label mask.

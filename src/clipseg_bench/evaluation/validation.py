@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 
 from clipseg_bench.data.dataset import PreparedData, organ_targets
-from clipseg_bench.evaluation.metrics import present_pairs_dice
+from clipseg_bench.evaluation.metrics import pair_counts, present_dice_from_counts
 
 
 def _case_quotas(counts: list[int], total: int) -> list[int]:
@@ -82,6 +82,58 @@ class _Take:
         return self.array[self.index[s]]
 
 
+def shard_batches(n: int, batch_size: int, rank: int, world: int) -> range:
+    """The rows of ``n`` that process ``rank`` of ``world`` scores: a contiguous run of whole batches.
+
+    Whole batches, so each slice is predicted in the same batch as on one process (another batch
+    composition could round differently), and contiguous, so the shards' results in rank order are
+    one process's results in order.
+    """
+    batches = -(-n // batch_size)
+    per = -(-batches // world)
+    return range(min(rank * per * batch_size, n), min((rank + 1) * per * batch_size, n))
+
+
+def validation_counts(
+    segmenter,
+    data: PreparedData,
+    rows: pd.DataFrame,
+    *,
+    organ_ids,
+    features=None,
+    feature_index: np.ndarray | None = None,
+    threshold=0.5,
+    batch_size=16,
+    channels="gray",
+    windows=None,
+) -> torch.Tensor:
+    """Dice counts of every (slice, organ) pair of ``rows``: thresholded and counted on the
+    segmenter's device, so only three integers per pair come back.
+
+    Args: see :func:`validation_dice` (``features`` row ``feature_index[i]`` belongs to ``rows.iloc[i]``).
+
+    Returns:
+        (len(rows) * K, 3) int64 on the segmenter's device: (|P∩G|, |P|, |G|) per pair, slice-major.
+    """
+    device = segmenter.device
+    ids = torch.as_tensor(organ_ids, dtype=torch.uint8, device=device)
+    counts = [torch.zeros((0, 3), dtype=torch.int64, device=device)]
+    if len(rows) == 0:
+        return counts[0]
+    imgs = np.concatenate([data.inputs(c, [z], channels, windows) for c, z in zip(rows["case"], rows["z"])])
+    labs = np.stack([data.array(c, "label")[z] for c, z in zip(rows["case"], rows["z"])])
+    if features is not None:
+        features = _Take(features, np.arange(len(rows)) if feature_index is None else feature_index)
+    for start, probs in segmenter.iter_probabilities(
+        imgs, batch_size=batch_size, features=features, on_device=True
+    ):
+        labels = torch.from_numpy(labs[start : start + len(probs)]).to(device)
+        t = organ_targets(labels, ids)
+        found = pair_counts((probs > threshold).flatten(0, 1), t.flatten(0, 1))
+        counts.append(torch.stack([torch.as_tensor(c, device=device) for c in found], dim=1))
+    return torch.cat(counts)
+
+
 def validation_dice(
     segmenter,
     data: PreparedData,
@@ -94,6 +146,7 @@ def validation_dice(
     batch_size=16,
     channels="gray",
     windows=None,
+    accelerator=None,
 ) -> float:
     """Mean 2D Dice over the (slice, organ) pairs of ``rows`` where the organ is present.
 
@@ -108,18 +161,40 @@ def validation_dice(
         feature_index: see ``features``.
         channels: the run's input_channels mode (what the model's R, G, B hold).
         windows: the run's HU windows of ``windows`` mode (``Preprocessing.windows``).
+        accelerator: with several processes, each scores its shard of whole batches
+            (:func:`shard_batches`) and the counts are gathered (every process must call this);
+            the result equals one process's.
 
     Returns:
         The mean Dice, NaN when no scored slice holds a prompted organ (or ``rows`` is empty).
     """
-    if len(rows) == 0:
-        return float("nan")
-    imgs = np.concatenate([data.inputs(c, [z], channels, windows) for c, z in zip(rows["case"], rows["z"])])
-    labs = np.stack([data.array(c, "label")[z] for c, z in zip(rows["case"], rows["z"])])
-    if features is not None:
-        features = _Take(features, np.arange(len(rows)) if feature_index is None else feature_index)
-    dices = []
-    for start, probs in segmenter.iter_probabilities(imgs, batch_size=batch_size, features=features):
-        t = organ_targets(torch.from_numpy(labs[start : start + len(probs)]), organ_ids)
-        dices.extend(present_pairs_dice((probs > threshold).flatten(0, 1), t.flatten(0, 1)).tolist())
-    return float(np.mean(dices)) if dices else float("nan")
+    world = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
+    mine = np.asarray(shard_batches(len(rows), batch_size, rank, world))
+    index = mine if feature_index is None else np.asarray(feature_index)[mine]
+    counts = validation_counts(
+        segmenter,
+        data,
+        rows.iloc[mine],
+        organ_ids=organ_ids,
+        features=features,
+        feature_index=index,
+        threshold=threshold,
+        batch_size=batch_size,
+        channels=channels,
+        windows=windows,
+    )
+    if world > 1:
+        counts = _gather_shards(accelerator, counts, len(rows) * len(organ_ids), batch_size * len(organ_ids))
+    dices = present_dice_from_counts(*counts.cpu().numpy().T)
+    return float(np.mean(dices)) if len(dices) else float("nan")
+
+
+def _gather_shards(accelerator, counts: torch.Tensor, n_pairs: int, pairs_per_batch: int) -> torch.Tensor:
+    """Every process's counts, in rank order (shards padded to one length for the gather, then cut)."""
+    world = accelerator.num_processes
+    sizes = [len(shard_batches(n_pairs, pairs_per_batch, r, world)) for r in range(world)]
+    padded = torch.zeros((max(sizes), 3), dtype=counts.dtype, device=counts.device)
+    padded[: len(counts)] = counts
+    every = accelerator.gather(padded).reshape(world, max(sizes), 3)
+    return torch.cat([every[r, : sizes[r]] for r in range(world)])

@@ -31,11 +31,26 @@ class TrainedModel:
     preprocessing: Preprocessing
 
     def segmenter(self, device: torch.device | str = "cpu"):
-        """A :class:`~clipseg_bench.evaluation.predict.Segmenter` of this model on ``device``."""
+        """A :class:`~clipseg_bench.evaluation.predict.Segmenter` of this model on ``device``, under the
+        run's autocast as it resolves there (``auto``: bf16 on CUDA, fp32 on CPU), TF32 as the run says."""
         from clipseg_bench.evaluation.predict import Segmenter
+        from clipseg_bench.model.precision import use_tf32
 
         self.loaded.model.to(device)
-        return Segmenter.of(self.loaded, organs=self.organs, prompts=self.prompts, device=device)
+        use_tf32(device, self.cfg.tf32)
+        return Segmenter.of(
+            self.loaded,
+            organs=self.organs,
+            prompts=self.prompts,
+            device=device,
+            precision=self.precision(device),
+        )
+
+    def precision(self, device: torch.device | str) -> str:
+        """The autocast this run's model runs under on ``device`` (its ``mixed_precision`` resolved)."""
+        from clipseg_bench.model.precision import resolve_precision
+
+        return resolve_precision(self.cfg.mixed_precision, device)
 
     def keep_organs(self, keys: list[str]) -> None:
         """Segment only these organs (in the run's order).

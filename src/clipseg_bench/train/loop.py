@@ -12,7 +12,6 @@ import signal
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -21,7 +20,6 @@ from clipseg_bench.data.augment import augment_intensity
 from clipseg_bench.data.dataset import organ_targets
 from clipseg_bench.data.sampling import select_pairs
 from clipseg_bench.errors import InputError, ReportedError, RunFailed
-from clipseg_bench.evaluation.metrics import present_pairs_dice
 from clipseg_bench.evaluation.validation import validation_dice
 from clipseg_bench.model.forward import preprocess, unstack_features
 from clipseg_bench.model.weights import save_weights
@@ -32,25 +30,113 @@ from clipseg_bench.train.losses import segmentation_loss
 from clipseg_bench.train.record import timing_record
 from clipseg_bench.train.resume import LoopState, load_resume_state, save_resume_state
 from clipseg_bench.train.setup import TrainingSetup, build_training, make_accelerator, release_frozen_vision
+from clipseg_bench.train.tally import Reading, StepTally
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device`` without blocking the host: from pinned memory (the loader pins batches on
+    CUDA; a small tensor is pinned here through torch's caching host allocator)."""
+    if device.type != "cuda" or t.device == device:
+        return t.to(device)
+    if not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+def _batch_labels(setup: TrainingSetup, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(labels (B, S, S) uint8 on the device, present (B, K) bool on the host) of a batch."""
+    device, resident = setup.accelerator.device, setup.resident
+    if resident is not None:  # the loader served indices; the rows are on the device already
+        index = batch["index"]
+        ids = resident.present_ids[index]
+        labels = resident.labels[_to_device(index, device)]
+    else:
+        ids, labels = batch["present_ids"], _to_device(batch["labels"], device)
+    return labels, ids[:, setup.organ_ids]
 
 
 def _step_inputs(setup: TrainingSetup, batch: dict, aug_gen: torch.Generator) -> dict:
     """The module's inputs for a batch: cached activations, or preprocessed (augmented) images."""
-    acc, loaded = setup.accelerator, setup.loaded
+    device, loaded, resident = setup.accelerator.device, setup.loaded, setup.resident
+    if resident is not None:
+        stacked = resident.features[_to_device(batch["index"], device)]
+        return {"activations": [a.to(torch.float32) for a in unstack_features(setup.model, stacked)]}
     if "features" in batch:
-        features = unstack_features(setup.model, batch["features"])
-        return {"activations": [a.to(acc.device, torch.float32) for a in features]}
-    images = batch["image"].to(acc.device)
+        features = unstack_features(setup.model, _to_device(batch["features"], device))
+        return {"activations": [a.to(torch.float32) for a in features]}
+    images = _to_device(batch["image"], device)
     if setup.cfg.augment:
         images = augment_intensity(images, aug_gen)
     return {"pixel_values": preprocess(images, size=loaded.image_size, mean=loaded.mean, std=loaded.std)}
+
+
+def _train_step(setup: TrainingSetup, batch: dict, tally: StepTally, pair_gen, aug_gen) -> int:
+    """One optimizer step on a batch; its loss and Dice counts go to ``tally`` (left on the device).
+
+    Nothing here makes the host wait for the device: the pairs are chosen on the host from which
+    organs each slice holds, and what the step reports is read at the loop's sync points.
+
+    Returns:
+        The number of (slice, organ) masks it trained on.
+    """
+    cfg, acc, timer = setup.cfg, setup.accelerator, setup.timer
+    labels, present = _batch_labels(setup, batch)
+    pairs = select_pairs(present, absent_fraction=cfg.absent_fraction, generator=pair_gen)
+    n_pairs = len(pairs)
+    pairs = _to_device(pairs, acc.device)
+    targets = organ_targets(labels, setup.organ_index)  # (B, K, S, S)
+    with timer.phase("forward"):
+        inputs = _step_inputs(setup, batch, aug_gen)
+    # With cached activations and frozen prompts nothing upstream needs a gradient, so the
+    # decoder can run over the pairs in chunks whose gradients add up exactly (both loss terms
+    # are means over pairs): decoder memory stops growing with the batch.
+    chunkable = setup.pair_chunk and "activations" in inputs and setup.prompt_emb is not None
+    size = setup.pair_chunk if chunkable else n_pairs
+    for start in range(0, n_pairs, size):
+        part = pairs[start : start + size]
+        weight = min(size, n_pairs - start) / n_pairs
+        sync = contextlib.nullcontext() if start + size >= n_pairs else acc.no_sync(setup.module)
+        with sync:
+            with timer.phase("forward"):
+                logits = setup.module(**inputs, prompt_emb=setup.prompt_emb, pairs=part)
+                tgt = targets[part[:, 0], part[:, 1]]
+                loss = segmentation_loss(logits, tgt, bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight)
+                loss = loss * weight
+            with timer.phase("backward"):
+                acc.backward(loss)
+        tally.add_chunk(loss, torch.sigmoid(logits.detach().float()) > cfg.threshold, tgt)
+    if not setup.audit.reach_checked:  # the first backward of this process: did it reach everything?
+        setup.audit.check_reached(setup.model)
+    lr = setup.scheduler.get_last_lr()[0]  # the step's rate (host-side), named if the step diverged
+    with timer.phase("optimizer"):
+        if cfg.grad_clip > 0:
+            acc.clip_grad_norm_(setup.module.parameters(), cfg.grad_clip)
+        setup.optimizer.step()
+        setup.scheduler.step()
+        setup.optimizer.zero_grad(set_to_none=True)
+    tally.end_step(lr)
+    return n_pairs
+
+
+def read_tally(setup: TrainingSetup, tally: StepTally, step: int, pbar=None) -> Reading:
+    """The loop's sync point: read what the device accumulated, the timer's events, and run the
+    setup's :attr:`~clipseg_bench.train.setup.TrainingSetup.sync_hooks` on the reading."""
+    with setup.timer.waiting():
+        reading = tally.read(step)
+    setup.timer.collect()
+    if pbar is not None and reading.steps:
+        pbar.set_postfix(epoch=reading.epoch, loss=f"{reading.last_loss:.4f}", refresh=False)
+    for hook in setup.sync_hooks:
+        hook(reading)
+    return reading
 
 
 def train_epoch(setup: TrainingSetup, epoch: int, global_step: int, pbar) -> tuple[int, dict]:
     """One pass over the training slices; returns the new global step and the epoch's stats.
 
     Every random draw (dropout, absent-pair sampling, augmentation) is a function of (seed, epoch),
-    so a resumed run repeats an interrupted epoch exactly.
+    so a resumed run repeats an interrupted epoch exactly. The loss and Dice stay on the device and
+    are read every ``log_every`` steps and at the end (:func:`read_tally`).
     """
     cfg, acc, timer = setup.cfg, setup.accelerator, setup.timer
     setup.module.train()
@@ -59,11 +145,8 @@ def train_epoch(setup: TrainingSetup, epoch: int, global_step: int, pbar) -> tup
     )  # dropout etc.: a function of (seed, epoch) for exact resume
     pair_gen = torch.Generator().manual_seed(cfg.seed * 7_919 + epoch + 1)
     aug_gen = torch.Generator().manual_seed(cfg.seed * 104_729 + epoch + 1)
-    loss_sum, n_steps, dices, masks = 0.0, 0, [], 0
-    # The first step of the epoch whose loss was not finite (-1: none), kept on the device and read at
-    # the epoch's end: a per-step check on the host would wait for every step to finish.
-    bad_step = torch.full((), -1, dtype=torch.long, device=acc.device)
-    lrs = []  # the rate of each step, to name it when the run diverged
+    tally = StepTally(acc.device, epoch, first_step=global_step + 1)
+    masks = 0
     it = iter(setup.loader)
     step_times = []
     while global_step < setup.total_steps:
@@ -72,58 +155,22 @@ def train_epoch(setup: TrainingSetup, epoch: int, global_step: int, pbar) -> tup
             batch = next(it, None)
         if batch is None:
             break
-        targets = organ_targets(batch["labels"].to(acc.device), setup.organ_ids)  # (B, K, S, S)
-        pairs = select_pairs(targets, absent_fraction=cfg.absent_fraction, generator=pair_gen)
-        with timer.phase("forward"):
-            inputs = _step_inputs(setup, batch, aug_gen)
-        # With cached activations and frozen prompts nothing upstream needs a gradient, so the
-        # decoder can run over the pairs in chunks whose gradients add up exactly (both loss terms
-        # are means over pairs): decoder memory stops growing with the batch.
-        chunkable = cfg.pair_chunk and "activations" in inputs and setup.prompt_emb is not None
-        size = cfg.pair_chunk if chunkable else len(pairs)
-        step_loss, step_total = 0.0, torch.zeros((), device=acc.device)
-        for start in range(0, len(pairs), size):
-            part = pairs[start : start + size]
-            sync = contextlib.nullcontext() if start + size >= len(pairs) else acc.no_sync(setup.module)
-            with sync:
-                with timer.phase("forward"):
-                    logits = setup.module(**inputs, prompt_emb=setup.prompt_emb, pairs=part)
-                    tgt = targets[part[:, 0], part[:, 1]]
-                    loss = segmentation_loss(
-                        logits, tgt, bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight
-                    )
-                    loss = loss * (len(part) / len(pairs))
-                with timer.phase("backward"):
-                    acc.backward(loss)
-            step_loss += loss.item()
-            step_total = step_total + loss.detach().float()
-            dices.extend(
-                present_pairs_dice(torch.sigmoid(logits.detach().float()) > cfg.threshold, tgt).tolist()
-            )
-        if not setup.audit.reach_checked:  # the first backward of this process: did it reach everything?
-            setup.audit.check_reached(setup.model)
-        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(step_total), global_step + 1, bad_step)
-        lrs.append(setup.scheduler.get_last_lr()[0])
-        with timer.phase("optimizer"):
-            if cfg.grad_clip > 0:
-                acc.clip_grad_norm_(setup.module.parameters(), cfg.grad_clip)
-            setup.optimizer.step()
-            setup.scheduler.step()
-            setup.optimizer.zero_grad(set_to_none=True)
-        step_times.append(time.perf_counter() - t_step)  # the phases synchronise the device
+        masks += _train_step(setup, batch, tally, pair_gen, aug_gen)
+        # Host time per step: on CPU the step's own time; on CUDA the launch-bound host time, whose
+        # median equals the device's steady-state step time once the launch queue is full.
+        step_times.append(time.perf_counter() - t_step)
         global_step += 1
-        n_steps += 1
-        loss_sum += step_loss
-        masks += len(pairs)
         pbar.update(1)
-        pbar.set_postfix(epoch=epoch, loss=f"{step_loss:.4f}", refresh=False)
+        if global_step % cfg.log_every == 0:
+            read_tally(setup, tally, global_step, pbar)
+    reading = read_tally(setup, tally, global_step, pbar)
     return global_step, {
-        "loss": loss_sum / max(n_steps, 1),
-        "train_dice": float(np.mean(dices)) if dices else float("nan"),
+        "loss": reading.loss,
+        "train_dice": reading.train_dice,
         "masks": masks * acc.num_processes,
-        "steps": n_steps,
-        "bad_step": bad_step,
-        "lrs": lrs,
+        "steps": reading.steps,
+        "bad_step": reading.bad_step,
+        "lrs": tally.lrs,
         "step_times": step_times,
     }
 
@@ -133,7 +180,9 @@ def check_finite(setup: TrainingSetup, stats: dict, first_step: int, run: RunFol
     trainable weights that are not finite after the last step (a rate too large).
 
     Args:
-        stats: :func:`train_epoch`'s stats (``bad_step`` on the device, ``lrs`` per step).
+        stats: :func:`train_epoch`'s stats (``bad_step``: the first step whose loss was not finite,
+            recorded on the device by :class:`~clipseg_bench.train.tally.StepTally` and read with the
+            tally, -1 for none; ``lrs``: each step's rate).
         first_step: the global step number of the epoch's first step (1-based).
 
     Raises:
@@ -155,7 +204,7 @@ def check_finite(setup: TrainingSetup, stats: dict, first_step: int, run: RunFol
 
 
 def _val_dice(setup: TrainingSetup) -> float:
-    """The Dice on the validation sample (``setup.val_rows``)."""
+    """The Dice on the validation sample (``setup.val_rows``); every process scores its shard."""
     return validation_dice(
         setup.segmenter,
         setup.data,
@@ -165,11 +214,12 @@ def _val_dice(setup: TrainingSetup) -> float:
         threshold=setup.cfg.threshold,
         channels=setup.cfg.input_channels,
         windows=setup.preprocessing.windows,
+        accelerator=setup.accelerator,
     )
 
 
 def _train_check_dice(setup: TrainingSetup) -> float:
-    """The final Dice on the training slices (the same sample rule and cap as validation)."""
+    """The final Dice on the training slices (the same sample rule and cap as validation; sharded)."""
     return validation_dice(
         setup.segmenter,
         setup.data,
@@ -180,6 +230,7 @@ def _train_check_dice(setup: TrainingSetup) -> float:
         threshold=setup.cfg.threshold,
         channels=setup.cfg.input_channels,
         windows=setup.preprocessing.windows,
+        accelerator=setup.accelerator,
     )
 
 
@@ -193,7 +244,11 @@ def _validates_after(setup: TrainingSetup, epoch: int) -> bool:
 
 def initial_state(setup: TrainingSetup) -> LoopState:
     """The loop's bookkeeping before the first epoch (what a resume checkpoint stores)."""
-    return LoopState(breakdown_s=dict(setup.timer.totals), num_processes=setup.accelerator.num_processes)
+    return LoopState(
+        breakdown_s=dict(setup.timer.totals),
+        host_s=dict(setup.timer.host),
+        num_processes=setup.accelerator.num_processes,
+    )
 
 
 def restore(setup: TrainingSetup, run: RunFolder) -> LoopState:
@@ -212,6 +267,7 @@ def restore(setup: TrainingSetup, run: RunFolder) -> LoopState:
         )
     state.num_processes = written_by
     setup.timer.totals.update(state.breakdown_s)
+    setup.timer.host.update(state.host_s)
     if setup.accelerator.is_main_process:
         print(f"resuming {run.path} after epoch {state.epoch} (step {state.global_step})")
     return state
@@ -245,9 +301,10 @@ def _run_epoch(setup: TrainingSetup, state: LoopState, epoch: int, *, pbar, writ
     state.step_times_s.extend(stats["step_times"])
     check_finite(setup, stats, state.global_step + 1, run)  # before its checkpoint replaces the last good one
     val_dice = float("nan")
-    if main and _validates_after(setup, epoch):
+    if _validates_after(setup, epoch):  # every process: each scores its shard
         with timer.phase("eval"):
             val_dice = _val_dice(setup)
+        timer.collect()
     row = {
         "epoch": epoch + 1,
         "step": global_step,
@@ -262,6 +319,7 @@ def _run_epoch(setup: TrainingSetup, state: LoopState, epoch: int, *, pbar, writ
     state.train_time_s += epoch_time
     state.masks += stats["masks"]
     state.breakdown_s = dict(timer.totals)
+    state.host_s = dict(timer.host)
     state.history.append(row)
     if main:
         _end_epoch(setup, state, row, run, writer)
@@ -302,13 +360,14 @@ def finish(setup: TrainingSetup, state: LoopState, *, run: RunFolder, record: Ru
     """Final train/val Dice, the trained weights and the finished run.json (main process writes)."""
     acc, cfg = setup.accelerator, setup.cfg
     checksums = _rank_checksums(acc, setup.model)
+    with setup.timer.phase("eval"):  # every process scores its shard
+        final = {
+            "train_dice": _train_check_dice(setup),
+            # None (JSON null), not NaN, when the data has no val case: there is nothing to score
+            "val_dice": _val_dice(setup) if setup.has_val else None,
+        }
+    setup.timer.collect()
     if acc.is_main_process:
-        with setup.timer.phase("eval"):
-            final = {
-                "train_dice": _train_check_dice(setup),
-                # None (JSON null), not NaN, when the data has no val case: there is nothing to score
-                "val_dice": _val_dice(setup) if setup.has_val else None,
-            }
         if not state.history:
             run.write_history([])
         save_weights(setup.model, run.weights_path, config=cfg.model_dump(mode="json"))

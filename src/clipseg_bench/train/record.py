@@ -128,6 +128,7 @@ def start_record(setup) -> RunRecord:
         preprocessing=setup.preprocessing,  # segment and evaluate rebuild the inputs from it
         fold=cfg.fold,  # None: the folder's train/val split
         folds=setup.data.n_folds if cfg.fold is not None else None,  # how many folds the data has
+        compute=setup.compute_record(),  # autocast, TF32, attention kernel, pair chunk in use
         cases=case_counts(setup.data, cfg.fold, cfg.tune_cases),
         validation=setup.validation_record(),
         # where the vision activations come from: the feature cache in its dtype, or computed live
@@ -211,6 +212,8 @@ def timing_record(setup, state) -> dict:
         "masks_per_s": state.masks / state.train_time_s if state.train_time_s else 0.0,
         **setup.cache_summary(),
         "breakdown_s": dict(setup.timer.totals),
+        "clock": setup.timer.clock,  # how breakdown_s was measured (CUDA events: the device timeline)
+        "host_s": dict(setup.timer.host),  # the host's own time per phase, and blocked on the device
         "peak_mem_mb": peak,
         "peak_mem_kind": kind,
     }

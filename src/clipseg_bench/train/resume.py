@@ -36,6 +36,7 @@ class LoopState:
         step_times_s: wall time of each optimizer step (data to optimizer), in order.
         masks: (slice, organ) masks trained on, over all processes.
         breakdown_s: time per phase (:class:`~clipseg_bench.train.timing.StepTimer`).
+        host_s: the host's time per phase and blocked on the device (``StepTimer.host``).
         num_processes: processes that wrote it (the scheduler's state counts per-process ticks);
             None in checkpoints from before it was recorded.
     """
@@ -48,6 +49,7 @@ class LoopState:
     step_times_s: list[float] = field(default_factory=list)
     masks: int = 0
     breakdown_s: dict = field(default_factory=dict)
+    host_s: dict = field(default_factory=dict)
     num_processes: int | None = None
 
     def to_dict(self) -> dict:

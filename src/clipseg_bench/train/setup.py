@@ -9,8 +9,11 @@ whether the image encoder can be skipped (cached features) from the vision encod
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
-from dataclasses import dataclass
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -29,6 +32,8 @@ from clipseg_bench.evaluation.validation import even_sample, sample_record
 from clipseg_bench.model.families import family_of
 from clipseg_bench.model.families.base import parameters_of
 from clipseg_bench.model.feature_cache import (
+    BUILD_BATCH,
+    CachedRows,
     CacheInfo,
     build_feature_cache,
     cache_key,
@@ -43,6 +48,7 @@ from clipseg_bench.model.forward import (
     vision_trainable,
 )
 from clipseg_bench.model.load import LoadedModel, load_model
+from clipseg_bench.model.precision import precision_record, resolve_precision, use_tf32
 from clipseg_bench.model.prompted import PromptedModule
 from clipseg_bench.organs import Organ, parse_organs, prompts
 from clipseg_bench.provenance import available_memory, size_text
@@ -50,6 +56,7 @@ from clipseg_bench.run_folder import Preprocessing
 from clipseg_bench.strategies import ParamCounts, apply_strategy, count_parameters
 from clipseg_bench.train.allocator import return_free_memory
 from clipseg_bench.train.audit import GradientAudit
+from clipseg_bench.train.resident import ResidentData, load_resident, resident_bytes, wants_resident
 from clipseg_bench.train.timing import StepTimer
 
 
@@ -74,13 +81,20 @@ class TrainingSetup:
             data has no val case. ``val_features`` row i belongs to row i.
         train_check: positions in ``train_rows`` of the slices the final train Dice scores.
         features, val_features: cached vision activations of ``train_rows`` / ``val_rows`` when the
-            vision encoder is frozen, else None.
+            vision encoder is frozen (:class:`~clipseg_bench.model.feature_cache.CachedRows`), else None.
+        resident: the training rows' features and labels held on the device (decoder-only, when
+            ``feature_cache_on_device`` says so), else None: the loader then serves only indices.
         cache_infos: what the feature cache build did, per row set.
         preprocessing: how the run turns slices into model input (run.json ``preprocessing``).
         segmenter: predicts with the model as it is now (validation).
         timer: time per phase.
         audit: the gradient audit (:mod:`clipseg_bench.train.audit`), started on the built model.
         total_steps, n_epochs: the schedule's length.
+        precision: the resolved autocast (``no``, ``bf16``, ``fp16``); tf32: whether TF32 is on.
+        pair_chunk: the decoder's pair chunk in use (:func:`resolve_pair_chunk`; 0: all at once).
+        sync_hooks: called with each :class:`~clipseg_bench.train.tally.Reading` where the loop reads
+            what the device accumulated (every ``log_every`` steps and at each epoch end): the place
+            for checks that must not make the host wait for the device at every step.
     """
 
     cfg: TrainConfig
@@ -98,8 +112,8 @@ class TrainingSetup:
     train_rows: pd.DataFrame
     val_rows: pd.DataFrame
     train_check: np.ndarray
-    features: np.ndarray | None
-    val_features: np.ndarray | None
+    features: CachedRows | np.ndarray | None
+    val_features: CachedRows | np.ndarray | None
     cache_infos: dict[str, CacheInfo]
     preprocessing: Preprocessing
     segmenter: Segmenter
@@ -107,6 +121,11 @@ class TrainingSetup:
     audit: GradientAudit
     total_steps: int
     n_epochs: int
+    precision: str = "no"
+    tf32: bool = False
+    pair_chunk: int = 0
+    resident: ResidentData | None = None
+    sync_hooks: list[Callable] = field(default_factory=list)
 
     @property
     def model(self) -> nn.Module:
@@ -116,6 +135,20 @@ class TrainingSetup:
     @property
     def organ_ids(self) -> list[int]:
         return [o.id for o in self.organs]
+
+    @functools.cached_property
+    def organ_index(self) -> torch.Tensor:
+        """The organ ids as a uint8 tensor on the device (:func:`~clipseg_bench.data.dataset.organ_targets`
+        compares label maps with it; made once, not copied to the device at every step)."""
+        return torch.tensor(self.organ_ids, dtype=torch.uint8, device=self.accelerator.device)
+
+    def compute_record(self) -> dict:
+        """run.json's ``compute``: how the device computes (the autocast, TF32, the attention kernel,
+        the decoder's pair chunk)."""
+        return {
+            **precision_record(self.model, precision=self.precision, tf32=self.tf32),
+            "pair_chunk": self.pair_chunk,
+        }
 
     @property
     def has_val(self) -> bool:
@@ -167,10 +200,36 @@ class TrainingSetup:
 
 
 def make_accelerator(cfg: TrainConfig):
-    """The run's Accelerator; ``cpu=True`` is what lets it see a torchrun/gloo launch without a GPU."""
+    """The run's Accelerator with its autocast resolved (``auto``: bf16 on CUDA, none on CPU) and, on
+    CUDA, TF32 as ``cfg.tf32`` says; ``cpu=True`` is what lets it see a torchrun/gloo launch without a GPU."""
     from accelerate import Accelerator
 
-    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    cuda = torch.cuda.is_available()
+    acc = Accelerator(
+        mixed_precision=resolve_precision(cfg.mixed_precision, "cuda" if cuda else "cpu"), cpu=not cuda
+    )
+    use_tf32(acc.device, cfg.tf32)
+    return acc
+
+
+DEFAULT_CPU_PAIR_CHUNK = 16  # pairs decoded at a time on CPU (benchmarks/README.md: memory, not speed)
+
+
+def resolve_pair_chunk(cfg: TrainConfig, device: torch.device) -> int:
+    """The decoder's pair chunk: the config's, else 16 on CPU and all pairs at once (0) on CUDA."""
+    if cfg.pair_chunk is not None:
+        return cfg.pair_chunk
+    return 0 if torch.device(device).type == "cuda" else DEFAULT_CPU_PAIR_CHUNK
+
+
+def worker_count(cfg: TrainConfig, device: torch.device, num_processes: int = 1) -> int:
+    """DataLoader workers: the config's, else 4 per process on CUDA (at most the cores per process) and
+    0 on CPU, where the training step itself uses every core."""
+    if cfg.num_workers is not None:
+        return cfg.num_workers
+    if torch.device(device).type != "cuda":
+        return 0
+    return max(0, min(4, (os.cpu_count() or 1) // max(num_processes, 1) - 1))
 
 
 def make_optimizer(params, *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -201,10 +260,6 @@ def build_data(cfg: TrainConfig) -> PreparedData:
     return data
 
 
-# Slices the feature cache encodes at once (model/feature_cache.py: build_feature_cache's batch_size).
-CACHE_BATCH = 16
-
-
 def step_memory(image_size: int, batch: int) -> int:
     """Bytes a run at ``image_size`` px with ``batch`` slices per step holds at least at one time,
     whatever the model and whether its vision features are cached.
@@ -212,12 +267,12 @@ def step_memory(image_size: int, batch: int) -> int:
     Computed live, a step holds the batch's float32 pixel values (3 channels) and at least one
     float32 logit map per slice (every kept slice has an organ to segment), all at the full side.
     With cached features a step holds only the logits, but building the cache holds the pixel values
-    of :data:`CACHE_BATCH` slices. The smaller of the two is certain; encoder activations, the other
+    of :data:`BUILD_BATCH` slices. The smaller of the two is certain; encoder activations, the other
     prompts' masks and gradients come on top.
     """
     pixels, mask = 3 * 4 * image_size**2, 4 * image_size**2
     live = batch * (pixels + mask)
-    cached = max(min(CACHE_BATCH, batch) * pixels, batch * mask)
+    cached = max(min(BUILD_BATCH, batch) * pixels, batch * mask)
     return min(live, cached)
 
 
@@ -368,8 +423,12 @@ def build_preprocessing(cfg: TrainConfig, data: PreparedData, loaded: LoadedMode
     )
 
 
-def build_loader(cfg: TrainConfig, data, rows, features, size: int, preprocessing: Preprocessing):
-    """The training slices' loader and its sampler (whose order is a function of (seed, epoch))."""
+def build_loader(cfg: TrainConfig, data, rows, features, size: int, preprocessing: Preprocessing, acc=None):
+    """The training slices' loader and its sampler (whose order is a function of (seed, epoch)).
+
+    On CUDA batches come in pinned memory (the loop copies them without blocking); with
+    ``acc`` given, the worker count follows the device (:func:`worker_count`).
+    """
     dataset = SliceDataset(
         data,
         "train",
@@ -379,15 +438,31 @@ def build_loader(cfg: TrainConfig, data, rows, features, size: int, preprocessin
         channels=cfg.input_channels,
         windows=preprocessing.windows,
     )
+    device = acc.device if acc is not None else torch.device("cpu")
+    workers = worker_count(cfg, device, acc.num_processes if acc is not None else 1)
     sampler = EpochSampler(len(dataset), cfg.seed)
     loader = DataLoader(
         dataset,
         batch_size=cfg.batch_size,
         sampler=sampler,
-        num_workers=cfg.num_workers,
-        persistent_workers=cfg.num_workers > 0,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=device.type == "cuda",
     )
     return loader, sampler
+
+
+def build_resident(cfg: TrainConfig, loader: DataLoader, device: torch.device) -> ResidentData | None:
+    """Hold the training rows on the device when the features are cached and
+    ``feature_cache_on_device`` says so; the loader then serves indices only."""
+    dataset = loader.dataset
+    if dataset.features is None or not wants_resident(
+        cfg.feature_cache_on_device, device, resident_bytes(dataset)
+    ):
+        return None
+    resident = load_resident(dataset, device)
+    dataset.index_only = True
+    return resident
 
 
 def build_schedule(
@@ -503,15 +578,21 @@ def build_training(
         features, val_features, infos = _cache_frozen_vision(
             cfg, acc, data, loaded, train_rows, val_rows, preprocessing
         )
-    loader, sampler = build_loader(cfg, data, train_rows, features, loaded.image_size, preprocessing)
+    loader, sampler = build_loader(cfg, data, train_rows, features, loaded.image_size, preprocessing, acc)
+    resident = build_resident(cfg, loader, acc.device)
     total_steps, n_epochs = build_schedule(cfg, len(sampler), acc.num_processes, budget_slices(cfg, data))
     module = PromptedModule(loaded.model, prompt.tokens["input_ids"], prompt.tokens["attention_mask"])
     if cfg.compile:  # in place, so Accelerate/DDP still wrap an ordinary module (measured in benchmarks/)
         module.compile()
     optimizer, scheduler = build_optimizer(cfg, loaded.model, total_steps, acc.num_processes)
-    if optimizer is not None:
-        module, optimizer, loader, scheduler = acc.prepare(module, optimizer, loader, scheduler)
-    segmenter = Segmenter.of(loaded, organs=prompt.organs, prompts=prompt.texts, device=acc.device)
+    if optimizer is not None:  # the loop moves batches itself: selecting pairs needs them on the host
+        module, optimizer, loader, scheduler = acc.prepare(
+            module, optimizer, loader, scheduler, device_placement=[True, True, False, True]
+        )
+    precision = acc.mixed_precision if acc.native_amp else "no"
+    segmenter = Segmenter.of(
+        loaded, organs=prompt.organs, prompts=prompt.texts, device=acc.device, precision=precision
+    )
     return TrainingSetup(
         cfg=cfg,
         accelerator=acc,
@@ -533,10 +614,14 @@ def build_training(
         cache_infos=infos,
         preprocessing=preprocessing,
         segmenter=segmenter,
-        timer=StepTimer(acc.device),
+        timer=StepTimer(acc.device, exact=cfg.profile_sync),
         audit=GradientAudit.start(loaded.model),
         total_steps=total_steps,
         n_epochs=n_epochs,
+        precision=precision,
+        tf32=acc.device.type == "cuda" and cfg.tf32,
+        pair_chunk=resolve_pair_chunk(cfg, acc.device),
+        resident=resident,
     )
 
 
@@ -552,7 +637,14 @@ def tune_suffix(tune_cases: list[str] | None) -> str:
 def _cache_frozen_vision(
     cfg: TrainConfig, acc, data: PreparedData, loaded: LoadedModel, train_rows, val_rows, preprocessing
 ):
-    """Vision activations of the train rows and the val sample, built once (main process first)."""
+    """Vision activations of the train rows and the val sample, built once and shared.
+
+    Every process asks for the cache; the first to take the build lock builds it, the others wait
+    for it (as long as it makes progress, however long the build takes: no collective with a fixed
+    timeout) and then read it. The training rows are read from the cache of the split's whole kept
+    set, so runs on nested ``train_cases`` subsets share one file.
+    """
+    precision = acc.mixed_precision if acc.native_amp else "no"
     # What the activations depend on: the cache key hashes the same inputs the builder uses.
     inputs = {
         "data": data,
@@ -562,6 +654,7 @@ def _cache_frozen_vision(
         "dtype": cfg.feature_cache_dtype,
         "channels": cfg.input_channels,
         "windows": preprocessing.windows,
+        "precision": precision,
     }
     # One key for both row sets: it hashes the whole vision encoder (344 MB for rd64).
     key = cache_key(loaded.model, **inputs)
@@ -576,13 +669,25 @@ def _cache_frozen_vision(
     )
     features = val_features = None
     infos: dict[str, CacheInfo] = {}
-    with acc.main_process_first():
-        if not cfg.augment:  # augmented images change every epoch: their encodings cannot be cached
-            # A subset of the cases gets a file of its own: it must not replace the full set's.
-            name = "train_kept" if cfg.train_cases is None else f"train_kept_n{cfg.train_cases}_s{cfg.seed}"
-            name += fold_suffix(cfg.fold) + tune_suffix(cfg.tune_cases)
-            features, infos["train_kept"] = build(rows=train_rows, name=name)
-        if len(val_rows):
-            name = ("tune_kept" if cfg.tune_cases else "val_kept") + fold_suffix(cfg.fold)
-            val_features, infos["val_kept"] = build(rows=val_rows, name=name + tune_suffix(cfg.tune_cases))
+    if not cfg.augment:  # augmented images change every epoch: their encodings cannot be cached
+        features, infos["train_kept"] = _train_features(build, data, train_rows, cfg.fold)
+    if len(val_rows):
+        name = ("tune_kept" if cfg.tune_cases else "val_kept") + fold_suffix(cfg.fold)
+        val_features, infos["val_kept"] = build(rows=val_rows, name=name + tune_suffix(cfg.tune_cases))
+    acc.wait_for_everyone()
     return features, val_features, infos
+
+
+def _train_features(build, data: PreparedData, train_rows, fold: int | None = None):
+    """The training rows' features: rows of the whole kept train split's (or fold's) cache when
+    every row is one of them (the default, and any ``train_cases`` subset), else a cache of their own."""
+    kept = data.slices("train", kept_only=True, fold=fold)
+    position = {(str(c), int(z)): i for i, (c, z) in enumerate(zip(kept["case"], kept["z"]))}
+    wanted = [position.get((str(c), int(z))) for c, z in zip(train_rows["case"], train_rows["z"])]
+    if None in wanted:  # rows from elsewhere (e.g. a benchmark's own): a file named after them
+        digest = hashlib.blake2b(str(train_rows[["case", "z"]].values.tolist()).encode(), digest_size=6)
+        return build(rows=train_rows, name=f"train_rows_{digest.hexdigest()}")
+    full, info = build(rows=kept, name="train_kept" + fold_suffix(fold))
+    if wanted == list(range(len(kept))):
+        return full, info
+    return full.take(wanted), info
