@@ -170,7 +170,8 @@ def validation_dice(
     """
     world = accelerator.num_processes if accelerator is not None else 1
     rank = accelerator.process_index if accelerator is not None else 0
-    mine = np.asarray(shard_batches(len(rows), batch_size, rank, world))
+    shard = shard_batches(len(rows), batch_size, rank, world)
+    mine = np.arange(shard.start, shard.stop)
     index = mine if feature_index is None else np.asarray(feature_index)[mine]
     counts = validation_counts(
         segmenter,

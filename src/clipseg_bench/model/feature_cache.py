@@ -197,7 +197,7 @@ class CachedRows:
 
     def to_tensor(self, device: torch.device | str, *, chunk: int = 256) -> torch.Tensor:
         """All rows as one tensor on ``device``, copied ``chunk`` rows at a time (bounded host memory)."""
-        out = torch.empty(self.shape, dtype=torch.from_numpy(self.array[:0]).dtype, device=device)
+        out = torch.empty(self.shape, dtype=torch.from_numpy(np.zeros(0, self.dtype)).dtype, device=device)
         for start in range(0, len(self), chunk):
             rows = torch.from_numpy(np.ascontiguousarray(self[start : start + chunk]))
             out[start : start + len(rows)].copy_(rows)

@@ -400,11 +400,16 @@ def _rank_checksums(acc, model) -> list[float]:
     return [float(x) for x in acc.gather(local).cpu()]
 
 
-def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
+def train(cfg: TrainConfig, *, resume: bool = False, sync_hooks=()) -> Path:
     """Train one strategy; writes the run folder described in docs/architecture.md. Returns it.
 
     The run folder is locked while the run writes it (:func:`~clipseg_bench.provenance.output_lock`):
     a second `train` into it is refused, naming this process.
+
+    Args:
+        sync_hooks: callables given each :class:`~clipseg_bench.train.tally.Reading` at the loop's sync
+            points (every ``log_every`` steps and each epoch end), added to the setup's own
+            (e.g. a profiler window in ``benchmarks/gpu_check.py``).
 
     Raises:
         InputError: a bad config, data, model or run folder (nothing written).
@@ -427,15 +432,16 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
             record.check_run_folder(run.path, resume, cfg)
         acc.wait_for_everyone()
         set_seed(cfg.seed)
-        _train(cfg, acc, run, resume)
+        _train(cfg, acc, run, resume, sync_hooks)
     return run.path
 
 
-def _train(cfg: TrainConfig, acc, run: RunFolder, resume: bool) -> None:
+def _train(cfg: TrainConfig, acc, run: RunFolder, resume: bool, sync_hooks=()) -> None:
     """The run itself, in its locked folder: build, restore, record the start, fit, finish."""
     main = acc.is_main_process
     # Everything that can refuse (data, model, strategy, checkpoint) runs before the first write.
     setup = build_training(cfg, acc)
+    setup.sync_hooks.extend(sync_hooks)
     state = restore(setup, run) if resume else initial_state(setup)
     start = record.start_record(setup) if main else RunRecord()  # only the main process writes it
     if main:
