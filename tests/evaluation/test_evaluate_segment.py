@@ -107,6 +107,36 @@ def test_score_of_segment_output_equals_evaluate(trained_run, phantom_dir, tmp_p
         assert row.nsd == pytest.approx(ev["nsd"], abs=1e-6), (row.case, row.organ)
 
 
+def test_probabilities_are_streamed_uint8_within_half_a_level(trained_run, phantom_dir, tmp_path):
+    """--probabilities: uint8 with the NIfTI scale 1/255, on the CT's grid, equal to the segmenter's
+    probabilities within half a level; the temporary organ-major file is gone afterwards."""
+    import torch
+
+    from clipseg_bench.data.io import read_volume
+    from clipseg_bench.data.volumes import normalize, slices_to_volume, volume_to_slices
+    from clipseg_bench.evaluation.segment import load_for_segment, model_inputs
+
+    ct = phantom_dir / "images" / sorted(p.name for p in (phantom_dir / "images").iterdir())[0]
+    segment(
+        run=trained_run, ct=ct, out=tmp_path / "m.nii.gz", probabilities=True, organs="liver,spleen,aorta"
+    )
+    img = nib.load(tmp_path / "m_probabilities.nii.gz")
+    assert img.get_data_dtype() == np.uint8 and img.shape == (*nib.load(ct).shape, 3)
+    assert img.dataobj.slope == pytest.approx(1 / 255) and img.dataobj.inter == 0  # the scale nibabel applies
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.nii.gz", "m_probabilities.nii.gz"]
+    model = load_for_segment(run=trained_run, organs="liver,spleen,aorta", device="cpu")
+    volume, affine, _ = read_volume(ct)
+    slices, meta = volume_to_slices(volume, affine)
+    pre = model.trained.preprocessing
+    inputs = model_inputs(
+        slices, normalize(slices, pre.window), channels=pre.input_channels, windows=pre.windows
+    )
+    probs = torch.cat([p for _, p in model.segmenter.iter_probabilities(inputs, batch_size=8)]).numpy()
+    expected = np.stack([slices_to_volume(probs[:, k], meta) for k in range(3)], axis=-1)
+    got = np.asarray(img.dataobj)
+    assert np.abs(got - expected).max() <= 0.5 / 255 + 1e-6 and np.ptp(expected) > 4 / 255  # several levels
+
+
 ZEROSHOT_SEGMENT = ["segment", "--model", "tiny", "--strategy", "zeroshot"]
 
 

@@ -8,6 +8,7 @@ feature cache held on the device"; a ``spawn`` DataLoader for workers that open 
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import numpy as np
@@ -220,3 +221,29 @@ def test_tally_reads_what_per_chunk_reads_gave(monkeypatch):
     dices = [d for pred, tgt in chunks for d in present_pairs_dice(pred, tgt).tolist()]
     assert reading.loss == loss_sum / 5 and reading.last_loss == last
     assert reading.train_dice == float(np.mean(dices)) and len(tally.dices) == len(dices) == 5 * 3 * 5
+
+
+def test_validation_sharded_over_two_processes_equals_one(prepared_dir, tmp_path):
+    """Two gloo processes score their shards of whole batches and gather the counts: the val and train
+    Dice of a run are one process's, exactly (zero-shot: both runs hold the same weights)."""
+    from test_train import _torchrun
+
+    from clipseg_bench import cli
+
+    args = [
+        "--strategy",
+        "zeroshot",
+        "--image-size",
+        "64",
+        "--set",
+        "val_max_slices=24",
+        "--set",
+        "threads=1",
+    ]
+    two, one = tmp_path / "two", tmp_path / "one"
+    r = _torchrun("train", "--data", str(prepared_dir), "--out", str(two), *args, port=29531)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert cli.main(["train", "--data", str(prepared_dir), "--out", str(one), *args]) == 0
+    f2, f1 = (json.loads((run / "run.json").read_text()) for run in (two, one))
+    assert f2["hardware"]["num_processes"] == 2 and f2["validation"]["val"]["slices"] == 24
+    assert f2["final"] == f1["final"] and 0 < f1["final"]["val_dice"] < 1

@@ -48,7 +48,13 @@ from clipseg_bench.evaluation.postprocess import AUTO, check_postprocess_mode, p
 from clipseg_bench.evaluation.predict import Segmenter, probabilities_to_labels
 from clipseg_bench.model.trained import TrainedModel, load_run_model, zeroshot_model
 from clipseg_bench.organs import Organ, parse_organs
-from clipseg_bench.provenance import check_free_space, check_output_file, replacing, write_error
+from clipseg_bench.provenance import (
+    check_free_space,
+    check_output_file,
+    replacing,
+    reserve_file,
+    write_error,
+)
 
 PER_ORGAN_MODES = ("also", "only")  # --per-organ: beside the multi-label file, or instead of it
 MAX_FAILURES_SHOWN = 5
@@ -173,6 +179,9 @@ class ProbabilityStore:
     """One CT's probabilities, quantised to uint8 and kept organ-major in a temporary file while the
     CT is segmented, then streamed organ by organ into a NIfTI (see the module docstring).
 
+    The file is written and read with plain file I/O, not memory-mapped: its pages stay in the page
+    cache (which the kernel may write back and drop), never in this process's memory.
+
     Args:
         beside: the output file; the temporary file sits beside it (same file system, not RAM).
         shape: (Z, H, W) of the CT's slices; organs: K.
@@ -180,40 +189,64 @@ class ProbabilityStore:
     """
 
     def __init__(self, beside: Path, shape: tuple[int, int, int], organs: int, meta: dict):
-        self.path = beside.with_name(f".tmp-{os.getpid()}-{beside.name}.npy")
-        self.meta = meta
-        self.array = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.uint8, shape=(organs, *shape))
+        self.path = beside.with_name(f".tmp-{os.getpid()}-{beside.name}.u8")
+        self.shape, self.organs, self.meta = tuple(int(v) for v in shape), organs, meta
+        check_free_space(
+            beside.parent, self.nbytes, what=f"the probabilities of {beside.name} (a temporary file)"
+        )
+        self.file = None
+        try:
+            self.file = open(self.path, "w+b")  # noqa: SIM115 (closed by close(), after write())
+            self.file.truncate(self.nbytes)
+            reserve_file(self.path)  # its blocks now: a disk that fills later cannot stop it midway
+        except OSError as exc:
+            self.close()
+            raise write_error(self.path, exc) from None
+
+    @property
+    def organ_bytes(self) -> int:
+        z, h, w = self.shape
+        return z * h * w
 
     @property
     def nbytes(self) -> int:
         """Bytes of the quantised probabilities (what the output holds before gzip)."""
-        return self.array.nbytes
+        return self.organs * self.organ_bytes
 
     def put(self, start: int, probs: torch.Tensor) -> None:
         """Slices ``start:start+b`` from (b, K, H, W) probabilities (quantised on their device)."""
-        q = (probs * PROBABILITY_LEVELS).round_().to(torch.uint8)
-        self.array[:, start : start + len(q)] = q.transpose(0, 1).cpu().numpy()
+        q = (probs * PROBABILITY_LEVELS).round_().to(torch.uint8).cpu().numpy()
+        plane = self.shape[1] * self.shape[2]
+        for k in range(self.organs):  # organ k's slices are one contiguous run of the file
+            self.file.seek(k * self.organ_bytes + start * plane)
+            self.file.write(np.ascontiguousarray(q[:, k]).tobytes())
+
+    def organ(self, k: int) -> np.ndarray:
+        """(Z, H, W) uint8: organ k's quantised probabilities, read back."""
+        self.file.seek(k * self.organ_bytes)
+        return np.fromfile(self.file, dtype=np.uint8, count=self.organ_bytes).reshape(self.shape)
 
     def write(self, out: Path, affine: np.ndarray) -> None:
         """``out`` as (X, Y, Z, K) uint8 on the CT's grid, scale 1/255, written organ by organ."""
-        organs = self.array.shape[0]
         shape = tuple(int(v) for v in self.meta["shape"])
         header = nib.Nifti1Header()
-        header.set_data_shape((*shape, organs))
+        header.set_data_shape((*shape, self.organs))
         header.set_data_dtype(np.uint8)
         header.set_sform(affine, code="aligned")  # what nib.Nifti1Image(array, affine) writes
         header.set_zooms((*nib.affines.voxel_sizes(affine), 1.0))
         header.set_slope_inter(1.0 / PROBABILITY_LEVELS, 0.0)
         header["descrip"] = SEGMENT_DESCRIPTION
+        self.file.flush()
         with replacing(out) as tmp:
             with Opener(str(tmp), "wb") as fh:
                 header.write_to(fh)  # the 348-byte header and the empty extension block: data at 352
-                for k in range(organs):  # NIfTI data is Fortran-ordered: organ k's volume is contiguous
-                    fh.write(slices_to_volume(self.array[k], self.meta).tobytes(order="F"))
+                for k in range(self.organs):  # NIfTI data is Fortran-ordered: organ k's volume is contiguous
+                    fh.write(slices_to_volume(self.organ(k), self.meta).tobytes(order="F"))
 
     def close(self) -> None:
-        self.array = None
         with contextlib.suppress(OSError):
+            if self.file is not None:
+                self.file.close()
             self.path.unlink(missing_ok=True)
 
 
