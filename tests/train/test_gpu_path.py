@@ -247,3 +247,69 @@ def test_validation_sharded_over_two_processes_equals_one(prepared_dir, tmp_path
     f2, f1 = (json.loads((run / "run.json").read_text()) for run in (two, one))
     assert f2["hardware"]["num_processes"] == 2 and f2["validation"]["val"]["slices"] == 24
     assert f2["final"] == f1["final"] and 0 < f1["final"]["val_dice"] < 1
+
+
+def test_precision_defaults_follow_the_device(monkeypatch):
+    """``auto`` is bf16 on a CUDA device with bf16 support and fp32 (``no``) elsewhere, so CPU numbers
+    do not change; TF32 is only ever switched on for CUDA."""
+    from clipseg_bench.model.precision import resolve_precision, use_tf32
+
+    assert resolve_precision("auto", "cpu") == "no" and resolve_precision("bf16", "cpu") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", "cuda") == "bf16" and resolve_precision("no", "cuda") == "no"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_precision("auto", "cuda:0") == "no"
+    before = torch.backends.cuda.matmul.allow_tf32
+    assert use_tf32("cpu", True) is False and torch.backends.cuda.matmul.allow_tf32 == before
+    with pytest.raises(ValueError, match="unknown mixed precision"):
+        resolve_precision("fp8", "cpu")
+
+
+def test_run_json_records_how_the_device_computes(prepared_dir, tmp_path):
+    run = train(_cfg(prepared_dir, tmp_path / "r", strategy="decoder", max_steps=2))
+    info = json.loads((run / "run.json").read_text())
+    assert info["compute"] == {"mixed_precision": "no", "tf32": False, "attention": "sdpa", "pair_chunk": 16}
+    timing = info["timing"]
+    assert timing["clock"] == "wall" and set(timing["host_s"]) == {*timing["breakdown_s"], "sync"}
+
+
+class _FakeEvent:
+    """A CUDA event stand-in: the time it was recorded at."""
+
+    def __init__(self, enable_timing=False):
+        self.at = None
+
+    def record(self):
+        import time
+
+        self.at = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, end):  # milliseconds, as CUDA's
+        return (end.at - self.at) * 1000.0
+
+
+def test_cuda_timer_records_events_and_reads_them_at_collect(monkeypatch):
+    """On CUDA a phase records two events and waits for nothing; their times reach ``totals`` only
+    when the loop collects them at a sync point (``profile_sync`` synchronises instead)."""
+    import time
+
+    from clipseg_bench.train.timing import StepTimer
+
+    synced = []
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: synced.append(a))
+    timer = StepTimer(torch.device("cuda"))
+    for _ in range(3):
+        with timer.phase("forward"):
+            time.sleep(0.01)
+    assert timer.clock == "cuda events" and synced == [] and timer.totals["forward"] == 0.0
+    assert timer.host["forward"] >= 0.03
+    timer.collect()
+    assert timer.totals["forward"] >= 0.03 and timer._pending == [] and len(timer._free) == 6
+    exact = StepTimer(torch.device("cuda"), exact=True)
+    with exact.phase("data"):
+        pass
+    assert len(synced) == 2 and exact.clock == "wall, synchronised" and exact._pending == []
