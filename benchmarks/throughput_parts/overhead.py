@@ -87,13 +87,13 @@ class BareStep:
 
     def __init__(self, setup):
         from clipseg_bench.data.dataset import organ_targets
-        from clipseg_bench.train.loop import _step_inputs
+        from clipseg_bench.train.loop import _batch_labels, _step_inputs
 
         self.setup, self.cfg = setup, setup.cfg
         batch = next(iter(setup.loader))
         # The loop's own conversion of a batch to the module's inputs (cached features to float32).
         self.inputs = _step_inputs(setup, batch, torch.Generator())
-        labels = batch["labels"].to(setup.accelerator.device)
+        labels, _ = _batch_labels(setup, batch)  # from the batch, or from the rows held on the device
         self.targets = organ_targets(labels, setup.organ_ids).flatten(0, 1)  # (B*K, S, S)
         self.masks = len(self.targets)
         self.optimizer = getattr(setup.optimizer, "optimizer", setup.optimizer)  # torch's AdamW
