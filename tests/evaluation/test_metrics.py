@@ -385,3 +385,22 @@ def test_device_counting_path_equals_numpy(monkeypatch):
     np.testing.assert_array_equal(dice_2d_pairs(pred, gt), expected_pairs)
     np.testing.assert_array_equal(present_pairs_dice(pred, gt), expected_present)
     assert len(expected_present) == 18 and expected_pairs[:3].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_device_confusion_and_false_positive_counts_equal_numpy(monkeypatch):
+    """evaluate counts the prompt-confusion overlaps and the false-positive slices where the masks are
+    (a GPU in a study); forced onto that path here, the numbers are the numpy path's, exactly."""
+    from clipseg_bench.evaluation import metrics
+
+    gen = torch.Generator().manual_seed(1)
+    pred = torch.rand(5, 4, 12, 12, generator=gen) > 0.7
+    gt = torch.rand(5, 4, 12, 12, generator=gen) > 0.8
+    gt[1, 2] = False  # an absent organ
+    pred[3] = False  # a slice with no mask at all
+    expected_cross = metrics.cross_dice(pred.numpy(), gt.numpy())
+    expected_fp = metrics.false_positive_slices(pred.numpy(), gt.numpy())
+    monkeypatch.setattr(metrics, "_on_accelerator", lambda p, g: True)
+    np.testing.assert_array_equal(metrics.cross_dice(pred, gt), expected_cross)
+    for got, want in zip(metrics.false_positive_slices(pred, gt), expected_fp):
+        np.testing.assert_array_equal(got, want)
+    assert expected_fp[0].sum() >= 1 and not np.allclose(expected_cross, expected_cross[:, :1, :1])
