@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +23,14 @@ SIZE = 64
 def tiny():
     torch.manual_seed(0)
     return load_model("tiny", image_size=SIZE)
+
+
+def _cache_folder(tiny, data) -> Path:
+    """The tiny model's gray fp16 cache folder in ``data`` (created)."""
+    key = fc.cache_key(tiny.model, data=data, size=SIZE, mean=tiny.mean, std=tiny.std)
+    folder = data.root / "feature_cache" / key
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def _build(tiny, data, rows, name, **kw):
@@ -96,9 +105,7 @@ def test_a_second_process_waits_for_the_build_and_reuses_it(prepared_dir, tiny, 
 
     data = PreparedData(prepared_dir)
     rows = data.slices("val").iloc[:5]
-    key = fc.cache_key(tiny.model, data=data, size=SIZE, mean=tiny.mean, std=tiny.std)
-    folder = prepared_dir / "feature_cache" / key
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = _cache_folder(tiny, data)
     holder = open(folder / ".shared.lock", "a+")
     fcntl.flock(holder, fcntl.LOCK_EX)  # another process is building
     done = {}
@@ -134,9 +141,7 @@ def test_a_stalled_builder_is_reported(prepared_dir, tiny, monkeypatch):
 
     data = PreparedData(prepared_dir)
     rows = data.slices("val").iloc[:3]
-    key = fc.cache_key(tiny.model, data=data, size=SIZE, mean=tiny.mean, std=tiny.std)
-    folder = prepared_dir / "feature_cache" / key
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = _cache_folder(tiny, data)
     monkeypatch.setattr(fc, "STALL_S", 1.0)
     with open(folder / ".stalled.lock", "a+") as holder:
         fcntl.flock(holder, fcntl.LOCK_EX)  # held, no progress record ever written

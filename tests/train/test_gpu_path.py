@@ -16,25 +16,16 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.numpy import load_file
+from test_train import _cfg as train_cfg
 
-from clipseg_bench.config import load_config
 from clipseg_bench.train.loop import train
 
 META = torch.device("meta")
 
 
 def _cfg(prepared, out, **kw):
-    base = {
-        "data": str(prepared),
-        "out": str(out),
-        "model": "tiny",
-        "image_size": 64,
-        "batch_size": 4,
-        "lr": 1e-3,
-        "val_max_slices": 8,
-        "threads": 1,
-    }
-    return load_config(None, {**base, **kw})
+    """test_train's run config (tiny, 64 px), smaller: 4 slices a step, 8 val slices, one thread."""
+    return train_cfg(prepared, out, **{"batch_size": 4, "val_max_slices": 8, "threads": 1, **kw})
 
 
 class _MetaAccelerator:

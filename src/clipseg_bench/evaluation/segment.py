@@ -10,9 +10,9 @@ renamed, and a CT that cannot be read is reported at the end without stopping th
 
 ``--probabilities`` writes each organ's probability as uint8 ``round(255 p)`` with the NIfTI scale
 ``scl_slope = 1/255`` recorded in the header (readers such as nibabel's ``get_fdata`` give p back
-within half a level, 1/510, plus float32 rounding), streamed organ by organ: while a CT is segmented the quantised probabilities wait in
-a temporary organ-major file beside the output, then each organ's volume is put on the CT's grid and
-appended to the gzip stream. Memory stays at about one organ's volume above a labels-only call,
+within half a level, 1/510, plus float32 rounding), streamed organ by organ: while a CT is segmented
+the quantised probabilities wait in a temporary organ-major file beside the output, then each
+organ's volume is put on the CT's grid and appended to the gzip stream. Memory stays at about one organ's volume above a labels-only call,
 instead of the float32 (X, Y, Z, K) array twice over (~16 GB for a 512x512x600 CT with 13 organs).
 """
 
@@ -463,8 +463,7 @@ def segment(
             ``<case>.nii.gz`` per CT (case = file name without ``_0000.nii.gz``, or the series
             folder's name). Over a folder, CTs whose outputs all exist are skipped.
         organs: comma-separated organ keys to segment (default: the organs the run trained on).
-        probabilities: also write ``<mask>_probabilities.nii.gz``, (X, Y, Z, K) in organ order, uint8
-            with the NIfTI scale 1/255 (``get_fdata`` gives probabilities within half a level, 1/510).
+        probabilities: also write ``<mask>_probabilities.nii.gz``: (X, Y, Z, K), uint8 x 1/255 (module doc).
         threshold: a pixel is background unless its most probable organ is above it.
         per_organ: "also" or "only": write ``<mask without .nii.gz>/segmentations/<organ_key>.nii.gz``
             (uint8 0/1, one per segmented organ) beside, or instead of, the multi-label mask.
