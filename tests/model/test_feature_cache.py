@@ -3,6 +3,7 @@ processes through a lock, and one file for nested training subsets."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -11,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from clipseg_bench import provenance
 from clipseg_bench.data.dataset import PreparedData
-from clipseg_bench.errors import InputError, RunFailed
+from clipseg_bench.errors import RunFailed
 from clipseg_bench.model import feature_cache as fc
 from clipseg_bench.model.load import load_model
 
@@ -28,7 +30,7 @@ def tiny():
 def _cache_folder(tiny, data) -> Path:
     """The tiny model's gray fp16 cache folder in ``data`` (created)."""
     key = fc.cache_key(tiny.model, data=data, size=SIZE, mean=tiny.mean, std=tiny.std)
-    folder = data.root / "feature_cache" / key
+    folder = fc.cache_root(data) / key
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -89,14 +91,14 @@ def test_an_interrupted_build_resumes_where_it_stopped(prepared_dir, tiny, monke
 def test_a_short_disk_is_refused_before_writing(prepared_dir, tiny, monkeypatch):
     data = PreparedData(prepared_dir)
     rows = data.slices("val").iloc[:6]
-    real = fc.shutil.disk_usage
-    monkeypatch.setattr(fc.shutil, "disk_usage", lambda p: real(p)._replace(free=3 * 2**20))
-    with pytest.raises(InputError) as err:
+    monkeypatch.setattr(provenance, "free_bytes", lambda folder: 10_000)  # check_free_space's reading
+    with pytest.raises(RunFailed) as err:
         _build(tiny, data, rows, "short_disk")
     message = str(err.value)
-    assert "feature_cache" in message and "MiB are free" in message and "needs" in message
+    assert "the feature cache" in message and "needs" in message and "10.0 kB free" in message
     assert "\n" not in message
-    folder = next(p for p in (prepared_dir / "feature_cache").iterdir() if (p / ".short_disk.lock").exists())
+    folder = _cache_folder(tiny, data)
+    assert str(folder) in message
     assert not any(folder.glob("*short_disk*.npy")) and not any(folder.glob(".short_disk.partial*"))
 
 
@@ -106,7 +108,7 @@ def test_a_second_process_waits_for_the_build_and_reuses_it(prepared_dir, tiny, 
     data = PreparedData(prepared_dir)
     rows = data.slices("val").iloc[:5]
     folder = _cache_folder(tiny, data)
-    holder = open(folder / ".shared.lock", "a+")
+    holder = open(provenance.lock_path(folder, "feature-cache", "shared"), "a+")
     fcntl.flock(holder, fcntl.LOCK_EX)  # another process is building
     done = {}
     waiter = threading.Thread(target=lambda: done.setdefault("info", _build(tiny, data, rows, "shared")[1]))
@@ -143,10 +145,12 @@ def test_a_stalled_builder_is_reported(prepared_dir, tiny, monkeypatch):
     rows = data.slices("val").iloc[:3]
     folder = _cache_folder(tiny, data)
     monkeypatch.setattr(fc, "STALL_S", 1.0)
-    with open(folder / ".stalled.lock", "a+") as holder:
+    with open(provenance.lock_path(folder, "feature-cache", "stalled"), "a+") as holder:
         fcntl.flock(holder, fcntl.LOCK_EX)  # held, no progress record ever written
-        with pytest.raises(RunFailed, match="without progress"):
+        provenance.write_holder(holder.fileno(), "train")  # as the builder's lock records itself
+        with pytest.raises(RunFailed, match="without progress") as err:
             _build(tiny, data, rows, "stalled")
+    assert f"`train` process {os.getpid()} on " in str(err.value)  # the message names the holder
 
 
 def test_a_training_subset_reads_the_full_cache(prepared_dir, tmp_path):

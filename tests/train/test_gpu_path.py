@@ -214,6 +214,28 @@ def test_tally_reads_what_per_chunk_reads_gave(monkeypatch):
     assert reading.train_dice == float(np.mean(dices)) and len(tally.dices) == len(dices) == 5 * 3 * 5
 
 
+def test_the_first_non_finite_step_is_kept_on_the_device_until_the_read():
+    """The divergence check is part of the tally: the epoch's first step with a non-finite loss is
+    found on the device (no host read per step: it works on ``meta``) and comes back with the read,
+    with each step's rate for the message."""
+    from clipseg_bench.train.tally import StepTally
+
+    pred, tgt = torch.zeros(2, 4, 4, dtype=torch.bool), torch.zeros(2, 4, 4)
+    losses = [0.5, 0.25, float("nan"), 0.125, float("inf")]  # steps 11..15: 13 is the first bad one
+    on_meta = StepTally(META, first_step=11)
+    for lr, loss in enumerate(losses):
+        on_meta.add_chunk(torch.tensor(loss, device=META), pred.to(META), tgt.to(META))
+        on_meta.end_step(lr=0.1 * lr)
+    assert on_meta._bad_step.device == META  # nothing was read
+    tally = StepTally(torch.device("cpu"), first_step=11)
+    for lr, loss in enumerate(losses):
+        tally.add_chunk(torch.tensor(loss), pred, tgt)
+        tally.end_step(lr=0.1 * lr)
+        if lr == 1:
+            assert tally.read(12).bad_step == -1  # a sync point before it: none yet
+    assert tally.read(15).bad_step == 13 and tally.lrs[13 - 11] == 0.2
+
+
 def test_validation_sharded_over_two_processes_equals_one(prepared_dir, tmp_path):
     """Two gloo processes score their shards of whole batches and gather the counts: the val and train
     Dice of a run are one process's, exactly (zero-shot: both runs hold the same weights)."""
