@@ -19,11 +19,17 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
 
 @pytest.fixture(scope="module")
 def gpu_check():
+    """The script as a module. It trains in bf16, which Accelerate's process-wide state refuses once an
+    earlier test's fp32 Accelerator set it (the script itself runs in a fresh process): reset around."""
+    from accelerate.state import AcceleratorState
+
     spec = importlib.util.spec_from_file_location("gpu_check_script", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     threads = torch.get_num_threads()
+    AcceleratorState._reset_state(reset_partial_state=True)
     yield module
+    AcceleratorState._reset_state(reset_partial_state=True)
     torch.set_num_threads(threads)
 
 

@@ -199,7 +199,7 @@ class CachedRows:
         """All rows as one tensor on ``device``, copied ``chunk`` rows at a time (bounded host memory)."""
         out = torch.empty(self.shape, dtype=torch.from_numpy(np.zeros(0, self.dtype)).dtype, device=device)
         for start in range(0, len(self), chunk):
-            rows = torch.from_numpy(np.ascontiguousarray(self[start : start + chunk]))
+            rows = torch.from_numpy(np.array(self[start : start + chunk]))  # a writable copy of the chunk
             out[start : start + len(rows)].copy_(rows)
         return out
 
