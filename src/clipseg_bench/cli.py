@@ -462,15 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--image-size", type=int, help="square input side in px (default: the model's own)")
     s.add_argument(
-        "--mixed-precision",
-        choices=["auto", "no", "bf16", "fp16"],
-        help="autocast precision (default auto: bf16 on CUDA, fp32 on CPU)",
+        "--mixed-precision", choices=["auto", "no", "bf16", "fp16"], help="autocast (auto: bf16 on CUDA)"
     )
-    s.add_argument(
-        "--num-workers",
-        type=int,
-        help="DataLoader worker processes (default: 4 per process on CUDA, 0 on CPU)",
-    )
+    s.add_argument("--num-workers", type=int, help="DataLoader workers (default: 4 on CUDA, 0 on CPU)")
     _add_cache_dir_flag(s)
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other config field (YAML value)")
     s.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")

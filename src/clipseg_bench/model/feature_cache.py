@@ -276,34 +276,15 @@ def build_feature_cache(
             process holds the build and stopped making progress for :data:`STALL_S`.
         InputError: the cache folder cannot be written (a read-only ``--cache-dir``).
     """
-    key = key or cache_key(
-        model,
-        data=data,
-        size=size,
-        mean=mean,
-        std=std,
-        dtype=dtype,
-        channels=channels,
-        windows=windows,
-        precision=precision,
-    )
+    inputs = {"size": size, "mean": mean, "std": std, "channels": channels, "windows": windows}
+    key = key or cache_key(model, data=data, dtype=dtype, precision=precision, **inputs)
     build = _Build(
         (root or cache_root(data)) / key, name, [[str(c), int(z)] for c, z in zip(rows["case"], rows["z"])]
     )
     found = build.finished()
     if found is not None:
         return found
-    encode = _encoder(
-        model,
-        data,
-        size=size,
-        mean=mean,
-        std=std,
-        device=device,
-        channels=channels,
-        windows=windows,
-        precision=precision,
-    )
+    encode = _encoder(model, data, device=device, precision=precision, **inputs)
     try:
         build.folder.mkdir(parents=True, exist_ok=True)
         with build.locked(show_progress):
