@@ -137,6 +137,19 @@ def test_probabilities_are_streamed_uint8_within_half_a_level(trained_run, phant
     assert np.abs(got - expected).max() <= 0.5 / 255 + 1e-6 and np.ptp(expected) > 4 / 255  # several levels
 
 
+def test_the_probability_store_is_refused_before_it_is_written_when_the_disk_is_short(tmp_path, monkeypatch):
+    """The temporary organ-major file is checked (and reserved) before a slice is segmented: a short
+    disk is check_free_space's one line naming the output, not ENOSPC midway through a CT."""
+    from clipseg_bench import provenance
+    from clipseg_bench.errors import RunFailed
+    from clipseg_bench.evaluation.segment import ProbabilityStore
+
+    monkeypatch.setattr(provenance, "free_bytes", lambda folder: 1_000)
+    with pytest.raises(RunFailed, match=r"the probabilities of m_probabilities\.nii\.gz .*needs 12\.3 kB"):
+        ProbabilityStore(tmp_path / "m_probabilities.nii.gz", (3, 32, 32), 4, meta={})
+    assert list(tmp_path.iterdir()) == []
+
+
 ZEROSHOT_SEGMENT = ["segment", "--model", "tiny", "--strategy", "zeroshot"]
 
 
