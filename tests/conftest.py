@@ -77,3 +77,40 @@ def inputs(tokenizer) -> dict[str, torch.Tensor]:
     slices = torch.randint(0, 256, (3, 48, 48), dtype=torch.uint8, generator=g)
     pixels = preprocess(slices, size=TINY_SIZE, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     return {"pixel_values": pixels, **tokenize(tokenizer, PROMPTS)}
+
+
+# --- a tiny SAM 3 and a small seeded batch (56 px, 3 slices, 3 prompts), for model and strategy tests ---
+
+SAM3_TEST_SIZE = 56  # 4 x 4 ViT tokens (one attention window), 16 x 16 masks: the smallest SAM 3 input
+
+
+@pytest.fixture(scope="session")
+def sam3_base():
+    """The tiny SAM 3 at 56 px, built once; tests take copies (``sam3_model``)."""
+    from clipseg_bench.model.families.sam3 import build, tiny_config
+
+    return build(tiny_config(image_size=SAM3_TEST_SIZE))
+
+
+@pytest.fixture
+def sam3_model(sam3_base):
+    """A fresh copy of the tiny SAM 3 (eval mode) that a test may change."""
+    import copy
+
+    return copy.deepcopy(sam3_base)
+
+
+@pytest.fixture(scope="session")
+def sam3_tokenizer():
+    from clipseg_bench.model.families.sam3 import TEXT_LENGTH
+
+    return build_tiny_tokenizer(max_length=TEXT_LENGTH)
+
+
+@pytest.fixture
+def sam3_inputs(sam3_tokenizer) -> dict[str, torch.Tensor]:
+    """pixel_values (3, 3, 56, 56) from random 48 px uint8 slices; input_ids/attention_mask (3, L)."""
+    g = torch.Generator().manual_seed(0)
+    slices = torch.randint(0, 256, (3, 48, 48), dtype=torch.uint8, generator=g)
+    pixels = preprocess(slices, size=SAM3_TEST_SIZE, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    return {"pixel_values": pixels, **tokenize(sam3_tokenizer, PROMPTS)}

@@ -60,6 +60,22 @@ def check_size(image_size: int, patch: int, spec: str) -> int:
     return int(image_size)
 
 
+def processor_side(size) -> int:
+    """The square side (px) an image processor's ``size`` resizes to.
+
+    Args:
+        size: the processor's ``size``: an int, or a dict with ``height``/``width`` or ``shortest_edge``.
+
+    Raises:
+        InputError: the processor does not resize to a square.
+    """
+    size = dict(size) if not isinstance(size, int) else {"height": size, "width": size}
+    side = size.get("height") or size.get("shortest_edge")
+    if side is None or size.get("width", side) != side:
+        raise InputError(None, f"the model's image processor resizes to {size}, not to a square")
+    return int(side)
+
+
 def _looks_like_path(spec: str) -> bool:
     # A hub id is `name` or `org/name`; anything else the user typed is meant as a folder.
     return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec

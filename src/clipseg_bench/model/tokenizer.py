@@ -88,11 +88,15 @@ def tiny_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {t: i for i, t in enumerate(dict.fromkeys(tokens))}, merges
 
 
-def build_tiny_tokenizer() -> CLIPTokenizer:
+def build_tiny_tokenizer(max_length: int = MAX_LENGTH) -> CLIPTokenizer:
     """A ``CLIPTokenizer`` over :func:`tiny_vocab`; EOS doubles as padding, as in CLIP.
 
     The unknown token is never produced (every byte has a symbol), so EOS appears only at the end
     of a prompt and the text model's EOS pooling finds the right position.
+
+    Args:
+        max_length: longest token sequence (prompts are truncated to it): CLIP's 77, or the text
+            model's own number of positions (SAM 3's is 32).
     """
     vocab, merges = tiny_vocab()
     return CLIPTokenizer(
@@ -102,5 +106,5 @@ def build_tiny_tokenizer() -> CLIPTokenizer:
         bos_token=BOS,
         eos_token=EOS,
         pad_token=EOS,
-        model_max_length=MAX_LENGTH,
+        model_max_length=max_length,
     )

@@ -120,17 +120,17 @@ class Adapter(Strategy):
         family = family_of(model)
         vision = family.encoder_layers(model, "vision")
         text = family.encoder_layers(model, "text")
-        layers = _chosen(
-            vision, options.vision_layers, "vision", f"the decoder reads layers 0..{len(vision) - 1}"
-        )
-        layers += _chosen(
-            text, options.text_layers, "text", f"the text encoder has layers 0..{len(text) - 1}"
-        )
-        for layer in layers:
-            for position in options.positions:
-                attr = family.positions[position]
-                width = family.layer_width(layer)
-                adapter = BottleneckAdapter(width, options.bottleneck or max(1, width // REDUCTION))
-                setattr(layer, attr, Adapted(getattr(layer, attr), adapter))  # new modules are trainable
+        usable = f"the decoder reads layers 0..{len(vision) - 1}"
+        vision = _chosen(vision, options.vision_layers, "vision", usable)
+        text = _chosen(text, options.text_layers, "text", f"the text encoder has layers 0..{len(text) - 1}")
+        # Vision layers first, then text, positions in the options' order: the adapters' random init
+        # is drawn in this order, so it is part of what a seed means.
+        for encoder, layers in (("vision", vision), ("text", text)):
+            for layer in layers:
+                for position in options.positions:
+                    attr = family.sublayer(encoder, position)
+                    width = family.layer_width(layer)
+                    adapter = BottleneckAdapter(width, options.bottleneck or max(1, width // REDUCTION))
+                    setattr(layer, attr, Adapted(getattr(layer, attr), adapter))  # new modules are trainable
         if options.train_decoder:
             train_decoder(model)

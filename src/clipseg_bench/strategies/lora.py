@@ -1,12 +1,19 @@
-"""LoRA (Hu et al. 2022) on the CLIP encoders' attention projections, through the ``peft`` library.
+"""LoRA (Hu et al. 2022) on the encoders' attention projections, through the ``peft`` library.
 
 Injected in place with ``peft.inject_adapter_in_model`` rather than wrapping the model in a
-``PeftModel``: the model keeps its own class and module paths, so our forward still reaches
-``model.clip.vision_model`` and the decoder, and checkpoints name parameters the same way.
+``PeftModel``: the model keeps its own class and module paths, so our forward still reaches the
+model family's parts, and checkpoints name parameters the same way.
 
-Targets are listed as full module names inside the encoder layers a text-prompted forward runs,
-so LoRA can never land on the decoder's own ``q_proj``/``v_proj`` (a bare
-``target_modules=["q_proj", "v_proj"]`` would) or on vision layers the decoder never reads.
+Targets are listed as full module names inside the encoder layers a text-prompted forward runs
+(the model family's ``encoder_layers``), so LoRA can never land on a decoder's own
+``q_proj``/``v_proj`` (a bare ``target_modules=["q_proj", "v_proj"]`` would: CLIPSeg's decoder and
+SAM 3's DETR layers have them) or on vision layers the decoder never reads.
+
+The option ``targets`` is checked twice: when the options are parsed, against the Linear names of
+every model family (the model is not known yet), and when LoRA is applied, against the model's own
+family (:attr:`~clipseg_bench.model.families.base.ModelFamily.linears`): each target must name a
+Linear in at least one of the chosen encoders (SAM 3's ViT calls its attention output ``o_proj``,
+its CLIP text encoder ``out_proj``).
 """
 
 from __future__ import annotations
@@ -15,11 +22,17 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from clipseg_bench.model.families import family_of
+from clipseg_bench.errors import InputError
+from clipseg_bench.model.families import available_families, family, family_of
 from clipseg_bench.strategies.base import Strategy, option_field, register, train_decoder
 
-# The Linear layers of a CLIP encoder layer (attention q/k/v/out, MLP fc1/fc2).
-LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+def known_linears() -> tuple[str, ...]:
+    """The Linear layer names of every model family's encoder layers, each once, in family order."""
+    return tuple(dict.fromkeys(n for name in available_families() for n in family(name).linears))
+
+
+LINEARS = known_linears()  # what `targets` may name before the model (hence its family) is known
 ENCODERS = ("vision", "text")
 
 
@@ -57,6 +70,31 @@ def target_names(model: nn.Module, options: LoraOptions) -> list[str]:
     ]
 
 
+def checked_targets(model: nn.Module, options: LoraOptions) -> list[str]:
+    """:func:`target_names`, after checking each target against the model's own family.
+
+    Raises:
+        InputError: a target that is not a Linear of this family's encoder layers, or that names
+            none in the chosen encoders.
+    """
+    fam = family_of(model)
+    foreign = [t for t in options.targets if t not in fam.linears]
+    if foreign:
+        raise InputError(
+            "strategy_options",
+            f"lora targets {foreign} are not Linear layers of a {fam.name} encoder layer "
+            f"(it has {', '.join(fam.linears)})",
+        )
+    names = target_names(model, options)
+    missing = [t for t in options.targets if not any(n.rsplit(".", 1)[-1] == t for n in names)]
+    if missing:
+        raise InputError(
+            "strategy_options",
+            f"lora target {missing[0]!r} is in none of the encoders {options.encoders} of this {fam.name} model",
+        )
+    return names
+
+
 @register
 class Lora(Strategy):
     name = "lora"
@@ -75,7 +113,7 @@ class Lora(Strategy):
             r=options.rank,
             lora_alpha=options.alpha,
             lora_dropout=float(options.dropout),
-            target_modules=target_names(model, options),
+            target_modules=checked_targets(model, options),
             bias="none",
         )
         inject_adapter_in_model(config, model)  # in place; marks only the LoRA weights trainable

@@ -22,6 +22,7 @@ model family is one new file there (see docs/architecture.md).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -58,6 +60,17 @@ def parameters_of(modules: Sequence[nn.Module]) -> list[nn.Parameter]:
         for p in m.parameters():
             seen.setdefault(id(p), p)
     return list(seen.values())
+
+
+def weights_hash(named: Sequence[tuple[str, Tensor]], extra: Any) -> str:
+    """A hash of named tensors (each name and its bytes, in the given order) and of ``extra`` (as JSON):
+    what a feature cache's key holds of the model."""
+    h = hashlib.blake2b(digest_size=12)
+    for name, t in named:
+        h.update(name.encode())
+        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    h.update(json.dumps(extra).encode())
+    return h.hexdigest()
 
 
 def any_trainable(modules: Sequence[nn.Module]) -> bool:
@@ -121,12 +134,27 @@ class ModelFamily:
         """The feature width of an encoder layer's residual stream (what an adapter adapts)."""
         raise NotImplementedError
 
+    def sublayer(self, encoder: str, position: str) -> str:
+        """The attribute of an ``encoder`` (``vision``/``text``) layer that holds the sublayer at adapter
+        ``position`` (``attention``/``mlp``); :attr:`positions` unless the encoders name them differently."""
+        return self.positions[position]
+
     def unused_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         """Parameters a text-prompted segmentation forward never reads (never trained, never counted)."""
         return []
 
     def set_gradient_checkpointing(self, model: nn.Module, enabled: bool) -> None:
-        raise NotImplementedError
+        """Recompute encoder layer activations in backward instead of storing them (saves memory).
+
+        Acts on the :meth:`encoder_layers` (transformers' ``GradientCheckpointingLayer``), and only
+        when they run with gradients in training mode; a frozen encoder runs under ``no_grad`` and
+        stores nothing anyway. Non-reentrant checkpointing, which also works when the layer input
+        does not require grad (frozen embeddings, adapters or LoRA inside the layer).
+        """
+        fn = functools.partial(checkpoint, use_reentrant=False)
+        for layer in self.encoder_layers(model, "vision") + self.encoder_layers(model, "text"):
+            layer.gradient_checkpointing = enabled
+            layer._gradient_checkpointing_func = fn
 
     def vision_trainable(self, model: nn.Module) -> bool:
         """Whether the image encoder trains; if not, its features can be cached."""
@@ -138,13 +166,12 @@ class ModelFamily:
 
     def vision_fingerprint(self, model: nn.Module) -> str:
         """A hash of everything the cached vision features depend on in the model."""
-        h = hashlib.blake2b(digest_size=12)
-        for i, module in enumerate(self.parts(model).vision):
-            for name, t in sorted(module.state_dict().items()):
-                h.update(f"{i}.{name}".encode())
-                h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-        h.update(json.dumps(self.name).encode())
-        return h.hexdigest()
+        named = [
+            (f"{i}.{n}", t)
+            for i, m in enumerate(self.parts(model).vision)
+            for n, t in sorted(m.state_dict().items())
+        ]
+        return weights_hash(named, self.name)
 
     def release_vision(self, model: nn.Module) -> None:
         """Drop the image encoder's weights (to the meta device) once its outputs are cached."""
@@ -184,3 +211,16 @@ def prompt_tensors(prompts: Any) -> list[Tensor]:
     if isinstance(prompts, dict):
         return [t for p in prompts.values() for t in prompt_tensors(p)]
     return []
+
+
+def pair_indices(batch: int, prompts: int, pairs: Tensor | None, device) -> tuple[Tensor, Tensor]:
+    """(image index, prompt index) per decoded mask: every combination image-major, or ``pairs``."""
+    if pairs is None:  # every image with every prompt, image-major: row b*K + k
+        return (
+            torch.arange(batch, device=device).repeat_interleave(prompts),
+            torch.arange(prompts, device=device).repeat(batch),
+        )
+    pairs = pairs.to(device=device, dtype=torch.long)
+    if pairs.ndim != 2 or pairs.shape[1] != 2:
+        raise ValueError(f"pairs must be (P, 2) (image index, prompt index), got {tuple(pairs.shape)}")
+    return pairs[:, 0], pairs[:, 1]

@@ -25,19 +25,15 @@ C vision width, D projection width, S input side in px.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
-from clipseg_bench.errors import InputError
 from clipseg_bench.model.families import register_family
-from clipseg_bench.model.families.base import ModelFamily, Parts, any_trainable
+from clipseg_bench.model.families.base import ModelFamily, Parts, any_trainable, pair_indices, weights_hash
 from clipseg_bench.model.ops import BlockedReluMLP, upsample_head
 
 TINY = "tiny"
@@ -204,15 +200,6 @@ def _from_pretrained(spec: str, source: str, local: bool):
     return model.eval(), processor
 
 
-def _processor_size(image_processor) -> int:
-    size = image_processor.size
-    size = dict(size) if not isinstance(size, int) else {"height": size, "width": size}
-    side = size.get("height") or size.get("shortest_edge")
-    if side is None or size.get("width", side) != side:
-        raise InputError(None, f"the model's image processor resizes to {size}, not to a square")
-    return int(side)
-
-
 # --- the decoder's fast paths (CPU) ----------------------------------------------------------------
 
 
@@ -265,19 +252,6 @@ def decoder_layer(layer: nn.Module, x: Tensor) -> Tensor:
     return layer.layer_norm2(h + decoder_mlp(layer.mlp, h))
 
 
-def pair_indices(batch: int, prompts: int, pairs: Tensor | None, device) -> tuple[Tensor, Tensor]:
-    """(image index, prompt index) per decoded mask: every combination image-major, or ``pairs``."""
-    if pairs is None:  # every image with every prompt, image-major: row b*K + k
-        return (
-            torch.arange(batch, device=device).repeat_interleave(prompts),
-            torch.arange(prompts, device=device).repeat(batch),
-        )
-    pairs = pairs.to(device=device, dtype=torch.long)
-    if pairs.ndim != 2 or pairs.shape[1] != 2:
-        raise ValueError(f"pairs must be (P, 2) (image index, prompt index), got {tuple(pairs.shape)}")
-    return pairs[:, 0], pairs[:, 1]
-
-
 # --- the family ------------------------------------------------------------------------------------
 
 
@@ -294,7 +268,7 @@ class CLIPSeg(ModelFamily):
     # --- loading ---------------------------------------------------------------------------------
 
     def load(self, spec: str, *, image_size: int | None = None):
-        from clipseg_bench.model.load import LoadedModel, check_size, model_source
+        from clipseg_bench.model.load import LoadedModel, check_size, model_source, processor_side
         from clipseg_bench.model.tokenizer import build_tiny_tokenizer
 
         if spec == TINY:
@@ -314,7 +288,7 @@ class CLIPSeg(ModelFamily):
             loaded = LoadedModel(
                 model=model,
                 tokenizer=processor.tokenizer,
-                image_size=_processor_size(ip),
+                image_size=processor_side(ip.size),
                 mean=tuple(float(x) for x in ip.image_mean),
                 std=tuple(float(x) for x in ip.image_std),
                 spec=spec,
@@ -384,26 +358,10 @@ class CLIPSeg(ModelFamily):
         vm = model.clip.vision_model
         return any_trainable([vm.embeddings, vm.pre_layrnorm, *self.encoder_layers(model, "vision")])
 
-    def set_gradient_checkpointing(self, model, enabled: bool) -> None:
-        """Recompute encoder layer activations in backward instead of storing them (saves memory).
-
-        Acts only on layers that run with gradients in training mode; a frozen encoder runs under
-        ``no_grad`` and stores nothing anyway. Non-reentrant checkpointing, which also works when the
-        layer input does not require grad (frozen embeddings, adapters or LoRA inside the layer).
-        """
-        fn = functools.partial(checkpoint, use_reentrant=False)
-        for layer in self.encoder_layers(model, "vision") + self.encoder_layers(model, "text"):
-            layer.gradient_checkpointing = enabled
-            layer._gradient_checkpointing_func = fn
-
     def vision_fingerprint(self, model) -> str:
         """A hash of the vision encoder weights and the decoder's extract_layers."""
-        h = hashlib.blake2b(digest_size=12)
-        for name, t in sorted(model.clip.vision_model.state_dict().items()):
-            h.update(name.encode())
-            h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-        h.update(json.dumps(list(model.config.extract_layers)).encode())
-        return h.hexdigest()
+        named = sorted(model.clip.vision_model.state_dict().items())
+        return weights_hash(named, list(model.config.extract_layers))
 
     # --- the forward -------------------------------------------------------------------------------
 
