@@ -195,7 +195,8 @@ def test_unused_parameters_are_exactly_those_no_mask_loss_reaches(sam3_model, sa
     unused = {id(p) for p in fam.unused_parameters(sam3_model)}
     assert unreached == {n for n, p in sam3_model.named_parameters() if id(p) in unused}
     assert any(n.startswith("geometry_encoder.") for n in unreached)
-    assert ("mask_decoder.semantic_projection.weight" in unreached) == (mode != "semantic")
+    assert ("mask_decoder.semantic_projection.weight" in unreached) == mode.startswith("instance")
+    assert ("detr_decoder.presence_head.layer1.weight" in unreached) == (mode == "semantic")
 
 
 def test_parts_cover_what_the_forward_trains(sam3_model):
@@ -350,3 +351,25 @@ def test_cache_size_per_slice_at_real_size_is_the_vit_output():
     tokens = (backbone.image_size // backbone.patch_size) ** 2
     assert tokens * backbone.hidden_size * 2 / 1e6 == pytest.approx(10.6, abs=0.05)
     assert math.isqrt(tokens) == 72
+
+
+def test_a_sam3_video_folder_loads_its_image_model(tmp_path, sam3_inputs):
+    """The facebook/sam3 layout: a ``sam3_video`` config holding the image model under
+    ``detector_config``, weights prefixed ``detector_model.`` beside the tracker's."""
+    from safetensors.torch import load_file, save_file
+    from transformers import Sam3VideoConfig
+
+    loaded = load_model("sam3-tiny", image_size=56)
+    folder = tmp_path / "sam3"
+    save_model(loaded, folder)
+    weights = load_file(folder / "model.safetensors")
+    (folder / "config.json").unlink()
+    Sam3VideoConfig(detector_config=loaded.model.config.to_dict()).save_pretrained(folder)
+    save_file(
+        {**{f"detector_model.{k}": v for k, v in weights.items()}, "tracker_model.unused": torch.zeros(2)},
+        folder / "model.safetensors",
+    )
+    again = load_model(str(folder))
+    assert isinstance(again.family, Sam3) and again.image_size == 56
+    with torch.no_grad():
+        assert torch.equal(run(again.model, sam3_inputs), run(loaded.model, sam3_inputs))

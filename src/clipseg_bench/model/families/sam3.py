@@ -62,8 +62,16 @@ PROCESSOR_FILE = "preprocessor_config.json"
 
 # How SAM 3's outputs become one logit map per (image, prompt): benchmarks/README.md "SAM 3: the
 # per-organ mask" measured the three and chose this one; the loss trains the same output.
-MASK_OUTPUTS = ("semantic", "instance_max", "instance_union")
+MASK_OUTPUTS = ("semantic", "semantic_presence", "instance_max", "instance_union")
 MASK_OUTPUT = "semantic"
+# What each mode reads of SAM 3's outputs (decode computes only that).
+OUTPUTS = ("semantic_seg", "presence_logits", "pred_masks", "pred_logits")
+READS = {
+    "semantic": ("semantic_seg",),
+    "semantic_presence": ("semantic_seg", "presence_logits"),
+    "instance_max": ("pred_masks", "pred_logits", "presence_logits"),
+    "instance_union": ("pred_masks", "pred_logits", "presence_logits"),
+}
 LOG_HALF = math.log(0.5)
 MAX_PROB_GAP = 1e-6  # 1 - p is kept >= this (logit <= 13.8), so a log of it stays finite
 MIN_LOG_MISS = -1e-30  # log(1 - p_union) is kept <= this (logit >= -69): finite at p = 0
@@ -262,30 +270,37 @@ def instance_log_probs(outputs: Mapping[str, Tensor]) -> Tensor:
     return masks + scores[:, :, None, None]
 
 
+def _logit(log_p: Tensor) -> Tensor:
+    """logit(p) = log p - log(1 - p) from log p, finite up to p = 1 - :data:`MAX_PROB_GAP`."""
+    log_p = log_p.clamp(max=-MAX_PROB_GAP)
+    return log_p - log1mexp(log_p, gap=MAX_PROB_GAP)
+
+
 def organ_logits(outputs: Mapping[str, Tensor], mode: str, side: int) -> Tensor:
     """One logit map per pair from SAM 3's outputs, upsampled to ``side``: (P, side, side) float32.
 
     Args:
         outputs: per pair ``semantic_seg`` (P, 1, s, s), ``pred_masks`` (P, Q, s, s), ``pred_logits``
             (P, Q), ``presence_logits`` (P, 1) (a ``Sam3ImageSegmentationOutput`` or
-            :func:`decode_outputs`' dict; the instance modes need the last three, ``semantic``
-            the first).
-        mode: ``semantic``: the semantic head's logits; ``instance_max``: logit of the most
-            probable instance at each pixel; ``instance_union``: logit of the soft union
-            1 - prod_q (1 - p_q) of the instances, with p_q from :func:`instance_log_probs`.
+            :func:`decode_outputs`' dict; each mode reads what it names).
+        mode: ``semantic``: the semantic head's logits; ``semantic_presence``: the semantic
+            probability times sigmoid(presence), the image-level "is it there at all";
+            ``instance_max``: at each pixel the most probable instance; ``instance_union``: the soft
+            union 1 - prod_q (1 - p_q) of the instances; instance probabilities p_q from
+            :func:`instance_log_probs`.
         side: output side (px); bilinear like the image processor's post-processing, on logits.
     """
     if mode == "semantic":
         logits = outputs["semantic_seg"][:, 0].float()
-    elif mode in ("instance_max", "instance_union"):
-        log_p = instance_log_probs(outputs)
-        if mode == "instance_max":
-            top = log_p.amax(1).clamp(max=-MAX_PROB_GAP)
-            logits = top - log1mexp(top, gap=MAX_PROB_GAP)  # log p - log(1 - p)
-        else:
-            log_miss = log1mexp(log_p.clamp(max=-MAX_PROB_GAP), gap=MAX_PROB_GAP).sum(1)  # log(1 - p_union)
-            log_miss = log_miss.clamp(max=MIN_LOG_MISS)
-            logits = log1mexp(log_miss, gap=-MIN_LOG_MISS) - log_miss
+    elif mode == "semantic_presence":
+        presence = F.logsigmoid(outputs["presence_logits"].float())[:, :, None]  # (P, 1, 1)
+        logits = _logit(F.logsigmoid(outputs["semantic_seg"][:, 0].float()) + presence)
+    elif mode == "instance_max":
+        logits = _logit(instance_log_probs(outputs).amax(1))
+    elif mode == "instance_union":
+        log_p = instance_log_probs(outputs).clamp(max=-MAX_PROB_GAP)
+        log_miss = log1mexp(log_p, gap=MAX_PROB_GAP).sum(1).clamp(max=MIN_LOG_MISS)  # log(1 - p_union)
+        logits = log1mexp(log_miss, gap=-MIN_LOG_MISS) - log_miss
     else:
         raise ValueError(f"mask output must be one of {MASK_OUTPUTS}, not {mode!r}")
     if logits.shape[-1] != side:
@@ -307,23 +322,24 @@ def fpn_levels(model, hidden: Tensor) -> list[Tensor]:
 
 
 def decode_outputs(
-    model, features: Sequence[Tensor], prompts: Sam3Prompts, *, pairs=None, instances: bool = True
+    model, features: Sequence[Tensor], prompts: Sam3Prompts, *, pairs=None, want=OUTPUTS
 ) -> dict[str, Tensor]:
     """SAM 3's outputs per (image, prompt) pair: ``Sam3Model.forward`` after its two encoders.
 
     The FPN neck runs once per image; the DETR encoder, DETR decoder, scoring and mask decoder run on
-    the P pairs as one batch (each pair's image levels and prompt tokens gathered by index).
+    the P pairs as one batch (each pair's image levels and prompt tokens gathered by index). Only what
+    ``want`` needs runs: ``semantic_seg`` needs neither the DETR decoder nor the mask decoder's
+    instance branch, ``presence_logits`` needs the DETR decoder.
 
     Args:
         features: ``[ViT output (B, N, C)]`` from ``encode_images`` or the cache.
         prompts: from ``encode_prompts``.
         pairs: None for all B x K combinations, image-major, or (P, 2) (image index, prompt index).
-        instances: also run the DETR decoder and score its queries (the instance outputs);
-            ``semantic_seg`` alone needs neither.
+        want: names of the outputs to compute, of :data:`OUTPUTS` (a mode's: :data:`READS`).
 
     Returns:
-        ``semantic_seg`` (P, 1, s, s), and with ``instances`` ``pred_masks`` (P, Q, s, s),
-        ``pred_logits`` (P, Q), ``presence_logits`` (P, 1).
+        Those of ``semantic_seg`` (P, 1, s, s), ``presence_logits`` (P, 1), ``pred_masks``
+        (P, Q, s, s) and ``pred_logits`` (P, Q) that ``want`` names (the instance pair comes with all four).
     """
     levels = fpn_levels(model, features[0])
     img, prm = pair_indices(levels[0].shape[0], prompts.features.shape[0], pairs, levels[0].device)
@@ -334,10 +350,14 @@ def decode_outputs(
     encoded = model.detr_encoder(
         vision_features=[last], text_features=text, vision_pos_embeds=[position], text_mask=mask
     )
+    out = {}
+    instances = bool({"pred_masks", "pred_logits"} & set(want))
     if not instances:
-        return {
-            "semantic_seg": _semantic_only(model.mask_decoder, levels, encoded.last_hidden_state, text, mask)
-        }
+        out["semantic_seg"] = _semantic_only(
+            model.mask_decoder, levels, encoded.last_hidden_state, text, mask
+        )
+        if "presence_logits" not in want:
+            return out
     decoded = model.detr_decoder(
         vision_features=encoded.last_hidden_state,
         text_features=encoded.text_features,
@@ -345,6 +365,9 @@ def decode_outputs(
         text_mask=mask,
         spatial_shapes=encoded.spatial_shapes,
     )
+    out["presence_logits"] = decoded.presence_logits[-1]
+    if not instances:
+        return out
     queries = decoded.intermediate_hidden_states[-1]
     scores = model.dot_product_scoring(
         decoder_hidden_states=queries[None], text_features=encoded.text_features, text_mask=mask
@@ -356,12 +379,8 @@ def decode_outputs(
         prompt_features=text,
         prompt_mask=mask,
     )
-    return {
-        "semantic_seg": masks.semantic_seg,
-        "pred_masks": masks.pred_masks,
-        "pred_logits": scores[0, ..., 0],
-        "presence_logits": decoded.presence_logits[-1],
-    }
+    out.update(semantic_seg=masks.semantic_seg, pred_masks=masks.pred_masks, pred_logits=scores[0, ..., 0])
+    return out
 
 
 def _semantic_only(mask_decoder, levels: list[Tensor], encoded: Tensor, text: Tensor, mask: Tensor) -> Tensor:
@@ -471,9 +490,10 @@ class Sam3(ModelFamily):
         - the pixel decoder's upsampling stages beyond the levels it gets: with three FPN levels it
           runs two of its ``num_upsampling_stages`` = 3 (conv + group norm) stages (found by the
           gradient audit: the third never got a gradient);
-        - by :attr:`mask_output`: with ``semantic`` the DETR decoder, the scoring and the mask
-          decoder's instance branch (``mask_embedder``, ``instance_projection``); with an
-          instance mode the semantic head (``semantic_projection``).
+        - by :attr:`mask_output` (what it reads, :data:`READS`): with an instance mode the semantic
+          head (``semantic_projection``); without instances the scoring, the mask decoder's instance
+          branch (``mask_embedder``, ``instance_projection``) and the DETR decoder's final norm of
+          the queries, and with ``semantic`` (no presence either) the whole DETR decoder.
         """
         modules = [
             model.geometry_encoder,
@@ -487,11 +507,17 @@ class Sam3(ModelFamily):
             *mask_decoder.pixel_decoder.conv_layers[stages:],
             *mask_decoder.pixel_decoder.norms[stages:],
         ]
-        if self.mask_output == "semantic":
-            modules += [model.detr_decoder, model.dot_product_scoring]
-            modules += [mask_decoder.mask_embedder, mask_decoder.instance_projection]
-        else:
+        reads = READS[self.mask_output]
+        if "pred_masks" in reads:
             modules.append(mask_decoder.semantic_projection)
+        else:  # no instances: no scores, no query masks, no final norm of the queries
+            modules += [
+                model.dot_product_scoring,
+                mask_decoder.mask_embedder,
+                mask_decoder.instance_projection,
+            ]
+            without_presence = "presence_logits" not in reads
+            modules.append(model.detr_decoder if without_presence else model.detr_decoder.output_layer_norm)
         return list({id(p): p for m in modules for p in m.parameters()}.values())
 
     def vision_trainable(self, model) -> bool:
@@ -527,9 +553,7 @@ class Sam3(ModelFamily):
         :func:`decode_outputs`, then :func:`organ_logits` with :attr:`mask_output` at the input side
         S = 14 x the ViT's token grid.
         """
-        outputs = decode_outputs(
-            model, features, prompts, pairs=pairs, instances=self.mask_output != "semantic"
-        )
+        outputs = decode_outputs(model, features, prompts, pairs=pairs, want=READS[self.mask_output])
         logits = organ_logits(outputs, self.mask_output, self.input_side(model))
         if pairs is None:
             logits = logits.view(features[0].shape[0], prompts.features.shape[0], *logits.shape[-2:])
