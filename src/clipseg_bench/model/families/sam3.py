@@ -7,21 +7,24 @@ A text prompt in, one logit map per (image, prompt) out, in the three stages of
 - ``encode_images``: the ViT backbone's output (B, N, C), N = (S/14)^2 tokens. That is what the
   feature cache stores: the FPN neck (run in ``decode``, once per image, before images are paired
   with prompts) turns it into 5.2x more numbers (three 256-wide maps at 4x, 2x and 1x the token
-  grid against one 1024-wide one: 27.9M against 5.3M values per 1008 px image), and the neck costs
-  about 4% of the ViT. The neck's sine position encodings are the same for every image and are
+  grid against one 1024-wide one: 27.9M against 5.3M values per 1008 px image, 55.7 against 10.6 MB
+  in fp16), and the neck costs about 5% of the ViT (0.42 against 8.96 s at 336 px on 2 CPU cores,
+  benchmarks/README.md). The neck's sine position encodings are the same for every image and are
   rebuilt, never cached;
 - ``encode_prompts``: every token of the CLIP text encoder's last layer through ``text_projection``
   (SAM 3 reads all tokens, not a pooled one) and the padding mask: :class:`Sam3Prompts`;
 - ``decode``: per (image, prompt) pair, what ``Sam3Model.forward`` runs after its two encoders
   (DETR encoder on the 1x FPN level fused with the prompt tokens, DETR decoder with the presence
-  token, dot-product scoring, mask decoder), then one logit map per pair (:func:`organ_logits`,
-  :data:`MASK_OUTPUT`) upsampled to the input side S.
+  token, dot-product scoring, mask decoder), as far as the chosen output reads it, then one logit map
+  per pair (:func:`organ_logits`, :data:`MASK_OUTPUT`: the semantic head, which needs neither the
+  DETR decoder nor the instance branch) upsampled to the input side S.
 
 With the same weights ``decode`` equals the stock forward run on each pair (tests/model/test_sam3.py).
 
 Named parts: vision = ViT backbone + FPN neck; text = CLIP text encoder + ``text_projection``;
-decoder = DETR encoder, DETR decoder, dot-product scoring and mask decoder (what decoder-only
-trains). The geometry encoder encodes box prompts: a text-prompted forward never runs it, so it
+decoder = DETR encoder, DETR decoder, dot-product scoring and mask decoder (decoder-only trains
+what of them the chosen output reads: with ``semantic`` the DETR encoder and the mask decoder's
+pixel decoder, prompt cross-attention and semantic head). The geometry encoder encodes box prompts: a text-prompted forward never runs it, so it
 belongs to no part and is listed in ``unused_parameters`` with the other tensors a text-prompted
 mask never depends on (see there).
 
@@ -60,8 +63,8 @@ SAM3_SIZE = 1008
 TEXT_LENGTH = 32  # Sam3Processor pads and truncates prompts to 32 tokens: the text model's positions
 PROCESSOR_FILE = "preprocessor_config.json"
 
-# How SAM 3's outputs become one logit map per (image, prompt): benchmarks/README.md "SAM 3: the
-# per-organ mask" measured the three and chose this one; the loss trains the same output.
+# How SAM 3's outputs become one logit map per (image, prompt): benchmarks/README.md
+# (`sam3_mask_choice.py`) measured the four and chose this one; the loss trains the same output.
 MASK_OUTPUTS = ("semantic", "semantic_presence", "instance_max", "instance_union")
 MASK_OUTPUT = "semantic"
 # What each mode reads of SAM 3's outputs (decode computes only that).
