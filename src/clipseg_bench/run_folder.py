@@ -111,6 +111,7 @@ _RECORD_KEYS = (
     "strategy",
     "seed",
     "model",
+    "model_family",
     "git",
     "hardware",
     "params",
@@ -146,6 +147,7 @@ class RunRecord:
     strategy: str | None = None
     seed: int | None = None
     model: str | None = None
+    model_family: str | None = None  # the family's name (`sam3`, `clipseg`): the report's `family`
     git: dict | None = None
     hardware: dict | None = None
     params: dict | None = None

@@ -397,21 +397,23 @@ def test_a_study_without_val_cases_completes(phantom_dir, tmp_path, capsys):
 
 BF16_SCRIPT = """
 import json, sys
-import clipseg_bench.model.prompted as prompted
+import torch
 from clipseg_bench import cli
 from clipseg_bench.config import load_config
 from clipseg_bench.strategies import available
 from clipseg_bench.train.loop import train
 
 seen = []
-decode = prompted.decode
-prompted.decode = lambda *a, **k: (lambda out: seen.append(str(out.dtype)) or out)(decode(*a, **k))
-data, root = sys.argv[1], sys.argv[2]
+def linear_dtype(module, args, out):  # what the training forward's Linear layers compute in
+    if isinstance(module, torch.nn.Linear) and module.training:
+        seen.append(str(out.dtype))
+torch.nn.modules.module.register_module_forward_hook(linear_dtype)
+data, root, model, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 report = {}
 for name in available():
     seen.clear()
-    fields = {"data": data, "out": f"{root}/{name}", "strategy": name, "image_size": 64, "max_steps": 3,
-              "batch_size": 4, "lr": 1e-3, "warmup_steps": 0, "val_max_slices": 4, "threads": 1,
+    fields = {"data": data, "out": f"{root}/{name}", "strategy": name, "model": model, "image_size": size,
+              "max_steps": 3, "batch_size": 4, "lr": 1e-3, "warmup_steps": 0, "val_max_slices": 4, "threads": 1,
               "mixed_precision": "bf16"}
     train(load_config(None, fields))
     report[name] = sorted(set(seen))
@@ -419,14 +421,16 @@ print(json.dumps(report))
 """
 
 
-def test_every_strategy_trains_in_bf16_on_cpu(prepared_dir, tmp_path):
-    """--mixed-precision bf16 on CPU (Accelerate's autocast): every strategy trains a few steps with a
-    finite loss and a passing gradient audit, and its training forward really ran in bf16.
+@pytest.mark.parametrize("model,size", [("tiny", 64), ("sam3-tiny", 56)])
+def test_every_strategy_trains_in_bf16_on_cpu(prepared_dir, tmp_path, model, size):
+    """--mixed-precision bf16 on CPU (Accelerate's autocast): every strategy trains a few steps of each
+    model family with a finite loss and a passing gradient audit in run.json, and its training
+    forward really ran in bf16.
 
     One subprocess for all strategies: Accelerate keeps one precision per process.
     """
     r = subprocess.run(
-        [sys.executable, "-c", BF16_SCRIPT, str(prepared_dir), str(tmp_path)],
+        [sys.executable, "-c", BF16_SCRIPT, str(prepared_dir), str(tmp_path), model, str(size)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -438,7 +442,7 @@ def test_every_strategy_trains_in_bf16_on_cpu(prepared_dir, tmp_path):
     assert set(dtypes) == set(available())
     for name, seen in dtypes.items():
         info = json.loads((tmp_path / name / "run.json").read_text())
-        assert info["status"] == "finished", name
+        assert info["status"] == "finished" and info["model"] == model, name
         audit = info["gradient_audit"]
         assert all(a["reached"] == a["trainable"] and a["frozen_changed"] == 0 for a in audit.values()), name
         if info["params"]["trainable"]:

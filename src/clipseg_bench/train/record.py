@@ -120,6 +120,7 @@ def start_record(setup) -> RunRecord:
         strategy=cfg.strategy,
         seed=cfg.seed,
         model=cfg.model,
+        model_family=setup.loaded.family.name,
         git=git_info(),
         hardware=hardware_info(setup.accelerator.num_processes),
         params={"trainable": setup.counts.trainable, "total": setup.counts.total},
