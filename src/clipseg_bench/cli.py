@@ -532,7 +532,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--data", required=True, help="PREPARED folder written by `clipseg-bench prepare`")
     s.add_argument(
-        "--model", default="tiny", help="hub id, local save_pretrained folder, or a tiny spec (default tiny)"
+        "--model",
+        default="tiny",
+        help="hub id, local save_pretrained folder, or a tiny spec (default tiny); several comma-separated "
+        "(e.g. tiny,sam3-tiny) train every cell from each and the report shows them side by side",
     )
     s.add_argument(
         "--strategies",

@@ -21,6 +21,7 @@ METRIC_NAMES = {"dsc": "val 3D DSC", "nsd": "val NSD", "dsc_present": "val 3D DS
 FAMILY_NAMES = {
     "vs untrained": "against the untrained baseline",
     "trained pairs": "between trained strategies",
+    "across models": "the same strategy across models",
 }
 
 

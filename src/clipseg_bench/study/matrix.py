@@ -10,6 +10,9 @@ array) split the matrix deterministically and `report` merges their folders.
 subsets of the training cases (TrainConfig.train_cases); its runs are named
 ``<strategy>-s<seed>-n<cases>``, while the full training set keeps the plain ``<strategy>-s<seed>``.
 
+`--model a,b` compares models (e.g. CLIPSeg and SAM 3): every cell is trained from each, the run
+names end in ``@<model>`` and `report` shows the models side by side.
+
 `--folds all|0,2` (data prepared with ``--folds K``) adds the fold axis: every cell trains on the
 other folds and is evaluated on its own (TrainConfig.fold), ``<strategy>-s<seed>-f<fold>[-n<cases>]``;
 the report pools the folds' scores out of fold. `--postprocess auto` then chooses the per-organ 3D
@@ -46,13 +49,13 @@ from clipseg_bench.provenance import (
 )
 from clipseg_bench.run_folder import RunFolder, RunRecord, RunStatus
 from clipseg_bench.strategies import available
-from clipseg_bench.study.results import ALL_CASES, Cell, is_bench_folder, recorded_cells
+from clipseg_bench.study.results import ALL_CASES, Cell, is_bench_folder, model_label, recorded_cells
 from clipseg_bench.study.results import run_name as run_name  # re-exported: where callers found it
 from clipseg_bench.study.sweep import SweepPlan, choices, parse_lr_grid, plan_sweep, write_choices
 from clipseg_bench.train.record import LOCK as TRAIN_LOCK  # the lock `train` takes in each run folder
 
 # What a run's config holds besides the benchmark's shared settings.
-PER_CELL = ("strategy", "seed", "lr", "decoder_lr", "train_cases", "fold", *RUNTIME_FIELDS)
+PER_CELL = ("model", "strategy", "seed", "lr", "decoder_lr", "train_cases", "fold", *RUNTIME_FIELDS)
 
 
 def parse_shard(spec: str | None) -> tuple[int, int]:
@@ -140,13 +143,16 @@ def cells(
     shard: str | None = None,
     train_cases: list[int | None] | None = None,
     folds: list[int | None] | None = None,
+    models: list[str] | None = None,
 ) -> list[Cell]:
-    """The matrix in a fixed order (strategy-major, then training cases, then seed, then fold),
-    restricted to one shard (so shards split over folds too).
+    """The matrix in a fixed order (strategy-major, then model, training cases, seed, fold),
+    restricted to one shard (so shards split over folds and models too).
 
     Args:
         train_cases: from :func:`parse_train_cases`; default: all training cases only.
         folds: from :func:`parse_folds`; default: the train/val split only.
+        models: the ``--model`` values; with more than one, each cell names its model's label
+            (:func:`~clipseg_bench.study.results.model_label`).
 
     Returns:
         One :class:`~clipseg_bench.study.results.Cell` per run.
@@ -155,14 +161,33 @@ def cells(
     unknown = [s for s in strategies if s not in available()]
     if unknown:
         raise FieldError("strategies", f"unknown strategies {unknown}; available: {', '.join(available())}")
+    labels = [model_label(m) for m in models] if models and len(models) > 1 else [None]
     every = [
-        Cell(s, seed, k, f)
+        Cell(s, seed, k, f, m)
         for s in strategies
+        for m in labels
         for k in (train_cases or [None])
         for seed in seeds
         for f in (folds or [None])
     ]
     return every[i::n]
+
+
+def parse_models(spec: str | list[str]) -> list[str]:
+    """``--model``: one model, or several comma-separated (each a tiny spec, folder or hub id), each once.
+
+    Raises:
+        FieldError: an empty entry, or a model named twice (their labels,
+            :func:`~clipseg_bench.study.results.model_label`, name the run folders).
+    """
+    models = [m.strip() for m in spec.split(",")] if isinstance(spec, str) else [str(m) for m in spec]
+    if not models or not all(models):
+        raise FieldError("model", f"expected one model or several separated by commas, got {spec!r}")
+    labels = [model_label(m) for m in models]
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:
+        raise FieldError("model", f"{twice[0]!r} is named twice (run folders are named by model)")
+    return models
 
 
 def run_status(run: Path) -> RunStatus | str:
@@ -206,7 +231,7 @@ def launcher_command(launcher: str | None) -> list[str]:
 def plan(
     *,
     data,
-    model: str,
+    model: str | list[str],
     todo: list[Cell],
     out: Path,
     config: str | None,
@@ -235,14 +260,17 @@ def plan(
         out, command="benchmark", ours=is_bench_folder, inputs=[Path(data)], overwrite=overwrite
     )
     PreparedData(data)
-    check_model(model)
+    models = parse_models(model)
+    for each in models:
+        check_model(each)
+    spec = {model_label(m): m for m in models}  # a cell names its model by label
     cfgs = {}
     todo = [Cell(*c) for c in todo]  # plain (strategy, seed, cases[, fold]) tuples too
     for cell in todo:
         values = {
             **overrides,
             "data": str(data),
-            "model": model,
+            "model": spec[cell.model] if cell.model else models[0],
             "strategy": cell.strategy,
             "seed": cell.seed,
             "out": str(out / "runs" / cell.name),
@@ -314,6 +342,7 @@ def _refuse_other_settings(out: Path, cfgs: dict[Cell, TrainConfig]) -> None:
 def _write_record(out: Path, shard: str | None, *, todo, model, data, epochs, cfgs, strategy_lr) -> None:
     """bench-shard<i>.json: the cells of every call into this shard, the settings, commit and hardware."""
     path = _record_path(out, shard)
+    models = parse_models(model)
     old = read_json_object(path) if path.is_file() else {}
     cells_done = [Cell.of(c) for c in old.get("cells", [])]
     cells_all = cells_done + [c for c in todo if c not in cells_done]
@@ -327,7 +356,7 @@ def _write_record(out: Path, shard: str | None, *, todo, model, data, epochs, cf
             "folds": list(dict.fromkeys(c.fold for c in cells_all if c.fold is not None)),
             "cells": [list(c) for c in cells_all],  # what `report` lists as never started if absent
             "shard": shard or "0/1",
-            "model": model,
+            "model": models[0] if len(models) == 1 else models,
             "data": str(data),
             "epochs": epochs,
             "settings": shared_settings(first) if first is not None else {},
@@ -341,7 +370,7 @@ def _write_record(out: Path, shard: str | None, *, todo, model, data, epochs, cf
 def run_matrix(
     *,
     data,
-    model: str,
+    model: str | list[str],
     strategies: list[str],
     seeds: list[int],
     epochs: int,
@@ -366,6 +395,7 @@ def run_matrix(
     """Train (and evaluate) every cell of this shard; returns one status dict per cell.
 
     Args:
+        model: a ``--model`` value, several comma-separated, or a list of them (:func:`parse_models`).
         config: YAML of TrainConfig fields shared by every run; the matrix's own fields win.
         strategy_lr: learning rate per strategy (unlisted strategies use their own default).
         launcher: command that runs Python for training, e.g. "accelerate launch --num_processes 4".
@@ -390,7 +420,7 @@ def run_matrix(
     out = Path(out)
     _check_postprocess(postprocess, folds)
     fold_list, counts = _axes(data, folds, train_cases)
-    todo = cells(strategies, seeds, shard, counts, fold_list)
+    todo = cells(strategies, seeds, shard, counts, fold_list, parse_models(model))
     train_cmd = launcher_command(launcher) + ["-m", "clipseg_bench.cli"]
     strategy_lr = strategy_lr or {}
     overrides = {**(extra or {}), "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size}

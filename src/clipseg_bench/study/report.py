@@ -35,6 +35,7 @@ from clipseg_bench.study.results import (
     VARIANT_PREFIX,
     Run,
     audit_cells,
+    base_strategy,
     breakdown_keys,
     case_scores,
     case_summary_table,
@@ -351,7 +352,7 @@ def strategy_description(name: str) -> str:
     from clipseg_bench.strategies import get
 
     try:
-        return get(name).description.strip()
+        return get(base_strategy(name)).description.strip()  # an arm's: its strategy's
     except InputError:  # how get answers an unknown name
         return ""
 

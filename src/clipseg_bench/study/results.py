@@ -1,7 +1,8 @@
 """Load BENCH run folders, merge shards, and turn them into tables (one row per run, mean ± std).
 
 A BENCH folder holds ``runs/<strategy>-s<seed>/`` (``-f<fold>`` for a run on one fold of a folder
-prepared with ``--folds``, ``-n<cases>`` for a run on a subset of the training cases) with the
+prepared with ``--folds``, ``-n<cases>`` for a run on a subset of the training cases, ``@<model>``
+in a benchmark of several models) with the
 files ``train`` and ``evaluate`` write (see docs/architecture.md): ``run.json``, ``config.yaml``,
 ``history.csv``, ``metrics.json`` (``metrics-test.json`` for the test split) and ``samples.npz``.
 Several BENCH folders are shards of one benchmark; their runs are unioned here.
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -34,17 +35,51 @@ from clipseg_bench.study import stats
 FINISHED = RunStatus.FINISHED
 # results.csv's train_cases of a run on the whole train split (and of runs from before that axis).
 ALL_CASES = "all"
-# Run folder names: <strategy>-s<seed>[-f<fold>][-n<training cases>].
-_RUN_NAME = re.compile(r"^(?P<strategy>.+)-s(?P<seed>[^-]+)(?:-f(?P<fold>\d+))?(?:-n(?P<cases>\d+))?$")
+# Run folder names: <strategy>-s<seed>[-f<fold>][-n<training cases>][@<model>].
+_RUN_NAME = re.compile(
+    r"^(?P<strategy>.+)-s(?P<seed>[^-@]+)(?:-f(?P<fold>\d+))?(?:-n(?P<cases>\d+))?(?:@(?P<model>.+))?$"
+)
+# A strategy of one model in a report of several: "<strategy> [<model>]" (the report's arms).
+_ARM = re.compile(r"^(?P<strategy>.+) \[(?P<model>.+)\]$")
 
 
-def run_name(strategy: str, seed: int, train_cases: int | None = None, fold: int | None = None) -> str:
-    """``<strategy>-s<seed>``, with ``-f<fold>`` for a run on one fold and ``-n<cases>`` for a run on a
-    subset of the training cases (runs without either keep the names they always had)."""
+def model_label(spec: str | None) -> str:
+    """How run folders and report rows name a ``--model``: a local folder by its own name, a hub id
+    with ``/`` as ``--`` (a tiny spec as it is); empty for none."""
+    if not spec:
+        return ""
+    path = Path(spec)
+    if path.is_dir() or spec.startswith(("/", ".", "~")):
+        return path.name
+    return spec.replace("/", "--")
+
+
+def arm(strategy: str, model: str) -> str:
+    """The report's name of ``strategy`` trained from ``model`` (a label) when runs span several models."""
+    return f"{strategy} [{model}]"
+
+
+def base_strategy(name: str) -> str:
+    """The strategy of an :func:`arm` name (a plain strategy name as it is)."""
+    match = _ARM.match(name)
+    return match["strategy"] if match else name
+
+
+def run_name(
+    strategy: str,
+    seed: int,
+    train_cases: int | None = None,
+    fold: int | None = None,
+    model: str | None = None,
+) -> str:
+    """``<strategy>-s<seed>``, with ``-f<fold>`` for a run on one fold, ``-n<cases>`` for a run on a
+    subset of the training cases and ``@<model>`` (:func:`model_label`) in a benchmark of several
+    models (runs without any keep the names they always had)."""
     return (
         f"{strategy}-s{seed}"
         + ("" if fold is None else f"-f{fold}")
         + ("" if train_cases is None else f"-n{train_cases}")
+        + (f"@{model_label(model)}" if model else "")
     )
 
 
@@ -56,6 +91,7 @@ class Cell(NamedTuple):
     seed: int
     train_cases: int | None = None  # None: every training case
     fold: int | None = None  # None: the folder's train/val split
+    model: str | None = None  # None: the benchmark's one model; else its label (several models)
 
     @property
     def name(self) -> str:
@@ -64,15 +100,17 @@ class Cell(NamedTuple):
 
     @classmethod
     def of(cls, entry) -> Cell:
-        """A cell from a bench record's ``cells`` entry: ``[strategy, seed]``, ``[..., training cases]``
-        or ``[..., training cases, fold]`` (older records have fewer fields).
+        """A cell from a bench record's ``cells`` entry: ``[strategy, seed]``, ``[..., training cases]``,
+        ``[..., training cases, fold]`` or ``[..., fold, model]`` (older records have fewer fields).
 
         Raises:
             ValueError, TypeError, IndexError: not such a list.
         """
         strategy, seed = str(entry[0]), int(entry[1])
         rest = [None if v is None else int(v) for v in list(entry[2:4])]
-        return cls(strategy, seed, *rest)
+        rest += [None] * (2 - len(rest))
+        model = model_label(str(entry[4])) if len(entry) > 4 and entry[4] is not None else None
+        return cls(strategy, seed, *rest, model)
 
 
 # A run whose run.json says "running" but whose process is gone (SIGKILL, the OOM killer, a reboot):
@@ -136,6 +174,7 @@ class Run:
         fold: the fold it validated on (trained on the others); None without folds.
         split: which of evaluate's files ``metrics`` holds: "val" (metrics.json; out of fold with
             folds) or "test" (metrics-test.json).
+        model: :func:`model_label` of the model the run started from (run.json ``model``).
     """
 
     bench: Path
@@ -150,10 +189,11 @@ class Run:
     train_cases: int | None = None
     fold: int | None = None
     split: str = "val"
+    model: str = ""
 
     @property
     def cell(self) -> Cell:
-        return Cell(self.strategy, self.seed, self.train_cases, self.fold)
+        return Cell(self.strategy, self.seed, self.train_cases, self.fold, self.model or None)
 
     @property
     def train_cases_label(self) -> str:
@@ -174,10 +214,12 @@ class Run:
 
 def strategy_order(names: list[str] | set[str]) -> list[str]:
     """Sort strategy names by each strategy's own ``order`` (its file), then any others alphabetically
-    (runs of a strategy this install does not have)."""
+    (runs of a strategy this install does not have); :func:`arm` names by their strategy, then model,
+    so the models stand side by side."""
     from clipseg_bench.strategies import display_order
 
-    return display_order(names)
+    bases = {n: i for i, n in enumerate(display_order({base_strategy(n) for n in names}))}
+    return sorted(set(names), key=lambda n: (bases[base_strategy(n)], n))
 
 
 def read_run(path: Path, bench: Path, split: str = "val") -> Run:
@@ -193,7 +235,9 @@ def read_run(path: Path, bench: Path, split: str = "val") -> Run:
     folder = RunFolder(path)
     info = folder.record().to_dict()  # typed on the way: old layouts read as today's
     named = _RUN_NAME.match(path.name)
-    name_strategy, name_seed, name_fold, name_cases = named.groups() if named else ("", None, None, None)
+    name_strategy, name_seed, name_fold, name_cases, name_model = (
+        named.groups() if named else ("", None, None, None, None)
+    )
     strategy = info.get("strategy") or name_strategy
     seed = info.get("seed", name_seed)
     try:
@@ -220,6 +264,7 @@ def read_run(path: Path, bench: Path, split: str = "val") -> Run:
         train_cases=None if train_cases is None else int(train_cases),
         fold=None if fold is None else int(fold),
         split=split,
+        model=model_label(info.get("model") or config.get("model")) or (name_model or ""),
     )
 
 
@@ -240,7 +285,7 @@ def recorded_cells(bench: Path) -> list[Cell]:
     """Every cell the BENCH folder's records (bench-shard*.json) list, in record order.
 
     A cell is ``[strategy, seed, training cases or null, fold or null]`` (``[strategy, seed]`` before
-    the data axis, three entries before folds).
+    the data axis, three entries before folds), and its model fifth in a benchmark of several models.
 
     Raises:
         InputError: naming the record whose entry is not such a list.
@@ -258,11 +303,14 @@ def recorded_cells(bench: Path) -> list[Cell]:
 
 
 def _not_started(bench: Path, root: Path, present: set[Cell], split: str) -> list[Run]:
-    """The cells the BENCH folder's records list that have no run folder."""
+    """The cells the BENCH folder's records list that have no run folder (a cell without a model, as
+    a benchmark of one model records it, matches a run of any model)."""
     runs = []
+    anonymous = {c._replace(model=None) for c in present}
     for cell in recorded_cells(bench):
-        if cell not in present:
+        if cell not in (present if cell.model else anonymous):
             present.add(cell)
+            anonymous.add(cell._replace(model=None))
             path = root / cell.name
             runs.append(
                 Run(
@@ -278,6 +326,7 @@ def _not_started(bench: Path, root: Path, present: set[Cell], split: str) -> lis
                     cell.train_cases,
                     cell.fold,
                     split,
+                    cell.model or "",
                 )
             )
     return runs
@@ -343,9 +392,9 @@ def merge_runs(runs: list[Run]) -> list[Run]:
             settings (:func:`settings_difference`), whatever its numbers; or finished in both with
             different numbers.
     """
-    chosen: dict[tuple[str, int | None, int, int | None], Run] = {}
+    chosen: dict[tuple[str, int | None, int, int | None, str], Run] = {}
     for run in runs:
-        key = (run.strategy, run.train_cases, run.seed, run.fold)
+        key = (run.strategy, run.train_cases, run.seed, run.fold, run.model)
         other = chosen.get(key)
         if other is None:
             chosen[key] = run
@@ -374,8 +423,8 @@ def merge_runs(runs: list[Run]) -> list[Run]:
     order = {s: i for i, s in enumerate(strategy_order({k[0] for k in chosen}))}
 
     def report_order(k):
-        strategy, cases, seed, fold = k
-        return order[strategy], cases is None, cases or 0, seed, -1 if fold is None else fold
+        strategy, cases, seed, fold, model = k
+        return order[strategy], model, cases is None, cases or 0, seed, -1 if fold is None else fold
 
     return [chosen[k] for k in sorted(chosen, key=report_order)]
 
@@ -388,7 +437,17 @@ def read_bench(bench_dirs: list[Path], split: str = "val") -> list[Run]:
     """
     if not bench_dirs:
         raise InputError(None, "no BENCH folder given")
-    return merge_runs([r for b in bench_dirs for r in find_runs(Path(b), split)])
+    return as_arms(merge_runs([r for b in bench_dirs for r in find_runs(Path(b), split)]))
+
+
+def as_arms(runs: list[Run]) -> list[Run]:
+    """Runs of several models side by side: each run's strategy becomes its :func:`arm`
+    (``lora [sam3-tiny]``), so every table, plot and test of the report keeps each (model, strategy)
+    apart and compares them all, within a model and across models on the same val cases. Runs of one
+    model are returned as they are."""
+    if len({r.model for r in runs if r.model}) < 2:  # a run of unknown model is no second model
+        return runs
+    return [replace(r, strategy=arm(r.strategy, r.model)) for r in runs]
 
 
 def _num(x) -> float:
@@ -469,6 +528,7 @@ def run_row(run: Run, breakdown: list[str] | None = None) -> dict:
         "scored_cases": _num(len(metrics["cases"]) if "cases" in metrics else None),  # metrics.json cases
         "status": run.status,
         "model": info.get("model", run.config.get("model")),
+        "model_family": info.get("model_family"),  # run.json (runs since SAM 3 joined)
         "trainable_params": _num(params.get("trainable")),  # run.json params
         "total_params": _num(params.get("total")),
         "train_dice": _num(final.get("train_dice")),  # run.json final
@@ -853,14 +913,30 @@ def comparison_families(level: pd.DataFrame) -> dict[str, list[tuple[str, str]]]
         ``{"vs untrained": [(strategy, baseline), ...], "trained pairs": [(a, b), ...]}``: every
         strategy against each strategy that trains nothing (``trainable_params`` 0, the zero-shot
         baseline), and every pair of trained strategies in report order (difference a minus b).
+        With runs of several models (:func:`arm` names) both are made within each model, and
+        ``"across models"`` adds each strategy of one model against the same strategy of every other
+        model (on the val cases both have: the same data).
     """
     names = strategy_order(set(level["strategy"]))
+    models = {n: _ARM.match(n)["model"] if _ARM.match(n) else "" for n in names}
     params = level.groupby("strategy")["trainable_params"].max()
     untrained = [s for s in names if params.get(s) == 0]
     trained = [s for s in names if s not in untrained]
-    versus = [(s, u) for i, u in enumerate(untrained) for s in names if s != u and s not in untrained[:i]]
-    pairs = [(a, b) for i, a in enumerate(trained) for b in trained[i + 1 :]]
-    return {"vs untrained": versus, "trained pairs": pairs}
+    versus = [
+        (s, u)
+        for i, u in enumerate(untrained)
+        for s in names
+        if s != u and s not in untrained[:i] and models[s] == models[u]
+    ]
+    pairs = [(a, b) for i, a in enumerate(trained) for b in trained[i + 1 :] if models[a] == models[b]]
+    out = {"vs untrained": versus, "trained pairs": pairs}
+    across = [
+        (a, b)
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+        if models[a] != models[b] and base_strategy(a) == base_strategy(b)
+    ]
+    return {**out, "across models": across} if across else out
 
 
 PAIRED_COLUMNS = [
