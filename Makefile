@@ -9,7 +9,9 @@ TORCH  ?= torch==2.13.0
 DEMO_OUT ?= demo_out
 LEVERS_OUT ?= levers_out
 
-.PHONY: install test lint demo levers clean
+DEMO_FAMILIES_OUT ?= demo_families_out
+
+.PHONY: install test lint demo demo-families levers clean
 
 install: $(STAMP)
 
@@ -30,10 +32,15 @@ test: lint
 demo: $(STAMP)
 	$(VENV)/bin/clipseg-bench demo --out $(DEMO_OUT)
 
+# The demo with a tiny SAM 3 beside the tiny CLIPSeg (issue 23): about 30 minutes on 2 busy cores,
+# so not part of `make demo` (README "The demo").
+demo-families: $(STAMP)
+	$(VENV)/bin/clipseg-bench demo --families --out $(DEMO_FAMILIES_OUT)
+
 # The issue-14 study (input channels x 3D clean-up, 3 seeds): about an hour on 2 busy cores, so not
 # part of `make demo`. README "Quality levers" has the table it produced.
 levers: $(STAMP)
 	$(PY) benchmarks/levers.py --out $(LEVERS_OUT)
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) $(LEVERS_OUT) .pytest_cache
+	rm -rf $(VENV) $(DEMO_OUT) $(DEMO_FAMILIES_OUT) $(LEVERS_OUT) .pytest_cache

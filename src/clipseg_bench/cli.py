@@ -307,7 +307,7 @@ def _cmd_report(a: argparse.Namespace) -> None:
 def _cmd_demo(a: argparse.Namespace) -> None:
     from clipseg_bench.study.demo import run_demo
 
-    run_demo(out=Path(a.out), quick=a.quick, lr_sweep=a.lr_sweep)
+    run_demo(out=Path(a.out), quick=a.quick, lr_sweep=a.lr_sweep, families=a.families)
 
 
 def _add_cache_dir_flag(s: argparse.ArgumentParser) -> None:
@@ -646,6 +646,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="choose each strategy's rate first from N around its demo rate (benchmark --lr-sweep): "
         "N x 5 more runs, past the 10 minutes of `make demo`",
+    )
+    s.add_argument(
+        "--families",
+        action="store_true",
+        help="also pretrain a tiny SAM 3 and benchmark it beside the tiny CLIPSeg (about 30 min; no data axis)",
     )
     s.set_defaults(func=_cmd_demo, parser=s)
     return p

@@ -8,6 +8,10 @@ phantoms (style B) -> prepare --folds 3 -> benchmark all strategies x 3 folds fr
                                  prompt reliance, data efficiency, paired differences, the clean-up
                                  chosen per organ on those out-of-fold scores)
 
+`demo --families` (`make demo-families`, about 30 minutes on 2 busy cores, so not part of `make demo`)
+also pretrains a tiny SAM 3 on style A and benchmarks it beside the tiny CLIPSeg: every strategy of
+both models on style B in one report, paired within each model and across the two (no data axis).
+
 Style B shifts contrast, noise and organ shapes, so fine-tuning has a real domain gap to close and
 zero-shot has a real handicap. Every stage writes files and is skipped when its files exist, so an
 interrupted demo continues where it stopped. Each stage prints its wall and CPU time: with one
@@ -48,6 +52,7 @@ class DemoSize:
     # The data-efficiency axis: these strategies also train on these training-case counts.
     axis_strategies: list[str] = field(default_factory=list)
     axis_cases: str = ""
+    sam3_pretrain_steps: int = 0  # `demo --families`: the tiny SAM 3's pretraining on style A
 
 
 SIZES = {
@@ -61,6 +66,7 @@ SIZES = {
         seeds=[0],  # one seed x 3 folds: 18 runs; with 10 scored cases the tests over cases can decide
         axis_strategies=["lora"],  # x 2 counts x 3 folds: 6 runs (24 in all; before folds 20)
         axis_cases="1,3",
+        sam3_pretrain_steps=1000,
     ),
     "quick": DemoSize(
         cases_a=4,
@@ -72,6 +78,7 @@ SIZES = {
         seeds=[0],
         axis_strategies=["lora"],
         axis_cases="1",
+        sam3_pretrain_steps=20,
     ),
     # The demo's earlier size, which the measurements of benchmarks/cache_dtype.py and
     # benchmarks/levers.py (benchmarks/README.md, README) were made with: they keep using it.
@@ -90,6 +97,10 @@ SIZES = {
 # spin-wait slow training by 10x or more whenever anything else on the machine wants a core.
 # The warm-up is the default share of each run's steps (warmup_fraction 0.05), as in the real study.
 COMMON = {"image_size": 128, "batch_size": 8, "weight_decay": 1e-4, "threads": 1}
+# The tiny SAM 3's pretraining (benchmarks/README.md, `sam3_mask_choice.py`: with lr 1e-3 its semantic
+# head still predicted nothing at step 300; 2e-3 reached val Dice 0.61 by step 800). Its own input
+# side, 112 px (a multiple of its 14 px patches; 128 is not).
+SAM3_PRETRAIN = {"model": "sam3-tiny", "image_size": 112, "lr": 2e-3}
 
 
 class _Stages:
@@ -118,7 +129,12 @@ class _Stages:
 
 
 def run_demo(
-    *, out: Path, quick: bool = False, strategies: list[str] | None = None, lr_sweep: int | None = None
+    *,
+    out: Path,
+    quick: bool = False,
+    strategies: list[str] | None = None,
+    lr_sweep: int | None = None,
+    families: bool = False,
 ) -> Path:
     """Run the demo into ``out``; returns the report path.
 
@@ -126,21 +142,27 @@ def run_demo(
         lr_sweep: choose each strategy's rate first (``benchmark --lr-sweep N`` around its
             ``demo_lr``, on fold 0 and the first seed): N more runs per trained strategy, off by
             default because it does not fit `make demo`'s 10 minutes on 2 cores.
+        families: also pretrain a tiny SAM 3 and benchmark both models side by side (no data axis).
     """
     out = Path(out)
     size = SIZES["quick" if quick else "full"]
     t_start = time.perf_counter()
     stages = _Stages()
     pretrained = prepare_demo(out, size=size, stages=stages)
+    models = [str(pretrained)]
+    if families:
+        models.append(str(pretrain_sam3(out, steps=size.sam3_pretrain_steps, stages=stages)))
     strategies = strategies or display_order(available())
+    # Several models: each at its own input side (saved with it); one: the demo's 128 px as before.
+    common = {k: v for k, v in COMMON.items() if not (families and k == "image_size")}
     matrix = {
         "data": out / "prepared_B",
-        "model": str(pretrained),
+        "model": models,
         "seeds": size.seeds,
         "epochs": 1000,
         "max_steps": size.steps,
         "strategy_lr": demo_lrs(strategies),
-        "extra": {**COMMON, "val_every": 0},
+        "extra": {**common, "val_every": 0},
         "folds": "all" if size.folds_b else None,
     }
     stages.start(
@@ -156,7 +178,7 @@ def run_demo(
             out / "bench",
         )
     ]
-    axis = [s for s in size.axis_strategies if s in strategies]
+    axis = [] if families else [s for s in size.axis_strategies if s in strategies]
     if axis:
         stages.start(f"data efficiency: {', '.join(axis)} on {size.axis_cases} of the training cases")
         results = run_matrix(strategies=axis, out=out / "bench_data", train_cases=size.axis_cases, **matrix)
@@ -209,13 +231,29 @@ def prepare_demo(out: Path, *, size: DemoSize, stages: _Stages | None = None) ->
     return pretrained
 
 
-def _pretrain(out: Path, pretrained: Path, *, steps: int) -> None:
-    """Train every parameter of a fresh tiny model on style A, then save it as a local model folder."""
+def pretrain_sam3(out: Path, *, steps: int, stages: _Stages | None = None) -> Path:
+    """The tiny SAM 3 pretrained on style A (``out/prepared_A``, from :func:`prepare_demo`) as a local
+    model folder, ``out/pretrained-sam3-tiny``; skipped when it exists."""
+    pretrained = out / "pretrained-sam3-tiny"
+    if not (pretrained / "config.json").is_file():
+        (stages or _Stages()).start(f"pretrain the tiny SAM 3 on style A ({steps} steps)")
+        _pretrain(out, pretrained, steps=steps, run_name="pretrain-sam3-run", settings=SAM3_PRETRAIN)
+    return pretrained
+
+
+def _pretrain(
+    out: Path, pretrained: Path, *, steps: int, run_name: str = "pretrain-run", settings: dict | None = None
+) -> None:
+    """Train every parameter of a fresh tiny model on style A, then save it as a local model folder.
+
+    Args:
+        settings: config fields over the tiny CLIPSeg's (``model``, ``image_size``, ``lr``).
+    """
     from clipseg_bench.model.load import save_model
     from clipseg_bench.model.trained import load_run_model
     from clipseg_bench.train.loop import train
 
-    run = out / "pretrain-run"
+    run = out / run_name
     cfg = load_config(
         None,
         {
@@ -229,6 +267,7 @@ def _pretrain(out: Path, pretrained: Path, *, steps: int) -> None:
             "epochs": 1000,
             "max_steps": steps,
             "val_every": 0,
+            **(settings or {}),
         },
     )
     folder = RunFolder(run)
