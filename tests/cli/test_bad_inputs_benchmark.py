@@ -137,6 +137,11 @@ NEW = {
     "--max-steps 0": lambda d, b, t: (_args(d, t / "B", "--max-steps", "0"), "--max-steps"),
     "--batch-size x": lambda d, b, t: (_args(d, t / "B", "--batch-size", "x"), "--batch-size"),
     "--model missing": lambda d, b, t: (_args(d, t / "B", "--model", t / "nope"), t / "nope"),
+    "--model twice": lambda d, b, t: (_args(d, t / "B", "--model", "tiny,sam3-tiny,tiny"), "--model"),
+    "--model one of two missing": lambda d, b, t: (
+        _args(d, t / "B", "--model", f"sam3-tiny,{t / 'nope'}"),
+        t / "nope",
+    ),
     "--config missing": lambda d, b, t: (_args(d, t / "B", "--config", t / "nope.yaml"), t / "nope.yaml"),
     "--config bad value": _bad_config_value,
     "--config unknown field": _unknown_config_field,
