@@ -21,7 +21,18 @@ from clipseg_bench.organs import ORGANS
 from clipseg_bench.strategies import apply_strategy
 
 SAM3_ARGS = ["--model", "sam3-tiny", "--image-size", "56", "--batch-size", "8", "--lr", "1e-3"]
-SAM3_ARGS += ["--set", "threads=1", "--set", "val_max_slices=8", "--strategy", "lora", "--epochs", "2"]
+SAM3_ARGS += [
+    "--set",
+    "threads=1",
+    "--set",
+    "val_max_slices=8",
+    "--set",
+    "train_cases=1",
+    "--strategy",
+    "lora",
+    "--epochs",
+    "2",
+]
 
 # Trains in a subprocess and SIGKILLs itself right after the first epoch's checkpoint is written
 # (deterministic, unlike a kill on a timer): what a killed run leaves on disk.
