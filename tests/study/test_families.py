@@ -19,7 +19,7 @@ from clipseg_bench.organs import ORGANS
 from clipseg_bench.study import stats
 from clipseg_bench.study.matrix import cells, parse_models
 from clipseg_bench.study.report import write_report
-from clipseg_bench.study.results import run_name
+from clipseg_bench.study.results import Cell, run_name
 
 CASES = [f"case_{i}" for i in range(8)]  # 8 cases: a Holm pair of 2 can be decided (2 x 2/2^8)
 MODELS = {"tiny": "clipseg", "sam3-tiny": "sam3"}
@@ -30,7 +30,7 @@ def family_run(bench: Path, strategy: str, seed: int, model: str) -> Path:
     """A make_run folder of ``model`` named as `benchmark --model tiny,sam3-tiny` names it, with 8 val
     cases whose scores depend on (strategy, seed) only, plus :data:`SHIFT` for SAM 3."""
     run = make_run(bench, strategy, seed)
-    run = run.rename(run.with_name(run_name(strategy, seed, None, model)))
+    run = run.rename(run.with_name(run_name(strategy, seed, model=model)))
     rng = np.random.default_rng([zlib.crc32(strategy.encode()), seed])
     shift = SHIFT if MODELS[model] == "sam3" else 0.0
     per_case = {
@@ -60,15 +60,14 @@ def two_families(tmp_path_factory) -> Path:
 
 
 def test_the_matrix_names_each_cells_model():
-    assert cells(["full"], [0], models=["tiny"]) == [("full", 0, None)]  # one model: as before
-    two = cells(["zeroshot", "full"], [0], models=["tiny", "sam3-tiny"])
-    assert two == [("zeroshot", 0, None, "tiny"), ("zeroshot", 0, None, "sam3-tiny")] + [
-        ("full", 0, None, "tiny"),
-        ("full", 0, None, "sam3-tiny"),
-    ]
-    assert [run_name(*c) for c in two[:2]] == ["zeroshot-s0@tiny", "zeroshot-s0@sam3-tiny"]
-    assert run_name("lora", 1, 5, "/data/models/sam3") == "lora-s1-n5@sam3"  # a folder by its name
-    assert run_name("lora", 1, None, "facebook/sam3") == "lora-s1@facebook--sam3"
+    assert cells(["full"], [0], models=["tiny"]) == [Cell("full", 0)]  # one model: as before
+    two = cells(["zeroshot", "full"], [0], models=["tiny", "facebook/sam3"])
+    assert [c.model for c in two] == ["tiny", "facebook--sam3"] * 2
+    assert [c.name for c in two[:2]] == ["zeroshot-s0@tiny", "zeroshot-s0@facebook--sam3"]
+    assert (
+        run_name("lora", 1, 5, 2, model="/data/models/sam3") == "lora-s1-f2-n5@sam3"
+    )  # a folder by its name
+    assert Cell.of(["lora", 1, None, None, "sam3-tiny"]) == Cell("lora", 1, model="sam3-tiny")
     assert parse_models("tiny, sam3-tiny") == ["tiny", "sam3-tiny"]
     with pytest.raises(FieldError, match="named twice"):
         parse_models("tiny,/elsewhere/tiny")
