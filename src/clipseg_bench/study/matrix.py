@@ -515,6 +515,9 @@ def _sweep_of(args: dict, strategies, seed: int, fold, n_points, grid, fraction:
     """
     if not (n_points or grid):
         return None
+    models = parse_models(args["model"])
+    if len(models) > 1:  # a rate is chosen per strategy, and each model would want its own
+        raise FieldError("lr_sweep", f"sweeps one model at a time; this call names {len(models)} models")
     return plan_sweep(
         out=args["out"],
         data=args["data"],
@@ -525,7 +528,7 @@ def _sweep_of(args: dict, strategies, seed: int, fold, n_points, grid, fraction:
         seed=seed,
         fold=fold,
         config=args["config"],
-        values={**args["overrides"], "data": str(args["data"]), "model": args["model"]},
+        values={**args["overrides"], "data": str(args["data"]), "model": models[0]},
         strategy_lr=args["strategy_lr"],
     )
 
