@@ -137,6 +137,10 @@ NEW = {
     "--max-steps 0": lambda d, b, t: (_args(d, t / "B", "--max-steps", "0"), "--max-steps"),
     "--batch-size x": lambda d, b, t: (_args(d, t / "B", "--batch-size", "x"), "--batch-size"),
     "--model missing": lambda d, b, t: (_args(d, t / "B", "--model", t / "nope"), t / "nope"),
+    "--lr-sweep with two models": lambda d, b, t: (
+        _args(d, t / "B", "--model", "tiny,sam3-tiny", "--lr-sweep", "3"),
+        "--lr-sweep",
+    ),
     "--model twice": lambda d, b, t: (_args(d, t / "B", "--model", "tiny,sam3-tiny,tiny"), "--model"),
     "--model one of two missing": lambda d, b, t: (
         _args(d, t / "B", "--model", f"sam3-tiny,{t / 'nope'}"),
