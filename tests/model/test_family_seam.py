@@ -42,3 +42,25 @@ def test_the_check_sees_a_planted_path(tmp_path):
         'def f(model):\n    """model.text_model"""\n    return np.clip(model.clip.vision_model, 0, 1)\n'
     )
     assert HF_PATHS.findall(_code_without_comments_and_strings(planted)) == ["clip", "vision_model"]
+
+
+def test_every_family_keeps_the_base_classs_signatures():
+    """Code written against ``ModelFamily`` calls any family the same way (``reference_config(tokenizer=...)``
+    once failed on SAM 3, whose method took no tokenizer)."""
+    import inspect
+
+    from clipseg_bench.model.families import available_families, family
+    from clipseg_bench.model.families.base import ModelFamily
+
+    assert len(available_families()) >= 2
+    differ = []
+    for name in available_families():
+        fam = type(family(name))
+        for attr, base in vars(ModelFamily).items():
+            if attr.startswith("_") or not inspect.isfunction(base) or attr not in vars(fam):
+                continue
+            want = [(p.name, p.kind) for p in inspect.signature(base).parameters.values()]
+            got = [(p.name, p.kind) for p in inspect.signature(vars(fam)[attr]).parameters.values()]
+            if got != want:
+                differ.append(f"{name}.{attr}: {got} != {want}")
+    assert not differ, differ

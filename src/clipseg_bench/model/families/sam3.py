@@ -441,7 +441,9 @@ class Sam3(ModelFamily):
             model=model, tokenizer=tokenizer, image_size=side, mean=mean, std=std, spec=spec, family=self
         )
 
-    def reference_config(self):
+    def reference_config(self, *, tokenizer=None):
+        # Sam3Model.get_text_features projects every token (no end-of-text pooling): a tokenizer
+        # other than the checkpoint's needs no special-token ids in the config.
         return reference_config()
 
     def build(self, config, *, seed: int = TINY_SEED):
