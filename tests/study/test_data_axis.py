@@ -55,12 +55,13 @@ def test_parse_train_cases():
 def test_cells_and_names_with_the_axis():
     every = cells(["zeroshot", "decoder"], [0, 1], train_cases=[1, None])
     assert every[:4] == [
-        ("zeroshot", 0, 1, None),
-        ("zeroshot", 1, 1, None),
-        ("zeroshot", 0, None, None),
-        ("zeroshot", 1, None, None),
+        ("zeroshot", 0, 1, None, None),  # (strategy, seed, training cases, fold, model)
+        ("zeroshot", 1, 1, None, None),
+        ("zeroshot", 0, None, None, None),
+        ("zeroshot", 1, None, None, None),
     ]
-    assert cells(["decoder"], [0, 1]) == [("decoder", 0, None, None), ("decoder", 1, None, None)]  # no axis
+    no_axis = [("decoder", 0, None, None, None), ("decoder", 1, None, None, None)]
+    assert cells(["decoder"], [0, 1]) == no_axis
     assert run_name("lora", 2, 5) == "lora-s2-n5" and run_name("lora", 2) == "lora-s2"
     # the fold axis: folds vary fastest, so shards split over folds too; names gain -f<fold>
     folded = cells(["lora"], [0], train_cases=[2, None], folds=[0, 1, 2])
@@ -73,12 +74,9 @@ def test_cells_and_names_with_the_axis():
         "lora-s0-f2",
     ]
     assert [c.name for c in cells(["lora"], [0], "1/2", folds=[0, 1, 2])] == ["lora-s0-f1"]
-    assert Cell.of(["lora", 0, 2, 1]).name == "lora-s0-f1-n2" and Cell.of(["lora", 0]) == (
-        "lora",
-        0,
-        None,
-        None,
-    )
+    # cells recorded before the fold and model axes read with their defaults
+    assert Cell.of(["lora", 0, 2, 1]).name == "lora-s0-f1-n2"
+    assert Cell.of(["lora", 0]) == ("lora", 0, None, None, None)
 
 
 def _wait_for(path, timeout_s: float = 300) -> None:
