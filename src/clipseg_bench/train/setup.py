@@ -625,15 +625,6 @@ def build_training(
     )
 
 
-def tune_suffix(tune_cases: list[str] | None) -> str:
-    """The feature cache files' suffix for a sweep run: its rows depend on which cases are tune cases."""
-    if not tune_cases:
-        return ""
-    import hashlib
-
-    return "_tune" + hashlib.sha1(",".join(sorted(tune_cases)).encode()).hexdigest()[:8]
-
-
 def _cache_frozen_vision(
     cfg: TrainConfig, acc, data: PreparedData, loaded: LoadedModel, train_rows, val_rows, preprocessing
 ):
@@ -671,16 +662,18 @@ def _cache_frozen_vision(
     infos: dict[str, CacheInfo] = {}
     if not cfg.augment:  # augmented images change every epoch: their encodings cannot be cached
         features, infos["train_kept"] = _train_features(build, data, train_rows, cfg.fold)
-    if len(val_rows):
-        name = ("tune_kept" if cfg.tune_cases else "val_kept") + fold_suffix(cfg.fold)
-        val_features, infos["val_kept"] = build(rows=val_rows, name=name + tune_suffix(cfg.tune_cases))
+    if len(val_rows) and cfg.tune_cases:  # a sweep run's tune cases are training cases: rows of that cache
+        val_features, infos["val_kept"] = _train_features(build, data, val_rows, cfg.fold)
+    elif len(val_rows):
+        val_features, infos["val_kept"] = build(rows=val_rows, name="val_kept" + fold_suffix(cfg.fold))
     acc.wait_for_everyone()
     return features, val_features, infos
 
 
 def _train_features(build, data: PreparedData, train_rows, fold: int | None = None):
-    """The training rows' features: rows of the whole kept train split's (or fold's) cache when
-    every row is one of them (the default, and any ``train_cases`` subset), else a cache of their own."""
+    """Features of rows of the training cases: rows of the whole kept train split's (or fold's) cache
+    when every row is one of them (the default, any ``train_cases`` subset, a sweep run's training and
+    tune rows), else a cache of their own. One encoding per slice, whichever runs share it."""
     kept = data.slices("train", kept_only=True, fold=fold)
     position = {(str(c), int(z)): i for i, (c, z) in enumerate(zip(kept["case"], kept["z"]))}
     wanted = [position.get((str(c), int(z))) for c, z in zip(train_rows["case"], train_rows["z"])]
